@@ -342,3 +342,27 @@ def filter_correct(prompts: PromptSet, scores: pd.DataFrame, min_items: int = 1)
             "try few-shot prompts (shots), other templates, or turn the correctness filter off"
         )
     return kept
+
+
+def tokenization_table(tokenizer, prompts: PromptSet, per_template: int = 1) -> pd.DataFrame:
+    """Example items with their tokens, the counterfactual, and the asserted positions marked.
+
+    Tokens are shown as ``⟦tok⟧``; A, B, operator and END tokens get a subscript tag.
+    """
+    rows, seen = [], Counter()
+    for it in prompts.items:
+        if seen[(it.template, it.operator)] >= per_template:
+            continue
+        seen[(it.template, it.operator)] += 1
+        marks = {it.a_pos: "A", it.b_pos: "B", it.op_pos: "op", it.end_pos: "END"}
+        start = max(0, min(marks) - 2)  # the query, not the few-shot demonstrations
+        shown = "".join(
+            f"⟦{tokenizer.decode([t])}⟧" + (f"_{marks[i]}" if i in marks else "")
+            for i, t in enumerate(it.clean_tokens) if i >= start
+        )
+        rows.append({"template": it.template, "style": it.style, "operator": it.operator,
+                     "clean (query)": it.clean.splitlines()[-1] if it.clean.strip() else it.clean,
+                     "counterfactual (query)": it.counterfactual.splitlines()[-1],
+                     "answer": it.answer, "query tokens": shown.replace(" ", "␣"),
+                     "prompt tokens": len(it.clean_tokens)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,107 @@
+"""Command line: ``arithlens run``, ``arithlens book``, ``arithlens chapters``, ``arithlens models``.
+
+Publishing wing, top floor. Errors are one line on stderr and exit status 2; nothing already
+finished is touched by a failed command. argparse does the parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from arithlens.runs import RunError, find_chapter, list_chapters, notebook_parameters, run_chapter
+
+
+def _model_key(spec: str) -> str:
+    """Check the spec early (one-line error) and normalise paths so the run key is stable."""
+    from arithlens.models import REGISTRY, resolve_spec
+
+    resolved = resolve_spec(spec)
+    return resolved.source if resolved.kind in ("gguf", "local") and spec not in REGISTRY else spec
+
+
+def _log(msg: str) -> None:
+    print(f"arithlens: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    result = run_chapter(args.chapter, _model_key(args.model), args.param, args.params_file, force=args.force,
+                         log=_log, timeout=args.timeout)
+    print(result.path)
+    return 0
+
+
+def cmd_book(args) -> int:
+    from arithlens.book import build_book, toc_chapters
+
+    model = _model_key(args.model)
+    chapters = [find_chapter(c) for c in (args.chapters or toc_chapters())]
+    if args.param and len(chapters) != 1:
+        raise RunError("--param with `book` needs exactly one chapter (--chapters ID); use `arithlens run` per chapter")
+    runs = [run_chapter(c, model, args.param, log=_log, force=args.force) for c in chapters]
+    index = build_book(runs)
+    _log(f"book built: {index}")
+    print(index)
+    return 0
+
+
+def cmd_chapters(args) -> int:
+    for cid in list_chapters():
+        params = notebook_parameters(cid)
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in ("model", "output_dir"))
+        print(f"{cid}\n    {shown}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from arithlens.models import ACCEPTED_FORMS, DEFAULT_MODEL, REGISTRY
+
+    for name, spec in REGISTRY.items():
+        print(f"{name:14s} {spec}{'   (default)' if name == DEFAULT_MODEL else ''}")
+    print(f"\nAny spec may be {ACCEPTED_FORMS}.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from arithlens.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="arithlens", description="Re-run the arithlens book's analyses.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute one chapter notebook into the run store (reusing a finished run)")
+    run.add_argument("chapter", help="chapter id, number or name, e.g. 00_task, 0 or task")
+    run.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `arithlens models`)")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override a chapter parameter")
+    run.add_argument("--params-file", help="YAML mapping of parameter overrides")
+    run.add_argument("--force", action="store_true", help="re-execute even if a finished run exists")
+    run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    run.set_defaults(func=cmd_run)
+    book = sub.add_parser("book", help="run every chapter (reusing finished runs) and build the book")
+    book.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
+    book.add_argument("--chapters", nargs="*", help="chapter ids (default: those in book/_toc.yml)")
+    book.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="parameter override (only with a single chapter)")
+    book.add_argument("--force", action="store_true", help="re-execute every chapter")
+    book.set_defaults(func=cmd_book)
+    chapters = sub.add_parser("chapters", help="list chapters and their parameters")
+    chapters.set_defaults(func=cmd_chapters)
+    models = sub.add_parser("models", help="list the model registry and accepted spec forms")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from arithlens.models import ModelSpecError
+
+    try:
+        return args.func(args)
+    except (RunError, ModelSpecError) as exc:
+        print(f"arithlens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("arithlens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ the network off; :func:`build_html` calls ``jupyter-book build`` with ``execute_
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ HIDDEN_TAGS = {"parameters", "injected-parameters"}
 
 
 def book_dir() -> Path:
-    return project_root() / "book"
+    """The book's source folder (``$ARITHLENS_BOOK_DIR``, default ``<checkout>/book``)."""
+    return Path(os.environ.get("ARITHLENS_BOOK_DIR", project_root() / "book")).resolve()
 
 
 def toc_chapters() -> list[str]:

@@ -55,13 +55,20 @@ def use_offline_renderer() -> None:
     alt.data_transformers.disable_max_rows()
 
 
+def table(frame: pd.DataFrame, percent: tuple[str, ...] = (), decimals: dict[str, int] | None = None):
+    """A DataFrame styled for the book: no index column, chosen columns as percentages."""
+    formats = {c: "{:.0%}" for c in percent if c in frame.columns}
+    formats.update({c: f"{{:.{d}f}}" for c, d in (decimals or {}).items() if c in frame.columns})
+    return frame.style.hide(axis="index").format(formats)
+
+
 def accuracy_heatmap(acc: pd.DataFrame, title: str = "Next-token accuracy") -> alt.Chart:
     """Template × operator heat map, one panel per few-shot setting.
 
     ``acc``: one row per (shots, style, template, operator) with ``accuracy`` and ``n`` columns.
     """
     base = alt.Chart(acc).encode(
-        x=alt.X("operator:N", title="operator", sort=["+", "-", "*", "/"]),
+        x=alt.X("operator:N", title="operator", sort=["+", "-", "*", "/"], axis=alt.Axis(labelAngle=0, labelFontSize=13)),
         y=alt.Y("template:N", title=None, sort=alt.EncodingSortField("style")),
     )
     cells = base.mark_rect().encode(
@@ -80,7 +87,7 @@ def accuracy_heatmap(acc: pd.DataFrame, title: str = "Next-token accuracy") -> a
 def accuracy_by_style(acc: pd.DataFrame, title: str = "Accuracy by template style") -> alt.Chart:
     """Grouped bars: accuracy per operator for each style; ``acc`` one row per (shots, style, operator)."""
     return alt.Chart(acc).mark_bar().encode(
-        x=alt.X("style:N", title=None),
+        x=alt.X("style:N", title=None, axis=alt.Axis(labelAngle=-30)),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         color=alt.Color("style:N", legend=None),
         column=alt.Column("operator:N", sort=["+", "-", "*", "/"]),

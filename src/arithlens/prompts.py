@@ -345,9 +345,10 @@ def filter_correct(prompts: PromptSet, scores: pd.DataFrame, min_items: int = 1)
 
 
 def tokenization_table(tokenizer, prompts: PromptSet, per_template: int = 1) -> pd.DataFrame:
-    """Example items with their tokens, the counterfactual, and the asserted positions marked.
+    """Example items with the query's tokens and the asserted positions marked.
 
-    Tokens are shown as ``⟦tok⟧``; A, B, operator and END tokens get a subscript tag.
+    Tokens are separated by ``│``, a space shows as ``␣``, and the tokens at the A, B, operator and
+    END positions carry a ``[A]``, ``[B]``, ``[op]``, ``[END]`` tag.
     """
     rows, seen = [], Counter()
     for it in prompts.items:
@@ -355,14 +356,13 @@ def tokenization_table(tokenizer, prompts: PromptSet, per_template: int = 1) -> 
             continue
         seen[(it.template, it.operator)] += 1
         marks = {it.a_pos: "A", it.b_pos: "B", it.op_pos: "op", it.end_pos: "END"}
-        start = max(0, min(marks) - 2)  # the query, not the few-shot demonstrations
-        shown = "".join(
-            f"⟦{tokenizer.decode([t])}⟧" + (f"_{marks[i]}" if i in marks else "")
-            for i, t in enumerate(it.clean_tokens) if i >= start
+        start = len(it.clean.rsplit("\n", 1)[0]) if "\n" in it.clean else 0
+        first = next(i for i, t in enumerate(_encode(tokenizer, it.clean)[1]) if t[1] > start)
+        shown = " │ ".join(
+            tokenizer.decode([t]).replace(" ", "␣") + (f"[{marks[i]}]" if i in marks else "")
+            for i, t in enumerate(it.clean_tokens) if i >= first
         )
-        rows.append({"template": it.template, "style": it.style, "operator": it.operator,
-                     "clean (query)": it.clean.splitlines()[-1] if it.clean.strip() else it.clean,
-                     "counterfactual (query)": it.counterfactual.splitlines()[-1],
-                     "answer": it.answer, "query tokens": shown.replace(" ", "␣"),
-                     "prompt tokens": len(it.clean_tokens)})
+        rows.append({"template": it.template, "operator": it.operator,
+                     "query": it.clean.rsplit("\n", 1)[-1], "counterfactual": it.counterfactual.rsplit("\n", 1)[-1],
+                     "answer": it.answer, "query tokens": shown, "prompt length": len(it.clean_tokens)})
     return pd.DataFrame(rows)

@@ -105,7 +105,12 @@ def notebook_parameters(chapter: str) -> dict[str, Any]:
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:
-    value = yaml.safe_load(raw) if isinstance(raw, str) and not isinstance(default, str) else raw
+    value = raw
+    if isinstance(raw, str) and not isinstance(default, str):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # e.g. `*`, which YAML reads as an alias: keep the text
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

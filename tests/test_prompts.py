@@ -1,0 +1,96 @@
+import dataclasses
+
+import pytest
+
+from arithlens.prompts import (
+    OPERATORS, TEMPLATES, PromptConfig, accuracy_table, filter_correct, make_prompts, operand_pairs,
+    score_prompts, to_tokens, group_by_length,
+)
+
+
+def test_ships_twelve_templates_in_three_styles():
+    assert len(TEMPLATES) >= 12
+    assert {t.style for t in TEMPLATES.values()} == {"equation", "statement", "question"}
+
+
+@pytest.mark.parametrize("op", list(OPERATORS))
+def test_operand_pairs_answers_are_exact(op):
+    for a, b, c in operand_pairs(OPERATORS[op], 1, 9):
+        assert c == {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+        assert c >= 0
+
+
+def test_positions_and_alignment_tiny(tiny):
+    ps = make_prompts(tiny.tokenizer, PromptConfig(n_per_cell=5, shots=2))
+    assert len(ps) > 100
+    tok = tiny.tokenizer
+    for it in ps.items:
+        assert len(it.clean_tokens) == len(it.cf_tokens)
+        assert it.end_pos == len(it.clean_tokens) - 1
+        assert tok.decode([it.clean_tokens[it.a_pos]]) == str(it.a)[-1]
+        assert tok.decode([it.clean_tokens[it.b_pos]]) == str(it.b)[-1]
+        diff = [i for i, (x, y) in enumerate(zip(it.clean_tokens, it.cf_tokens)) if x != y]
+        assert it.op_pos in diff and max(diff) == it.op_pos  # only the operator's tokens differ
+        assert it.a_pos not in diff and it.b_pos not in diff
+        assert tok.decode(list(it.clean_tokens) + [it.answer_token]).endswith(str(it.answer))
+        # only the query's operator changed: the demonstrations are identical
+        assert it.clean.rsplit("\n", 1)[0] == it.counterfactual.rsplit("\n", 1)[0]
+        assert OPERATORS[it.operator].apply(it.a, it.b) == it.answer
+
+
+def test_deterministic_under_seed(tiny):
+    cfg = PromptConfig(n_per_cell=4, shots=1, seed=7)
+    assert make_prompts(tiny.tokenizer, cfg).items == make_prompts(tiny.tokenizer, cfg).items
+    other = make_prompts(tiny.tokenizer, dataclasses.replace(cfg, seed=8))
+    assert other.items != make_prompts(tiny.tokenizer, cfg).items
+
+
+def test_misaligned_counterfactuals_are_dropped_and_counted(tiny, monkeypatch):
+    import arithlens.prompts as P
+
+    monkeypatch.setitem(P.NULL_OPERATORS, "symbol", ("@@",))  # two characters: never the same length
+    ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=5))
+    assert len(ps) == 0
+    assert ps.dropped == {"no counterfactual tokenizes to the same length": 5}
+
+
+def test_bad_config_names_the_problem():
+    with pytest.raises(ValueError, match="unknown operator"):
+        PromptConfig(operators=("%",))
+    with pytest.raises(ValueError, match="unknown template"):
+        PromptConfig(templates=("nope",))
+
+
+def test_score_and_filter(tiny):
+    ps = make_prompts(tiny.tokenizer, PromptConfig(n_per_cell=2))
+    scores = score_prompts(tiny, ps, batch_size=7)
+    assert len(scores) == len(ps)
+    assert scores.p_answer.between(0, 1).all()
+    # scoring in batches equals scoring one at a time
+    one = score_prompts(tiny, ps.subset([i == 3 for i in range(len(ps))]))
+    assert one.p_answer.iloc[0] == pytest.approx(scores.p_answer.iloc[3], rel=1e-4)
+    table = accuracy_table(scores)
+    assert table.n.sum() == len(ps)
+    forced = scores.assign(correct=[i % 2 == 0 for i in range(len(scores))])
+    assert len(filter_correct(ps, forced)) == (len(ps) + 1) // 2
+    with pytest.raises(ValueError, match="answered correctly"):
+        filter_correct(ps, scores.assign(correct=False), min_items=1)
+
+
+def test_to_tokens_refuses_ragged(tiny):
+    ps = make_prompts(tiny.tokenizer, PromptConfig(n_per_cell=1))
+    groups = group_by_length(ps)
+    assert len(groups) > 1
+    with pytest.raises(ValueError, match="different token lengths"):
+        to_tokens(ps.items)
+
+
+@pytest.mark.real_model
+def test_smollm2_tokenization_and_positions(smollm2):
+    tok = smollm2.tokenizer
+    assert tok.convert_ids_to_tokens(tok("7 + 2 = ")["input_ids"]) == ["7", "Ġ+", "Ġ", "2", "Ġ=", "Ġ"]
+    ps = make_prompts(tok, PromptConfig(n_per_cell=3, shots=3))
+    assert ps.dropped == {}
+    for it in ps.items:
+        assert tok.decode([it.answer_token]) == str(it.answer)
+        assert tok.decode([it.clean_tokens[it.a_pos]]).strip() == str(it.a)

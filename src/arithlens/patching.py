@@ -1,0 +1,336 @@
+"""Path patching of attention heads at the END position — the paper's head localization.
+
+Science wing (paper § "Path patching (head localization)"). For every head (layer, head), the head's
+output at END (``hook_z``) takes its value on the counterfactual prompt and we read the answer at END.
+What else is frozen is ambiguous in the paper, so there are three modes:
+
+* ``direct`` — every other head and every MLP keeps its clean value, and the final norm's scale is
+  frozen at its clean value: the head → logits direct path. Linear algebra on two cached runs.
+* ``path`` — every other head keeps its clean value; MLPs (and the final norm) are recomputed: the
+  head's effect on the logits directly and through the MLPs (the IOI path-patching convention).
+  Only the MLP stack is re-run, at END, batched over all heads at once.
+* ``total`` — nothing frozen (activation patching). Only the END position is recomputed: an
+  intervention confined to END leaves every earlier position unchanged, so the clean run's keys and
+  values (HF ``past_key_values``) are reused.
+
+The fast versions (:func:`sweep_heads`) are used only for architectures whose block layout has been
+checked against the plain references (:func:`reference_effect`, one hooked forward pass per head) —
+``FAST_ARCHITECTURES``; elsewhere :func:`sweep_heads` falls back to the references.
+
+Written by hand (no library does exact END-only path patching over all heads at once); hooks and
+weights come from TransformerLens, the MLP / norm modules are the model's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from arithlens.prompts import PromptItem, PromptSet, group_by_length, to_tokens
+
+Mode = Literal["direct", "path", "total"]
+MODES: tuple[Mode, ...] = ("direct", "path", "total")
+#: Architectures whose layout (pre-norm; resid_mid = resid_pre + attn; resid_post = resid_mid +
+#: mlp(ln2(resid_mid)); final RMSNorm; lm_head without bias) the tests check fast == reference on.
+FAST_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+
+
+@dataclass(frozen=True, order=True)
+class Head:
+    """One attention head."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.head}"
+
+
+@dataclass(frozen=True)
+class EndCache:
+    """Clean and counterfactual activations at END for one batch of equal-length prompts."""
+
+    index: np.ndarray  # positions of these items in the prompt set
+    tokens: Int[Tensor, "batch pos"]
+    answers: Int[Tensor, "batch"]
+    z_clean: Float[Tensor, "batch layer head d_head"]
+    z_cf: Float[Tensor, "batch layer head d_head"]
+    resid_mid: Float[Tensor, "batch layer d_model"]
+    mlp_out: Float[Tensor, "batch layer d_model"]
+    resid_final: Float[Tensor, "batch d_model"]
+    final_scale: Float[Tensor, "batch 1"]
+    clean_logits: Float[Tensor, "batch d_vocab"]
+
+
+def digit_tokens(tokenizer) -> Int[Tensor, "10"]:
+    """Token ids of the digits 0..9 (each must be one token)."""
+    ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError("this tokenizer has no single token for every digit")
+    return torch.tensor(ids)
+
+
+def _names(n_layers: int) -> list[str]:
+    return ([f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_resid_mid" for l in range(n_layers)]
+            + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+            + [f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"])
+
+
+def _shared_prefix(tokens: Tensor, cf_tokens: Tensor) -> int:
+    """Length of the prefix every clean/counterfactual pair in the batch shares (at least 1 token kept)."""
+    differ = (tokens != cf_tokens).any(0).nonzero()
+    first = int(differ[0]) if len(differ) else tokens.shape[1] - 1
+    return max(0, min(first, tokens.shape[1] - 1))
+
+
+@torch.no_grad()
+def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
+    """Run clean and counterfactual prompts once and keep what the sweeps need at END.
+
+    The clean and counterfactual prompts share every token before the operator, so that prefix runs
+    once (HF ``past_key_values``) and only the suffix runs twice.
+    """
+    bridge, n_layers = model.bridge, model.n_layers
+    tokens = to_tokens(items).to(model.device)
+    cf = to_tokens(items, "counterfactual").to(model.device)
+    keep = _shared_prefix(tokens, cf)
+    kv = bridge.original_model(tokens[:, :keep], use_cache=True).past_key_values if keep else None
+    names = _names(n_layers)
+    logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
+    if kv is not None:
+        kv.crop(-(tokens.shape[1] - keep))
+    z_name = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in z_name)
+    end = lambda cache, fmt: torch.stack([cache[fmt.format(l)][:, -1] for l in range(n_layers)], 1).float()
+    return EndCache(
+        index=np.asarray(index if index is not None else range(len(items))),
+        tokens=tokens,
+        answers=torch.tensor([it.answer_token for it in items], device=model.device),
+        z_clean=end(clean, "blocks.{}.attn.hook_z"),
+        z_cf=end(counter, "blocks.{}.attn.hook_z"),
+        resid_mid=end(clean, "blocks.{}.hook_resid_mid"),
+        mlp_out=end(clean, "blocks.{}.hook_mlp_out"),
+        resid_final=clean[f"blocks.{n_layers - 1}.hook_resid_post"][:, -1].float(),
+        final_scale=clean["ln_final.hook_scale"][:, -1].float(),
+        clean_logits=logits[:, -1].float(),
+    )
+
+
+def cache_prompt_set(model, prompts: PromptSet, batch_size: int = 32, progress=None) -> list[EndCache]:
+    """:func:`cache_end` over a whole prompt set, in equal-length batches."""
+    batches = [idx[i: i + batch_size] for idx in group_by_length(prompts).values() for i in range(0, len(idx), batch_size)]
+    it = progress(batches, desc="caching clean/counterfactual runs") if progress else batches
+    return [cache_end(model, [prompts.items[i] for i in b], b) for b in it]
+
+
+# --- metrics at END ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EndScores:
+    """Answer logit, log p(answer) and logit difference answer − best other digit, any leading shape."""
+
+    logit: Tensor
+    logprob: Tensor | None
+    logit_diff: Tensor
+
+
+def _scores_from_columns(answer_logit: Tensor, digit_logits: Tensor, answers_digit_mask: Tensor,
+                         lse: Tensor | None) -> EndScores:
+    other = digit_logits.masked_fill(answers_digit_mask, float("-inf")).amax(-1)
+    return EndScores(answer_logit, None if lse is None else answer_logit - lse, answer_logit - other)
+
+
+def _unembed_scores(model, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
+                    with_prob: bool, chunk: int = 4) -> EndScores:
+    """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``."""
+    W_U = model.bridge.unembed.original_component.weight  # [d_vocab, d_model]
+    cols = torch.cat([answers[:, None], digits[None].expand(len(answers), -1)], 1)  # [batch, 11]
+    picked = torch.einsum("bnd,bkd->bnk", final_normed, W_U[cols].float())
+    mask = (digits[None] == answers[:, None])[:, None].expand(-1, final_normed.shape[1], -1)
+    lse = None
+    if with_prob:
+        lse = torch.cat([torch.logsumexp(final_normed[i: i + chunk] @ W_U.T.float(), -1)
+                         for i in range(0, len(final_normed), chunk)])
+    return _scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
+
+
+def clean_scores(model, cache: EndCache, digits: Tensor) -> EndScores:
+    """The clean run's scores at END, shape [batch]."""
+    logits = cache.clean_logits
+    ans = logits.gather(1, cache.answers[:, None])[:, 0]
+    mask = digits[None].to(logits.device) == cache.answers[:, None]
+    return _scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1))
+
+
+# --- fast sweeps -------------------------------------------------------------------------------
+
+def _head_deltas(model, cache: EndCache) -> Float[Tensor, "batch layer head d_model"]:
+    W_O = model.bridge.W_O.float()  # [layer, head, d_head, d_model]; o_proj has no bias on checked archs
+    return torch.einsum("blhe,lhed->blhd", cache.z_cf - cache.z_clean, W_O)
+
+
+@torch.no_grad()
+def sweep_direct(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """Direct effect of every head: scores of shape [batch, layer*head]."""
+    B = cache.tokens.shape[0]
+    delta = _head_deltas(model, cache).reshape(B, -1, model.cfg.d_model)
+    norm = model.bridge.ln_final.original_component
+    final = (cache.resid_final[:, None] + delta) / cache.final_scale[:, None] * norm.weight.float()
+    return _unembed_scores(model, final, cache.answers, digits.to(final.device), with_prob)
+
+
+@torch.no_grad()
+def sweep_path(model, cache: EndCache, digits: Tensor, with_prob: bool = True, chunk: int = 16) -> EndScores:
+    """Head → (MLPs) → logits for every head; other heads frozen at END, MLPs re-run at END."""
+    parts = []
+    for s in range(0, cache.tokens.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        delta = _head_deltas(model, _slice(cache, sl))  # [b, layer, head, d]
+        D = delta.new_zeros(delta.shape[0], 0, delta.shape[-1])
+        for layer in range(model.n_layers):
+            D = torch.cat([D, delta[:, layer]], 1)  # heads of this layer join the active set
+            block = model.bridge.blocks[layer]
+            x = cache.resid_mid[sl, layer, None] + D
+            new = block.mlp.original_component(block.ln2.original_component(x)).float()
+            D = D + new - cache.mlp_out[sl, layer, None]
+        final = model.bridge.ln_final.original_component(cache.resid_final[sl, None] + D).float()
+        parts.append(_unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob))
+    return _cat_scores(parts, 0)
+
+
+@torch.no_grad()
+def end_only_logits(model, tokens: Tensor, hooks: list, kv=None) -> Float[Tensor, "batch d_vocab"]:
+    """Logits at END when only END changes: re-run the last position on the clean prefix's KV cache."""
+    if kv is None:
+        kv = model.bridge.original_model(tokens[:, :-1], use_cache=True).past_key_values
+    out = model.bridge.run_with_hooks(tokens[:, -1:], fwd_hooks=hooks, past_key_values=kv)
+    kv.crop(-1)  # give the cache back as it was, for the next condition
+    return out[:, -1].float()
+
+
+@torch.no_grad()
+def sweep_total(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """Activation patching of every head at END, nothing frozen; scores [batch, layer*head]."""
+    kv = model.bridge.original_model(cache.tokens[:, :-1], use_cache=True).past_key_values
+    parts = []
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            hook = _patch_z_hook(head, cache.z_cf[:, layer, head])
+            logits = end_only_logits(model, cache.tokens, [(f"blocks.{layer}.attn.hook_z", hook)], kv)
+            parts.append(_full_scores(logits, cache.answers, digits.to(logits.device), with_prob))
+    return _cat_scores([_unsqueeze(p) for p in parts], 1)
+
+
+def _patch_z_hook(head: int, value: Tensor):
+    def hook(z, hook=None):
+        z = z.clone()
+        z[:, -1, head] = value.to(z.dtype)
+        return z
+    return hook
+
+
+def _full_scores(logits: Tensor, answers: Tensor, digits: Tensor, with_prob: bool) -> EndScores:
+    ans = logits.gather(1, answers[:, None])[:, 0]
+    mask = digits[None] == answers[:, None]
+    return _scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1) if with_prob else None)
+
+
+def _slice(cache: EndCache, sl: slice) -> EndCache:
+    return EndCache(**{k: (v[sl] if isinstance(v, (Tensor, np.ndarray)) else v) for k, v in cache.__dict__.items()})
+
+
+def _unsqueeze(s: EndScores) -> EndScores:
+    return EndScores(s.logit[:, None], None if s.logprob is None else s.logprob[:, None], s.logit_diff[:, None])
+
+
+def _cat_scores(parts: list[EndScores], dim: int) -> EndScores:
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim)
+    return EndScores(cat([p.logit for p in parts]), cat([p.logprob for p in parts]), cat([p.logit_diff for p in parts]))
+
+
+# --- plain references: one hooked forward pass per head ------------------------------------------
+
+@torch.no_grad()
+def reference_effect(model, cache: EndCache, head: Head, mode: Mode, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """One full hooked forward pass with the mode's components frozen at END; scores [batch]."""
+    L, n = head.layer, model.n_layers
+
+    def set_end(value, heads=None):
+        def hook(act, hook=None):
+            act = act.clone()
+            if heads is None:
+                act[:, -1] = value.to(act.dtype)
+            else:
+                act[:, -1, heads] = value.to(act.dtype)
+            return act
+        return hook
+
+    hooks = [(f"blocks.{L}.attn.hook_z", _patch_z_hook(head.head, cache.z_cf[:, L, head.head]))]
+    if mode in ("direct", "path"):
+        hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(L + 1, n)]
+    if mode == "direct":
+        hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(L, n)]
+        hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
+    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
+    return _full_scores(logits, cache.answers, digits.to(logits.device), with_prob)
+
+
+def fast_path_supported(model) -> bool:
+    archs = set(getattr(model.bridge.original_model.config, "architectures", None) or [])
+    return bool(archs & FAST_ARCHITECTURES)
+
+
+def sweep_heads(model, cache: EndCache, mode: Mode, digits: Tensor, with_prob: bool = True,
+                allow_reference: bool = True) -> EndScores:
+    """All heads' patched scores [batch, layer*head] (heads in layer-major order) for one batch."""
+    if mode not in MODES:
+        raise ValueError(f"unknown patching mode {mode!r}: choose from {MODES}")
+    if mode == "total":
+        return sweep_total(model, cache, digits, with_prob)  # only the KV cache reuse: valid for any decoder
+    if fast_path_supported(model):
+        return (sweep_direct if mode == "direct" else sweep_path)(model, cache, digits, with_prob)
+    if not allow_reference:
+        raise NotImplementedError(f"no checked fast {mode} patching for {model.bridge.original_model.config.architectures}")
+    heads = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    return _cat_scores([_unsqueeze(reference_effect(model, cache, hd, mode, digits, with_prob)) for hd in heads], 1)
+
+
+# --- the sweep as a tidy table -----------------------------------------------------------------
+
+def patch_heads(model, prompts: PromptSet, caches: list[EndCache], modes=("direct", "path"),
+                with_prob: bool = True, progress=None) -> pd.DataFrame:
+    """Per-prompt, per-head effects for each mode: one row per (mode, prompt, layer, head).
+
+    Columns: ``rel_logit`` = (patched − clean) / clean answer logit (the paper's score),
+    ``d_prob`` = change in p(answer), ``d_logit_diff`` = change in answer − best other digit.
+    """
+    digits = digit_tokens(model.tokenizer)
+    n_l, n_h = model.n_layers, model.n_heads
+    frames = []
+    jobs = [(m, c) for m in modes for c in caches]
+    for mode, cache in (progress(jobs, desc="patching heads") if progress else jobs):
+        patched = sweep_heads(model, cache, mode, digits, with_prob)
+        clean = clean_scores(model, cache, digits)
+        B = len(cache.index)
+        rel = ((patched.logit - clean.logit[:, None]) / clean.logit[:, None]).cpu().numpy()
+        cols = {"rel_logit": rel.ravel(),
+                "d_logit_diff": (patched.logit_diff - clean.logit_diff[:, None]).cpu().numpy().ravel()}
+        if with_prob:
+            cols["d_prob"] = (patched.logprob.exp() - clean.logprob.exp()[:, None]).cpu().numpy().ravel()
+        frames.append(pd.DataFrame({
+            "mode": mode,
+            "prompt": np.repeat(cache.index, n_l * n_h),
+            "layer": np.tile(np.repeat(np.arange(n_l), n_h), B),
+            "head": np.tile(np.arange(n_h), B * n_l),
+            **cols,
+        }))
+    out = pd.concat(frames, ignore_index=True)
+    ops = np.array([it.operator for it in prompts.items])
+    out.insert(2, "operator", ops[out["prompt"].to_numpy()])
+    return out

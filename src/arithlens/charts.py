@@ -94,3 +94,64 @@ def accuracy_by_style(acc: pd.DataFrame, title: str = "Accuracy by template styl
         row=alt.Row("shots:O", title="shots"),
         tooltip=["style", "operator", "shots", alt.Tooltip("accuracy:Q", format=".0%"), "n"],
     ).properties(width=90, height=120, title=title)
+
+
+METRIC_TITLES = {
+    "rel_logit": "relative change of the answer logit (paper's score)",
+    "d_prob": "change in p(answer)",
+    "d_logit_diff": "change in logit(answer) − best other digit",
+}
+
+
+def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "") -> alt.Chart:
+    """Layer × head heat map of mean effects (diverging around 0) with CI tooltips.
+
+    ``summary``: rows from :func:`arithlens.metrics.summarize_effects` for one metric (and one mode
+    unless ``facet`` is ``"mode"``); ``facet`` splits panels by a column (e.g. ``"operator"``).
+    """
+    lim = float(max(summary["mean"].abs().max(), 1e-9))
+    chart = alt.Chart(summary).mark_rect().encode(
+        x=alt.X("head:O", title="head"),
+        y=alt.Y("layer:O", title="layer", sort="descending"),
+        color=alt.Color("mean:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim]), title="mean effect"),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("head:O"), alt.Tooltip("mean:Q", format=".4f"),
+                 alt.Tooltip("ci_low:Q", format=".4f", title="95% CI low"),
+                 alt.Tooltip("ci_high:Q", format=".4f", title="95% CI high"), "n"]
+        + ([facet] if facet else []),
+    ).properties(width=120 if facet else 200, height=300)
+    if facet:
+        chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
+    return chart.properties(title=title)
+
+
+def knockout_chart(curve: pd.DataFrame, title: str = "Accuracy with heads mean-ablated") -> alt.Chart:
+    """Accuracy vs k for top-k and random-k (mean and min–max over seeds); ``curve`` from knockout_curve."""
+    data = curve[curve["condition"] != "none"]
+    agg = data.groupby(["positions", "condition", "k"], as_index=False).agg(
+        accuracy=("accuracy", "mean"), low=("accuracy", "min"), high=("accuracy", "max"), seeds=("seed", "nunique"))
+    base = alt.Chart(agg).encode(
+        x=alt.X("k:Q", title="heads ablated (k)", axis=alt.Axis(tickMinStep=1)),
+        color=alt.Color("condition:N", title=None, scale=alt.Scale(domain=["top", "random"], range=["#d62728", "#7f7f7f"])),
+    )
+    band = base.mark_area(opacity=0.25).encode(y="low:Q", y2="high:Q")
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        tooltip=["positions", "condition", "k", alt.Tooltip("accuracy:Q", format=".1%"),
+                 alt.Tooltip("low:Q", format=".1%"), alt.Tooltip("high:Q", format=".1%"), "seeds"],
+    )
+    return (band + line).properties(width=260, height=200).facet(
+        column=alt.Column("positions:N", title="ablated at")).properties(title=title)
+
+
+def attention_roles_chart(roles: pd.DataFrame, title: str = "END-token attention of the key heads") -> alt.Chart:
+    """Stacked bars: each head's mean END attention onto A, B, operator and other tokens."""
+    long = roles.assign(name=roles["layer"].astype(str) + "." + roles["head"].astype(str) + " (" + roles["role"] + ")")
+    long = long.melt(id_vars=["name", "role"], value_vars=["A", "B", "operator_token", "other"],
+                     var_name="target", value_name="attention")
+    return alt.Chart(long).mark_bar().encode(
+        y=alt.Y("name:N", title="head (role)", sort=None),
+        x=alt.X("attention:Q", stack="normalize", axis=alt.Axis(format="%"), title="share of END attention"),
+        color=alt.Color("target:N", sort=["A", "B", "operator_token", "other"],
+                        scale=alt.Scale(range=["#1f77b4", "#2ca02c", "#d62728", "#c7c7c7"])),
+        tooltip=["name", "target", alt.Tooltip("attention:Q", format=".2f")],
+    ).properties(width=360, height=alt.Step(18), title=title)

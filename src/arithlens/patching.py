@@ -334,3 +334,8 @@ def patch_heads(model, prompts: PromptSet, caches: list[EndCache], modes=("direc
     ops = np.array([it.operator for it in prompts.items])
     out.insert(2, "operator", ops[out["prompt"].to_numpy()])
     return out
+
+
+def heads_from_frame(frame: pd.DataFrame) -> list[Head]:
+    """The heads named by a table's ``layer`` and ``head`` columns, in row order."""
+    return [Head(int(l), int(h)) for l, h in zip(frame["layer"], frame["head"])]

@@ -1,0 +1,160 @@
+"""Knockout: mean-ablate heads and measure accuracy; END-token attention roles of heads.
+
+Science wing (paper § "Knockout" and "Attention analysis"). A knocked-out head's ``hook_z`` is
+replaced by its mean over the counterfactual prompts — at END only (``positions="end"``: the clean
+prefix's keys and values are reused and only the last position recomputed, see
+:func:`arithlens.patching.end_only_logits`) or at every position (``"all"``: a full forward pass, with
+the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
+are compared with the same number of random heads drawn uniformly from all heads, over several seeds.
+
+Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from arithlens.patching import Head, end_only_logits
+from arithlens.prompts import PromptSet, group_by_length, to_tokens
+
+Positions = Literal["end", "all"]
+
+
+@torch.no_grad()
+def mean_z(model, prompts: PromptSet, positions: Positions = "end", batch_size: int = 32) -> Float[Tensor, "layer head d_head"]:
+    """Mean of every head's ``hook_z`` over the counterfactual prompts (at END, or over all positions)."""
+    names = [f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)]
+    total, count = None, 0
+    for idx in group_by_length(prompts).values():
+        for s in range(0, len(idx), batch_size):
+            tokens = to_tokens([prompts.items[i] for i in idx[s: s + batch_size]], "counterfactual").to(model.device)
+            _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+            z = torch.stack([cache[n] for n in names], 0).float()  # [layer, batch, pos, head, d_head]
+            z = z[:, :, -1:] if positions == "end" else z
+            part = z.sum((1, 2))
+            total = part if total is None else total + part
+            count += z.shape[1] * z.shape[2]
+    return total / count
+
+
+def _ablation_hooks(heads: list[Head], means: Tensor, positions: Positions) -> list:
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        by_layer.setdefault(h.layer, []).append(h.head)
+    hooks = []
+    for layer, hs in by_layer.items():
+        def hook(z, hook=None, layer=layer, hs=hs):  # bind per layer: hook.name is the internal name
+            z = z.clone()
+            value = means[layer, hs].to(z.dtype)
+            if positions == "end":
+                z[:, -1, hs] = value
+            else:
+                z[:, :, hs] = value
+            return z
+        hooks.append((f"blocks.{layer}.attn.hook_z", hook))
+    return hooks
+
+
+class KnockoutEvaluator:
+    """Accuracy under ablation, with the clean prefixes' KV caches computed once for all conditions."""
+
+    def __init__(self, model, prompts: PromptSet, means: Tensor, positions: Positions = "end", batch_size: int = 64):
+        if positions not in ("end", "all"):
+            raise ValueError(f"positions must be 'end' or 'all', got {positions!r}")
+        self.model, self.prompts, self.means, self.positions = model, prompts, means, positions
+        self.batches = []
+        for idx in group_by_length(prompts).values():
+            for s in range(0, len(idx), batch_size):
+                b = idx[s: s + batch_size]
+                tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
+                with torch.no_grad():
+                    kv = (model.bridge.original_model(tokens[:, :-1], use_cache=True).past_key_values
+                          if positions == "end" else None)
+                answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
+                self.batches.append((np.asarray(b), tokens, answers, kv))
+
+    @torch.no_grad()
+    def correct(self, heads: list[Head]) -> np.ndarray:
+        """Per-item greedy correctness with ``heads`` mean-ablated."""
+        out = np.zeros(len(self.prompts), dtype=bool)
+        hooks = _ablation_hooks(heads, self.means, self.positions)
+        for b, tokens, answers, kv in self.batches:
+            if self.positions == "end":
+                logits = end_only_logits(self.model, tokens, hooks, kv)
+            else:
+                logits = self.model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1]
+            out[b] = (logits.argmax(-1) == answers).cpu().numpy()
+        return out
+
+    def accuracy(self, heads: list[Head]) -> float:
+        return float(self.correct(heads).mean())
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
+    """``k`` distinct heads drawn uniformly from all heads (a local, seeded generator)."""
+    every = [Head(l, h) for l in range(n_layers) for h in range(n_heads)]
+    if k > len(every):
+        raise ValueError(f"k={k} is larger than the number of heads ({len(every)})")
+    return random.Random(seed).sample(every, k)
+
+
+def knockout_curve(evaluator: KnockoutEvaluator, ranking: list[Head], k_values, n_seeds: int = 5,
+                   seed: int = 0, progress=None) -> pd.DataFrame:
+    """Accuracy with the top-k ranked heads vs k random heads (``n_seeds`` draws) ablated, per k.
+
+    One row per (condition, k, seed); condition ``none`` (k = 0) is the unablated accuracy.
+    """
+    model = evaluator.model
+    k_values = list(k_values)
+    if k_values and max(k_values) > len(ranking):
+        raise ValueError(f"k={max(k_values)} exceeds the {len(ranking)} ranked heads")
+    rows = [{"condition": "none", "k": 0, "seed": -1, "accuracy": evaluator.accuracy([])}]
+    jobs = [("top", k, -1) for k in k_values] + [("random", k, seed + s) for k in k_values for s in range(n_seeds)]
+    for cond, k, s in (progress(jobs, desc=f"knockout ({evaluator.positions})") if progress else jobs):
+        heads = ranking[:k] if cond == "top" else random_heads(model.n_layers, model.n_heads, k, s * 1000 + k)
+        rows.append({"condition": cond, "k": k, "seed": s, "accuracy": evaluator.accuracy(heads)})
+    return pd.DataFrame(rows).assign(positions=evaluator.positions, n_prompts=len(evaluator.prompts))
+
+
+@torch.no_grad()
+def end_attention(model, prompts: PromptSet, heads: list[Head], batch_size: int = 32) -> pd.DataFrame:
+    """END-token attention of each head onto operand A, operand B, the operator and everything else.
+
+    One row per (prompt, layer, head) with columns ``A``, ``B``, ``operator``, ``other`` (summing to 1).
+    """
+    layers = sorted({h.layer for h in heads})
+    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    rows = []
+    for idx in group_by_length(prompts).values():
+        for s in range(0, len(idx), batch_size):
+            b = idx[s: s + batch_size]
+            items = [prompts.items[i] for i in b]
+            _, cache = model.bridge.run_with_cache(to_tokens(items).to(model.device), names_filter=lambda n: n in names)
+            for h in heads:
+                pat = cache[f"blocks.{h.layer}.attn.hook_pattern"][:, h.head, -1].float().cpu()  # [batch, key]
+                for j, it in enumerate(items):
+                    a, bb, op = (float(pat[j, it.a_pos]), float(pat[j, it.b_pos]), float(pat[j, it.op_pos]))
+                    rows.append({"prompt": b[j], "operator": it.operator, "layer": h.layer, "head": h.head,
+                                 "A": a, "B": bb, "operator_token": op, "other": 1.0 - a - bb - op})
+    return pd.DataFrame(rows)
+
+
+def label_heads(attention: pd.DataFrame, min_share: float = 0.2) -> pd.DataFrame:
+    """Label each head by its mean END attention (the stated rule).
+
+    ``operand``: attention to A + B ≥ ``min_share`` and more than to the operator;
+    ``operator``: attention to the operator ≥ ``min_share`` and more than to A + B; else ``other``.
+    """
+    mean = attention.groupby(["layer", "head"])[["A", "B", "operator_token", "other"]].mean().reset_index()
+    operands = mean["A"] + mean["B"]
+    mean["role"] = np.where((operands >= min_share) & (operands > mean["operator_token"]), "operand",
+                            np.where((mean["operator_token"] >= min_share) & (mean["operator_token"] > operands),
+                                     "operator", "other"))
+    return mean

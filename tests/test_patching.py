@@ -1,0 +1,88 @@
+"""Fast END-only patching sweeps agree with plain hooked forward passes; invariants hold."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from arithlens import patching as P
+from arithlens.prompts import PromptConfig, make_prompts
+
+
+def _batch(model, n=6, shots=1, op="+"):
+    ps = make_prompts(model.tokenizer, PromptConfig(operators=(op,), templates=("eq_spaced",), n_per_cell=n, shots=shots))
+    return ps, P.cache_end(model, list(ps.items))
+
+
+def _assert_agree(fast, ref, scale):
+    # tolerance: 1e-4 relative to the scale of the logits (a patched logit or log-probability that is
+    # itself near zero cannot be compared relatively; END-only reruns differ from full passes by ~1e-5)
+    for name in ("logit", "logprob", "logit_diff"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("mode", P.MODES)
+def test_fast_equals_reference_for_every_head_tiny(tiny, mode):
+    _, cache = _batch(tiny)
+    digits = P.digit_tokens(tiny.tokenizer)
+    fast = P.sweep_heads(tiny, cache, mode, digits)
+    scale = float(cache.clean_logits.abs().max())
+    for layer in range(tiny.n_layers):
+        for head in range(tiny.n_heads):
+            ref = P.reference_effect(tiny, cache, P.Head(layer, head), mode, digits)
+            j = layer * tiny.n_heads + head
+            _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
+
+
+def test_patching_clean_into_clean_changes_nothing(tiny):
+    _, cache = _batch(tiny)
+    same = dataclasses.replace(cache, z_cf=cache.z_clean.clone())
+    digits = P.digit_tokens(tiny.tokenizer)
+    clean = P.clean_scores(tiny, same, digits)
+    for mode in P.MODES:
+        out = P.sweep_heads(tiny, same, mode, digits)
+        torch.testing.assert_close(out.logit, clean.logit[:, None].expand_as(out.logit), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_matches_plain_forward(tiny):
+    _, cache = _batch(tiny, shots=2)
+    with torch.no_grad():
+        full = tiny.bridge(cache.tokens)[:, -1].float()
+    torch.testing.assert_close(cache.clean_logits, full, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_heads_table_is_tidy(tiny):
+    ps, cache = _batch(tiny, n=4)
+    table = P.patch_heads(tiny, ps, [cache], modes=("direct", "path"))
+    assert len(table) == 2 * len(ps) * tiny.n_layers * tiny.n_heads
+    assert set(table.columns) >= {"mode", "prompt", "operator", "layer", "head", "rel_logit", "d_prob", "d_logit_diff"}
+    assert not table.duplicated(["mode", "prompt", "layer", "head"]).any()
+
+
+def test_unknown_architecture_falls_back_to_reference(tiny, monkeypatch):
+    _, cache = _batch(tiny, n=3)
+    digits = P.digit_tokens(tiny.tokenizer)
+    fast = P.sweep_heads(tiny, cache, "path", digits)
+    monkeypatch.setattr(P, "FAST_ARCHITECTURES", frozenset())
+    slow = P.sweep_heads(tiny, cache, "path", digits)
+    torch.testing.assert_close(fast.logit, slow.logit, rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="no checked fast path patching"):
+        P.sweep_heads(tiny, cache, "path", digits, allow_reference=False)
+    with pytest.raises(ValueError, match="unknown patching mode"):
+        P.sweep_heads(tiny, cache, "sideways", digits)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("mode", P.MODES)
+def test_fast_equals_reference_on_smollm2_sample(smollm2, mode):
+    _, cache = _batch(smollm2, n=4, shots=3)
+    digits = P.digit_tokens(smollm2.tokenizer)
+    fast = P.sweep_heads(smollm2, cache, mode, digits)
+    scale = float(cache.clean_logits.abs().max())
+    rng = np.random.default_rng(0)
+    for j in rng.choice(smollm2.n_layers * smollm2.n_heads, size=4, replace=False):
+        head = P.Head(int(j) // smollm2.n_heads, int(j) % smollm2.n_heads)
+        ref = P.reference_effect(smollm2, cache, head, mode, digits)
+        _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)

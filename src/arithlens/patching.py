@@ -216,15 +216,32 @@ def end_only_logits(model, tokens: Tensor, hooks: list, kv=None) -> Float[Tensor
 
 @torch.no_grad()
 def sweep_total(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
-    """Activation patching of every head at END, nothing frozen; scores [batch, layer*head]."""
+    """Activation patching of every head at END, nothing frozen; scores [batch, layer*head].
+
+    One END-only forward pass per layer: the batch is repeated once per head of that layer and row
+    (prompt b, copy h) patches head h, on the clean prefix's KV cache repeated the same way.
+    """
+    import copy
+
+    B, H = cache.tokens.shape[0], model.n_heads
     kv = model.bridge.original_model(cache.tokens[:, :-1], use_cache=True).past_key_values
+    kv_rep = copy.deepcopy(kv)
+    kv_rep.batch_repeat_interleave(H)
+    tokens = cache.tokens.repeat_interleave(H, 0)
+    answers = cache.answers.repeat_interleave(H, 0)
+    idx = torch.arange(H, device=cache.tokens.device)
     parts = []
     for layer in range(model.n_layers):
-        for head in range(model.n_heads):
-            hook = _patch_z_hook(head, cache.z_cf[:, layer, head])
-            logits = end_only_logits(model, cache.tokens, [(f"blocks.{layer}.attn.hook_z", hook)], kv)
-            parts.append(_full_scores(logits, cache.answers, digits.to(logits.device), with_prob))
-    return _cat_scores([_unsqueeze(p) for p in parts], 1)
+        def hook(z, hook=None, layer=layer):
+            z = z.clone()
+            grid = z[:, -1].view(B, H, H, -1)  # [prompt, copy, head, d_head]
+            grid[:, idx, idx] = cache.z_cf[:, layer].to(z.dtype)  # copy h patches head h
+            z[:, -1] = grid.view(B * H, H, -1)
+            return z
+        logits = end_only_logits(model, tokens, [(f"blocks.{layer}.attn.hook_z", hook)], kv_rep)
+        s = _full_scores(logits, answers, digits.to(logits.device), with_prob)
+        parts.append(EndScores(*(None if t is None else t.view(B, H) for t in (s.logit, s.logprob, s.logit_diff))))
+    return _cat_scores(parts, 1)
 
 
 def _patch_z_hook(head: int, value: Tensor):

@@ -65,7 +65,7 @@ def main() -> None:
     results = {}
     for mode in ("direct", "path"):
         for with_prob in (True, False):
-            _, t = timed(lambda: [patching.sweep_heads(model, c, mode, digits, with_prob) for c in caches])
+            _, t = timed(lambda: patching.sweep_many(model, caches, mode, digits, with_prob))
             results[(mode, with_prob)] = t_cache + t
             print(f"{mode:6s} sweep ({'all metrics' if with_prob else 'logit + logit diff only'}): cache {t_cache:.1f} s + "
                   f"sweep {t:.1f} s")

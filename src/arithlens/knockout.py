@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.patching import Head, end_only_logits
+from arithlens.patching import Head, end_only_logits, prefix_kv
 from arithlens.prompts import PromptSet, group_by_length, to_tokens
 
 Positions = Literal["end", "all"]
@@ -74,9 +74,7 @@ class KnockoutEvaluator:
             for s in range(0, len(idx), batch_size):
                 b = idx[s: s + batch_size]
                 tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
-                with torch.no_grad():
-                    kv = (model.bridge.original_model(tokens[:, :-1], use_cache=True).past_key_values
-                          if positions == "end" else None)
+                kv = prefix_kv(model, tokens[:, :-1]) if positions == "end" else None
                 answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
                 self.batches.append((np.asarray(b), tokens, answers, kv))
 

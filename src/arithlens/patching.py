@@ -76,6 +76,25 @@ def digit_tokens(tokenizer) -> Int[Tensor, "10"]:
     return torch.tensor(ids)
 
 
+@torch.no_grad()
+def prefix_kv(model, tokens: Int[Tensor, "batch pos"]):
+    """The KV cache of ``tokens`` (HF ``past_key_values``); logits only for the last position."""
+    return model.bridge.original_model(tokens, use_cache=True, logits_to_keep=1).past_key_values
+
+
+def _lse_shifted(shifted_clean: Tensor, delta: Tensor, shift: Tensor) -> Tensor:
+    """logsumexp(clean + delta) over the vocabulary, stabilized by the clean logits' max ``shift``.
+
+    ``shifted_clean`` = clean − shift (≤ 0). One exp pass instead of logsumexp's max + exp passes;
+    falls back to logsumexp for a row where a patched logit would overflow.
+    """
+    out = (shifted_clean + delta).exp_().sum(-1).log_() + shift
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        out[bad] = torch.logsumexp(shifted_clean + delta, -1)[bad] + shift.expand_as(out)[bad]
+    return out
+
+
 def _names(n_layers: int) -> list[str]:
     return ([f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_resid_mid" for l in range(n_layers)]
             + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
@@ -100,7 +119,7 @@ def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
     tokens = to_tokens(items).to(model.device)
     cf = to_tokens(items, "counterfactual").to(model.device)
     keep = _shared_prefix(tokens, cf)
-    kv = bridge.original_model(tokens[:, :keep], use_cache=True).past_key_values if keep else None
+    kv = prefix_kv(model, tokens[:, :keep]) if keep else None
     names = _names(n_layers)
     logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
     if kv is not None:
@@ -147,16 +166,20 @@ def _scores_from_columns(answer_logit: Tensor, digit_logits: Tensor, answers_dig
 
 
 def _unembed_scores(model, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
-                    with_prob: bool, chunk: int = 4) -> EndScores:
-    """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``."""
+                    with_prob: bool, clean_logits: Tensor, chunk: int = 2) -> EndScores:
+    """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``.
+
+    The clean logits' max stabilizes the logsumexp (patched logits stay near the clean ones).
+    """
     W_U = model.bridge.unembed.original_component.weight  # [d_vocab, d_model]
     cols = torch.cat([answers[:, None], digits[None].expand(len(answers), -1)], 1)  # [batch, 11]
     picked = torch.einsum("bnd,bkd->bnk", final_normed, W_U[cols].float())
     mask = (digits[None] == answers[:, None])[:, None].expand(-1, final_normed.shape[1], -1)
     lse = None
     if with_prob:
-        lse = torch.cat([torch.logsumexp(final_normed[i: i + chunk] @ W_U.T.float(), -1)
-                         for i in range(0, len(final_normed), chunk)])
+        shift = clean_logits.amax(-1, keepdim=True)  # [batch, 1]
+        lse = torch.cat([_lse_shifted(-shift[i: i + chunk, :, None], final_normed[i: i + chunk] @ W_U.T.float(),
+                                      shift[i: i + chunk]) for i in range(0, len(final_normed), chunk)])
     return _scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
 
 
@@ -176,13 +199,46 @@ def _head_deltas(model, cache: EndCache) -> Float[Tensor, "batch layer head d_mo
 
 
 @torch.no_grad()
-def sweep_direct(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
-    """Direct effect of every head: scores of shape [batch, layer*head]."""
-    B = cache.tokens.shape[0]
-    delta = _head_deltas(model, cache).reshape(B, -1, model.cfg.d_model)
-    norm = model.bridge.ln_final.original_component
-    final = (cache.resid_final[:, None] + delta) / cache.final_scale[:, None] * norm.weight.float()
-    return _unembed_scores(model, final, cache.answers, digits.to(final.device), with_prob)
+def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool = True, chunk: int = 64) -> list[EndScores]:
+    """Direct effect of every head for each cache: scores of shape [batch, layer*head] per cache.
+
+    With the final norm's scale frozen, a head's change to the logits is linear in its ``hook_z``
+    change: Δlogits = Δz · (W_O[l, h] · diag(w) · W_Uᵀ) / scale. That d_head × d_vocab matrix is built
+    once per layer for all prompts of all caches, so the full-vocabulary logsumexp costs d_head, not
+    d_model, multiply-adds per vocabulary entry and prompt.
+    """
+    norm_w = model.bridge.ln_final.original_component.weight.float()
+    W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
+    W_O = model.bridge.W_O.float()  # [layer, head, d_head, d_model]
+    digits = digits.to(W_U.device)
+    H = model.n_heads
+    answers = torch.cat([c.answers for c in caches])
+    clean = torch.cat([c.clean_logits for c in caches])  # [n, d_vocab]
+    dz = torch.cat([(c.z_cf - c.z_clean) / c.final_scale[:, :, None, None] for c in caches])  # [n, layer, head, d_head]
+    cols = torch.cat([answers[:, None], digits[None].expand(len(answers), -1)], 1)  # [n, 11]
+    base, W_cols = clean.gather(1, cols), W_U[cols]  # [n, 11], [n, 11, d_model]
+    mask = (digits[None] == answers[:, None])[:, None].expand(-1, H, -1)
+    shift = clean.amax(-1, keepdim=True)
+    shifted = (clean - shift)[None]  # [1, n, d_vocab]
+    parts = []
+    for layer in range(model.n_layers):
+        G = W_O[layer] * norm_w  # [head, d_head, d_model]
+        u = torch.einsum("nhe,hed->nhd", dz[:, layer], G)  # each head's change to the normalized residual
+        picked = base[:, None] + torch.einsum("nhd,nkd->nhk", u, W_cols)  # [n, head, 11]
+        lse = None
+        if with_prob:
+            full = G @ W_U.T  # [head, d_head, d_vocab]
+            dzl = dz[:, layer].transpose(0, 1).contiguous()  # [head, n, d_head]
+            lse = torch.cat([_lse_shifted(shifted[:, s: s + chunk], torch.bmm(dzl[:, s: s + chunk], full), shift[s: s + chunk, 0])
+                             for s in range(0, len(answers), chunk)], 1).T  # [n, head]
+        parts.append(_scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse))
+    scores = _cat_scores(parts, 1)
+    out, start = [], 0
+    for c in caches:
+        sl = slice(start, start + len(c.answers))
+        out.append(EndScores(scores.logit[sl], None if scores.logprob is None else scores.logprob[sl], scores.logit_diff[sl]))
+        start = sl.stop
+    return out
 
 
 @torch.no_grad()
@@ -200,7 +256,8 @@ def sweep_path(model, cache: EndCache, digits: Tensor, with_prob: bool = True, c
             new = block.mlp.original_component(block.ln2.original_component(x)).float()
             D = D + new - cache.mlp_out[sl, layer, None]
         final = model.bridge.ln_final.original_component(cache.resid_final[sl, None] + D).float()
-        parts.append(_unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob))
+        parts.append(_unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob,
+                                     cache.clean_logits[sl]))
     return _cat_scores(parts, 0)
 
 
@@ -208,7 +265,7 @@ def sweep_path(model, cache: EndCache, digits: Tensor, with_prob: bool = True, c
 def end_only_logits(model, tokens: Tensor, hooks: list, kv=None) -> Float[Tensor, "batch d_vocab"]:
     """Logits at END when only END changes: re-run the last position on the clean prefix's KV cache."""
     if kv is None:
-        kv = model.bridge.original_model(tokens[:, :-1], use_cache=True).past_key_values
+        kv = prefix_kv(model, tokens[:, :-1])
     out = model.bridge.run_with_hooks(tokens[:, -1:], fwd_hooks=hooks, past_key_values=kv)
     kv.crop(-1)  # give the cache back as it was, for the next condition
     return out[:, -1].float()
@@ -224,7 +281,7 @@ def sweep_total(model, cache: EndCache, digits: Tensor, with_prob: bool = True) 
     import copy
 
     B, H = cache.tokens.shape[0], model.n_heads
-    kv = model.bridge.original_model(cache.tokens[:, :-1], use_cache=True).past_key_values
+    kv = prefix_kv(model, cache.tokens[:, :-1])
     kv_rep = copy.deepcopy(kv)
     kv_rep.batch_repeat_interleave(H)
     tokens = cache.tokens.repeat_interleave(H, 0)
@@ -303,6 +360,13 @@ def fast_path_supported(model) -> bool:
     return bool(archs & FAST_ARCHITECTURES)
 
 
+def sweep_many(model, caches: list[EndCache], mode: Mode, digits: Tensor, with_prob: bool = True) -> list[EndScores]:
+    """:func:`sweep_heads` for several batches (the direct sweep shares its per-layer work across them)."""
+    if mode == "direct" and fast_path_supported(model):
+        return sweep_direct(model, caches, digits, with_prob)
+    return [sweep_heads(model, c, mode, digits, with_prob) for c in caches]
+
+
 def sweep_heads(model, cache: EndCache, mode: Mode, digits: Tensor, with_prob: bool = True,
                 allow_reference: bool = True) -> EndScores:
     """All heads' patched scores [batch, layer*head] (heads in layer-major order) for one batch."""
@@ -311,7 +375,9 @@ def sweep_heads(model, cache: EndCache, mode: Mode, digits: Tensor, with_prob: b
     if mode == "total":
         return sweep_total(model, cache, digits, with_prob)  # only the KV cache reuse: valid for any decoder
     if fast_path_supported(model):
-        return (sweep_direct if mode == "direct" else sweep_path)(model, cache, digits, with_prob)
+        if mode == "direct":
+            return sweep_direct(model, [cache], digits, with_prob)[0]
+        return sweep_path(model, cache, digits, with_prob)
     if not allow_reference:
         raise NotImplementedError(f"no checked fast {mode} patching for {model.bridge.original_model.config.architectures}")
     heads = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
@@ -328,29 +394,31 @@ def patch_heads(model, prompts: PromptSet, caches: list[EndCache], modes=("direc
     ``d_prob`` = change in p(answer), ``d_logit_diff`` = change in answer − best other digit.
     """
     digits = digit_tokens(model.tokenizer)
-    n_l, n_h = model.n_layers, model.n_heads
     frames = []
-    jobs = [(m, c) for m in modes for c in caches]
-    for mode, cache in (progress(jobs, desc="patching heads") if progress else jobs):
-        patched = sweep_heads(model, cache, mode, digits, with_prob)
-        clean = clean_scores(model, cache, digits)
-        B = len(cache.index)
-        rel = ((patched.logit - clean.logit[:, None]) / clean.logit[:, None]).cpu().numpy()
-        cols = {"rel_logit": rel.ravel(),
-                "d_logit_diff": (patched.logit_diff - clean.logit_diff[:, None]).cpu().numpy().ravel()}
-        if with_prob:
-            cols["d_prob"] = (patched.logprob.exp() - clean.logprob.exp()[:, None]).cpu().numpy().ravel()
-        frames.append(pd.DataFrame({
-            "mode": mode,
-            "prompt": np.repeat(cache.index, n_l * n_h),
-            "layer": np.tile(np.repeat(np.arange(n_l), n_h), B),
-            "head": np.tile(np.arange(n_h), B * n_l),
-            **cols,
-        }))
+    for mode in (progress(list(modes), desc="patching heads (modes)") if progress else modes):
+        for cache, patched in zip(caches, sweep_many(model, caches, mode, digits, with_prob)):
+            frames.append(_effects_frame(model, mode, cache, patched, clean_scores(model, cache, digits), with_prob))
     out = pd.concat(frames, ignore_index=True)
     ops = np.array([it.operator for it in prompts.items])
     out.insert(2, "operator", ops[out["prompt"].to_numpy()])
     return out
+
+
+def _effects_frame(model, mode, cache, patched: EndScores, clean: EndScores, with_prob: bool) -> pd.DataFrame:
+    n_l, n_h = model.n_layers, model.n_heads
+    B = len(cache.index)
+    rel = ((patched.logit - clean.logit[:, None]) / clean.logit[:, None]).cpu().numpy()
+    cols = {"rel_logit": rel.ravel(),
+            "d_logit_diff": (patched.logit_diff - clean.logit_diff[:, None]).cpu().numpy().ravel()}
+    if with_prob:
+        cols["d_prob"] = (patched.logprob.exp() - clean.logprob.exp()[:, None]).cpu().numpy().ravel()
+    return pd.DataFrame({
+        "mode": mode,
+        "prompt": np.repeat(cache.index, n_l * n_h),
+        "layer": np.tile(np.repeat(np.arange(n_l), n_h), B),
+        "head": np.tile(np.arange(n_h), B * n_l),
+        **cols,
+    })
 
 
 def heads_from_frame(frame: pd.DataFrame) -> list[Head]:

@@ -45,7 +45,7 @@ def main() -> None:
     model = load_model(args.model)
     full = make_prompts(model.tokenizer, PromptConfig(n_per_cell=max(8, args.n // 40 + 2), shots=3, seed=0))
     prompts = full.subset([i < args.n for i in range(len(full))])
-    batches = [idx[i: i + 32] for idx in group_by_length(prompts).values() for i in range(0, len(idx), 32)]
+    batches = [idx[i: i + 16] for idx in group_by_length(prompts).values() for i in range(0, len(idx), 16)]
     digits = patching.digit_tokens(model.tokenizer)
     print(f"model {args.model}: {len(prompts)} prompts, {len(batches)} batches, {model.n_layers}×{model.n_heads} heads, "
           f"threads {torch.get_num_threads()}")

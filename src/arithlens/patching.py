@@ -141,7 +141,7 @@ def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
     )
 
 
-def cache_prompt_set(model, prompts: PromptSet, batch_size: int = 32, progress=None) -> list[EndCache]:
+def cache_prompt_set(model, prompts: PromptSet, batch_size: int = 16, progress=None) -> list[EndCache]:
     """:func:`cache_end` over a whole prompt set, in equal-length batches."""
     batches = [idx[i: i + batch_size] for idx in group_by_length(prompts).values() for i in range(0, len(idx), batch_size)]
     it = progress(batches, desc="caching clean/counterfactual runs") if progress else batches

@@ -1,0 +1,46 @@
+"""Chapter notebooks run end to end on the tiny model with small parameters."""
+
+import json
+
+import pytest
+
+from arithlens.runs import RunError, run_chapter
+
+HEADS_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_total_prompts=3",
+              "n_boot=50", "knockout_seeds=2", "top_k=3", "knockout_k_max=3", "all_positions_k=[2]", "min_correct=1"]
+
+
+def _markdown_outputs(run):
+    nb = json.loads(run.notebook.read_text())
+    return "\n".join("".join(o.get("data", {}).get("text/markdown", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                     for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_heads_chapter_end_to_end(isolated_runs):
+    run = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
+    tables = set(run.manifest["tables"])
+    assert {"effects_summary.parquet", "key_heads.parquet", "knockout.parquet", "head_roles.parquet"} <= tables
+    summary = run.table("effects_summary")
+    assert set(summary["mode"]) == {"direct", "path", "total"}
+    assert set(summary["metric"]) == {"rel_logit", "d_prob", "d_logit_diff"}
+    assert len(summary[(summary["mode"] == "path") & (summary["metric"] == "d_prob")]) == 2 * 4  # every head
+    knock = run.table("knockout")
+    assert set(knock["positions"]) == {"end", "all"} and len(run.table("key_heads")) == 3
+
+
+@pytest.mark.slow
+def test_threshold_no_head_passes_still_renders(isolated_runs):
+    params = [p for p in HEADS_TINY if not p.startswith("top_k")] + ["selection=threshold", "threshold=-0.99",
+                                                                       "lead_metric=rel_logit"]
+    run = run_chapter("01_heads", "tiny", params, log=lambda m: None)
+    text = _markdown_outputs(run)
+    assert "No key heads were selected" in text and "no head passes" in text
+    assert len(run.table("key_heads")) == 0
+
+
+@pytest.mark.slow
+def test_k_larger_than_heads_is_a_clear_error(isolated_runs):
+    with pytest.raises(RunError, match="k=9 is larger than the number of heads \\(8\\)"):
+        run_chapter("01_heads", "tiny", [p for p in HEADS_TINY if not p.startswith("top_k")] + ["top_k=9"],
+                    log=lambda m: None)

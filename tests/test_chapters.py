@@ -31,8 +31,7 @@ def test_heads_chapter_end_to_end(isolated_runs):
 
 @pytest.mark.slow
 def test_threshold_no_head_passes_still_renders(isolated_runs):
-    params = [p for p in HEADS_TINY if not p.startswith("top_k")] + ["selection=threshold", "threshold=-0.99",
-                                                                       "lead_metric=rel_logit"]
+    params = HEADS_TINY + ["selection=threshold", "threshold=-0.99", "lead_metric=rel_logit"]
     run = run_chapter("01_heads", "tiny", params, log=lambda m: None)
     text = _markdown_outputs(run)
     assert "No key heads were selected" in text and "no head passes" in text

@@ -79,11 +79,25 @@ def write_vega_bundle() -> Path:
     return path
 
 
-def build_html(quiet: bool = True) -> Path:
+def partial_toc(chapters: list[str]) -> Path:
+    """A copy of the table of contents listing only ``chapters`` (for a build of some chapters)."""
+    toc = yaml.safe_load((book_dir() / "_toc.yml").read_text())
+    for part in toc.get("parts", []):
+        part["chapters"] = [e for e in part.get("chapters", [])
+                            if not e.get("file", "").startswith("chapters/") or e["file"].removeprefix("chapters/") in chapters]
+    toc["parts"] = [p for p in toc.get("parts", []) if p["chapters"]]
+    path = book_dir() / "_build" / "_toc.partial.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(toc, sort_keys=False))
+    return path
+
+
+def build_html(toc: Path | None = None) -> Path:
     """Run ``jupyter-book build`` (offline, no execution); return the built index page."""
     root = project_root()
-    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())", "build", str(book_dir()), "--config", str(root / "_config.yml"),
-           "--toc", str(book_dir() / "_toc.yml"), "--path-output", str(book_dir())]
+    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())", "build",
+           str(book_dir()), "--config", str(root / "_config.yml"), "--toc", str(toc or book_dir() / "_toc.yml"),
+           "--path-output", str(book_dir())]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     log = book_dir() / "_build" / "build.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -96,11 +110,15 @@ def build_html(quiet: bool = True) -> Path:
     return index
 
 
-def build_book(runs: list[RunResult]) -> Path:
-    """Stage ``runs``, bundle the chart JS and build; every toc'd chapter must have a run."""
+def build_book(runs: list[RunResult], partial: bool = False) -> Path:
+    """Stage ``runs``, bundle the chart JS and build.
+
+    A full build needs a run for every chapter in ``book/_toc.yml``; ``partial`` builds only the
+    chapters given (the table of contents is filtered to them).
+    """
     have = {r.manifest["chapter"] for r in runs}
     missing = [c for c in toc_chapters() if c not in have]
-    if missing:
+    if missing and not partial:
         raise RunError(f"no finished run for chapter(s) {', '.join(missing)} listed in book/_toc.yml")
     models = {r.manifest["model"] for r in runs}
     if len(models) > 1:
@@ -109,4 +127,4 @@ def build_book(runs: list[RunResult]) -> Path:
     write_vega_bundle()
     (book_dir() / "_build").mkdir(exist_ok=True)
     (book_dir() / "_build" / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=2))
-    return build_html()
+    return build_html(partial_toc(sorted(have)) if partial and missing else None)

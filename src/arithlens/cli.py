@@ -39,7 +39,7 @@ def cmd_book(args) -> int:
     if args.param and len(chapters) != 1:
         raise RunError("--param with `book` needs exactly one chapter (--chapters ID); use `arithlens run` per chapter")
     runs = [run_chapter(c, model, args.param, log=_log, force=args.force) for c in chapters]
-    index = build_book(runs)
+    index = build_book(runs, partial=bool(args.chapters))
     _log(f"book built: {index}")
     print(index)
     return 0

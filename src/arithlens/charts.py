@@ -88,7 +88,7 @@ def accuracy_by_style(acc: pd.DataFrame, title: str = "Accuracy by template styl
     """Grouped bars: accuracy per operator for each style; ``acc`` one row per (shots, style, operator)."""
     return alt.Chart(acc).mark_bar().encode(
         x=alt.X("style:N", title=None, axis=alt.Axis(labelAngle=-30)),
-        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
         color=alt.Color("style:N", legend=None),
         column=alt.Column("operator:N", sort=["+", "-", "*", "/"]),
         row=alt.Row("shots:O", title="shots"),
@@ -103,11 +103,12 @@ METRIC_TITLES = {
 }
 
 
-def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "") -> alt.Chart:
+def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "", independent: bool = False) -> alt.Chart:
     """Layer × head heat map of mean effects (diverging around 0) with CI tooltips.
 
     ``summary``: rows from :func:`arithlens.metrics.summarize_effects` for one metric (and one mode
-    unless ``facet`` is ``"mode"``); ``facet`` splits panels by a column (e.g. ``"operator"``).
+    unless ``facet`` is ``"mode"``); ``facet`` splits panels by a column (e.g. ``"operator"``), with
+    one colour scale per panel when ``independent`` (for panels in different units).
     """
     lim = float(max(summary["mean"].abs().max(), 1e-9))
     chart = alt.Chart(summary).mark_rect().encode(
@@ -121,6 +122,8 @@ def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "
     ).properties(width=120 if facet else 200, height=300)
     if facet:
         chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
+        if independent:
+            chart = chart.resolve_scale(color="independent")
     return chart.properties(title=title)
 
 
@@ -133,9 +136,9 @@ def knockout_chart(curve: pd.DataFrame, title: str = "Accuracy with heads mean-a
         x=alt.X("k:Q", title="heads ablated (k)", axis=alt.Axis(tickMinStep=1)),
         color=alt.Color("condition:N", title=None, scale=alt.Scale(domain=["top", "random"], range=["#d62728", "#7f7f7f"])),
     )
-    band = base.mark_area(opacity=0.25).encode(y="low:Q", y2="high:Q")
+    band = base.mark_area(opacity=0.25).encode(y=alt.Y("low:Q", title="accuracy"), y2="high:Q")
     line = base.mark_line(point=True).encode(
-        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
         tooltip=["positions", "condition", "k", alt.Tooltip("accuracy:Q", format=".1%"),
                  alt.Tooltip("low:Q", format=".1%"), alt.Tooltip("high:Q", format=".1%"), "seeds"],
     )

@@ -111,10 +111,13 @@ def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "
     one colour scale per panel when ``independent`` (for panels in different units).
     """
     lim = float(max(summary["mean"].abs().max(), 1e-9))
+    # one symmetric scale for a single panel; per-panel scales centred on 0 when independent
+    scale = alt.Scale(scheme="redblue", domainMid=0) if independent else alt.Scale(scheme="redblue", domain=[-lim, lim])
+    legend = alt.Legend(orient="bottom", direction="horizontal", gradientLength=100) if independent else alt.Legend()
     chart = alt.Chart(summary).mark_rect().encode(
         x=alt.X("head:O", title="head"),
         y=alt.Y("layer:O", title="layer", sort="descending"),
-        color=alt.Color("mean:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim]), title="mean effect"),
+        color=alt.Color("mean:Q", scale=scale, title="mean effect", legend=legend),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("head:O"), alt.Tooltip("mean:Q", format=".4f"),
                  alt.Tooltip("ci_low:Q", format=".4f", title="95% CI low"),
                  alt.Tooltip("ci_high:Q", format=".4f", title="95% CI high"), "n"]

@@ -199,7 +199,7 @@ def _head_deltas(model, cache: EndCache) -> Float[Tensor, "batch layer head d_mo
 
 
 @torch.no_grad()
-def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool = True, chunk: int = 64) -> list[EndScores]:
+def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool = True, chunk: int = 32) -> list[EndScores]:
     """Direct effect of every head for each cache: scores of shape [batch, layer*head] per cache.
 
     With the final norm's scale frozen, a head's change to the logits is linear in its ``hook_z``

@@ -29,6 +29,10 @@ from arithlens.models import load_model  # noqa: E402
 from arithlens.prompts import PromptConfig, group_by_length, make_prompts, to_tokens  # noqa: E402
 
 
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -59,7 +63,7 @@ def main() -> None:
     _, t_clean = timed(lambda: forwards("clean"))
     _, t_cf = timed(lambda: forwards("counterfactual"))
     two = t_clean + t_cf
-    print(f"two plain forward passes: {two:.1f} s")
+    print(f"two plain forward passes: {two:.1f} s (peak RSS so far {peak_gb():.2f} GB)")
 
     caches, t_cache = timed(lambda: patching.cache_prompt_set(model, prompts))
     results = {}
@@ -68,20 +72,20 @@ def main() -> None:
             _, t = timed(lambda: patching.sweep_many(model, caches, mode, digits, with_prob))
             results[(mode, with_prob)] = t_cache + t
             print(f"{mode:6s} sweep ({'all metrics' if with_prob else 'logit + logit diff only'}): cache {t_cache:.1f} s + "
-                  f"sweep {t:.1f} s")
+                  f"sweep {t:.1f} s (peak RSS so far {peak_gb():.2f} GB)")
 
     heads = [patching.Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
     step = max(1, len(heads) // args.ref_heads)
     sample = heads[::step][: args.ref_heads]
     _, t_ref = timed(lambda: [patching.reference_effect(model, c, h, "path", digits) for c in caches for h in sample])
     t_ref_all = t_ref / len(sample) * len(heads)
-    print(f"reference loop: {t_ref:.1f} s for {len(sample)} heads → {t_ref_all:.0f} s for all {len(heads)} (scaled)")
+    print(f"reference loop: {t_ref:.1f} s for {len(sample)} heads → {t_ref_all:.0f} s for all {len(heads)} (scaled; "
+          f"peak RSS so far {peak_gb():.2f} GB)")
 
     means = knockout.mean_z(model, prompts, "end")
     evaluator = knockout.KnockoutEvaluator(model, prompts, means, "end")
     evaluator.accuracy(heads[:10])  # warm-up
     _, t_ko = timed(lambda: evaluator.accuracy(heads[:10]))
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
     print(f"ratio direct_sweep/two_forwards = {results[('direct', True)] / two:.2f} (target <= 1.3; "
           f"without p(answer): {results[('direct', False)] / two:.2f})")
@@ -89,7 +93,7 @@ def main() -> None:
           f"without p(answer): {results[('path', False)] / two:.2f})")
     print(f"ratio reference_loop/fast_path_sweep = {t_ref_all / results[('path', True)]:.0f} (expect >= 50)")
     print(f"ratio end_only_knockout/one_forward = {t_ko / t_clean:.3f} (target <= 0.1)")
-    print(f"peak RSS {peak_gb:.2f} GB (target <= 2.5)")
+    print(f"peak RSS {peak_gb():.2f} GB (target <= 2.5)")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ METRIC_TITLES = {
 }
 
 
+#: Short names for panel titles.
+METRIC_SHORT = {"rel_logit": "relative logit change", "d_prob": "Δ p(answer)", "d_logit_diff": "Δ logit difference"}
+
+
 def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "", independent: bool = False) -> alt.Chart:
     """Layer × head heat map of mean effects (diverging around 0) with CI tooltips.
 
@@ -113,7 +117,8 @@ def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "
     lim = float(max(summary["mean"].abs().max(), 1e-9))
     # one symmetric scale for a single panel; per-panel scales centred on 0 when independent
     scale = alt.Scale(scheme="redblue", domainMid=0) if independent else alt.Scale(scheme="redblue", domain=[-lim, lim])
-    legend = alt.Legend(orient="bottom", direction="horizontal", gradientLength=100) if independent else alt.Legend()
+    legend = (alt.Legend(orient="bottom", direction="horizontal", gradientLength=100, offset=30)
+              if independent else alt.Legend())
     chart = alt.Chart(summary).mark_rect().encode(
         x=alt.X("head:O", title="head"),
         y=alt.Y("layer:O", title="layer", sort="descending"),

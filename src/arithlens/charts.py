@@ -117,7 +117,7 @@ def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "
     lim = float(max(summary["mean"].abs().max(), 1e-9))
     # one symmetric scale for a single panel; per-panel scales centred on 0 when independent
     scale = alt.Scale(scheme="redblue", domainMid=0) if independent else alt.Scale(scheme="redblue", domain=[-lim, lim])
-    legend = (alt.Legend(orient="bottom", direction="horizontal", gradientLength=100, offset=30)
+    legend = (alt.Legend(orient="bottom", direction="horizontal", gradientLength=100, offset=50)
               if independent else alt.Legend())
     chart = alt.Chart(summary).mark_rect().encode(
         x=alt.X("head:O", title="head"),

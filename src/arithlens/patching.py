@@ -63,6 +63,7 @@ class EndCache:
     z_cf: Float[Tensor, "batch layer head d_head"]
     resid_mid: Float[Tensor, "batch layer d_model"]
     mlp_out: Float[Tensor, "batch layer d_model"]
+    mlp_out_cf: Float[Tensor, "batch layer d_model"]
     resid_final: Float[Tensor, "batch d_model"]
     final_scale: Float[Tensor, "batch 1"]
     clean_logits: Float[Tensor, "batch d_vocab"]
@@ -124,8 +125,8 @@ def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
     logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
     if kv is not None:
         kv.crop(-(tokens.shape[1] - keep))
-    z_name = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
-    _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in z_name)
+    cf_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in cf_names)
     end = lambda cache, fmt: torch.stack([cache[fmt.format(l)][:, -1] for l in range(n_layers)], 1).float()
     return EndCache(
         index=np.asarray(index if index is not None else range(len(items))),
@@ -135,6 +136,7 @@ def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
         z_cf=end(counter, "blocks.{}.attn.hook_z"),
         resid_mid=end(clean, "blocks.{}.hook_resid_mid"),
         mlp_out=end(clean, "blocks.{}.hook_mlp_out"),
+        mlp_out_cf=end(counter, "blocks.{}.hook_mlp_out"),
         resid_final=clean[f"blocks.{n_layers - 1}.hook_resid_post"][:, -1].float(),
         final_scale=clean["ln_final.hook_scale"][:, -1].float(),
         clean_logits=logits[:, -1].float(),

@@ -1,0 +1,104 @@
+"""MLP tracing at END: per-layer MLP direct effects, unembedding cosines, and the logit lens.
+
+Science wing (paper § "MLP tracing"). Builds on :mod:`arithlens.patching`'s cached runs:
+
+* :func:`mlp_direct_effects` — each layer's MLP output at END takes its counterfactual value while
+  every head and every other MLP keeps its clean value and the final norm's scale is frozen (the
+  paper's "all else frozen" metric, as for heads). Linear algebra on the caches; checked against
+  :func:`reference_mlp_effect`, one hooked forward pass per layer.
+* :func:`unembed_cosines` — cos(MLP input, W_U[A]), cos(MLP input, W_U[B]) and cos(MLP update,
+  W_U[C]) at END across layers (MLP input = ``resid_mid``, update = ``mlp_out``).
+* :func:`logit_lens` — the residual stream after each layer through the final norm and unembedding:
+  rank and logit of chosen tokens per layer.
+
+Written by hand on TransformerLens caches; the norm and unembedding are the model's own modules.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from arithlens.patching import EndCache, EndScores, _full_scores, _scores_from_columns
+from arithlens.prompts import PromptItem, to_tokens
+
+
+@torch.no_grad()
+def mlp_direct_effects(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """Direct effect of each layer's MLP at END: scores [batch, layer] (final-norm scale frozen)."""
+    norm_w = model.bridge.ln_final.original_component.weight.float()
+    W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
+    delta = (cache.mlp_out_cf - cache.mlp_out) / cache.final_scale[:, :, None] * norm_w  # [batch, layer, d_model]
+    digits = digits.to(delta.device)
+    cols = torch.cat([cache.answers[:, None], digits[None].expand(len(cache.answers), -1)], 1)
+    picked = cache.clean_logits.gather(1, cols)[:, None] + torch.einsum("bld,bkd->blk", delta, W_U[cols])
+    mask = (digits[None] == cache.answers[:, None])[:, None].expand(-1, delta.shape[1], -1)
+    lse = torch.logsumexp(cache.clean_logits[:, None] + delta @ W_U.T, -1) if with_prob else None
+    return _scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
+
+
+@torch.no_grad()
+def reference_mlp_effect(model, cache: EndCache, layer: int, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """One hooked forward pass: MLP ``layer`` patched at END, later heads/MLPs and the final scale frozen."""
+    def set_end(value):
+        def hook(act, hook=None):
+            act = act.clone()
+            act[:, -1] = value.to(act.dtype)
+            return act
+        return hook
+
+    n = model.n_layers
+    hooks = [(f"blocks.{layer}.hook_mlp_out", set_end(cache.mlp_out_cf[:, layer]))]
+    hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
+    hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(layer + 1, n)]
+    hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
+    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
+    return _full_scores(logits, cache.answers, digits.to(logits.device), with_prob)
+
+
+def _cos(x: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(x, y, dim=-1)
+
+
+@torch.no_grad()
+def unembed_cosines(model, cache: EndCache, items: list[PromptItem]) -> pd.DataFrame:
+    """Per prompt and layer: cos(resid_mid, W_U[A]), cos(resid_mid, W_U[B]), cos(mlp_out, W_U[C]).
+
+    A, B and C are the tokens of the operands' and the answer's last digit as they follow a space-free
+    prefix (the answer token is the one the model must produce).
+    """
+    W_U = model.bridge.unembed.original_component.weight.float()
+    tok = lambda it, pos: it.clean_tokens[pos]
+    a = W_U[torch.tensor([tok(it, it.a_pos) for it in items])][:, None]  # [batch, 1, d_model]
+    b = W_U[torch.tensor([tok(it, it.b_pos) for it in items])][:, None]
+    c = W_U[cache.answers][:, None]
+    rows = {"cos_input_A": _cos(cache.resid_mid, a), "cos_input_B": _cos(cache.resid_mid, b),
+            "cos_update_C": _cos(cache.mlp_out, c)}
+    B, L = cache.resid_mid.shape[:2]
+    return pd.DataFrame({"prompt": cache.index.repeat(L), "layer": list(range(L)) * B,
+                         **{k: v.cpu().numpy().ravel() for k, v in rows.items()}})
+
+
+@torch.no_grad()
+def logit_lens(model, items: list[PromptItem], tokens: dict[str, list[int]]) -> pd.DataFrame:
+    """Rank (0 = top) and logit of named tokens at END after every layer, through the final norm.
+
+    ``items`` must tokenize to one length; ``tokens`` maps a label (e.g. ``"answer"``) to one token
+    id per item. One row per (item, layer, label); layer ``n_layers - 1`` equals the model's output.
+    """
+    names = [f"blocks.{l}.hook_resid_post" for l in range(model.n_layers)]
+    batch = to_tokens(items).to(model.device)
+    _, cache = model.bridge.run_with_cache(batch, names_filter=lambda n: n in names)
+    norm, unembed = model.bridge.ln_final.original_component, model.bridge.unembed.original_component
+    rows = []
+    for layer, name in enumerate(names):
+        logits = unembed(norm(cache[name][:, -1])).float()  # [batch, d_vocab]
+        for label, ids in tokens.items():
+            ids_t = torch.tensor(ids, device=logits.device)
+            chosen = logits.gather(1, ids_t[:, None])[:, 0]
+            ranks = (logits > chosen[:, None]).sum(-1)
+            for i in range(len(items)):
+                rows.append({"item": i, "layer": layer, "label": label, "token": int(ids[i]),
+                             "rank": int(ranks[i]), "logit": float(chosen[i])})
+    return pd.DataFrame(rows)

@@ -43,3 +43,23 @@ def test_k_larger_than_heads_is_a_clear_error(isolated_runs):
     with pytest.raises(RunError, match="k=9 is larger than the number of heads \\(8\\)"):
         run_chapter("01_heads", "tiny", [p for p in HEADS_TINY if not p.startswith("top_k")] + ["top_k=9"],
                     log=lambda m: None)
+
+
+MLP_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_boot=50", "key_heads_top_k=3",
+            "min_correct=1", "lens_cases=[[4, '+', 3]]"]
+
+
+@pytest.mark.slow
+def test_mlp_chapter_computes_key_heads_without_chapter1(isolated_runs):
+    run = run_chapter("02_mlp", "tiny", MLP_TINY, log=lambda m: None)
+    assert "computed here (no chapter-1 run of this model)" in _markdown_outputs(run)
+    assert {"mlp_effects.parquet", "heads_to_mlp.parquet", "cosines.parquet", "logit_lens_cases.parquet"} <= set(run.manifest["tables"])
+    lens = run.table("logit_lens_cases")
+    assert set(lens["label"]) >= {"A", "B", "answer"} and lens["layer"].max() == 1
+
+
+@pytest.mark.slow
+def test_mlp_chapter_reads_key_heads_from_chapter1(isolated_runs):
+    first = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
+    run = run_chapter("02_mlp", "tiny", MLP_TINY, log=lambda m: None)
+    assert f"from chapter 1's run `{first.path.name}`" in _markdown_outputs(run)

@@ -60,3 +60,23 @@ def test_unembed_cosines_shape_and_range(tiny, batch):
     cos = mlp.unembed_cosines(tiny, cache, list(ps.items))
     assert len(cos) == len(ps) * tiny.n_layers
     assert cos[["cos_input_A", "cos_input_B", "cos_update_C"]].abs().le(1 + 1e-6).all().all()
+
+
+def test_heads_to_mlp_equal_reference(tiny, batch):
+    _, cache = batch
+    digits = P.digit_tokens(tiny.tokenizer)
+    senders = [P.Head(0, 1), P.Head(0, 3), P.Head(1, 2)]
+    fast = mlp.heads_to_mlp_effects(tiny, cache, senders, digits)
+    scale = float(cache.clean_logits.abs().max())
+    for layer in range(tiny.n_layers):
+        ref = mlp.reference_heads_to_mlp(tiny, cache, senders, layer, digits)
+        for name in ("logit", "logprob", "logit_diff"):
+            torch.testing.assert_close(getattr(fast, name)[:, layer], getattr(ref, name), rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_detect_layers_rule():
+    import pandas as pd
+
+    profile = pd.DataFrame({"operands": [0.0, 0.01, 0.0, 0.05, 0.2, 0.3, 0.1, 0.0],
+                            "answer": [0, 0, 0, 0, 0.1, 0.2, 0.4, 0.3]})
+    assert mlp.detect_layers(profile) == {"start": 4, "inflection": 5, "end": 6}

@@ -102,3 +102,91 @@ def logit_lens(model, items: list[PromptItem], tokens: dict[str, list[int]]) -> 
                 rows.append({"item": i, "layer": layer, "label": label, "token": int(ids[i]),
                              "rank": int(ranks[i]), "logit": float(chosen[i])})
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def heads_to_mlp_effects(model, cache: EndCache, senders, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """Sender heads' effect routed through each MLP layer: scores [batch, layer].
+
+    For receiver layer l, MLP l's input at END becomes the clean ``resid_mid`` plus the senders'
+    counterfactual changes from layers ≤ l; MLP l is recomputed and only its output change reaches the
+    logits (every other head and MLP at END frozen, final-norm scale frozen). Cached activations only:
+    one MLP evaluation per layer.
+    """
+    from arithlens.patching import _head_deltas
+
+    W_U = model.bridge.unembed.original_component.weight.float()
+    norm_w = model.bridge.ln_final.original_component.weight.float()
+    deltas = _head_deltas(model, cache)  # [batch, layer, head, d_model]
+    mask = torch.zeros(model.n_layers, model.n_heads, device=deltas.device)
+    for h in senders:
+        mask[h.layer, h.head] = 1.0
+    per_layer = (deltas * mask[None, :, :, None]).sum(2).cumsum(1)  # senders' change entering each resid_mid
+    changes = []
+    for layer in range(model.n_layers):
+        block = model.bridge.blocks[layer]
+        x = cache.resid_mid[:, layer] + per_layer[:, layer]
+        new = block.mlp.original_component(block.ln2.original_component(x)).float()
+        changes.append(new - cache.mlp_out[:, layer])
+    delta = torch.stack(changes, 1) / cache.final_scale[:, :, None] * norm_w  # [batch, layer, d_model]
+    digits = digits.to(delta.device)
+    cols = torch.cat([cache.answers[:, None], digits[None].expand(len(cache.answers), -1)], 1)
+    picked = cache.clean_logits.gather(1, cols)[:, None] + torch.einsum("bld,bkd->blk", delta, W_U[cols])
+    dmask = (digits[None] == cache.answers[:, None])[:, None].expand(-1, delta.shape[1], -1)
+    lse = torch.logsumexp(cache.clean_logits[:, None] + delta @ W_U.T, -1) if with_prob else None
+    return _scores_from_columns(picked[..., 0], picked[..., 1:], dmask, lse)
+
+
+@torch.no_grad()
+def reference_heads_to_mlp(model, cache: EndCache, senders, layer: int, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """Plain reference for one receiver: two hooked forward passes.
+
+    Pass 1 patches the senders at END and freezes every other head and every MLP at END, and records
+    the input of MLP ``layer``. Pass 2 is clean, feeds that input to MLP ``layer`` only (``ln2.hook_in``),
+    and freezes later heads, other MLPs and the final-norm scale at END.
+    """
+    n = model.n_layers
+    sender_layers = {}
+    for h in senders:
+        sender_layers.setdefault(h.layer, []).append(h.head)
+
+    def set_end(value, heads=None, keep=None):
+        def hook(act, hook=None):
+            act = act.clone()
+            act[:, -1] = value.to(act.dtype)
+            if heads is not None:  # senders take their counterfactual value
+                act[:, -1, heads] = cache.z_cf[:, keep, heads].to(act.dtype)
+            return act
+        return hook
+
+    recorded = {}
+
+    def record(act, hook=None):
+        recorded["x"] = act[:, -1].clone()
+        return act
+
+    hooks = [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l], sender_layers.get(l), l)) for l in range(n)]
+    hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(n)]
+    hooks += [(f"blocks.{layer}.ln2.hook_in", record)]
+    model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)
+    hooks = [(f"blocks.{layer}.ln2.hook_in", set_end(recorded["x"]))]
+    hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
+    hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
+    hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
+    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
+    return _full_scores(logits, cache.answers, digits.to(logits.device), with_prob)
+
+
+def detect_layers(profile: pd.DataFrame, rise: float = 0.2) -> dict[str, int]:
+    """Start / inflection / end layers from mean cosine profiles (the stated rule).
+
+    ``profile``: one row per layer with ``operands`` (mean of cos(input, W_U[A]) and cos(input, W_U[B]))
+    and ``answer`` (cos(update, W_U[C])). *inflection* = the layer where the operand cosine peaks; *start*
+    = the first layer at or before it whose operand cosine has risen ``rise`` of the way from its
+    minimum before the peak to the peak; *end* = the layer where the answer cosine peaks.
+    """
+    ops = profile["operands"].to_numpy()
+    peak = int(ops.argmax())
+    low = ops[: peak + 1].min()
+    start = int(next(i for i in range(peak + 1) if ops[i] >= low + rise * (ops[peak] - low)))
+    return {"start": start, "inflection": peak, "end": int(profile["answer"].to_numpy().argmax())}

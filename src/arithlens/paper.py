@@ -28,3 +28,12 @@ HEADS = {
     "knockout, 10 random heads": "accuracy 100 % → 98.0 %",
     "head roles": "operand heads 13.11, 12.22, 15.15; operator heads 14.2, 11.8",
 }
+
+#: Paper § "MLP tracing" (LLaMA2-7B unless noted).
+MLP = {
+    "MLPs before the head band": "layers 0–16: almost no direct effect",
+    "later MLPs": "from layer 17: about ±10 % each",
+    "start–inflection–end layers": "13–18–28 (LLaMA2-7B), 13–18–35 (13B), 13–20–28 (Mistral-7B)",
+    "as fraction of depth": "0.41–0.56–0.88 (LLaMA2-7B)",
+    "logit lens": "4+3=: operands promoted first (layers 17, 19), answer emerges 22–27",
+}

@@ -366,3 +366,21 @@ def tokenization_table(tokenizer, prompts: PromptSet, per_template: int = 1) -> 
                      "query": it.clean.rsplit("\n", 1)[-1], "counterfactual": it.counterfactual.rsplit("\n", 1)[-1],
                      "answer": it.answer, "query tokens": shown, "prompt length": len(it.clean_tokens)})
     return pd.DataFrame(rows)
+
+
+def make_item(tokenizer, template: str, operator: str, a: int, b: int, shots: int = 0, seed: int = 0) -> PromptItem:
+    """One specific prompt (e.g. ``4 + 3``) with seeded few-shot demonstrations, or a ValueError."""
+    if template not in TEMPLATES or operator not in OPERATORS:
+        raise ValueError(f"unknown template {template!r} or operator {operator!r}")
+    tpl, op = TEMPLATES[template], OPERATORS[operator]
+    c = op.apply(a, b)
+    if c is None:
+        raise ValueError(f"{a} {operator} {b} has no natural-number answer")
+    rng = random.Random(f"{seed}|{operator}|{template}|{a}|{b}")
+    pool = [p for p in operand_pairs(op, 1, 9) if p != (a, b, c)
+            and _single_token_answer(tokenizer, tpl.render(p[0], op.render(tpl.form), p[1]), p[2])]
+    prefix = _few_shot_prefix(tpl, op, pool, shots, rng) if shots else ""
+    item, reason = _build_item(tokenizer, tpl, op, a, b, c, prefix, rng)
+    if item is None:
+        raise ValueError(f"cannot build {a} {operator} {b} in {template}: {reason}")
+    return item

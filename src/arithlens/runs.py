@@ -290,3 +290,13 @@ def load_table(run_dir: str | Path, name: str) -> pd.DataFrame:
 def parameter_table(**params: Any) -> pd.DataFrame:
     """The run configuration as a two-column table (what the book shows instead of raw code)."""
     return pd.DataFrame({"parameter": list(params), "value": [str(v) for v in params.values()]})
+
+
+def latest_run(chapter: str, model: str) -> RunResult | None:
+    """The most recent finished run of ``chapter`` on ``model`` (any parameters), or None."""
+    folder = runs_root() / chapter / _model_dirname(model)
+    finished = [p for p in folder.glob("*/manifest.json") if not p.parent.name.endswith(".failed")] if folder.is_dir() else []
+    if not finished:
+        return None
+    newest = max(finished, key=lambda p: p.stat().st_mtime)
+    return RunResult(newest.parent, json.loads(newest.read_text()), True)

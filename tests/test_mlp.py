@@ -80,3 +80,5 @@ def test_detect_layers_rule():
     profile = pd.DataFrame({"operands": [0.0, 0.01, 0.0, 0.05, 0.2, 0.3, 0.1, 0.0],
                             "answer": [0, 0, 0, 0, 0.1, 0.2, 0.4, 0.3]})
     assert mlp.detect_layers(profile) == {"start": 4, "inflection": 5, "end": 6}
+    early_bump = pd.DataFrame({"operands": [0.2, 0.0, -0.1, 0.1, 0.3, 0.2], "answer": [0, 0, 0, 0, 0.1, 0.3]})
+    assert mlp.detect_layers(early_bump) == {"start": 3, "inflection": 4, "end": 5}

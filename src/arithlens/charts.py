@@ -173,13 +173,13 @@ def layer_effects_chart(summary: pd.DataFrame, title: str = "") -> alt.Chart:
     optionally a ``series`` column for several lines."""
     data = summary if "series" in summary else summary.assign(series="effect")
     base = alt.Chart(data).encode(x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
-                                  color=alt.Color("series:N", title=None))
+                                  color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1)))
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("ci_low:Q", title="mean effect"), y2="ci_high:Q")
     line = base.mark_line(point=True).encode(
         y="mean:Q", tooltip=["series", "layer", alt.Tooltip("mean:Q", format=".4f"),
                              alt.Tooltip("ci_low:Q", format=".4f"), alt.Tooltip("ci_high:Q", format=".4f")])
     zero = alt.Chart(pd.DataFrame({"y": [0]})).mark_rule(color="#999").encode(y="y:Q")
-    return (band + line + zero).properties(width=520, height=220, title=title)
+    return (band + line + zero).properties(width=500, height=220, title=title)
 
 
 def logit_lens_chart(lens: pd.DataFrame, title: str = "Logit lens: rank of each token by layer") -> alt.Chart:
@@ -188,6 +188,6 @@ def logit_lens_chart(lens: pd.DataFrame, title: str = "Logit lens: rank of each 
     return alt.Chart(data).mark_line(point=True).encode(
         x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("rank1:Q", scale=alt.Scale(type="log", reverse=True), title="rank (1 = top)"),
-        color=alt.Color("label:N", title=None),
+        color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom")),
         tooltip=["case", "label", "layer", alt.Tooltip("rank1:Q", title="rank"), alt.Tooltip("logit:Q", format=".2f")],
     ).properties(width=240, height=170).facet(facet=alt.Facet("case:N", title=None), columns=2).properties(title=title)

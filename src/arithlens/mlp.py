@@ -183,10 +183,12 @@ def detect_layers(profile: pd.DataFrame, rise: float = 0.2) -> dict[str, int]:
     ``profile``: one row per layer with ``operands`` (mean of cos(input, W_U[A]) and cos(input, W_U[B]))
     and ``answer`` (cos(update, W_U[C])). *inflection* = the layer where the operand cosine peaks; *start*
     = the first layer at or before it whose operand cosine has risen ``rise`` of the way from its
-    minimum before the peak to the peak; *end* = the layer where the answer cosine peaks.
+    minimum before the peak to the peak, counted from that minimum (an early bump, e.g. the embedding
+    itself at layer 0, is not a start); *end* = the layer where the answer cosine peaks.
     """
     ops = profile["operands"].to_numpy()
     peak = int(ops.argmax())
-    low = ops[: peak + 1].min()
-    start = int(next(i for i in range(peak + 1) if ops[i] >= low + rise * (ops[peak] - low)))
+    trough = int(ops[: peak + 1].argmin())
+    low = ops[trough]
+    start = int(next(i for i in range(trough, peak + 1) if ops[i] >= low + rise * (ops[peak] - low)))
     return {"start": start, "inflection": peak, "end": int(profile["answer"].to_numpy().argmax())}

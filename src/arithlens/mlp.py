@@ -24,18 +24,23 @@ from arithlens.patching import EndCache, EndScores, _full_scores, _scores_from_c
 from arithlens.prompts import PromptItem, to_tokens
 
 
-@torch.no_grad()
-def mlp_direct_effects(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
-    """Direct effect of each layer's MLP at END: scores [batch, layer] (final-norm scale frozen)."""
+def _frozen_scale_scores(model, cache: EndCache, change: Tensor, digits: Tensor, with_prob: bool) -> EndScores:
+    """Scores when ``change`` [batch, n, d_model] is added to the final residual, final-norm scale frozen."""
     norm_w = model.bridge.ln_final.original_component.weight.float()
     W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
-    delta = (cache.mlp_out_cf - cache.mlp_out) / cache.final_scale[:, :, None] * norm_w  # [batch, layer, d_model]
+    delta = change / cache.final_scale[:, :, None] * norm_w
     digits = digits.to(delta.device)
     cols = torch.cat([cache.answers[:, None], digits[None].expand(len(cache.answers), -1)], 1)
     picked = cache.clean_logits.gather(1, cols)[:, None] + torch.einsum("bld,bkd->blk", delta, W_U[cols])
     mask = (digits[None] == cache.answers[:, None])[:, None].expand(-1, delta.shape[1], -1)
     lse = torch.logsumexp(cache.clean_logits[:, None] + delta @ W_U.T, -1) if with_prob else None
     return _scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
+
+
+@torch.no_grad()
+def mlp_direct_effects(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
+    """Direct effect of each layer's MLP at END: scores [batch, layer] (final-norm scale frozen)."""
+    return _frozen_scale_scores(model, cache, cache.mlp_out_cf - cache.mlp_out, digits, with_prob)
 
 
 @torch.no_grad()
@@ -115,8 +120,6 @@ def heads_to_mlp_effects(model, cache: EndCache, senders, digits: Tensor, with_p
     """
     from arithlens.patching import _head_deltas
 
-    W_U = model.bridge.unembed.original_component.weight.float()
-    norm_w = model.bridge.ln_final.original_component.weight.float()
     deltas = _head_deltas(model, cache)  # [batch, layer, head, d_model]
     mask = torch.zeros(model.n_layers, model.n_heads, device=deltas.device)
     for h in senders:
@@ -128,13 +131,7 @@ def heads_to_mlp_effects(model, cache: EndCache, senders, digits: Tensor, with_p
         x = cache.resid_mid[:, layer] + per_layer[:, layer]
         new = block.mlp.original_component(block.ln2.original_component(x)).float()
         changes.append(new - cache.mlp_out[:, layer])
-    delta = torch.stack(changes, 1) / cache.final_scale[:, :, None] * norm_w  # [batch, layer, d_model]
-    digits = digits.to(delta.device)
-    cols = torch.cat([cache.answers[:, None], digits[None].expand(len(cache.answers), -1)], 1)
-    picked = cache.clean_logits.gather(1, cols)[:, None] + torch.einsum("bld,bkd->blk", delta, W_U[cols])
-    dmask = (digits[None] == cache.answers[:, None])[:, None].expand(-1, delta.shape[1], -1)
-    lse = torch.logsumexp(cache.clean_logits[:, None] + delta @ W_U.T, -1) if with_prob else None
-    return _scores_from_columns(picked[..., 0], picked[..., 1:], dmask, lse)
+    return _frozen_scale_scores(model, cache, torch.stack(changes, 1), digits, with_prob)
 
 
 @torch.no_grad()

@@ -121,6 +121,20 @@ def knockout_curve(evaluator: KnockoutEvaluator, ranking: list[Head], k_values, 
     return pd.DataFrame(rows).assign(positions=evaluator.positions, n_prompts=len(evaluator.prompts))
 
 
+def summarize_curve(curve: pd.DataFrame) -> pd.DataFrame:
+    """One row per ablation site at its largest k: accuracy without ablation, with the top-k heads,
+    and with k random heads (mean, min and max over seeds)."""
+    rows = []
+    for pos, part in curve.groupby("positions", sort=False):
+        kmax = int(part["k"].max())
+        rnd = part[(part["condition"] == "random") & (part["k"] == kmax)]["accuracy"]
+        rows.append({"ablated at": pos, "k": kmax,
+                     "no ablation": part[part["condition"] == "none"]["accuracy"].mean(),
+                     "top-k": part[(part["condition"] == "top") & (part["k"] == kmax)]["accuracy"].mean(),
+                     "random-k (mean)": rnd.mean(), "random-k (min)": rnd.min(), "random-k (max)": rnd.max()})
+    return pd.DataFrame(rows)
+
+
 @torch.no_grad()
 def end_attention(model, prompts: PromptSet, heads: list[Head], batch_size: int = 32) -> pd.DataFrame:
     """END-token attention of each head onto operand A, operand B, the operator and everything else.

@@ -16,11 +16,13 @@ Written by hand on TransformerLens caches; the norm and unembedding are the mode
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from arithlens.patching import EndCache, EndScores, _full_scores, _scores_from_columns
+from arithlens.patching import (EndCache, EndScores, clean_scores, digit_tokens, effects_table, scores_from_columns,
+                                scores_from_logits, set_at_end)
 from arithlens.prompts import PromptItem, to_tokens
 
 
@@ -34,7 +36,7 @@ def _frozen_scale_scores(model, cache: EndCache, change: Tensor, digits: Tensor,
     picked = cache.clean_logits.gather(1, cols)[:, None] + torch.einsum("bld,bkd->blk", delta, W_U[cols])
     mask = (digits[None] == cache.answers[:, None])[:, None].expand(-1, delta.shape[1], -1)
     lse = torch.logsumexp(cache.clean_logits[:, None] + delta @ W_U.T, -1) if with_prob else None
-    return _scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
+    return scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
 
 
 @torch.no_grad()
@@ -46,20 +48,27 @@ def mlp_direct_effects(model, cache: EndCache, digits: Tensor, with_prob: bool =
 @torch.no_grad()
 def reference_mlp_effect(model, cache: EndCache, layer: int, digits: Tensor, with_prob: bool = True) -> EndScores:
     """One hooked forward pass: MLP ``layer`` patched at END, later heads/MLPs and the final scale frozen."""
-    def set_end(value):
-        def hook(act, hook=None):
-            act = act.clone()
-            act[:, -1] = value.to(act.dtype)
-            return act
-        return hook
-
-    n = model.n_layers
+    set_end, n = set_at_end, model.n_layers
     hooks = [(f"blocks.{layer}.hook_mlp_out", set_end(cache.mlp_out_cf[:, layer]))]
     hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
     hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(layer + 1, n)]
     hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
     logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
-    return _full_scores(logits, cache.answers, digits.to(logits.device), with_prob)
+    return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
+
+
+def patch_mlps(model, caches: list[EndCache], senders=None) -> pd.DataFrame:
+    """Per-prompt, per-layer effects (:func:`arithlens.patching.effects_table`): each MLP's direct
+    effect, or with ``senders`` (heads) their effect routed through each MLP."""
+    digits = digit_tokens(model.tokenizer)
+    units = {"layer": np.arange(model.n_layers)}
+    frames = []
+    for cache in caches:
+        patched = (mlp_direct_effects(model, cache, digits) if senders is None
+                   else heads_to_mlp_effects(model, cache, senders, digits))
+        frames.append(effects_table(cache, patched, clean_scores(model, cache, digits), units,
+                                    mode="direct" if senders is None else "heads→mlp"))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _cos(x: Tensor, y: Tensor) -> Tensor:
@@ -147,22 +156,20 @@ def reference_heads_to_mlp(model, cache: EndCache, senders, layer: int, digits: 
     for h in senders:
         sender_layers.setdefault(h.layer, []).append(h.head)
 
-    def set_end(value, heads=None, keep=None):
-        def hook(act, hook=None):
-            act = act.clone()
-            act[:, -1] = value.to(act.dtype)
-            if heads is not None:  # senders take their counterfactual value
-                act[:, -1, heads] = cache.z_cf[:, keep, heads].to(act.dtype)
-            return act
-        return hook
+    def z_end(l):  # every head at END clean, except the senders, which take their counterfactual value
+        value = cache.z_clean[:, l].clone()
+        heads = sender_layers.get(l, [])
+        value[:, heads] = cache.z_cf[:, l, heads]
+        return value
 
+    set_end = set_at_end
     recorded = {}
 
     def record(act, hook=None):
         recorded["x"] = act[:, -1].clone()
         return act
 
-    hooks = [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l], sender_layers.get(l), l)) for l in range(n)]
+    hooks = [(f"blocks.{l}.attn.hook_z", set_end(z_end(l))) for l in range(n)]
     hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(n)]
     hooks += [(f"blocks.{layer}.ln2.hook_in", record)]
     model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)
@@ -171,7 +178,7 @@ def reference_heads_to_mlp(model, cache: EndCache, senders, layer: int, digits: 
     hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
     hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
     logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
-    return _full_scores(logits, cache.answers, digits.to(logits.device), with_prob)
+    return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 
 def detect_layers(profile: pd.DataFrame, rise: float = 0.2) -> dict[str, int]:

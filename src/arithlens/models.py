@@ -279,9 +279,8 @@ def load_model(
             raise ModelSpecError(f"could not load {spec!r}: {str(exc).splitlines()[0]}") from exc
         if not hf_model.config.architectures:
             hf_model.config.architectures = [type(hf_model).__name__]
-    hf_model = hf_model.to(dt) if device_map is None else hf_model
-    if device_map is None:
-        hf_model = hf_model.to(dev)
+    if device_map is None:  # with a device_map, accelerate has placed the weights already
+        hf_model = hf_model.to(device=dev, dtype=dt)
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=None if device_map else dev, dtype=dt,

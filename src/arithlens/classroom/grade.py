@@ -1,0 +1,240 @@
+"""Grade a submitted exercise notebook: execute a copy with papermill, run the checks, report.
+
+Publishing wing. The submitted file is read once and never written: grading works on a copy in a
+temporary folder, from which the notebook's own check cells (tag ``check``, which a student could
+have edited) are dropped and one grading cell is appended. That cell imports
+:mod:`arithlens.classroom.checks` inside the kernel and runs every check of the exercise against the
+functions the notebook defined, writing the results as JSON. Student cells that raise do not stop
+the run (papermill's ``allow_errors``), so each check is scored on its own; a notebook that runs past
+its time limit or whose kernel dies gets a report that says so, with every check at zero.
+
+The kernel runs on the CPU (``CUDA_VISIBLE_DEVICES`` is emptied for it). papermill and nbclient execute;
+written by hand: the copy, the grading cell and the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from arithlens.classroom import CHECK_TAG, EXERCISE_IDS as KNOWN, ClassroomError
+
+GRADER_TAG = "arithlens-grader"
+DEFAULT_TIMEOUT = 300  # seconds for the student's cells; the exercises take well under 2 minutes
+CHECKS_TIMEOUT = 300  # seconds for the grading cell (each check has its own limit inside)
+
+
+@dataclass
+class GradeReport:
+    """What ``arithlens classroom grade`` prints and writes as JSON for one notebook."""
+
+    notebook: str
+    sha256: str
+    exercise: str | None
+    status: str  # graded | timeout | crashed | not-an-exercise | unreadable
+    message: str = ""
+    score: int = 0
+    max_score: int = 0
+    checks: list[dict] = field(default_factory=list)
+    cell_errors: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    timeout_s: int = DEFAULT_TIMEOUT
+    executed_notebook: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))  # ANSI colours from IPython tracebacks
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def exercise_of(nb, path: Path) -> str | None:
+    """The exercise a notebook is for: its metadata, else a file name starting with a known id."""
+    meta = nb.metadata.get("arithlens", {}).get("exercise")
+    if meta in KNOWN:
+        return meta
+    return next((k for k in KNOWN if path.stem.startswith(k)), None)
+
+
+def grading_copy(nb, exercise: str, results: Path) -> nbformat.NotebookNode:
+    """The notebook to execute: check cells dropped, outputs cleared, the grading cell appended."""
+    work = nbformat.from_dict(json.loads(json.dumps(nb)))
+    work.cells = [c for c in work.cells if CHECK_TAG not in c.get("metadata", {}).get("tags", [])]
+    for cell in work.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    source = ("# Appended by `arithlens classroom grade`: the notebook's own check cells were removed.\n"
+              "import arithlens.classroom.checks as _arithlens_checks\n"
+              f"_arithlens_checks.grade({exercise!r}, globals(), {str(results)!r})")
+    cell = nbformat.v4.new_code_cell(source, id="arithlens-grader")
+    cell.metadata["tags"] = [GRADER_TAG]
+    work.cells.append(cell)
+    work.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    return work
+
+
+@contextlib.contextmanager
+def _cpu_only():
+    """The kernel inherits this process's environment: no GPU, no progress bars."""
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "ARITHLENS_QUIET")}
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["ARITHLENS_QUIET"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cell_errors(executed: Path) -> tuple[list[dict], dict | None]:
+    """Student cells that raised (index, first line of source, error), and the cell left running."""
+    if not executed.is_file():
+        return [], None
+    nb = nbformat.read(executed, as_version=4)
+    errors, running = [], None
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        if GRADER_TAG in cell.metadata.get("tags", []):
+            if cell.metadata.get("papermill", {}).get("status") == "running":
+                running = {"cell": i, "code": "the grading cell", "grader": True}
+            continue
+        first = next((ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")), "")
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                errors.append({"cell": i, "code": _one_line(first, 80),
+                               "error": _one_line(f"{out.get('ename')}: {out.get('evalue')}")})
+        if cell.metadata.get("papermill", {}).get("status") == "running":
+            running = {"cell": i, "code": _one_line(first, 80), "grader": False}
+    return errors, running
+
+
+def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT_TIMEOUT,
+                   checks_timeout: int = CHECKS_TIMEOUT) -> GradeReport:
+    """Grade one notebook; write ``<out_dir>/<stem>.json`` and the executed copy; return the report.
+
+    Raises :class:`ClassroomError` only when ``path`` is not a file; everything wrong *inside* a
+    notebook (unreadable, not an exercise, a crash, a timeout) is a report.
+    """
+    import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClassroomError(f"no such notebook: {path}")
+    data = path.read_bytes()  # the only access to the submission; it is never written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = GradeReport(str(path), hashlib.sha256(data).hexdigest(), None, "graded", timeout_s=timeout)
+    try:
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+    except Exception as exc:
+        report.status, report.message = "unreadable", f"not a readable notebook: {_one_line(exc, 120)}"
+        return _finish(report, out_dir, path)
+    report.exercise = exercise_of(nb, path)
+    if report.exercise is None:
+        report.status = "not-an-exercise"
+        report.message = f"not an arithlens exercise (no metadata.arithlens.exercise and the name matches none of {', '.join(KNOWN)})"
+        return _finish(report, out_dir, path)
+
+    executed = out_dir / f"{path.stem}.executed.ipynb"
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="arithlens-grade-") as tmp:
+        results = Path(tmp) / "results.json"
+        submission = Path(tmp) / path.name
+        nbformat.write(grading_copy(nb, report.exercise, results), submission)
+        deadline = time.monotonic() + timeout
+
+        def cell_timeout(cell) -> int:
+            if GRADER_TAG in cell.get("metadata", {}).get("tags", []):
+                return checks_timeout
+            return max(1, int(deadline - time.monotonic()))
+
+        failure = None
+        with _cpu_only():
+            try:
+                papermill.execute_notebook(str(submission), str(executed), kernel_name="python3", progress_bar=False,
+                                           cwd=tmp, allow_errors=True, timeout_func=cell_timeout, start_timeout=120)
+            except PapermillExecutionError:
+                pass  # student cells raised (allowed); they are listed below and the checks still ran
+            except CellTimeoutError:
+                failure = "timeout"
+            except DeadKernelError:
+                failure = "crashed"
+            except Exception as exc:  # the kernel could not start, or papermill failed otherwise
+                failure = f"crashed: {type(exc).__name__}: {_one_line(exc, 160)}"
+        report.seconds = round(time.monotonic() - started, 1)
+        report.cell_errors, running = _cell_errors(executed)
+        where = f" while running cell {running['cell']} ({running['code']})" if running else ""
+        if failure == "timeout":
+            report.status = "timeout"
+            report.message = (f"the checks ran past {checks_timeout} s; nothing was graded" if running and running["grader"]
+                              else f"the notebook ran past its {timeout} s limit{where}; nothing was graded")
+        elif failure is not None:
+            report.status = "crashed"
+            report.message = (f"the notebook's kernel died{where}; nothing was graded" if failure == "crashed"
+                              else f"the notebook could not be executed ({failure.removeprefix('crashed: ')})")
+        elif not results.is_file():
+            report.status = "crashed"
+            report.message = "the grading cell wrote no results (the kernel state may be broken); nothing was graded"
+        else:
+            report.checks = json.loads(results.read_text())
+        if not report.checks:
+            report.checks = [{"name": name, "passed": False, "points": 0, "max_points": 1, "reason": "not graded (see above)"}
+                             for name in check_names(report.exercise)]
+    report.executed_notebook = str(executed) if executed.is_file() else None
+    return _finish(report, out_dir, path)
+
+
+def _finish(report: GradeReport, out_dir: Path, path: Path) -> GradeReport:
+    report.score = sum(c["points"] for c in report.checks)
+    report.max_score = sum(c["max_points"] for c in report.checks)
+    (out_dir / f"{path.stem}.json").write_text(report.to_json() + "\n")
+    return report
+
+
+def check_names(exercise: str) -> list[str]:
+    """The exercise's check names, read from its module's ``CHECKS = [...]`` with ``ast`` (no import:
+    the checks load the science wing, which the grader itself never needs)."""
+    import ast
+
+    module = Path(__file__).parent / "checks" / f"ex{exercise}.py"
+    for node in ast.parse(module.read_text()).body if module.is_file() else []:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CHECKS" for t in node.targets):
+            return [elt.id for elt in getattr(node.value, "elts", []) if isinstance(elt, ast.Name)]
+    return []
+
+
+def format_report(report: GradeReport, report_path: Path | None = None) -> str:
+    """The per-check lines ``arithlens classroom grade`` prints."""
+    name = Path(report.notebook).name
+    head = f"{name} — exercise {report.exercise or '?'}: {report.score}/{report.max_score}"
+    lines = [head + (f"  ({report.seconds} s)" if report.seconds else "")]
+    if report.status != "graded":
+        lines.append(f"  {report.status.upper()}: {report.message}")
+    for c in report.checks:
+        mark = "PASS" if c["passed"] else "FAIL"
+        lines.append(f"  [{mark} {c['points']}/{c['max_points']}] {c['name']}: {c['reason']}")
+    for e in report.cell_errors[:5]:
+        lines.append(f"  note: cell {e['cell']} ({e['code']}) raised {e['error']}")
+    if len(report.cell_errors) > 5:
+        lines.append(f"  note: {len(report.cell_errors) - 5} more cells raised errors")
+    if report_path is not None:
+        lines.append(f"  report: {report_path}")
+    return "\n".join(lines)

@@ -4,7 +4,8 @@ Publishing wing. :func:`stage_chapters` copies each run's executed notebook into
 hiding the ``parameters`` and papermill ``injected-parameters`` cells (the chapter's own config cell
 shows the run configuration as a table instead); :func:`write_vega_bundle` writes one copy of the
 vega / vega-lite / vega-embed JavaScript (from vl-convert) into ``book/_static`` so charts render with
-the network off; :func:`build_html` calls ``jupyter-book build`` with ``execute_notebooks: off``.
+the network off; :func:`stage_exercises` adds the classroom's exercises (student stubs, solutions
+behind a toggle); :func:`build_html` calls ``jupyter-book build`` with ``execute_notebooks: off``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,26 @@ def stage_chapters(runs: list[RunResult]) -> list[Path]:
         path = target / f"{run.manifest['chapter']}.ipynb"
         nbformat.write(nb, path)
         written.append(path)
+    return written
+
+
+def stage_exercises() -> list[Path]:
+    """Copy the exercises into ``book/exercises``: each student stub followed by its solution folded
+    behind a "Show solution" toggle (:func:`arithlens.classroom.build.book_copy`), and the exercises'
+    README as the part's first page. Built from the instructor notebooks, never executed."""
+    from arithlens.classroom import exercise_notebooks, exercises_dir
+    from arithlens.classroom.build import book_copy, read_instructor, write
+
+    target = book_dir() / "exercises"
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("*.ipynb"):
+        old.unlink()
+    written = [write(book_copy(read_instructor(path), name), target / f"{name}.ipynb")
+               for name, path in exercise_notebooks().items()]
+    readme = exercises_dir() / "README.md"
+    if readme.is_file():
+        (target / "index.md").write_text(readme.read_text())
+        written.append(target / "index.md")
     return written
 
 
@@ -124,6 +145,7 @@ def build_book(runs: list[RunResult], partial: bool = False) -> Path:
     if len(models) > 1:
         raise RunError(f"runs mix models {sorted(models)}; a book is built for one model")
     stage_chapters(runs)
+    stage_exercises()
     write_vega_bundle()
     (book_dir() / "_build").mkdir(exist_ok=True)
     (book_dir() / "_build" / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=2))

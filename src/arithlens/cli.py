@@ -1,4 +1,5 @@
-"""Command line: ``arithlens run``, ``arithlens book``, ``arithlens chapters``, ``arithlens models``.
+"""Command line: ``arithlens run``, ``arithlens book``, ``arithlens chapters``, ``arithlens models``,
+``arithlens classroom build|grade``.
 
 Publishing wing, top floor. Errors are one line on stderr and exit status 2; nothing already
 finished is touched by a failed command. argparse does the parsing.
@@ -62,6 +63,41 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_classroom_build(args) -> int:
+    from pathlib import Path
+
+    from arithlens.classroom import exercises_dir
+    from arithlens.classroom.build import build
+
+    out = Path(args.out) if args.out else exercises_dir() / "_build"
+    written = build(out)
+    for kind, paths in written.items():
+        _log(f"{len(paths)} {kind} notebooks in {paths[0].parent}")
+    print(out)
+    return 0
+
+
+def cmd_classroom_grade(args) -> int:
+    from pathlib import Path
+
+    from arithlens.classroom import ClassroomError
+    from arithlens.classroom.grade import format_report, grade_notebook
+
+    paths = [Path(p) for p in args.notebooks]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ClassroomError(f"no such notebook: {missing[0]}")
+    stems = [p.stem for p in paths]
+    # the same file name from several students' folders: prefix the folder so reports do not collide
+    names = [p.stem if stems.count(p.stem) == 1 else f"{p.resolve().parent.name}-{p.stem}" for p in paths]
+    out = Path(args.out)
+    for path, name in zip(paths, names):
+        _log(f"grading {path} (timeout {args.timeout} s)")
+        report = grade_notebook(path, out, timeout=args.timeout, name=name)
+        print(format_report(report, out / f"{name}.json"), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from arithlens.models import DEFAULT_MODEL
 
@@ -86,16 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     chapters.set_defaults(func=cmd_chapters)
     models = sub.add_parser("models", help="list the model registry and accepted spec forms")
     models.set_defaults(func=cmd_models)
+    classroom = sub.add_parser("classroom", help="exercises: build student notebooks, grade submissions")
+    csub = classroom.add_subparsers(dest="classroom_command", required=True)
+    cbuild = csub.add_parser("build", help="write student notebooks (solutions → stubs) and instructor copies")
+    cbuild.add_argument("--out", help="output folder (default exercises/_build): student/ and instructor/ inside")
+    cbuild.set_defaults(func=cmd_classroom_build)
+    cgrade = csub.add_parser("grade", help="execute submitted notebooks on a copy (CPU) and score their checks")
+    cgrade.add_argument("notebooks", nargs="+", metavar="NOTEBOOK.ipynb")
+    cgrade.add_argument("--out", default="grades", help="folder for the JSON reports and executed copies (default ./grades)")
+    cgrade.add_argument("--timeout", type=int, default=300, help="seconds a notebook's own cells may take (default 300)")
+    cgrade.set_defaults(func=cmd_classroom_grade)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from arithlens.classroom import ClassroomError
     from arithlens.models import ModelSpecError
 
     try:
         return args.func(args)
-    except (RunError, ModelSpecError) as exc:
+    except (RunError, ModelSpecError, ClassroomError) as exc:
         print(f"arithlens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,8 @@ carries at least one ``# hint:`` comment. For students the body becomes::
     def build_pair(tokenizer, template, operator, a, b):
         \"\"\"(the docstring is kept)\"\"\"
         # hint: (the hint comments are kept)
-        raise NotImplementedError("build_pair: (the hints)")
+        # your code here, in place of the line below
+        raise NotImplementedError("build_pair: (the first hint)")
 
 Everything else (task text, demo cells, check cells, cell ids) is copied unchanged, and outputs and
 execution counts are cleared, so a build is a pure function of the instructor notebooks: rebuilding
@@ -61,8 +62,8 @@ def stub_source(source: str, where: str = "solution cell") -> str:
     indent = " " * (first.col_offset)
     kept = lines[:head_end]
     kept += [f"{indent}# hint: {h}" for h in hints]
-    message = f"{fn.name}: " + " ".join(hints)
-    kept.append(f"{indent}raise NotImplementedError({message!r})")
+    message = f"{fn.name}: {hints[0]}" + (" (more hints in its cell)" if len(hints) > 1 else "")
+    kept += [f"{indent}# your code here, in place of the line below", f"{indent}raise NotImplementedError({message!r})"]
     return "\n".join(kept)
 
 

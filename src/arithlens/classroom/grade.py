@@ -124,9 +124,29 @@ def _cell_errors(executed: Path) -> tuple[list[dict], dict | None]:
     return errors, running
 
 
+@contextlib.contextmanager
+def _stderr_to(log: Path):
+    """Send this process's stderr (file descriptor 2, which the kernel inherits) to ``log``: the
+    kernel's start-up warnings and whatever the student's code prints there stay out of the report."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with log.open("wb") as fh:
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT_TIMEOUT,
-                   checks_timeout: int = CHECKS_TIMEOUT) -> GradeReport:
-    """Grade one notebook; write ``<out_dir>/<stem>.json`` and the executed copy; return the report.
+                   checks_timeout: int = CHECKS_TIMEOUT, name: str | None = None) -> GradeReport:
+    """Grade one notebook; return the report and write it to ``<out_dir>/<name>.json``, with the
+    executed copy (``<name>.executed.ipynb``) and the kernel's stderr (``<name>.kernel.log``) beside it.
+    ``name`` defaults to the notebook's file stem.
 
     Raises :class:`ClassroomError` only when ``path`` is not a file; everything wrong *inside* a
     notebook (unreadable, not an exercise, a crash, a timeout) is a report.
@@ -141,19 +161,20 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
     data = path.read_bytes()  # the only access to the submission; it is never written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or path.stem
     report = GradeReport(str(path), hashlib.sha256(data).hexdigest(), None, "graded", timeout_s=timeout)
     try:
         nb = nbformat.reads(data.decode("utf-8"), as_version=4)
     except Exception as exc:
         report.status, report.message = "unreadable", f"not a readable notebook: {_one_line(exc, 120)}"
-        return _finish(report, out_dir, path)
+        return _finish(report, out_dir, name)
     report.exercise = exercise_of(nb, path)
     if report.exercise is None:
         report.status = "not-an-exercise"
         report.message = f"not an arithlens exercise (no metadata.arithlens.exercise and the name matches none of {', '.join(KNOWN)})"
-        return _finish(report, out_dir, path)
+        return _finish(report, out_dir, name)
 
-    executed = out_dir / f"{path.stem}.executed.ipynb"
+    executed = out_dir / f"{name}.executed.ipynb"
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="arithlens-grade-") as tmp:
         results = Path(tmp) / "results.json"
@@ -167,7 +188,7 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
             return max(1, int(deadline - time.monotonic()))
 
         failure = None
-        with _cpu_only():
+        with _cpu_only(), _stderr_to(out_dir / f"{name}.kernel.log"):
             try:
                 papermill.execute_notebook(str(submission), str(executed), kernel_name="python3", progress_bar=False,
                                            cwd=tmp, allow_errors=True, timeout_func=cell_timeout, start_timeout=120)
@@ -199,13 +220,13 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
             report.checks = [{"name": name, "passed": False, "points": 0, "max_points": 1, "reason": "not graded (see above)"}
                              for name in check_names(report.exercise)]
     report.executed_notebook = str(executed) if executed.is_file() else None
-    return _finish(report, out_dir, path)
+    return _finish(report, out_dir, name)
 
 
-def _finish(report: GradeReport, out_dir: Path, path: Path) -> GradeReport:
+def _finish(report: GradeReport, out_dir: Path, name: str) -> GradeReport:
     report.score = sum(c["points"] for c in report.checks)
     report.max_score = sum(c["max_points"] for c in report.checks)
-    (out_dir / f"{path.stem}.json").write_text(report.to_json() + "\n")
+    (out_dir / f"{name}.json").write_text(report.to_json() + "\n")
     return report
 
 

@@ -136,10 +136,12 @@ def summarize_curve(curve: pd.DataFrame) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def end_attention(model, prompts: PromptSet, heads: list[Head], batch_size: int = 32) -> pd.DataFrame:
-    """END-token attention of each head onto operand A, operand B, the operator and everything else.
+def end_attention_groups(model, prompts, heads: list[Head], groups, batch_size: int = 32) -> pd.DataFrame:
+    """END-token attention of each head onto named groups of positions, the rest as ``other``.
 
-    One row per (prompt, layer, head) with columns ``A``, ``B``, ``operator``, ``other`` (summing to 1).
+    ``groups(item) -> {name: [positions]}`` (same names for every item); ``prompts`` is anything with
+    ``.items`` of equal-length-batchable items (a :class:`PromptSet` or a transfer suite). One row per
+    (prompt, layer, head) with one column per group and ``other`` (summing to 1).
     """
     layers = sorted({h.layer for h in heads})
     names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
@@ -152,10 +154,19 @@ def end_attention(model, prompts: PromptSet, heads: list[Head], batch_size: int 
             for h in heads:
                 pat = cache[f"blocks.{h.layer}.attn.hook_pattern"][:, h.head, -1].float().cpu()  # [batch, key]
                 for j, it in enumerate(items):
-                    a, bb, op = (float(pat[j, it.a_pos]), float(pat[j, it.b_pos]), float(pat[j, it.op_pos]))
+                    shares = {g: float(pat[j, list(pos)].sum()) if len(pos) else 0.0 for g, pos in groups(it).items()}
                     rows.append({"prompt": b[j], "operator": it.operator, "layer": h.layer, "head": h.head,
-                                 "A": a, "B": bb, "operator_token": op, "other": 1.0 - a - bb - op})
+                                 **shares, "other": 1.0 - sum(shares.values())})
     return pd.DataFrame(rows)
+
+
+def end_attention(model, prompts: PromptSet, heads: list[Head], batch_size: int = 32) -> pd.DataFrame:
+    """END-token attention of each head onto operand A, operand B, the operator and everything else.
+
+    One row per (prompt, layer, head) with columns ``A``, ``B``, ``operator_token``, ``other`` (summing to 1).
+    """
+    return end_attention_groups(model, prompts, heads, lambda it: {"A": [it.a_pos], "B": [it.b_pos],
+                                                                  "operator_token": [it.op_pos]}, batch_size)
 
 
 def label_heads(attention: pd.DataFrame, min_share: float = 0.2) -> pd.DataFrame:

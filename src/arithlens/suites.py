@@ -1,0 +1,457 @@
+"""Transfer suites: other arithmetic tasks and non-math controls, generated under a seed.
+
+Science wing, ground floor (paper § "Transfer"). Each suite is a list of :class:`SuiteItem` — a clean
+prompt, its answer (one or more tokens), the token positions of the numbers and of the operation
+word, and, where the suite has one, a counterfactual that replaces only the operation (the paper's
+null-operator idea, stated per suite below). Items duck-type :class:`arithlens.prompts.PromptItem`
+(``clean_tokens``, ``cf_tokens``, ``answer_token``, ``operator``), so chapter 1's patching and
+knockout code runs on them unchanged.
+
+Suites (``SUITES``):
+
+- ``multidigit`` / ``multidigit3``: ``28 + 35 = 63`` / ``281 + 135 = 416`` (2- or 3-digit operands, + and
+  −); counterfactual: operator → a null symbol (``@``, ``<``, …). Scored by greedy decoding of the whole
+  answer and by its first token.
+- ``decimals``: ``4.2 plus 2.5 equals 6.7``; counterfactual: operator word → a null word.
+- ``years``: "The war lasted from the year 1723 to the year 172" → any digit larger than 3 ends a
+  later year (the greater-than task). Scored by the probability mass on valid digits minus the mass on
+  the others; correct when the top token is a valid digit. No counterfactual.
+- ``word_problems``: "Tom has 3 apples. Tom gets 4 apples. Now Tom has 7"; counterfactual: the
+  operation verb → a neutral verb ("sees", "likes", …).
+- ``power``: ``2 ^ 3 = 8`` (bases 2–9, exponents 0–3); counterfactual: ``^`` → a null symbol.
+- ``capitals``, ``antonyms``, ``sequences``: non-math controls shipped as hand-checked data
+  (``data/controls.json``); no counterfactual.
+
+Every suite uses a few fixed demonstrations (same format, never the query). Answers are computed by
+the generator (Python arithmetic or the data file) and checked in the tests independently.
+
+Written by hand: templates, alignment checks and the teacher-forced scorer (no library generates or
+scores these tasks on a TransformerLens bridge).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from importlib import resources
+from typing import Callable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from arithlens.patching import prefix_kv
+from arithlens.prompts import _encode
+
+Kind = Literal["math", "control"]
+Scoring = Literal["exact", "mass"]
+NULL_SYMBOLS = ("@", "<", "#", "&", "~")
+NULL_WORDS = ("nothing", "none", "null")
+NEUTRAL_VERBS = ("sees", "likes", "draws", "counts")
+
+
+@dataclass(frozen=True)
+class SuiteItem:
+    """One prompt of a suite with its answer tokens and asserted positions."""
+
+    suite: str
+    operator: str                       # operation label ("+", "^", "capital", …) — groups items
+    clean: str
+    answer: str                         # the answer text right after the prompt (display and checks)
+    counterfactual: str | None
+    clean_tokens: tuple[int, ...]
+    cf_tokens: tuple[int, ...] | None
+    answer_tokens: tuple[int, ...]      # teacher-forced targets ("exact" scoring)
+    valid_tokens: tuple[int, ...] = ()  # tokens counted correct at END ("mass" scoring)
+    number_pos: tuple[int, ...] = ()    # every token of every number in the query
+    op_pos: int | None = None           # last token of the operation (symbol/word/verb)
+    end_pos: int = -1
+    meta: tuple = ()                    # (key, value) pairs: operands, template, …
+
+    @property
+    def answer_token(self) -> int:
+        return self.answer_tokens[0] if self.answer_tokens else self.valid_tokens[0]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    kind: Kind
+    scoring: Scoring
+    description: str
+    counterfactual: str | None          # how the counterfactual is made, or None
+    items: tuple[SuiteItem, ...]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_counterfactual(self) -> bool:
+        return self.counterfactual is not None
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of guessing uniformly among the valid-looking options (digits for years, else 0)."""
+        if self.scoring == "mass":
+            return float(np.mean([len(it.valid_tokens) / 10 for it in self.items])) if self.items else 0.0
+        return 0.0
+
+    def subset(self, keep) -> "Suite":
+        keep = list(keep)
+        assert len(keep) == len(self.items)
+        return Suite(self.name, self.kind, self.scoring, self.description, self.counterfactual,
+                     tuple(it for it, k in zip(self.items, keep) if k), dict(self.dropped))
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"suite": it.suite, "operator": it.operator, "prompt": it.clean, "answer": it.answer,
+                              "counterfactual": it.counterfactual, "n_tokens": len(it.clean_tokens),
+                              **dict(it.meta)} for it in self.items])
+
+
+# --- building one item ---------------------------------------------------------------------------
+
+def _tokens_over(offsets, start: int, end: int) -> list[int]:
+    return [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
+
+
+def _build(tokenizer, suite: str, label: str, prefix: str, parts: list[tuple[str, str]], answer: str,
+           nulls: tuple[str, ...] | None, rng: random.Random, valid_answers: tuple[str, ...] = (),
+           meta: tuple = ()) -> tuple[SuiteItem | None, str]:
+    """Assemble ``prefix + parts`` (each part tagged ``text``/``num``/``op``), align and check.
+
+    The answer must tokenize as a continuation of the prompt (prompt tokens unchanged). The
+    counterfactual replaces the ``op`` part with one of ``nulls`` that keeps every other token.
+    """
+    clean, spans = prefix, {"num": [], "op": None}
+    for kind, text in parts:
+        if kind == "num":
+            spans["num"].append((len(clean), len(clean) + len(text)))
+        elif kind == "op":
+            spans["op"] = (len(clean), len(clean) + len(text))
+        clean += text
+    ids, offsets = _encode(tokenizer, clean)
+
+    def continuation(text: str) -> tuple[int, ...] | None:
+        full, _ = _encode(tokenizer, clean + text)
+        return tuple(full[len(ids):]) if len(full) > len(ids) and full[: len(ids)] == ids else None
+
+    answer_tokens: tuple[int, ...] = ()
+    valid: tuple[int, ...] = ()
+    if valid_answers:
+        conts = [continuation(v) for v in valid_answers]
+        if any(c is None or len(c) != 1 for c in conts):
+            return None, "valid answer not one token"
+        valid = tuple(c[0] for c in conts)
+    else:
+        cont = continuation(answer)
+        if cont is None:
+            return None, "answer does not continue the prompt's tokens"
+        answer_tokens = cont
+    number_pos = tuple(sorted({i for s, e in spans["num"] for i in _tokens_over(offsets, s, e)}))
+    op_pos = _tokens_over(offsets, *spans["op"])[-1] if spans["op"] else None
+    cf, cf_tokens = None, None
+    if nulls is not None:
+        op_tok = set(_tokens_over(offsets, *spans["op"]))
+        s, e = spans["op"]
+        for null in rng.sample(list(nulls), len(nulls)):
+            text = clean[:s] + null + clean[e:]
+            cf_ids, _ = _encode(tokenizer, text)
+            if len(cf_ids) == len(ids) and all(x == y for i, (x, y) in enumerate(zip(ids, cf_ids)) if i not in op_tok):
+                cf, cf_tokens = text, tuple(cf_ids)
+                break
+        if cf is None:
+            return None, "no counterfactual keeps the other tokens"
+        assert all(cf_tokens[p] == ids[p] for p in number_pos) and cf_tokens[-1] == ids[-1]
+    return SuiteItem(suite, label, clean, answer, cf, tuple(ids), cf_tokens, answer_tokens, valid, number_pos,
+                     op_pos, len(ids) - 1, meta), ""
+
+
+def _generate(tokenizer, suite: str, candidates: list, render: Callable, n: int, shots: int, seed: int,
+              nulls: tuple[str, ...] | None, per_label: bool = True) -> tuple[list[SuiteItem], Counter]:
+    """Pick up to ``n`` candidates (seeded, split evenly over labels) with ``shots`` fixed demonstrations.
+
+    ``render(candidate) -> (label, parts, answer, valid_answers, meta)``. With ``per_label`` the
+    demonstrations share the query's label (operator), as in chapter 0's "same template and operator";
+    otherwise they are drawn from the whole suite. Demonstrations are never queries.
+    """
+    rng = random.Random(f"{seed}|{suite}")
+    pool = list(candidates)
+    rng.shuffle(pool)
+    groups: dict[str, list] = {}
+    for c in pool:
+        groups.setdefault(render(c)[0] if per_label else "", []).append(c)
+
+    def line(c) -> str:
+        _, parts, ans, valid, _ = render(c)
+        return "".join(t for _, t in parts) + (ans if not valid else valid[-1]) + "\n"
+
+    items, dropped = [], Counter()
+    quota = -(-n // len(groups))
+    for group in groups.values():
+        demos, queries = group[:shots], group[shots:]
+        prefix = "".join(line(d) for d in demos)
+        kept = 0
+        for cand in queries:
+            if kept == quota or len(items) == n:
+                break
+            label, parts, ans, valid, meta = render(cand)
+            item, reason = _build(tokenizer, suite, label, prefix, parts, ans, nulls, rng, valid, meta)
+            if item is None:
+                dropped[reason] += 1
+            else:
+                items.append(item)
+                kept += 1
+    return items, dropped
+
+
+# --- the suites ------------------------------------------------------------------------------------
+
+def _multidigit(rng_seed: int, digits: int = 2):
+    r = random.Random(f"{rng_seed}|multidigit{digits}|pairs")
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    cands = []
+    for _ in range(4000):
+        op = r.choice("+-")
+        a, b = r.randint(lo, hi), r.randint(lo, hi)
+        if op == "-" and a < b:
+            a, b = b, a
+        cands.append((a, op, b))
+    cands = list(dict.fromkeys(cands))
+
+    def render(c):
+        a, op, b = c
+        c_ = a + b if op == "+" else a - b
+        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", " = ")], \
+            str(c_), (), (("a", a), ("b", b), ("result", c_))
+    return cands, render
+
+
+def _decimals(rng_seed: int):
+    tenths = [Decimal(i).scaleb(-1) for i in range(10, 100)]  # 1.0 … 9.9, always one decimal
+    r = random.Random(f"{rng_seed}|decimals|pairs")
+    cands = []
+    for _ in range(4000):
+        op = r.choice(["plus", "minus"])
+        a, b = r.choice(tenths), r.choice(tenths)
+        if op == "minus" and a < b:
+            a, b = b, a
+        cands.append((a, op, b))
+    cands = list(dict.fromkeys(cands))
+
+    def render(c):
+        a, op, b = c
+        res = a + b if op == "plus" else a - b
+        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", " equals ")], \
+            str(res), (), (("a", str(a)), ("b", str(b)), ("result", str(res)))
+    return cands, render
+
+
+YEAR_EVENTS = ("war", "expedition", "reign", "drought", "famine", "siege", "voyage", "truce", "dynasty", "boom")
+
+
+def _years(rng_seed: int):
+    cands = [(ev, century, d, u) for ev in YEAR_EVENTS for century in range(11, 19) for d in range(1, 9)
+             for u in range(1, 9)]
+
+    def render(c):
+        ev, century, d, u = c
+        start = f"{century}{d}{u}"
+        valid = tuple(str(x) for x in range(u + 1, 10))
+        parts = [("text", f"The {ev} lasted from the year "), ("num", start), ("text", " to the year "),
+                 ("num", f"{century}{d}")]
+        return "later year", parts, f"> {u}", valid, (("event", ev), ("start", int(start)), ("units", u))
+    return cands, render
+
+
+NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Jack", "Emma")
+OBJECTS = ("apples", "pens", "books", "cards", "coins", "stamps", "shells", "marbles")
+ADD_VERBS = ("gets", "finds", "buys", "wins")
+SUB_VERBS = ("loses", "sells", "breaks", "gives away")
+
+
+def _word_problems(rng_seed: int):
+    cands = []
+    for name in NAMES:
+        for obj in OBJECTS:
+            for a in range(1, 10):
+                for b in range(1, 10):
+                    if a + b <= 9:
+                        cands.append((name, obj, a, "+", b))
+                    if b <= a:
+                        cands.append((name, obj, a, "-", b))
+    r = random.Random(f"{rng_seed}|word_problems|verbs")
+    verbs = {c: r.choice(ADD_VERBS if c[3] == "+" else SUB_VERBS) for c in cands}
+
+    def render(c):
+        name, obj, a, op, b = c
+        res = a + b if op == "+" else a - b
+        parts = [("text", f"{name} has "), ("num", str(a)), ("text", f" {obj}. {name} "), ("op", verbs[c]),
+                 ("text", " "), ("num", str(b)), ("text", f" {obj}. Now {name} has ")]
+        return op, parts, str(res), (), (("a", a), ("b", b), ("verb", verbs[c]), ("result", res))
+    return cands, render
+
+
+def _power(rng_seed: int):
+    def render(c):
+        a, e = c
+        return "^", [("num", str(a)), ("text", " "), ("op", "^"), ("text", " "), ("num", str(e)), ("text", " = ")], \
+            str(a ** e), (), (("a", a), ("b", e), ("result", a ** e))
+    return [(a, e) for a in range(2, 10) for e in range(0, 4)], render
+
+
+def load_controls() -> dict:
+    """The shipped non-math control data (``arithlens/data/controls.json``)."""
+    return json.loads(resources.files("arithlens").joinpath("data/controls.json").read_text(encoding="utf-8"))
+
+
+def _pairs(name: str):
+    spec = load_controls()[name]
+
+    def render(c):
+        x, y = c
+        return name, [("text", spec["template"].format(x=x))], spec["answer"].format(y=y), (), (("query", x), ("expected", y))
+    return [tuple(p) for p in spec["pairs"]], render
+
+
+def _sequences(rng_seed: int):
+    spec = load_controls()["sequences"]
+    w, sep = spec["window"], spec["separator"]
+    cands = [(lst, tuple(vals[i: i + w]), vals[i + w]) for lst, vals in spec["lists"].items()
+             for i in range(len(vals) - w)]
+
+    def render(c):
+        lst, window, nxt = c
+        return lst, [("text", sep.join(window) + sep.rstrip())], " " + nxt, (), (("list", lst), ("expected", nxt))
+    return cands, render
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    kind: Kind
+    scoring: Scoring
+    description: str
+    counterfactual: str | None
+    nulls: tuple[str, ...] | None
+    source: Callable[[int], tuple[list, Callable]]
+    shots: int = 3
+    per_label: bool = True
+
+
+SUITES: dict[str, SuiteSpec] = {
+    "multidigit": SuiteSpec("math", "exact", "2-digit + and − (`28 + 35 = 63`)", "operator → null symbol",
+                            NULL_SYMBOLS, _multidigit),
+    "multidigit3": SuiteSpec("math", "exact", "3-digit + and − (`281 + 135 = 416`, the paper's example)",
+                             "operator → null symbol", NULL_SYMBOLS, lambda s: _multidigit(s, 3)),
+    "decimals": SuiteSpec("math", "exact", "one-decimal plus/minus (`4.2 plus 2.5 equals 6.7`)",
+                          "operator word → null word", NULL_WORDS, _decimals),
+    "years": SuiteSpec("math", "mass", "year spans (`from the year 1723 to the year 172_`: a digit > 3)",
+                       None, None, _years, shots=0),
+    "word_problems": SuiteSpec("math", "exact", "one-step word problems, answer 0–9", "operation verb → neutral verb",
+                               NEUTRAL_VERBS, _word_problems),
+    "power": SuiteSpec("math", "exact", "exponentiation (`2 ^ 3 = 8`, bases 2–9, exponents 0–3)",
+                       "`^` → null symbol", NULL_SYMBOLS, _power),
+    "capitals": SuiteSpec("control", "exact", "capital cities (`The capital of France is Paris`)", None, None,
+                          lambda s: _pairs("capitals")),
+    "antonyms": SuiteSpec("control", "exact", "antonyms (`The opposite of hot is cold`)", None, None,
+                          lambda s: _pairs("antonyms")),
+    "sequences": SuiteSpec("control", "exact", "next item of days, months, letters (`March, April, May, June`)",
+                           None, None, _sequences, per_label=False),
+}
+SUITE_NAMES = list(SUITES)
+
+
+def make_suite(name: str, tokenizer, n: int = 64, seed: int = 0, shots: int | None = None) -> Suite:
+    """Generate suite ``name`` with up to ``n`` items (seeded; the same seed gives the same items)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}: choose from {SUITE_NAMES}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    spec = SUITES[name]
+    cands, render = spec.source(seed)
+    items, dropped = _generate(tokenizer, name, cands, render, n, spec.shots if shots is None else shots, seed,
+                               spec.nulls, spec.per_label)
+    return Suite(name, spec.kind, spec.scoring, spec.description, spec.counterfactual, tuple(items), dict(dropped))
+
+
+def make_suites(tokenizer, names=None, n: int = 64, seed: int = 0) -> dict[str, Suite]:
+    return {nm: make_suite(nm, tokenizer, n=n, seed=seed) for nm in (names or SUITE_NAMES)}
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+
+class SuiteScorer:
+    """Teacher-forced scoring of a suite, with the prompts' KV caches computed once for every condition.
+
+    Input = prompt + answer tokens but the last; the positions that predict answer tokens are END and
+    the answer tokens themselves (greedy decoding yields the answer iff each of them predicts the next
+    answer token). The prompt before END runs once (HF ``past_key_values``); each condition re-runs
+    only END and the answer positions, so a hook applied there (``fwd_hooks``) acts at every
+    predicting position and nowhere else.
+    """
+
+    def __init__(self, model, suite: Suite, batch_size: int = 32):
+        self.model, self.suite = model, suite
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, it in enumerate(suite.items):
+            groups.setdefault((len(it.clean_tokens), len(it.answer_tokens)), []).append(i)
+        self.batches = []
+        with torch.no_grad():
+            for idx in groups.values():
+                for s in range(0, len(idx), batch_size):
+                    b = idx[s: s + batch_size]
+                    its = [suite.items[i] for i in b]
+                    seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1] for it in its], device=model.device)
+                    n_prompt = len(its[0].clean_tokens)
+                    kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
+                    self.batches.append((np.asarray(b), seq, n_prompt, kv))
+
+    @torch.no_grad()
+    def score(self, fwd_hooks=()) -> pd.DataFrame:
+        """One row per item: ``correct``, ``first_correct``, ``p_answer`` (first token, or valid mass),
+        ``score`` (exact: log p of the full answer; mass: p(valid) − p(other digits))."""
+        items = self.suite.items
+        n = len(items)
+        correct, first, p_ans, score = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n))
+        for b, seq, n_prompt, kv in self.batches:
+            tail = seq[:, n_prompt - 1:]
+            kw = {"past_key_values": kv} if kv is not None else {}
+            logits = self.model.bridge.run_with_hooks(tail, fwd_hooks=list(fwd_hooks), **kw).float()
+            if kv is not None:
+                kv.crop(-tail.shape[1])  # give the prompt cache back as it was
+            logp = logits.log_softmax(-1)
+            if self.suite.scoring == "mass":
+                valid = [items[i].valid_tokens for i in b]
+                digits = self._digits()
+                end = logp[:, -1].exp()
+                top = logits[:, -1].argmax(-1)
+                for j, v in enumerate(valid):
+                    vm = end[j, list(v)].sum()
+                    other = end[j, digits].sum() - vm
+                    correct[b[j]] = first[b[j]] = int(top[j]) in v
+                    p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
+            else:
+                targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
+                hits = logits.argmax(-1) == targets
+                lp = logp.gather(-1, targets[..., None])[..., 0]
+                correct[b] = hits.all(-1).cpu().numpy()
+                first[b] = hits[:, 0].cpu().numpy()
+                p_ans[b] = lp[:, 0].exp().cpu().numpy()
+                score[b] = lp.sum(-1).cpu().numpy()
+        return pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "item": np.arange(n),
+                             "operator": [it.operator for it in items], "correct": correct,
+                             "first_correct": first, "p_answer": p_ans, "score": score})
+
+    def _digits(self) -> list[int]:
+        if not hasattr(self, "_digit_ids"):
+            from arithlens.patching import digit_tokens
+            self._digit_ids = digit_tokens(self.model.tokenizer).tolist()
+        return self._digit_ids
+
+
+def score_suite(model, suite: Suite, fwd_hooks=(), batch_size: int = 32) -> pd.DataFrame:
+    """:meth:`SuiteScorer.score` once (build a :class:`SuiteScorer` to score several conditions)."""
+    return SuiteScorer(model, suite, batch_size).score(fwd_hooks)

@@ -1,0 +1,221 @@
+"""Transfer suites: determinism, independently computed answers, asserted positions, exact scoring."""
+
+import re
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from arithlens import knockout, transfer
+from arithlens.patching import Head
+from arithlens.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, load_controls, make_suite
+
+
+def _query(item: SuiteItem) -> str:
+    return item.clean.rsplit("\n", 1)[-1]
+
+
+def _expected(item: SuiteItem) -> str:
+    """The answer computed from the prompt text alone (not from the generator's metadata)."""
+    q = _query(item)
+    if item.suite in ("multidigit", "multidigit3", "power"):
+        a, op, b = re.fullmatch(r"(\d+) ([+\-^]) (\d+) = ", q).groups()
+        a, b = int(a), int(b)
+        return str({"+": a + b, "-": a - b, "^": a ** b}[op])
+    if item.suite == "decimals":
+        a, op, b = re.fullmatch(r"(\d\.\d) (plus|minus) (\d\.\d) equals ", q).groups()
+        return str(Decimal(a) + Decimal(b) if op == "plus" else Decimal(a) - Decimal(b))
+    if item.suite == "years":
+        start, prefix = re.fullmatch(r"The \w+ lasted from the year (\d{4}) to the year (\d{3})", q).groups()
+        assert prefix == start[:3]
+        return f"> {start[3]}"
+    if item.suite == "word_problems":
+        a, verb, b = _word(q)
+        sign = {"gets": 1, "finds": 1, "buys": 1, "wins": 1, "loses": -1, "sells": -1, "breaks": -1, "gives away": -1}[verb]
+        return str(int(a) + sign * int(b))
+    data = load_controls()
+    if item.suite in ("capitals", "antonyms"):
+        x = re.fullmatch(data[item.suite]["template"].format(x="(.+)"), q).group(1)
+        return " " + dict(map(tuple, data[item.suite]["pairs"]))[x]
+    if item.suite == "sequences":
+        window = q.rstrip(",").split(", ")
+        for values in data["sequences"]["lists"].values():
+            if window[0] in values:
+                i = values.index(window[0])
+                assert values[i: i + len(window)] == window
+                return " " + values[i + len(window)]
+    raise AssertionError(f"no independent answer for {item.suite}")
+
+
+def _word(q: str):
+    m = re.fullmatch(r"(\w+) has (\d) (\w+)\. (\w+) (gets|finds|buys|wins|loses|sells|breaks|gives away) (\d) (\w+)\. "
+                     r"Now (\w+) has ", q)
+    assert m, q
+    name, a, obj, name2, verb, b, obj2, name3 = m.groups()
+    assert name == name2 == name3 and obj == obj2
+    return a, verb, b
+
+
+@pytest.mark.parametrize("name", SUITE_NAMES)
+def test_suite_is_deterministic_under_a_seed(tiny, name):
+    a = make_suite(name, tiny.tokenizer, n=20, seed=3)
+    b = make_suite(name, tiny.tokenizer, n=20, seed=3)
+    assert a == b and len(a) > 0
+    if name not in ("sequences", "capitals", "antonyms", "power"):  # small fixed pools may coincide
+        assert make_suite(name, tiny.tokenizer, n=20, seed=4).items != a.items
+
+
+@pytest.mark.parametrize("name", SUITE_NAMES)
+def test_answers_are_correct_and_positions_asserted(tiny, name):
+    suite = make_suite(name, tiny.tokenizer, n=40, seed=0)
+    tok = tiny.tokenizer
+    for it in suite.items:
+        assert it.answer == _expected(it), it.clean
+        assert it.end_pos == len(it.clean_tokens) - 1
+        if suite.scoring == "exact":
+            assert tok.decode(list(it.answer_tokens)) == it.answer
+            assert tok.decode(list(it.clean_tokens) + list(it.answer_tokens)) == it.clean + it.answer
+        else:
+            u = int(it.answer[-1])
+            assert sorted(tok.decode([t]) for t in it.valid_tokens) == [str(d) for d in range(u + 1, 10)]
+        # numbers: every token of every number of the query, nothing else
+        numbers = "".join(tok.decode([it.clean_tokens[p]]) for p in it.number_pos)
+        q_numbers = re.findall(r"\d+(?:\.\d)?", _query(it))
+        assert numbers.replace(" ", "") == "".join(q_numbers)
+        if suite.has_counterfactual:
+            assert len(it.cf_tokens) == len(it.clean_tokens)
+            diff = [i for i, (x, y) in enumerate(zip(it.clean_tokens, it.cf_tokens)) if x != y]
+            assert diff and max(diff) <= it.op_pos  # only the operation's tokens differ (its last may coincide)
+            assert tok.decode(list(it.clean_tokens[min(diff): it.op_pos + 1])).strip() in it.clean.rsplit("\n", 1)[-1]
+            assert not set(diff) & set(it.number_pos)
+            assert it.clean.rsplit("\n", 1)[0] == it.counterfactual.rsplit("\n", 1)[0]  # demos unchanged
+        else:
+            assert it.cf_tokens is None and it.counterfactual is None
+
+
+def test_demonstrations_never_are_the_query(tiny):
+    for name in SUITE_NAMES:
+        for it in make_suite(name, tiny.tokenizer, n=30).items:
+            demos = it.clean.split("\n")[:-1]
+            assert _query(it) + it.answer not in demos
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", SUITE_NAMES)
+def test_positions_with_the_real_tokenizer(smollm2, name):
+    suite = make_suite(name, smollm2.tokenizer, n=16)
+    assert len(suite) > 0
+    tok = smollm2.tokenizer
+    for it in suite.items:
+        assert it.answer == _expected(it)
+        if suite.scoring == "exact":
+            assert tok.decode(list(it.clean_tokens) + list(it.answer_tokens)) == it.clean + it.answer
+        if it.op_pos is not None:
+            assert tok.decode([it.clean_tokens[it.op_pos]]).strip() in it.clean.rsplit("\n", 1)[-1]
+
+
+def test_unknown_suite_and_bad_n(tiny):
+    with pytest.raises(ValueError, match="unknown suite"):
+        make_suite("gsm9k", tiny.tokenizer)
+    with pytest.raises(ValueError, match="n must be"):
+        make_suite("power", tiny.tokenizer, n=0)
+
+
+def _greedy_suite(model, prompts: list[str], n_new: int) -> Suite:
+    """A suite whose answers are the model's own greedy continuations (so all must score correct)."""
+    items = []
+    for p in prompts:
+        ids = model.tokenizer(p)["input_ids"]
+        seq = torch.tensor([ids])
+        for _ in range(n_new):
+            nxt = model.bridge.original_model(seq).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+        ans = tuple(seq[0, len(ids):].tolist())
+        items.append(SuiteItem("greedy", "g", p, model.tokenizer.decode(list(ans)), None, tuple(ids), None, ans))
+    return Suite("greedy", "math", "exact", "", None, tuple(items))
+
+
+@torch.no_grad()
+def test_teacher_forced_scoring_equals_greedy_decoding(tiny):
+    suite = _greedy_suite(tiny, ["12 + 34 = ", "98 + 76 = ", "hello wor", "abc def "], 3)
+    scores = SuiteScorer(tiny, suite).score()
+    assert scores["correct"].all() and scores["first_correct"].all()
+    wrong = Suite("w", "math", "exact", "", None, tuple(
+        SuiteItem(it.suite, it.operator, it.clean, it.answer, None, it.clean_tokens, None,
+                  it.answer_tokens[:-1] + ((it.answer_tokens[-1] + 1) % 90,)) for it in suite.items))
+    scores = SuiteScorer(tiny, wrong).score()
+    assert not scores["correct"].any() and scores["first_correct"].all()
+
+
+@torch.no_grad()
+def test_cached_knockout_equals_full_hooked_forward(tiny):
+    suite = make_suite("multidigit", tiny.tokenizer, n=12)
+    heads = [Head(0, 1), Head(1, 3)]
+    means = torch.randn(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
+    scorer = SuiteScorer(tiny, suite)
+    got = scorer.score(knockout._ablation_hooks(heads, means, "all"))
+    again = scorer.score(knockout._ablation_hooks(heads, means, "all"))  # the KV cache was given back intact
+    assert got.equals(again)
+    for i, it in enumerate(suite.items):
+        seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1]])
+        n = len(it.clean_tokens)
+        hooks = []
+        for h in heads:
+            def fn(z, hook=None, h=h):
+                z = z.clone()
+                z[:, n - 1:, h.head] = means[h.layer, h.head]
+                return z
+            hooks.append((f"blocks.{h.layer}.attn.hook_z", fn))
+        logits = tiny.bridge.run_with_hooks(seq, fwd_hooks=hooks)[0, n - 1:].float()
+        target = torch.tensor(it.answer_tokens)
+        assert bool((logits.argmax(-1) == target).all()) == bool(got.loc[i, "correct"])
+        assert np.isclose(float(logits.log_softmax(-1)[0, target[0]].exp()), got.loc[i, "p_answer"], atol=1e-5)
+
+
+def test_knockout_transfer_and_summary(tiny):
+    S = {n: make_suite(n, tiny.tokenizer, n=10) for n in ("power", "capitals")}
+    means = torch.zeros(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
+    scores = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=2, skip=("capitals",))
+    assert set(scores[scores.suite == "capitals"].condition) == {"none"}
+    assert scores[scores.suite == "power"].groupby("condition").size().to_dict() == {
+        "none": len(S["power"]), "key": len(S["power"]), "random": 2 * len(S["power"])}
+    summary = transfer.summarize_transfer(scores, n_boot=50)
+    none = summary[summary.condition == "none"]
+    assert np.allclose(none.relative_drop.fillna(0), 0)
+
+
+def test_relative_drop_and_its_interval():
+    base = np.array([1.0] * 8 + [0.0] * 2)
+    vals = np.array([1.0] * 4 + [0.0] * 6)
+    point, lo, hi = transfer._paired_relative(vals, base, 500, 0)
+    assert point == pytest.approx(-0.5) and lo <= point <= hi and hi < 0
+
+
+def test_overlap_matrix():
+    a = [Head(1, 1), Head(1, 2), Head(2, 0)]
+    b = [Head(1, 1), Head(3, 3), Head(2, 0)]
+    m = transfer.overlap_matrix({"a": a, "b": b}).set_index(["a", "b"])
+    assert m.loc[("a", "b"), "shared"] == 2 and m.loc[("a", "b"), "shared_frac"] == pytest.approx(2 / 3)
+    assert m.loc[("a", "b"), "jaccard"] == pytest.approx(2 / 4) and m.loc[("a", "a"), "jaccard"] == 1
+
+
+def test_localize_suite_is_chapter_one_patching(tiny):
+    suite = make_suite("power", tiny.tokenizer, n=8)
+    summary = transfer.localize_suite(tiny, suite, n_boot=20)
+    assert len(summary) == 2 * tiny.n_layers * tiny.n_heads
+    assert len(transfer.top_heads(summary, 3)) == 3
+    with pytest.raises(ValueError, match="no counterfactual"):
+        transfer.localize_suite(tiny, make_suite("capitals", tiny.tokenizer, n=4))
+    att = transfer.attention_of(tiny, suite, [Head(0, 0), Head(1, 2)])
+    assert np.allclose(att[["numbers", "operation", "other"]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_usability_rule(tiny):
+    suite = make_suite("power", tiny.tokenizer, n=20)
+    good = pd.DataFrame({"correct": [True] * 15 + [False] * 5, "first_correct": [True] * 20})
+    bad = pd.DataFrame({"correct": [True] * 2 + [False] * 18, "first_correct": [True] * 3 + [False] * 17})
+    assert transfer.usability(suite, good)["usable"].all()
+    u = transfer.usability(suite, bad)
+    assert not u["usable"].any() and "chance" in u["reason"].iloc[0]

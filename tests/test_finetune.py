@@ -1,0 +1,183 @@
+"""Precise SFT (arithlens.finetune, arithlens.finetune_data) on the tiny random-init model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from arithlens import finetune as ft
+from arithlens import finetune_data as fd
+from arithlens.patching import Head
+
+HEADS = (Head(0, 1), Head(1, 3))  # head 3 of 4 reads KV head 1 (2 KV heads)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny):
+    gen = torch.Generator().manual_seed(0)
+    vocab = tiny.cfg.d_vocab
+    return [(torch.randint(4, vocab, (6, 9), generator=gen), torch.randint(4, vocab, (6,), generator=gen))
+            for _ in range(3)]
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in ft.named_weights(model).items()}
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model.bridge(tokens, return_type="logits")[:, -1]
+
+
+def test_head_slices_follow_gqa(tiny):
+    shared = ft.head_slices(tiny.cfg, [Head(1, 3)], kv="shared")
+    frozen = ft.head_slices(tiny.cfg, [Head(1, 3)], kv="frozen")
+    d = tiny.cfg.d_head
+    names = {s.param.rsplit(".", 2)[-2]: s for s in shared}
+    assert (names["q_proj"].dim, names["q_proj"].start, names["q_proj"].stop) == (0, 3 * d, 4 * d)
+    assert (names["o_proj"].dim, names["o_proj"].start) == (1, 3 * d)
+    assert (names["k_proj"].start, names["v_proj"].start) == (d, d)  # KV group 1
+    assert {s.param.rsplit(".", 2)[-2] for s in frozen} == {"q_proj", "o_proj"}
+    # two query heads of one KV group share one K and one V slice
+    assert len(ft.head_slices(tiny.cfg, [Head(0, 0), Head(0, 1)], kv="shared")) == 6
+    with pytest.raises(ValueError):
+        ft.head_slices(tiny.cfg, [Head(5, 0)])
+
+
+def test_precise_sft_moves_only_the_tuned_slices(tiny, batches):
+    before = _snapshot(tiny)
+    config = ft.PreciseSFTConfig(HEADS, mlp_layers=(1,), kv="shared")
+    result = ft.precise_sft(tiny, batches, config, ft.TrainConfig(steps=3, lr=1e-2, weight_decay=0.5))
+    assert all(torch.equal(p, before[n]) for n, p in ft.named_weights(tiny).items()), "training wrote to the model"
+    slices = ft.precise_slices(tiny, config)
+    assert set(result.delta.values) == set(slices)
+    assert result.n_trainable == sum(t.numel() for t in result.delta.values.values())
+    with ft.applied(tiny, result.delta):
+        after = _snapshot(tiny)
+    for name, value in after.items():
+        mask = torch.zeros_like(value, dtype=torch.bool)
+        for s in slices:
+            if s.param == name:
+                mask.narrow(s.dim, s.start, s.stop - s.start).fill_(True)
+        assert torch.equal(value[~mask], before[name][~mask]), f"frozen part of {name} moved"
+        for s in slices:
+            if s.param == name:
+                changed = (value.narrow(s.dim, s.start, s.stop - s.start) != before[name].narrow(s.dim, s.start, s.stop - s.start))
+                assert changed.float().mean() > 0.9, f"tuned slice {s} barely changed"
+    assert all(torch.equal(p, before[n]) for n, p in ft.named_weights(tiny).items()), "applied() did not restore"
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_delta_roundtrip_reproduces_logits_exactly(tiny, batches, tmp_path):
+    result = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS, kv="frozen"), ft.TrainConfig(steps=2, lr=1e-2))
+    tokens = batches[0][0]
+    base = _logits(tiny, tokens)
+    with ft.applied(tiny, result.delta):
+        tuned = _logits(tiny, tokens)
+    folder = ft.save_delta(result.delta, tmp_path / "delta", base_model="tiny")
+    loaded = ft.load_delta(folder)
+    assert loaded.meta["method"] == "precise" and loaded.n_params == result.delta.n_params
+    with ft.applied(tiny, loaded):
+        again = _logits(tiny, tokens)
+    assert not torch.equal(tuned, base)
+    assert torch.equal(again, tuned)
+    assert torch.equal(_logits(tiny, tokens), base)
+    # a delta refuses a base whose touched slices differ from the one it was trained on
+    with ft.applied(tiny, loaded):
+        with pytest.raises(ValueError, match="different base"):
+            ft.apply_delta(tiny, loaded)
+
+
+def test_prefix_cached_step_equals_uncached(tiny, batches):
+    slices = ft.precise_slices(tiny, ft.PreciseSFTConfig((Head(1, 0), Head(1, 2))))
+    twin = ft.make_twin(tiny)
+    weights = ft.named_weights(twin)
+    start = 1
+    grads = []
+    for cached in (False, True):
+        trainable = {s: ft.slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
+        eff = ft.effective_weights(weights, trainable)
+        tokens, answers = batches[0]
+        prefix = ft.run_layers(twin, ft.embed(twin, tokens), 0, start).detach() if cached else None
+        loss = ft.step_loss(twin, (tokens, answers), start, eff, prefix)
+        loss.backward()
+        grads.append((loss.detach(), [trainable[s].grad for s in slices]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    runs = [ft.train_slices(tiny, slices, batches, ft.TrainConfig(steps=3, lr=1e-2, prefix_cache=c)) for c in (False, True)]
+    for s in slices:
+        assert torch.allclose(runs[0].delta.values[s], runs[1].delta.values[s], atol=1e-6)
+
+
+def test_twin_forward_matches_the_bridge(tiny, batches):
+    tokens = batches[0][0]
+    with torch.no_grad():
+        eager = ft.end_logits(ft.make_twin(tiny, "eager"), ft.embed(ft.make_twin(tiny, "eager"), tokens), 0)
+        twin = ft.make_twin(tiny)
+        fused = ft.end_logits(twin, ft.embed(twin, tokens), 0)
+    assert torch.equal(eager, _logits(tiny, tokens))
+    assert torch.allclose(fused, eager, atol=1e-5)
+
+
+def test_rescale_is_nearly_a_noop_under_adamw(tiny, batches):
+    config = ft.PreciseSFTConfig((Head(0, 0), Head(0, 1), Head(1, 2)), kv="frozen")
+    factors = ft.rescale_factors(tiny.cfg, config, ft.precise_slices(tiny, config))
+    assert sorted(set(factors.values())) == [2.0, 4.0]  # 4 heads per layer; 2 tuned in layer 0, 1 in layer 1
+    train = ft.TrainConfig(steps=3, lr=1e-3, weight_decay=0.0)
+    plain = ft.precise_sft(tiny, batches, config, train).delta
+    scaled = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(config.heads, kv="frozen", rescale=True), train).delta
+    base = ft.named_weights(tiny)
+    for s in plain.values:
+        update = plain.values[s] - ft.slice_view(base, s)
+        # a 2-4x larger gradient changes AdamW's update only through eps: by well under 5 %
+        assert (plain.values[s] - scaled.values[s]).norm() < 0.05 * update.norm()
+
+
+def test_full_sft_and_lora(tiny, batches):
+    full = ft.full_sft(tiny, batches, ft.TrainConfig(steps=2, lr=1e-3))
+    assert full.n_trainable == sum(p.numel() for p in ft.named_weights(tiny).values())
+    rank = 2
+    lora = ft.lora_sft(tiny, batches, rank, ft.TrainConfig(steps=2, lr=1e-2))
+    assert lora.n_trainable == rank * tiny.n_layers * ((64 + 64) * 2 + (64 + 32) * 2)
+    assert ft.lora_rank_for(tiny, lora.n_trainable) == rank
+    assert {s.param.rsplit(".", 2)[-2] for s in lora.delta.values} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    tokens = batches[0][0]
+    base = _logits(tiny, tokens)
+    for delta in (full.delta, lora.delta):
+        with ft.applied(tiny, delta):
+            assert not torch.equal(_logits(tiny, tokens), base)
+    assert torch.equal(_logits(tiny, tokens), base)
+
+
+def test_sft_data_split_and_batches(tiny):
+    data = fd.make_sft_data(tiny.tokenizer, operators=("+", "-"), seed=1)
+    train_pairs = {(it.operator, it.a, it.b) for it in data.train.items}
+    assert not train_pairs & {(it.operator, it.a, it.b) for it in data.evals["held-out pairs"].items}
+    assert not {it.template for it in data.train.items} & set(fd.HELDOUT_TEMPLATES)
+    assert {it.template for it in data.evals["held-out templates"].items} <= set(fd.HELDOUT_TEMPLATES)
+    batches = fd.make_batches(data.train, batch_size=16, n_batches=200, seed=0)
+    epoch, count = [], 0
+    for tokens, answers in batches:
+        assert tokens.shape[0] == answers.shape[0] <= 16
+        epoch += [tuple(t) for t in tokens.tolist()]
+        count += len(answers)
+        if count >= len(data.train):
+            break
+    assert count == len(data.train)  # an epoch uses every item exactly once
+    assert sorted(epoch) == sorted(it.clean_tokens for it in data.train.items)
+
+
+def test_compare_to_base_paired_changes():
+    rows = []
+    for method, correct in (("base", [0, 0, 1, 1]), ("tuned", [1, 1, 1, 1])):
+        for seed in ((0,) if method == "base" else (0, 1)):
+            rows += [{"method": method, "seed": seed, "kind": "math", "set": "s", "item": i, "correct": bool(c),
+                      "p_answer": 0.5} for i, c in enumerate(correct)]
+    scores = pd.DataFrame(rows)
+    table = fd.compare_to_base(scores, n_boot=200).set_index("method")
+    assert table.loc["base", "change"] == 0 and table.loc["tuned", "change"] == 0.5
+    assert table.loc["tuned", "seeds"] == 2 and table.loc["tuned", "accuracy"] == 1.0
+    summary = fd.math_vs_control(scores, n_boot=200).set_index("method")
+    assert np.isclose(summary.loc["tuned", "change"], 0.5) and summary.loc["tuned", "low"] <= 0.5 <= summary.loc["tuned", "high"]

@@ -16,7 +16,7 @@ def test_end_only_knockout_equals_full_forward(tiny, prompt_set):
     means = K.mean_z(tiny, prompt_set, "end")
     heads = [Head(0, 1), Head(1, 3)]
     end = K.KnockoutEvaluator(tiny, prompt_set, means, "end")
-    hooks = K._ablation_hooks(heads, means, "end")
+    hooks = K.ablation_hooks(heads, means, "end")
     for b, tokens, answers, kv in end.batches:
         fast = K.end_only_logits(tiny, tokens, hooks, kv)
         full = tiny.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float()

@@ -155,8 +155,8 @@ def test_cached_knockout_equals_full_hooked_forward(tiny):
     heads = [Head(0, 1), Head(1, 3)]
     means = torch.randn(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
     scorer = SuiteScorer(tiny, suite)
-    got = scorer.score(knockout._ablation_hooks(heads, means, "all"))
-    again = scorer.score(knockout._ablation_hooks(heads, means, "all"))  # the KV cache was given back intact
+    got = scorer.score(knockout.ablation_hooks(heads, means, "all"))
+    again = scorer.score(knockout.ablation_hooks(heads, means, "all"))  # the KV cache was given back intact
     assert got.equals(again)
     for i, it in enumerate(suite.items):
         seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1]])
@@ -177,13 +177,17 @@ def test_cached_knockout_equals_full_hooked_forward(tiny):
 def test_knockout_transfer_and_summary(tiny):
     S = {n: make_suite(n, tiny.tokenizer, n=10) for n in ("power", "capitals")}
     means = torch.zeros(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
-    scores = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=2, skip=("capitals",))
-    assert set(scores[scores.suite == "capitals"].condition) == {"none"}
+    scores = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=2, margin=-1.0, min_correct=0)
+    assert set(scores[scores.suite == "capitals"].condition) == {"none", "key", "random"}
+    strict = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=1, margin=0.15)
+    assert set(strict.condition) == {"none"}  # a random-init model can do none of them: nothing ablated
     assert scores[scores.suite == "power"].groupby("condition").size().to_dict() == {
         "none": len(S["power"]), "key": len(S["power"]), "random": 2 * len(S["power"])}
     summary = transfer.summarize_transfer(scores, n_boot=50)
     none = summary[summary.condition == "none"]
     assert np.allclose(none.relative_drop.fillna(0), 0)
+    assert transfer.change_text(summary, "power").startswith(("+", "-", "−", "nan"))
+    assert transfer.change_text(transfer.summarize_transfer(strict, n_boot=10), "power").startswith("not ablated")
 
 
 def test_relative_drop_and_its_interval():

@@ -191,3 +191,37 @@ def logit_lens_chart(lens: pd.DataFrame, title: str = "Logit lens: rank of each 
         color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom")),
         tooltip=["case", "label", "layer", alt.Tooltip("rank1:Q", title="rank"), alt.Tooltip("logit:Q", format=".2f")],
     ).properties(width=240, height=170).facet(facet=alt.Facet("case:N", title=None), columns=2).properties(title=title)
+
+
+def transfer_chart(summary: pd.DataFrame, title: str = "Accuracy per suite: no ablation, key heads, random heads") -> alt.Chart:
+    """Grouped bars with bootstrap CIs: accuracy per suite and condition, one panel per scoring.
+
+    ``summary`` from :func:`arithlens.transfer.summarize_transfer` (columns suite, scoring, condition,
+    accuracy, acc_ci_low, acc_ci_high, relative_drop)."""
+    order = ["none", "key", "random"]
+    base = alt.Chart(summary).encode(
+        x=alt.X("condition:N", sort=order, title=None, axis=alt.Axis(labels=False, ticks=False)),
+        color=alt.Color("condition:N", sort=order, title="heads ablated",
+                        scale=alt.Scale(domain=order, range=["#4c78a8", "#d62728", "#7f7f7f"])),
+    )
+    bars = base.mark_bar().encode(
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
+        tooltip=["suite", "scoring", "condition", alt.Tooltip("accuracy:Q", format=".1%"),
+                 alt.Tooltip("relative_drop:Q", format="+.0%", title="relative change"), "n"])
+    err = base.mark_rule(color="black").encode(y="acc_ci_low:Q", y2="acc_ci_high:Q")
+    return (bars + err).properties(width=34, height=170).facet(
+        column=alt.Column("suite:N", title=None, sort=list(dict.fromkeys(summary["suite"]))),
+        row=alt.Row("scoring:N", title=None)).properties(title=title).configure_legend(orient="bottom")
+
+
+def overlap_heatmap(overlap: pd.DataFrame, value: str = "shared", title: str = "") -> alt.Chart:
+    """Suite × suite matrix of top-k overlap (``overlap`` from :func:`arithlens.transfer.overlap_matrix`)."""
+    order = list(dict.fromkeys(overlap["a"]))
+    base = alt.Chart(overlap).encode(x=alt.X("b:N", sort=order, title=None), y=alt.Y("a:N", sort=order, title=None))
+    cells = base.mark_rect().encode(
+        color=alt.Color(f"{value}:Q", title=value, scale=alt.Scale(scheme="blues")),
+        tooltip=["a", "b", "shared", alt.Tooltip("shared_frac:Q", format=".0%"), alt.Tooltip("jaccard:Q", format=".2f")])
+    text = base.mark_text(fontSize=13).encode(
+        text=alt.Text(f"{value}:Q", format="d" if value == "shared" else ".2f"),
+        color=alt.condition(f"datum.{value} > {overlap[value].max() / 2}", alt.value("white"), alt.value("black")))
+    return (cells + text).properties(width=60 * len(order), height=40 * len(order), title=title)

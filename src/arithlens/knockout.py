@@ -44,7 +44,7 @@ def mean_z(model, prompts: PromptSet, positions: Positions = "end", batch_size: 
     return total / count
 
 
-def _ablation_hooks(heads: list[Head], means: Tensor, positions: Positions) -> list:
+def ablation_hooks(heads: list[Head], means: Tensor, positions: Positions) -> list:
     by_layer: dict[int, list[int]] = {}
     for h in heads:
         by_layer.setdefault(h.layer, []).append(h.head)
@@ -82,7 +82,7 @@ class KnockoutEvaluator:
     def correct(self, heads: list[Head]) -> np.ndarray:
         """Per-item greedy correctness with ``heads`` mean-ablated."""
         out = np.zeros(len(self.prompts), dtype=bool)
-        hooks = _ablation_hooks(heads, self.means, self.positions)
+        hooks = ablation_hooks(heads, self.means, self.positions)
         for b, tokens, answers, kv in self.batches:
             if self.positions == "end":
                 logits = end_only_logits(self.model, tokens, hooks, kv)

@@ -37,3 +37,14 @@ MLP = {
     "as fraction of depth": "0.41–0.56–0.88 (LLaMA2-7B)",
     "logit lens": "4+3=: operands promoted first (layers 17, 19), answer emerges 22–27",
 }
+
+#: Paper § "Transfer" (LLaMA2-7B).
+TRANSFER = {
+    "tasks broken by knocking out the key heads": "multi-digit (281+135), decimals (4.2 plus 2.5), year spans "
+                                                  "(from 1723 to 172_) — reported qualitatively",
+    "SVAMP, key heads knocked out": "−66 % relative",
+    "exponentiation, key heads knocked out": "−62 to −66 % relative (uses the same five heads)",
+    "MMLU-Humanities (non-math), key heads knocked out": "42.9 → 42.6",
+    "GSM8K localized independently": "shares 6 of its top-10 heads with the arithmetic top-10; "
+                                     "the other 4 attend to text",
+}

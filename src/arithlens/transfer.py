@@ -56,26 +56,28 @@ def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correc
 
 
 def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means: torch.Tensor, n_seeds: int = 5,
-                      seed: int = 0, skip=(), progress=None) -> pd.DataFrame:
+                      seed: int = 0, margin: float | None = 0.15, min_correct: int = 8, progress=None) -> pd.DataFrame:
     """Per-item scores for each suite × condition (``none``, ``key``, ``random``; random over ``n_seeds``).
 
-    Suites named in ``skip`` get only the ``none`` condition (e.g. those the model cannot do). Random
-    heads are drawn like chapter 1's (:func:`arithlens.knockout.random_heads`, seed ``s * 1000 + k``).
+    A suite gets the ablations only if :func:`usability` (``margin``, ``min_correct``) passes for at
+    least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
+    every suite. Random heads are drawn like chapter 1's (:func:`arithlens.knockout.random_heads`,
+    seed ``s * 1000 + k``).
     """
     k = len(heads)
     frames = []
     names = list(suites)
     for name in (progress(names, desc="knockout transfer (suites)") if progress else names):
         scorer = SuiteScorer(model, suites[name])
-        conditions = [("none", -1, [])]
-        if name not in skip and k:
-            conditions += [("key", -1, heads)] + [
-                ("random", seed + s, knockout.random_heads(model.n_layers, model.n_heads, k, (seed + s) * 1000 + k))
-                for s in range(n_seeds)]
+        base = scorer.score().assign(condition="none", seed=-1, k=0)
+        frames.append(base)
+        if not k or (margin is not None and not usability(suites[name], base, margin, min_correct)["usable"].any()):
+            continue
+        conditions = [("key", -1, heads)] + [
+            ("random", seed + s, knockout.random_heads(model.n_layers, model.n_heads, k, (seed + s) * 1000 + k))
+            for s in range(n_seeds)]
         for cond, s, hs in conditions:
-            hooks = knockout._ablation_hooks(hs, means, "all") if hs else []
-            frames.append(scorer.score(hooks).assign(condition=cond, seed=s, k=len(hs)))
-        del scorer  # its KV caches
+            frames.append(scorer.score(knockout.ablation_hooks(hs, means, "all")).assign(condition=cond, seed=s, k=k))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -147,3 +149,11 @@ def attention_of(model, suite: Suite, heads: list[Head]) -> pd.DataFrame:
     table = knockout.end_attention_groups(model, suite, heads, lambda it: {
         "numbers": list(it.number_pos), "operation": [it.op_pos] if it.op_pos is not None else []})
     return table.groupby(["layer", "head"])[["numbers", "operation", "other"]].mean().reset_index().assign(suite=suite.name)
+
+
+def change_text(summary: pd.DataFrame, suite: str, metric: str = "correct") -> str:
+    """"−37 % (random heads −3 %)" for one suite and scoring of :func:`summarize_transfer`'s table."""
+    rows = summary[(summary["suite"] == suite) & (summary["metric"] == metric)].set_index("condition")["relative_drop"]
+    if "key" not in rows:
+        return "not ablated (the model cannot do it)"
+    return f"{rows['key']:+.0%} (random heads {rows['random']:+.0%})" if "random" in rows else f"{rows['key']:+.0%}"

@@ -47,7 +47,7 @@ def mean_matches_library(mean_head_outputs) -> str:
 
 @torch.no_grad()
 def _library_logits(model, tokens, heads, means) -> torch.Tensor:
-    hooks = knockout._ablation_hooks(list(heads), means, "end")
+    hooks = knockout.ablation_hooks(list(heads), means, "end")
     return model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float().cpu()
 
 

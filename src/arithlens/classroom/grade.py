@@ -71,6 +71,8 @@ def exercise_of(nb, path: Path) -> str | None:
 def grading_copy(nb, exercise: str, results: Path) -> nbformat.NotebookNode:
     """The notebook to execute: check cells dropped, outputs cleared, the grading cell appended."""
     work = nbformat.from_dict(json.loads(json.dumps(nb)))
+    for number, cell in enumerate(work.cells, 1):  # reports count cells as the student sees them
+        cell.metadata["arithlens_cell"] = number
     work.cells = [c for c in work.cells if CHECK_TAG not in c.get("metadata", {}).get("tags", [])]
     for cell in work.cells:
         if cell.cell_type == "code":
@@ -102,26 +104,25 @@ def _cpu_only():
 
 
 def _cell_errors(executed: Path) -> tuple[list[dict], dict | None]:
-    """Student cells that raised (index, first line of source, error), and the cell left running."""
+    """Student cells that raised (number in the submitted notebook, first line of code, error), and
+    the last cell that started (the one running when a run was cut short)."""
     if not executed.is_file():
         return [], None
     nb = nbformat.read(executed, as_version=4)
-    errors, running = [], None
+    errors, last = [], None
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
-        if GRADER_TAG in cell.metadata.get("tags", []):
-            if cell.metadata.get("papermill", {}).get("status") == "running":
-                running = {"cell": i, "code": "the grading cell", "grader": True}
-            continue
+        grader = GRADER_TAG in cell.metadata.get("tags", [])
         first = next((ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")), "")
-        for out in cell.get("outputs", []):
+        number = cell.metadata.get("arithlens_cell", i + 1)
+        if cell.metadata.get("papermill", {}).get("start_time"):
+            last = {"cell": number, "code": "the grading cell" if grader else _one_line(first, 80), "grader": grader}
+        for out in [] if grader else cell.get("outputs", []):
             if out.get("output_type") == "error":
-                errors.append({"cell": i, "code": _one_line(first, 80),
+                errors.append({"cell": number, "code": _one_line(first, 80),
                                "error": _one_line(f"{out.get('ename')}: {out.get('evalue')}")})
-        if cell.metadata.get("papermill", {}).get("status") == "running":
-            running = {"cell": i, "code": _one_line(first, 80), "grader": False}
-    return errors, running
+    return errors, last
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,8 +123,9 @@ def run_check(exercise: str, check_fn, namespace: dict, seconds: float = CHECK_S
     else:
         args = {n: _as_student(n, namespace[n]) for n in needs(check_fn)}
         try:
-            with _time_limit(seconds), torch.random.fork_rng():  # a student's global seeding stays theirs
-                reason = check_fn(**args)
+            with _time_limit(seconds), torch.random.fork_rng(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # library warnings about hooks are noise in a check's feedback
+                reason = check_fn(**args)  # fork_rng: a student's global seeding stays theirs
             passed = True
         except AssertionError as exc:
             reason = _one_line(exc) or "wrong result"

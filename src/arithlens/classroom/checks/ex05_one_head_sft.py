@@ -52,7 +52,7 @@ def reference_train(hf_model, masks, tokens, answers, steps: int, lr: float) -> 
         with torch.no_grad():
             for (name, mask), grad in zip(masks.items(), grads):
                 params[name].sub_(lr * grad * mask)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

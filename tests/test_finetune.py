@@ -181,3 +181,19 @@ def test_compare_to_base_paired_changes():
     assert table.loc["tuned", "seeds"] == 2 and table.loc["tuned", "accuracy"] == 1.0
     summary = fd.math_vs_control(scores, n_boot=200).set_index("method")
     assert np.isclose(summary.loc["tuned", "change"], 0.5) and summary.loc["tuned", "low"] <= 0.5 <= summary.loc["tuned", "high"]
+
+
+def test_random_heads_are_seeded_and_avoid_the_key_heads(tiny):
+    drawn = ft.random_heads(tiny.cfg, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
+    assert drawn == ft.random_heads(tiny.cfg, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
+    assert all(h.layer >= 1 and h != Head(1, 0) for h in drawn) and len(set(drawn)) == 3
+    with pytest.raises(ValueError):
+        ft.random_heads(tiny.cfg, 4, seed=0, min_layer=1, exclude=[Head(1, 0)])
+
+
+def test_verdict_needs_separated_intervals():
+    summary = pd.DataFrame([{"method": m, "kind": "math", "change": c, "low": c - 0.05, "high": c + 0.05}
+                            for m, c in (("a", 0.3), ("b", 0.1), ("c", 0.28))])
+    assert fd.verdict(summary, "a", "b") == "better than"
+    assert fd.verdict(summary, "b", "a") == "worse than"
+    assert fd.verdict(summary, "a", "c") == "not distinguishable from"

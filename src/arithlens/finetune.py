@@ -33,7 +33,9 @@ optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
 from __future__ import annotations
 
 import copy
+import random
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -49,6 +51,7 @@ from arithlens.finetune_delta import (  # noqa: F401  (re-exported: the Precise 
 from arithlens.patching import Head
 
 KVPolicy = Literal["shared", "frozen"]
+MethodKind = Literal["precise", "full", "lora"]
 Batch = tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch"]]
 
 
@@ -70,8 +73,22 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
-    seed: int = 0
+    seed: int = 0  # seeds peft's LoRA initialisation (nothing else here is random)
     prefix_cache: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: what is trained, under which label and group."""
+
+    name: str
+    kind: MethodKind
+    precise: PreciseSFTConfig | None = None
+    lora_rank: int = 0
+    lora_layers: tuple[int, ...] | None = None  # None: every layer
+    lr: float | None = None  # None: the shared TrainConfig's
+    seed: int = 0
+    group: str = "main"
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,21 @@ def mlp_slices(model, layers) -> list[Slice]:
 
 def precise_slices(model, config: PreciseSFTConfig) -> list[Slice]:
     return head_slices(model.cfg, config.heads, config.kv) + mlp_slices(model, config.mlp_layers)
+
+
+def random_heads(cfg, k: int, seed: int, min_layer: int = 0, exclude=()) -> tuple[Head, ...]:
+    """``k`` distinct heads drawn uniformly (local seeded generator) from layers ≥ ``min_layer``,
+    never one of ``exclude`` (the key heads), sorted."""
+    pool = [Head(l, h) for l in range(min_layer, cfg.n_layers) for h in range(cfg.n_heads) if Head(l, h) not in set(exclude)]
+    if k > len(pool):
+        raise ValueError(f"k={k} is larger than the {len(pool)} heads to draw from")
+    return tuple(sorted(random.Random(seed).sample(pool, k)))
+
+
+def count_params(model, slices: list[Slice]) -> int:
+    """Number of weights in ``slices`` (trainable parameters, before training)."""
+    weights = named_weights(model)
+    return sum(slice_view(weights, s).numel() for s in slices)
 
 
 def rescale_factors(cfg, config: PreciseSFTConfig, slices: list[Slice]) -> dict[Slice, float]:
@@ -292,7 +324,9 @@ def lora_sft(model, batches: list[Batch], rank: int, train: TrainConfig = TrainC
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, layers_to_transform=layers,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_pattern="layers")
     torch.manual_seed(train.seed)  # peft initialises A from the global generator
-    peft_model = get_peft_model(twin, cfg)
+    with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing via a deprecated name
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(twin, cfg)
     inner = peft_model.base_model.model
     params = [p for p in peft_model.parameters() if p.requires_grad]
     start = min(layers)
@@ -336,3 +370,16 @@ def lora_rank_for(model, n_params: int, layers=None) -> int:
     per_rank = (d + d) * 2 + (d + kv) * 2  # q and o: d→d; k and v: d→kv; A and B of each
     n_layers = model.n_layers if layers is None else len(layers)
     return max(1, round(n_params / (per_rank * n_layers)))
+
+
+def train_method(model, batches: list[Batch], method: Method, train: TrainConfig = TrainConfig(),
+                 progress=None, twin=None) -> TrainResult:
+    """Dispatch one :class:`Method` to :func:`precise_sft`, :func:`full_sft` or :func:`lora_sft`."""
+    train = replace(train, lr=method.lr or train.lr, seed=method.seed)
+    if method.kind == "precise":
+        return precise_sft(model, batches, method.precise, train, progress, twin)
+    if method.kind == "full":
+        return full_sft(model, batches, train, progress, twin)
+    if method.kind == "lora":
+        return lora_sft(model, batches, method.lora_rank, train, method.lora_layers, progress=progress)
+    raise ValueError(f"unknown method kind {method.kind!r}")

@@ -158,3 +158,14 @@ def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
         rows.append({"method": method, "kind": kind, "sets": len(sets), "change": point,
                      "low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))})
     return pd.DataFrame(rows)
+
+
+def verdict(summary: pd.DataFrame, a: str, b: str, kind: str = "math") -> str:
+    """How method ``a`` compares with ``b`` in :func:`math_vs_control`'s ``summary``: ``"better than"``
+    / ``"worse than"`` when their 95 % CIs do not overlap, else ``"not distinguishable from"``."""
+    rows = summary[summary["kind"] == kind].set_index("method")
+    if rows.loc[a, "low"] > rows.loc[b, "high"]:
+        return "better than"
+    if rows.loc[a, "high"] < rows.loc[b, "low"]:
+        return "worse than"
+    return "not distinguishable from"

@@ -121,7 +121,7 @@ def _cell_errors(executed: Path) -> tuple[list[dict], dict | None]:
         for out in [] if grader else cell.get("outputs", []):
             if out.get("output_type") == "error":
                 errors.append({"cell": number, "code": _one_line(first, 80),
-                               "error": _one_line(f"{out.get('ename')}: {out.get('evalue')}")})
+                               "error": _one_line(f"{out.get('ename')}: {out.get('evalue')}", 120)})
     return errors, last
 
 

@@ -63,3 +63,19 @@ def test_mlp_chapter_reads_key_heads_from_chapter1(isolated_runs):
     first = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
     run = run_chapter("02_mlp", "tiny", MLP_TINY, log=lambda m: None)
     assert f"from chapter 1's run `{first.path.name}`" in _markdown_outputs(run)
+
+
+TRANSFER_TINY = ["n_items=6", "suite_names=[power, multidigit, years, capitals]", "n_random_seeds=2", "margin=-1.0",
+                 "min_correct=0", "key_heads_top_k=3", "localize_top_k=3", "mean_per_cell=1", "n_boot=20",
+                 "filter_correct=false", "localize_correct_only=false"]
+
+
+@pytest.mark.slow
+def test_transfer_chapter_end_to_end(isolated_runs):
+    run = run_chapter("03_transfer", "tiny", TRANSFER_TINY, log=lambda m: None)
+    assert "computed here (no chapter-1 run of this model)" in _markdown_outputs(run)
+    scores = run.table("transfer_scores")
+    assert set(scores["condition"]) == {"none", "key", "random"} and set(scores["suite"]) == {"power", "multidigit", "years", "capitals"}
+    overlap = run.table("overlap")
+    assert set(overlap["a"]) == {"arithmetic (ch. 1)", "power", "multidigit"}  # suites with a counterfactual
+    assert len(run.table("attention")) == 2 * 3

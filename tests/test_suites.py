@@ -212,7 +212,8 @@ def test_localize_suite_is_chapter_one_patching(tiny):
     assert len(transfer.top_heads(summary, 3)) == 3
     with pytest.raises(ValueError, match="no counterfactual"):
         transfer.localize_suite(tiny, make_suite("capitals", tiny.tokenizer, n=4))
-    att = transfer.attention_of(tiny, suite, [Head(0, 0), Head(1, 2)])
+    att = transfer.attention_of(tiny, suite, [Head(0, 0), Head(1, 2)], reference=[Head(1, 2)])
+    assert att["in_reference"].tolist() == [False, True]
     assert np.allclose(att[["numbers", "operation", "other"]].sum(axis=1), 1, atol=1e-5)
 
 

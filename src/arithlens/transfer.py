@@ -143,12 +143,15 @@ def overlap_matrix(sets: dict[str, list[Head]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def attention_of(model, suite: Suite, heads: list[Head]) -> pd.DataFrame:
+def attention_of(model, suite: Suite, heads: list[Head], reference: list[Head] = ()) -> pd.DataFrame:
     """END attention of ``heads`` onto the query's number tokens, its operation token, and other text
-    (via :func:`arithlens.knockout.end_attention_groups`), mean per head."""
+    (via :func:`arithlens.knockout.end_attention_groups`), mean per head; ``in_reference`` marks the
+    heads that are also in ``reference`` (e.g. the arithmetic key heads)."""
     table = knockout.end_attention_groups(model, suite, heads, lambda it: {
         "numbers": list(it.number_pos), "operation": [it.op_pos] if it.op_pos is not None else []})
-    return table.groupby(["layer", "head"])[["numbers", "operation", "other"]].mean().reset_index().assign(suite=suite.name)
+    out = table.groupby(["layer", "head"])[["numbers", "operation", "other"]].mean().reset_index()
+    ref = {(h.layer, h.head) for h in reference}
+    return out.assign(suite=suite.name, in_reference=[(l, h) in ref for l, h in zip(out["layer"], out["head"])])
 
 
 def change_text(summary: pd.DataFrame, suite: str, metric: str = "correct") -> str:
@@ -157,3 +160,19 @@ def change_text(summary: pd.DataFrame, suite: str, metric: str = "correct") -> s
     if "key" not in rows:
         return "not ablated (the model cannot do it)"
     return f"{rows['key']:+.0%} (random heads {rows['random']:+.0%})" if "random" in rows else f"{rows['key']:+.0%}"
+
+
+def drop_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per suite × scoring that was ablated: base accuracy and the relative change with the key
+    heads and with random heads, each as "−37 % [−58 %, −18 %]" (text; NaN when the base is 0)."""
+    cell = lambda r: (f"{r.relative_drop:+.0%} [{r.drop_ci_low:+.0%}, {r.drop_ci_high:+.0%}]"
+                      if pd.notna(r.relative_drop) else "— (base accuracy 0)")
+    rows = []
+    for (suite, kind, scoring), part in summary.groupby(["suite", "kind", "scoring"], sort=False):
+        by = {r.condition: r for r in part.itertuples()}
+        if "key" not in by:
+            continue
+        rows.append({"suite": suite, "kind": kind, "scoring": scoring, "base": by["none"].accuracy,
+                     "key heads: relative change": cell(by["key"]),
+                     "random heads: relative change": cell(by["random"]) if "random" in by else "—"})
+    return pd.DataFrame(rows)

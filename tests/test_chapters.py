@@ -73,7 +73,7 @@ TRANSFER_TINY = ["n_items=6", "suite_names=[power, multidigit, years, capitals]"
 @pytest.mark.slow
 def test_transfer_chapter_end_to_end(isolated_runs):
     run = run_chapter("03_transfer", "tiny", TRANSFER_TINY, log=lambda m: None)
-    assert "computed here (no chapter-1 run of this model)" in _markdown_outputs(run)
+    assert "no chapter-1 run of this model, so computed here" in _markdown_outputs(run)
     scores = run.table("transfer_scores")
     assert set(scores["condition"]) == {"none", "key", "random"} and set(scores["suite"]) == {"power", "multidigit", "years", "capitals"}
     overlap = run.table("overlap")

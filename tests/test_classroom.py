@@ -128,7 +128,7 @@ def test_classroom_edits_do_not_invalidate_chapter_runs(monkeypatch):
     read = []
     original = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self) or original(self))
-    runs.code_hash("00_task")
+    runs.code_hash("01_heads")
     assert any(p.name == "patching.py" for p in read)
     assert not any("classroom" in p.parts or p.name in ("book.py", "cli.py") for p in read)
 

@@ -72,3 +72,14 @@ def test_reuse_reexecute_and_failure(isolated_runs, monkeypatch):
     failed = list(isolated_runs.rglob("*.failed"))
     assert len(failed) == 1 and (failed[0] / "error.txt").read_text().startswith("ValueError")
     assert not list(isolated_runs.rglob("*.partial-*"))
+
+
+def test_code_hash_covers_exactly_the_modules_a_chapter_reaches():
+    from arithlens import runs
+    names = lambda ch: {p.stem for p in runs.chapter_modules(ch)}
+    assert {"transfer", "suites", "patching", "knockout", "prompts", "models"} <= names("03_transfer")
+    assert "patching" in names("02_mlp") and "mlp" in names("02_mlp")  # mlp imports patching: followed
+    assert not names("00_task") & {"finetune", "transfer", "suites", "book", "cli", "classroom"}
+    assert runs._arithlens_imports("from arithlens import charts, models\n%matplotlib inline\nimport arithlens.mlp") == {
+        "charts", "models", "mlp"}
+    assert runs._arithlens_imports("from .patching import Head\nfrom arithlens.prompts import x") == {"patching", "prompts"}

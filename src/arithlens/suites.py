@@ -25,18 +25,17 @@ Suites (``SUITES``):
 Every suite uses a few fixed demonstrations (same format, never the query). Answers are computed by
 the generator (Python arithmetic or the data file) and checked in the tests independently.
 
-Written by hand: templates, alignment checks and the teacher-forced scorer (no library generates or
-scores these tasks on a TransformerLens bridge).
+The task generators themselves (templates, word lists, answers) are in :mod:`arithlens.suite_tasks`.
+
+Written by hand: alignment checks and the teacher-forced scorer (no library generates or scores these
+tasks on a TransformerLens bridge).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from decimal import Decimal
-from importlib import resources
 from typing import Callable, Literal
 
 import numpy as np
@@ -44,13 +43,14 @@ import pandas as pd
 import torch
 
 from arithlens.patching import prefix_kv
+from arithlens.suite_tasks import (
+    NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, load_controls, multidigit_source, pairs_source,
+    power_source, sequences_source, word_problems_source, years_source,
+)
 from arithlens.prompts import _encode
 
 Kind = Literal["math", "control"]
 Scoring = Literal["exact", "mass"]
-NULL_SYMBOLS = ("@", "<", "#", "&", "~")
-NULL_WORDS = ("nothing", "none", "null")
-NEUTRAL_VERBS = ("sees", "likes", "draws", "counts")
 
 
 @dataclass(frozen=True)
@@ -208,127 +208,6 @@ def _generate(tokenizer, suite: str, candidates: list, render: Callable, n: int,
     return items, dropped
 
 
-# --- the suites ------------------------------------------------------------------------------------
-
-def _multidigit(rng_seed: int, digits: int = 2):
-    r = random.Random(f"{rng_seed}|multidigit{digits}|pairs")
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    cands = []
-    for _ in range(4000):
-        op = r.choice("+-")
-        a, b = r.randint(lo, hi), r.randint(lo, hi)
-        if op == "-" and a < b:
-            a, b = b, a
-        cands.append((a, op, b))
-    cands = list(dict.fromkeys(cands))
-
-    def render(c):
-        a, op, b = c
-        c_ = a + b if op == "+" else a - b
-        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", " = ")], \
-            str(c_), (), (("a", a), ("b", b), ("result", c_))
-    return cands, render
-
-
-def _decimals(rng_seed: int):
-    tenths = [Decimal(i).scaleb(-1) for i in range(10, 100)]  # 1.0 … 9.9, always one decimal
-    r = random.Random(f"{rng_seed}|decimals|pairs")
-    cands = []
-    for _ in range(4000):
-        op = r.choice(["plus", "minus"])
-        a, b = r.choice(tenths), r.choice(tenths)
-        if op == "minus" and a < b:
-            a, b = b, a
-        cands.append((a, op, b))
-    cands = list(dict.fromkeys(cands))
-
-    def render(c):
-        a, op, b = c
-        res = a + b if op == "plus" else a - b
-        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", " equals ")], \
-            str(res), (), (("a", str(a)), ("b", str(b)), ("result", str(res)))
-    return cands, render
-
-
-YEAR_EVENTS = ("war", "expedition", "reign", "drought", "famine", "siege", "voyage", "truce", "dynasty", "boom")
-
-
-def _years(rng_seed: int):
-    cands = [(ev, century, d, u) for ev in YEAR_EVENTS for century in range(11, 19) for d in range(1, 9)
-             for u in range(1, 9)]
-
-    def render(c):
-        ev, century, d, u = c
-        start = f"{century}{d}{u}"
-        valid = tuple(str(x) for x in range(u + 1, 10))
-        parts = [("text", f"The {ev} lasted from the year "), ("num", start), ("text", " to the year "),
-                 ("num", f"{century}{d}")]
-        return "later year", parts, f"> {u}", valid, (("event", ev), ("start", int(start)), ("units", u))
-    return cands, render
-
-
-NAMES = ("Tom", "Anna", "Sam", "Lily", "Ben", "Mia", "Jack", "Emma")
-OBJECTS = ("apples", "pens", "books", "cards", "coins", "stamps", "shells", "marbles")
-ADD_VERBS = ("gets", "finds", "buys", "wins")
-SUB_VERBS = ("loses", "sells", "breaks", "gives away")
-
-
-def _word_problems(rng_seed: int):
-    cands = []
-    for name in NAMES:
-        for obj in OBJECTS:
-            for a in range(1, 10):
-                for b in range(1, 10):
-                    if a + b <= 9:
-                        cands.append((name, obj, a, "+", b))
-                    if b <= a:
-                        cands.append((name, obj, a, "-", b))
-    r = random.Random(f"{rng_seed}|word_problems|verbs")
-    verbs = {c: r.choice(ADD_VERBS if c[3] == "+" else SUB_VERBS) for c in cands}
-
-    def render(c):
-        name, obj, a, op, b = c
-        res = a + b if op == "+" else a - b
-        parts = [("text", f"{name} has "), ("num", str(a)), ("text", f" {obj}. {name} "), ("op", verbs[c]),
-                 ("text", " "), ("num", str(b)), ("text", f" {obj}. Now {name} has ")]
-        return op, parts, str(res), (), (("a", a), ("b", b), ("verb", verbs[c]), ("result", res))
-    return cands, render
-
-
-def _power(rng_seed: int):
-    def render(c):
-        a, e = c
-        return "^", [("num", str(a)), ("text", " "), ("op", "^"), ("text", " "), ("num", str(e)), ("text", " = ")], \
-            str(a ** e), (), (("a", a), ("b", e), ("result", a ** e))
-    return [(a, e) for a in range(2, 10) for e in range(0, 4)], render
-
-
-def load_controls() -> dict:
-    """The shipped non-math control data (``arithlens/data/controls.json``)."""
-    return json.loads(resources.files("arithlens").joinpath("data/controls.json").read_text(encoding="utf-8"))
-
-
-def _pairs(name: str):
-    spec = load_controls()[name]
-
-    def render(c):
-        x, y = c
-        return name, [("text", spec["template"].format(x=x))], spec["answer"].format(y=y), (), (("query", x), ("expected", y))
-    return [tuple(p) for p in spec["pairs"]], render
-
-
-def _sequences(rng_seed: int):
-    spec = load_controls()["sequences"]
-    w, sep = spec["window"], spec["separator"]
-    cands = [(lst, tuple(vals[i: i + w]), vals[i + w]) for lst, vals in spec["lists"].items()
-             for i in range(len(vals) - w)]
-
-    def render(c):
-        lst, window, nxt = c
-        return lst, [("text", sep.join(window) + sep.rstrip())], " " + nxt, (), (("list", lst), ("expected", nxt))
-    return cands, render
-
-
 @dataclass(frozen=True)
 class SuiteSpec:
     kind: Kind
@@ -343,23 +222,23 @@ class SuiteSpec:
 
 SUITES: dict[str, SuiteSpec] = {
     "multidigit": SuiteSpec("math", "exact", "2-digit + and − (`28 + 35 = 63`)", "operator → null symbol",
-                            NULL_SYMBOLS, _multidigit),
+                            NULL_SYMBOLS, multidigit_source),
     "multidigit3": SuiteSpec("math", "exact", "3-digit + and − (`281 + 135 = 416`, the paper's example)",
-                             "operator → null symbol", NULL_SYMBOLS, lambda s: _multidigit(s, 3)),
+                             "operator → null symbol", NULL_SYMBOLS, lambda s: multidigit_source(s, 3)),
     "decimals": SuiteSpec("math", "exact", "one-decimal plus/minus (`4.2 plus 2.5 equals 6.7`)",
-                          "operator word → null word", NULL_WORDS, _decimals),
+                          "operator word → null word", NULL_WORDS, decimals_source),
     "years": SuiteSpec("math", "mass", "year spans (`from the year 1723 to the year 172_`: a digit > 3)",
-                       None, None, _years, shots=0),
+                       None, None, years_source, shots=0),
     "word_problems": SuiteSpec("math", "exact", "one-step word problems, answer 0–9", "operation verb → neutral verb",
-                               NEUTRAL_VERBS, _word_problems),
+                               NEUTRAL_VERBS, word_problems_source),
     "power": SuiteSpec("math", "exact", "exponentiation (`2 ^ 3 = 8`, bases 2–9, exponents 0–3)",
-                       "`^` → null symbol", NULL_SYMBOLS, _power),
+                       "`^` → null symbol", NULL_SYMBOLS, power_source),
     "capitals": SuiteSpec("control", "exact", "capital cities (`The capital of France is Paris`)", None, None,
-                          lambda s: _pairs("capitals")),
+                          lambda s: pairs_source("capitals")),
     "antonyms": SuiteSpec("control", "exact", "antonyms (`The opposite of hot is cold`)", None, None,
-                          lambda s: _pairs("antonyms")),
+                          lambda s: pairs_source("antonyms")),
     "sequences": SuiteSpec("control", "exact", "next item of days, months, letters (`March, April, May, June`)",
-                           None, None, _sequences, per_label=False),
+                           None, None, sequences_source, per_label=False),
 }
 SUITE_NAMES = list(SUITES)
 

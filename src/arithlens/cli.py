@@ -93,7 +93,7 @@ def cmd_classroom_grade(args) -> int:
     out = Path(args.out)
     for path, name in zip(paths, names):
         _log(f"grading {path} (timeout {args.timeout} s)")
-        report = grade_notebook(path, out, timeout=args.timeout, name=name)
+        report = grade_notebook(path, out, timeout=args.timeout, name=name, threads=args.threads)
         print(format_report(report, out / f"{name}.json"), flush=True)
     return 0
 
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     cgrade.add_argument("notebooks", nargs="+", metavar="NOTEBOOK.ipynb")
     cgrade.add_argument("--out", default="grades", help="folder for the JSON reports and executed copies (default ./grades)")
     cgrade.add_argument("--timeout", type=int, default=300, help="seconds a notebook's own cells may take (default 300)")
+    cgrade.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for the notebook's kernel (default 1: robust when the machine is busy)")
     cgrade.set_defaults(func=cmd_classroom_grade)
     return parser
 

@@ -28,13 +28,15 @@ Positions = Literal["end", "all"]
 
 
 @torch.no_grad()
-def mean_z(model, prompts: PromptSet, positions: Positions = "end", batch_size: int = 32) -> Float[Tensor, "layer head d_head"]:
-    """Mean of every head's ``hook_z`` over the counterfactual prompts (at END, or over all positions)."""
+def mean_z(model, prompts: PromptSet, positions: Positions = "end", batch_size: int = 32,
+           which: Literal["clean", "counterfactual"] = "counterfactual") -> Float[Tensor, "layer head d_head"]:
+    """Mean of every head's ``hook_z`` over the counterfactual prompts (at END, or over all positions);
+    ``which="clean"`` averages the clean prompts instead (for sets without a counterfactual)."""
     names = [f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)]
     total, count = None, 0
     for idx in group_by_length(prompts).values():
         for s in range(0, len(idx), batch_size):
-            tokens = to_tokens([prompts.items[i] for i in idx[s: s + batch_size]], "counterfactual").to(model.device)
+            tokens = to_tokens([prompts.items[i] for i in idx[s: s + batch_size]], which).to(model.device)
             _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
             z = torch.stack([cache[n] for n in names], 0).float()  # [layer, batch, pos, head, d_head]
             z = z[:, :, -1:] if positions == "end" else z

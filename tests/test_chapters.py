@@ -75,7 +75,7 @@ def test_transfer_chapter_end_to_end(isolated_runs):
     run = run_chapter("03_transfer", "tiny", TRANSFER_TINY, log=lambda m: None)
     assert "no chapter-1 run of this model, so computed here" in _markdown_outputs(run)
     scores = run.table("transfer_scores")
-    assert set(scores["condition"]) == {"none", "key", "random"} and set(scores["suite"]) == {"power", "multidigit", "years", "capitals"}
+    assert set(scores["condition"]) == {"none", "key", "random", "key (own mean)", "random (own mean)"} and set(scores["suite"]) == {"power", "multidigit", "years", "capitals"}
     overlap = run.table("overlap")
     assert set(overlap["a"]) == {"arithmetic (ch. 1)", "power", "multidigit"}  # suites with a counterfactual
     assert len(run.table("attention")) == 2 * 3

@@ -179,6 +179,11 @@ def test_knockout_transfer_and_summary(tiny):
     means = torch.zeros(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
     scores = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=2, margin=-1.0, min_correct=0)
     assert set(scores[scores.suite == "capitals"].condition) == {"none", "key", "random"}
+    own = transfer.knockout_transfer(tiny, {"power": S["power"]}, [Head(1, 0)], means, n_seeds=1, margin=None,
+                                     own_means=True)
+    assert list(dict.fromkeys(own.condition)) == ["none", "key", "random", "key (own mean)", "random (own mean)"]
+    assert list(transfer.drop_table(transfer.summarize_transfer(own, n_boot=10)).columns[4:]) == [
+        "key", "random", "key (own mean)", "random (own mean)"]
     strict = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=1, margin=0.15)
     assert set(strict.condition) == {"none"}  # a random-init model can do none of them: nothing ablated
     assert scores[scores.suite == "power"].groupby("condition").size().to_dict() == {

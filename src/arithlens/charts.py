@@ -198,18 +198,20 @@ def transfer_chart(summary: pd.DataFrame, title: str = "Accuracy per suite: no a
 
     ``summary`` from :func:`arithlens.transfer.summarize_transfer` (columns suite, scoring, condition,
     accuracy, acc_ci_low, acc_ci_high, relative_drop)."""
-    order = ["none", "key", "random"]
+    palette = {"none": "#4c78a8", "key": "#d62728", "random": "#7f7f7f", "key (own mean)": "#ff9896",
+               "random (own mean)": "#c7c7c7"}
+    order = [c for c in palette if c in set(summary["condition"])]
     base = alt.Chart(summary).encode(
         x=alt.X("condition:N", sort=order, title=None, axis=alt.Axis(labels=False, ticks=False)),
         color=alt.Color("condition:N", sort=order, title="heads ablated",
-                        scale=alt.Scale(domain=order, range=["#4c78a8", "#d62728", "#7f7f7f"])),
+                        scale=alt.Scale(domain=order, range=[palette[c] for c in order])),
     )
     bars = base.mark_bar().encode(
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
         tooltip=["suite", "scoring", "condition", alt.Tooltip("accuracy:Q", format=".1%"),
                  alt.Tooltip("relative_drop:Q", format="+.0%", title="relative change"), "n"])
     err = base.mark_rule(color="black").encode(y="acc_ci_low:Q", y2="acc_ci_high:Q")
-    return (bars + err).properties(width=34, height=170).facet(
+    return (bars + err).properties(width=12 * len(order), height=170).facet(
         column=alt.Column("suite:N", title=None, sort=list(dict.fromkeys(summary["suite"]))),
         row=alt.Row("scoring:N", title=None)).properties(title=title).configure_legend(orient="bottom")
 

@@ -56,8 +56,15 @@ def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correc
 
 
 def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means: torch.Tensor, n_seeds: int = 5,
-                      seed: int = 0, margin: float | None = 0.15, min_correct: int = 8, progress=None) -> pd.DataFrame:
+                      seed: int = 0, margin: float | None = 0.15, min_correct: int = 8, own_means: bool = False,
+                      progress=None) -> pd.DataFrame:
     """Per-item scores for each suite × condition (``none``, ``key``, ``random``; random over ``n_seeds``).
+
+    ``means`` are the ablation values (chapter 1: the arithmetic counterfactual mean). With
+    ``own_means`` each suite is also ablated with its *own* clean-prompt mean at END (conditions
+    ``key (own mean)`` and ``random (own mean)``, same random heads): a mean taken on arithmetic
+    prompts is off-distribution for a capital-city prompt, and this separates "the heads matter"
+    from "an arithmetic-flavoured value was pasted in".
 
     A suite gets the ablations only if :func:`usability` (``margin``, ``min_correct``) passes for at
     least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
@@ -76,8 +83,13 @@ def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means:
         conditions = [("key", -1, heads)] + [
             ("random", seed + s, knockout.random_heads(model.n_layers, model.n_heads, k, (seed + s) * 1000 + k))
             for s in range(n_seeds)]
-        for cond, s, hs in conditions:
-            frames.append(scorer.score(knockout.ablation_hooks(hs, means, "all")).assign(condition=cond, seed=s, k=k))
+        variants = [("", means)]
+        if own_means:
+            variants.append((" (own mean)", knockout.mean_z(model, suites[name], "end", which="clean")))
+        for suffix, values in variants:
+            for cond, s, hs in conditions:
+                frames.append(scorer.score(knockout.ablation_hooks(hs, values, "all")).assign(
+                    condition=cond + suffix, seed=s, k=k))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -89,7 +101,7 @@ def summarize_transfer(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) 
         for col, label in SCORINGS.items():
             per_item = part.pivot_table(index="item", columns="condition", values=col, aggfunc="mean")
             base = per_item["none"].to_numpy(float)
-            for cond in [c for c in ("none", "key", "random") if c in per_item]:
+            for cond in ["none"] + [c for c in dict.fromkeys(part["condition"]) if c != "none"]:
                 vals = per_item[cond].to_numpy(float)
                 mean, lo, hi, _ = metrics.bootstrap_means(np.stack([vals, base], 1), n_boot, seed)
                 boot = _paired_relative(vals, base, n_boot, seed)
@@ -163,8 +175,8 @@ def change_text(summary: pd.DataFrame, suite: str, metric: str = "correct") -> s
 
 
 def drop_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per suite × scoring that was ablated: base accuracy and the relative change with the key
-    heads and with random heads, each as "−37 % [−58 %, −18 %]" (text; NaN when the base is 0)."""
+    """One row per suite × scoring that was ablated: base accuracy and the relative change under each
+    ablation condition, as "−37 % [−58 %, −18 %]" (text; a dash when the base accuracy is 0)."""
     cell = lambda r: (f"{r.relative_drop:+.0%} [{r.drop_ci_low:+.0%}, {r.drop_ci_high:+.0%}]"
                       if pd.notna(r.relative_drop) else "— (base accuracy 0)")
     rows = []
@@ -173,6 +185,5 @@ def drop_table(summary: pd.DataFrame) -> pd.DataFrame:
         if "key" not in by:
             continue
         rows.append({"suite": suite, "kind": kind, "scoring": scoring, "base": by["none"].accuracy,
-                     "key heads: relative change": cell(by["key"]),
-                     "random heads: relative change": cell(by["random"]) if "random" in by else "—"})
+                     **{cond: cell(r) for cond, r in by.items() if cond != "none"}})
     return pd.DataFrame(rows)

@@ -70,7 +70,7 @@ class TrainConfig:
     """Optimizer settings shared by every method (AdamW, constant learning rate)."""
 
     steps: int = 40
-    batch_size: int = 32
+    batch_size: int = 32  # what the batches were made with (finetune_data.make_batches); kept for the record
     lr: float = 1e-4
     weight_decay: float = 0.01
     seed: int = 0  # seeds peft's LoRA initialisation (nothing else here is random)
@@ -136,6 +136,7 @@ def mlp_slices(model, layers) -> list[Slice]:
 
 
 def precise_slices(model, config: PreciseSFTConfig) -> list[Slice]:
+    """Everything ``config`` tunes: its heads' attention slices and its MLP layers' weights."""
     return head_slices(model.cfg, config.heads, config.kv) + mlp_slices(model, config.mlp_layers)
 
 

@@ -183,6 +183,7 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
         return _finish(report, out_dir, name)
 
     executed = out_dir / f"{name}.executed.ipynb"
+    executed.unlink(missing_ok=True)  # never read an earlier grading's copy as this one's
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="arithlens-grade-") as tmp:
         results = Path(tmp) / "results.json"
@@ -225,8 +226,8 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
         else:
             report.checks = json.loads(results.read_text())
         if not report.checks:
-            report.checks = [{"name": name, "passed": False, "points": 0, "max_points": 1, "reason": "not graded (see above)"}
-                             for name in check_names(report.exercise)]
+            report.checks = [{"name": check, "passed": False, "points": 0, "max_points": 1, "reason": "not graded (see above)"}
+                             for check in check_names(report.exercise)]
     report.executed_notebook = str(executed) if executed.is_file() else None
     return _finish(report, out_dir, name)
 

@@ -79,3 +79,17 @@ def test_transfer_chapter_end_to_end(isolated_runs):
     overlap = run.table("overlap")
     assert set(overlap["a"]) == {"arithmetic (ch. 1)", "power", "multidigit"}  # suites with a counterfactual
     assert len(run.table("attention")) == 2 * 3
+
+
+SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "random_seeds=1", "head_counts=[1]",
+            "mlp_counts=[1]", "suites=[power, capitals]", "n_suite=4", "n_boot=20"]
+
+
+@pytest.mark.slow
+def test_precise_sft_chapter_end_to_end(isolated_runs):
+    run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)  # key heads (the tiny model gets no prompt right)
+    run = run_chapter("04_precise_sft", "tiny", SFT_TINY, log=lambda m: None)
+    tables = set(run.manifest["tables"])
+    assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet"} <= tables
+    methods = set(run.table("training")["method"])
+    assert {"full SFT", "LoRA"} & {m.split(" r=")[0] for m in methods} and any(m.startswith("random") for m in methods)

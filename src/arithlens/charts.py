@@ -227,3 +227,33 @@ def overlap_heatmap(overlap: pd.DataFrame, value: str = "shared", title: str = "
         text=alt.Text(f"{value}:Q", format="d" if value == "shared" else ".2f"),
         color=alt.condition(f"datum.{value} > {overlap[value].max() / 2}", alt.value("white"), alt.value("black")))
     return (cells + text).properties(width=60 * len(order), height=40 * len(order), title=title)
+
+
+def method_scatter(points: pd.DataFrame, methods: list[str], title: str = "") -> alt.Chart:
+    """Math change vs non-math change per method with both CIs (chapter 4). ``points`` one row per
+    method with ``math change/low/high`` and ``control change/low/high``; ``methods`` fixes the colour
+    of each method so several panels agree."""
+    base = alt.Chart(points).encode(
+        x=alt.X("control change:Q", title="non-math controls: change in accuracy", axis=alt.Axis(format="+%")),
+        y=alt.Y("math change:Q", title="math (all math sets): change in accuracy", axis=alt.Axis(format="+%")),
+        color=alt.Color("method:N", legend=alt.Legend(orient="bottom", columns=2), scale=alt.Scale(domain=list(methods))))
+    zero = alt.Chart(pd.DataFrame({"v": [0]})).mark_rule(color="#999")
+    return (base.mark_rule().encode(y="math low:Q", y2="math high:Q")
+            + base.mark_rule().encode(x="control low:Q", x2="control high:Q")
+            + base.mark_point(filled=True, size=80).encode(tooltip=["method", alt.Tooltip("math change:Q", format="+.1%"),
+                                                                    alt.Tooltip("control change:Q", format="+.1%")])
+            + zero.encode(x="v:Q") + zero.encode(y="v:Q")).properties(width=420, height=300, title=title)
+
+
+def heads_curve_chart(curve: pd.DataFrame, title: str = "Math accuracy vs number of tuned heads (95 % CIs over items)") -> alt.Chart:
+    """Accuracy vs heads tuned, one panel per evaluation set (chapter 4). ``curve`` one row per (method,
+    set) with ``heads``, ``selection`` (key heads / random), ``accuracy``, ``acc_low``, ``acc_high``."""
+    line = alt.Chart(curve).mark_line(point=True).encode(
+        x=alt.X("heads:Q", title="heads tuned", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("accuracy:Q", axis=alt.Axis(format="%"), title="accuracy"),
+        color=alt.Color("selection:N", title=None),
+        tooltip=["method", "set", alt.Tooltip("accuracy:Q", format=".1%"), alt.Tooltip("change:Q", format="+.1%")])
+    ci = alt.Chart(curve).mark_errorbar().encode(x="heads:Q", y=alt.Y("acc_low:Q", title="accuracy"), y2="acc_high:Q",
+                                                 color="selection:N")
+    return (line + ci).properties(width=200, height=160).facet(
+        facet=alt.Facet("set:N", title=None), columns=2).properties(title=title)

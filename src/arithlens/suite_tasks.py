@@ -22,44 +22,34 @@ NULL_WORDS = ("nothing", "none", "null")
 NEUTRAL_VERBS = ("sees", "likes", "draws", "counts")
 
 
-def multidigit_source(rng_seed: int, digits: int = 2):
-    r = random.Random(f"{rng_seed}|multidigit{digits}|pairs")
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+def _two_operand_source(key: str, draw, ops: tuple[str, str], equals: str):
+    """Seeded (a, op, b) candidates with ``ops`` = (plus, minus) spelled as in the prompt; a minus never
+    goes below zero. ``draw(rng)`` picks one operand; ``equals`` ends the prompt."""
+    r = random.Random(key)
     cands = []
     for _ in range(4000):
-        op = r.choice("+-")
-        a, b = r.randint(lo, hi), r.randint(lo, hi)
-        if op == "-" and a < b:
+        op = r.choice(ops)
+        a, b = draw(r), draw(r)
+        if op == ops[1] and a < b:
             a, b = b, a
         cands.append((a, op, b))
-    cands = list(dict.fromkeys(cands))
 
     def render(c):
         a, op, b = c
-        c_ = a + b if op == "+" else a - b
-        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", " = ")], \
-            str(c_), (), (("a", a), ("b", b), ("result", c_))
-    return cands, render
+        res = a + b if op == ops[0] else a - b
+        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", equals)], \
+            str(res), (), (("a", str(a)), ("b", str(b)), ("result", str(res)))
+    return list(dict.fromkeys(cands)), render
+
+
+def multidigit_source(rng_seed: int, digits: int = 2):
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    return _two_operand_source(f"{rng_seed}|multidigit{digits}|pairs", lambda r: r.randint(lo, hi), ("+", "-"), " = ")
 
 
 def decimals_source(rng_seed: int):
     tenths = [Decimal(i).scaleb(-1) for i in range(10, 100)]  # 1.0 … 9.9, always one decimal
-    r = random.Random(f"{rng_seed}|decimals|pairs")
-    cands = []
-    for _ in range(4000):
-        op = r.choice(["plus", "minus"])
-        a, b = r.choice(tenths), r.choice(tenths)
-        if op == "minus" and a < b:
-            a, b = b, a
-        cands.append((a, op, b))
-    cands = list(dict.fromkeys(cands))
-
-    def render(c):
-        a, op, b = c
-        res = a + b if op == "plus" else a - b
-        return op, [("num", str(a)), ("text", " "), ("op", op), ("text", " "), ("num", str(b)), ("text", " equals ")], \
-            str(res), (), (("a", str(a)), ("b", str(b)), ("result", str(res)))
-    return cands, render
+    return _two_operand_source(f"{rng_seed}|decimals|pairs", lambda r: r.choice(tenths), ("plus", "minus"), " equals ")
 
 
 YEAR_EVENTS = ("war", "expedition", "reign", "drought", "famine", "siege", "voyage", "truce", "dynasty", "boom")

@@ -45,35 +45,43 @@ def test_k_larger_than_heads_is_a_clear_error(isolated_runs):
                     log=lambda m: None)
 
 
-MLP_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_boot=50", "key_heads_top_k=3",
+MLP_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_boot=50",
             "min_correct=1", "lens_cases=[[4, '+', 3]]"]
 
 
+HEADS_AS_INPUT = [f"01_heads.{p}" for p in HEADS_TINY]
+
+
 @pytest.mark.slow
-def test_mlp_chapter_computes_key_heads_without_chapter1(isolated_runs):
-    run = run_chapter("02_mlp", "tiny", MLP_TINY, log=lambda m: None)
-    assert "computed here (no chapter-1 run of this model)" in _markdown_outputs(run)
+def test_mlp_chapter_runs_chapter1_first_and_reads_its_key_heads(isolated_runs):
+    logged = []
+    run = run_chapter("02_mlp", "tiny", MLP_TINY + HEADS_AS_INPUT, log=logged.append)
+    first = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
+    assert first.reused and "02_mlp needs 01_heads: running it first" in logged
+    assert run.manifest["inputs"] == {"01_heads": {"run_key": first.key, "path": str(first.path)}}
+    assert f"from chapter 1's run `{first.path.name}`" in _markdown_outputs(run)
     assert {"mlp_effects.parquet", "heads_to_mlp.parquet", "cosines.parquet", "logit_lens_cases.parquet"} <= set(run.manifest["tables"])
     lens = run.table("logit_lens_cases")
     assert set(lens["label"]) >= {"A", "B", "answer"} and lens["layer"].max() == 1
 
 
 @pytest.mark.slow
-def test_mlp_chapter_reads_key_heads_from_chapter1(isolated_runs):
-    first = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
-    run = run_chapter("02_mlp", "tiny", MLP_TINY, log=lambda m: None)
-    assert f"from chapter 1's run `{first.path.name}`" in _markdown_outputs(run)
+def test_missing_input_with_no_upstream_is_one_line(isolated_runs):
+    with pytest.raises(RunError, match=r"^02_mlp needs a finished run of 01_heads on tiny \(key [0-9a-f]{12}\): run `arithlens run 01_heads --model tiny") as err:
+        run_chapter("02_mlp", "tiny", MLP_TINY + HEADS_AS_INPUT, log=lambda m: None, upstream=False)
+    assert "\n" not in str(err.value)
+    assert not list(isolated_runs.rglob("manifest.json"))  # refused before anything ran
 
 
 TRANSFER_TINY = ["n_items=6", "suite_names=[power, multidigit, years, capitals]", "n_random_seeds=2", "margin=-1.0",
-                 "min_correct=0", "key_heads_top_k=3", "localize_top_k=3", "mean_per_cell=1", "n_boot=20",
-                 "filter_correct=false", "localize_correct_only=false"]
+                 "min_correct=0", "localize_top_k=3", "mean_per_cell=1", "n_boot=20", "localize_correct_only=false"]
 
 
 @pytest.mark.slow
 def test_transfer_chapter_end_to_end(isolated_runs):
-    run = run_chapter("03_transfer", "tiny", TRANSFER_TINY, log=lambda m: None)
-    assert "no chapter-1 run of this model, so computed here" in _markdown_outputs(run)
+    run = run_chapter("03_transfer", "tiny", TRANSFER_TINY + HEADS_AS_INPUT, log=lambda m: None)
+    heads = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
+    assert heads.reused and f"from chapter 1's run `{heads.key}`" in _markdown_outputs(run)
     scores = run.table("transfer_scores")
     assert set(scores["condition"]) == {"none", "key", "random", "key (own mean)", "random (own mean)"} and set(scores["suite"]) == {"power", "multidigit", "years", "capitals"}
     overlap = run.table("overlap")
@@ -81,14 +89,15 @@ def test_transfer_chapter_end_to_end(isolated_runs):
     assert len(run.table("attention")) == 2 * 3
 
 
+MLP_AS_INPUT = [f"02_mlp.{p}" for p in MLP_TINY]
 SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "random_seeds=1", "head_counts=[1]",
             "mlp_counts=[1]", "suites=[power, capitals]", "n_suite=4", "n_boot=20"]
 
 
 @pytest.mark.slow
 def test_precise_sft_chapter_end_to_end(isolated_runs):
-    run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)  # key heads (the tiny model gets no prompt right)
-    run = run_chapter("04_precise_sft", "tiny", SFT_TINY, log=lambda m: None)
+    run = run_chapter("04_precise_sft", "tiny", SFT_TINY + HEADS_AS_INPUT + MLP_AS_INPUT, log=lambda m: None)
+    assert set(run.manifest["inputs"]) == {"01_heads", "02_mlp"}
     tables = set(run.manifest["tables"])
     assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet"} <= tables
     methods = set(run.table("training")["method"])

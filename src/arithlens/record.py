@@ -1,0 +1,135 @@
+"""What a chapter notebook records into its run, and how it reads the runs it takes results from.
+
+Publishing wing, ground floor (paper: none — this is how every number in the book is traced). The
+runner (:mod:`arithlens.runs`) executes a notebook with two parameters it sets itself:
+
+* ``output_dir`` — the run's working directory; :func:`save_tables` and :func:`record_info` write
+  there (both are no-ops when it is empty, i.e. when a notebook is opened by hand);
+* ``upstream`` — ``{chapter id: run directory}`` for every chapter the notebook declares as an input
+  (the keys of the literal ``upstream = {"01_heads": ""}`` in its ``parameters`` cell). The runner
+  fills in the run it keyed on; :func:`upstream_run` opens it. A notebook never searches the store
+  for "the latest" run of another chapter.
+
+This module imports nothing else of arithlens, so editing the runner does not invalidate finished
+runs (a run's code hash covers the modules its notebook imports). Written by hand: all of it (a
+manifest and a folder of parquet files; no library does this).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+def chapter_label(chapter: str) -> str:
+    """``01_heads`` → ``chapter 1``."""
+    number = chapter.partition("_")[0]
+    return f"chapter {int(number)}" if number.isdigit() else chapter
+
+
+class UpstreamError(RuntimeError):
+    """A notebook asked for an input run that it was not given; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its directory, manifest, and whether it was reused rather than executed."""
+
+    path: Path
+    manifest: dict
+    reused: bool = True
+
+    @property
+    def notebook(self) -> Path:
+        return self.path / "notebook.ipynb"
+
+    @property
+    def key(self) -> str:
+        return self.manifest["run_key"]
+
+    @property
+    def chapter(self) -> str:
+        return self.manifest["chapter"]
+
+    @property
+    def parameters(self) -> dict:
+        return self.manifest.get("parameters", {})
+
+    def table(self, name: str) -> pd.DataFrame:
+        return load_table(self.path, name)
+
+
+def open_run(path: str | Path) -> RunResult:
+    """The finished run stored at ``path`` (a directory holding ``manifest.json``)."""
+    path = Path(path).expanduser()
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise UpstreamError(f"{path} is not a finished run (no manifest.json)")
+    return RunResult(path, json.loads(manifest.read_text()), True)
+
+
+def upstream_run(upstream: dict[str, str], chapter: str) -> RunResult:
+    """The run of ``chapter`` that this notebook's run was keyed on (from the ``upstream`` parameter)."""
+    if chapter not in upstream:
+        raise UpstreamError(f"{chapter} is not a declared input of this notebook (declared: {', '.join(upstream) or 'none'})")
+    if not upstream[chapter]:
+        raise UpstreamError(f"no run of {chapter} given: run this chapter with `arithlens run`, or set "
+                            f"upstream['{chapter}'] to a run directory (`arithlens runs` lists them)")
+    run = open_run(upstream[chapter])
+    if run.chapter != chapter:
+        raise UpstreamError(f"upstream['{chapter}'] points at a run of {run.chapter}: {run.path}")
+    return run
+
+
+def save_tables(output_dir: str, **tables: pd.DataFrame) -> None:
+    """Save tidy tables as ``tables/<name>.parquet`` (no-op when ``output_dir`` is empty, i.e. interactive)."""
+    if not output_dir:
+        return
+    folder = Path(output_dir) / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+
+
+def record_info(output_dir: str, **info: Any) -> None:
+    """Merge ``info`` (device, timings, ...) into the run's ``info.json`` for the manifest.
+
+    Anything that differs between two runs of the same inputs — wall-clock times above all — goes
+    here, never into a table: tables must be identical when a run is repeated.
+    """
+    if not output_dir:
+        return
+    path = Path(output_dir) / "info.json"
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in info.items():
+        if isinstance(value, dict) and isinstance(current.get(key), dict):
+            current[key].update(value)
+        else:
+            current[key] = value
+    path.write_text(json.dumps(current, indent=2, default=str))
+
+
+def load_table(run_dir: str | Path, name: str) -> pd.DataFrame:
+    """Read a table a run saved."""
+    path = Path(run_dir) / "tables" / f"{name}.parquet"
+    if not path.is_file():
+        raise UpstreamError(f"run {run_dir} has no table {name!r}")
+    return pd.read_parquet(path)
+
+
+def parameter_table(upstream: dict[str, str] | None = None, **params: Any) -> pd.DataFrame:
+    """The run configuration as a two-column table (what the book shows instead of raw code).
+
+    Each declared input adds a row naming the upstream chapter (a link to its page in the book) and
+    the key of the run this page was computed from.
+    """
+    rows = [(name, html.escape(str(value))) for name, value in params.items()]
+    for chapter, path in (upstream or {}).items():
+        key = open_run(path).key if path else "(not given)"
+        rows.append((f"input: {chapter_label(chapter)}",
+                     f'<a href="{chapter}.html">{chapter}</a>, run <code>{key}</code>'))
+    return pd.DataFrame(rows, columns=["parameter", "value"])

@@ -1,0 +1,149 @@
+"""The run graph: declared chapter inputs, keys that carry their inputs' keys, dependency order,
+books that never mix runs, and chapters that give the same tables when run twice."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import arithlens
+from arithlens import runs
+from arithlens.book import check_consistent
+from arithlens.record import RunResult
+from arithlens.runs import RunError, execute, gather_overrides, plan_book
+
+from test_chapters import HEADS_TINY, MLP_TINY, SFT_TINY, TRANSFER_TINY
+
+BOOK = ["00_task", "01_heads", "02_mlp", "03_transfer", "04_precise_sft"]
+
+
+def test_chapters_declare_their_inputs():
+    assert runs.chapter_inputs("00_task") == () and runs.chapter_inputs("01_heads") == ()
+    assert runs.chapter_inputs("02_mlp") == ("01_heads",) and runs.chapter_inputs("03_transfer") == ("01_heads",)
+    assert set(runs.chapter_inputs("04_precise_sft")) == {"01_heads", "02_mlp"}
+    assert "upstream" in runs.RESERVED_PARAMS
+    with pytest.raises(RunError, match="set by the runner"):
+        runs.resolve_parameters("02_mlp", ["upstream={}"])
+
+
+def test_book_order_puts_inputs_first_and_each_chapter_once():
+    order = [p.chapter for p in plan_book(["04_precise_sft", "00_task"], "tiny")]
+    assert order == ["01_heads", "02_mlp", "04_precise_sft", "00_task"]
+    plans = plan_book(BOOK, "tiny")
+    assert [p.chapter for p in plans] == BOOK
+    sft = plans[-1]
+    assert {p.chapter: p.key for p in sft.inputs} == {p.chapter: p.key for p in plans if p.chapter in ("01_heads", "02_mlp")}
+    assert sft.inputs[1].inputs[0] == sft.inputs[0]  # chapter 2's chapter 1 is chapter 4's chapter 1
+
+
+def _keys(given=None) -> dict[str, str]:
+    return {p.chapter: p.key for p in plan_book(BOOK, "tiny", given)}
+
+
+def test_changing_a_chapter1_parameter_rekeys_chapters_1_to_4_only():
+    before, after = _keys(), _keys({"01_heads": {"top_k": "5"}})
+    assert {c for c in BOOK if before[c] != after[c]} == {"01_heads", "02_mlp", "03_transfer", "04_precise_sft"}
+    mlp_only = _keys({"02_mlp": {"rise": "0.3"}})
+    assert {c for c in BOOK if before[c] != mlp_only[c]} == {"02_mlp", "04_precise_sft"}
+
+
+@pytest.fixture()
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the arithlens sources that the code hash reads instead of the real ones."""
+    copy = tmp_path / "arithlens"
+    shutil.copytree(Path(arithlens.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(arithlens, "__file__", str(copy / "__init__.py"))
+    return copy
+
+
+def test_editing_a_module_rekeys_exactly_the_chapters_that_reach_it(package_copy):
+    before = _keys()
+    with (package_copy / "finetune_data.py").open("a") as fh:
+        fh.write("\n# an edit\n")
+    assert {c for c, k in _keys().items() if k != before[c]} == {"04_precise_sft"}
+    with (package_copy / "patching.py").open("a") as fh:
+        fh.write("\n# an edit\n")
+    assert {c for c, k in _keys().items() if k != before[c]} == {"01_heads", "02_mlp", "03_transfer", "04_precise_sft"}
+    with (package_copy / "runs.py").open("a") as fh:  # the runner is no chapter's code
+        fh.write("\n# an edit\n")
+    assert {c for c, k in _keys().items() if k != before[c]} == {"01_heads", "02_mlp", "03_transfer", "04_precise_sft"}
+
+
+def test_subpackage_modules_count_in_the_code_hash(package_copy):
+    (package_copy / "sub").mkdir()
+    (package_copy / "sub" / "__init__.py").write_text("from arithlens.sub import inner\n")
+    (package_copy / "sub" / "inner.py").write_text("X = 1\n")
+    (package_copy / "metrics.py").open("a").write("\nfrom arithlens import sub\n")
+    assert {"inner.py", "__init__.py"} <= {p.name for p in runs.chapter_modules("01_heads") if p.parent.name == "sub"}
+    before = runs.code_hash("01_heads")
+    (package_copy / "sub" / "inner.py").write_text("X = 2\n")
+    assert runs.code_hash("01_heads") != before
+
+
+def test_overrides_are_sorted_by_chapter():
+    given = gather_overrides(["01_heads.top_k=5", "seed=3", "2.rise=0.5"], target="03_transfer")
+    assert given == {"01_heads": {"top_k": "5"}, "03_transfer": {"seed": "3"}, "02_mlp": {"rise": "0.5"}}
+    with pytest.raises(RunError, match="names no chapter: write CHAPTER.seed"):
+        gather_overrides(["seed=3"], target=None)
+    with pytest.raises(RunError, match="unknown chapter 'nine'"):
+        gather_overrides(["nine.top_k=5"], target="02_mlp")
+    with pytest.raises(RunError, match="unknown parameter 'top_kk' for chapter 01_heads"):
+        plan_book(["02_mlp"], "tiny", gather_overrides(["01_heads.top_kk=5"]))
+
+
+def test_params_file_takes_chapter_sections(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("seed: 4\n01_heads:\n  top_k: 7\n")
+    assert gather_overrides(None, str(f), target="02_mlp") == {"02_mlp": {"seed": 4}, "01_heads": {"top_k": 7}}
+
+
+def _fake(chapter: str, key: str, inputs: dict[str, str] | None = None) -> RunResult:
+    return RunResult(Path("/nowhere") / key, {"chapter": chapter, "run_key": key, "model": "tiny",
+                                              "inputs": {c: {"run_key": k, "path": ""} for c, k in (inputs or {}).items()}})
+
+
+def test_a_book_never_mixes_runs_whose_keys_disagree():
+    check_consistent([_fake("01_heads", "a"), _fake("02_mlp", "b", {"01_heads": "a"})])
+    with pytest.raises(RunError, match="02_mlp was computed from 01_heads run x, but the book shows 01_heads run a"):
+        check_consistent([_fake("01_heads", "a"), _fake("02_mlp", "b", {"01_heads": "x"})])
+    with pytest.raises(RunError, match="two runs of 01_heads"):
+        check_consistent([_fake("01_heads", "a"), _fake("01_heads", "c")])
+
+
+TINY_BOOK = {"00_task": ["n_per_cell=1", "filter_correct=false", "templates=[eq_spaced, qa_what]", "shots=[0, 1]",
+                         "analysis_shots=1"],
+             "01_heads": HEADS_TINY, "02_mlp": MLP_TINY, "03_transfer": TRANSFER_TINY, "04_precise_sft": SFT_TINY}
+
+
+def _tiny_given(extra: list[str] = ()) -> dict:
+    return gather_overrides([f"{c}.{p}" for c, ps in TINY_BOOK.items() for p in ps] + list(extra))
+
+
+def _tables(root: Path) -> dict[str, pd.DataFrame]:
+    return {str(p.relative_to(root)).split("/")[0] + "/" + p.name: pd.read_parquet(p)
+            for p in sorted(root.rglob("tables/*.parquet"))}
+
+
+@pytest.mark.slow
+def test_every_chapter_is_deterministic_and_a_rebuild_reruns_only_what_changed(tmp_path, monkeypatch):
+    """Two stores, same inputs: identical tables (at whatever thread count torch picks here). Then a
+    chapter-1 parameter change re-executes chapters 1-4 and reuses chapter 0."""
+    monkeypatch.setenv("ARITHLENS_QUIET", "1")
+    stores = [tmp_path / "a", tmp_path / "b"]
+    for store in stores:
+        monkeypatch.setenv("ARITHLENS_RUNS", str(store))
+        for plan in plan_book(BOOK, "tiny", _tiny_given()):
+            assert not execute(plan, log=lambda m: None).reused
+    first, second = _tables(stores[0]), _tables(stores[1])
+    assert first.keys() == second.keys() and len(first) >= 20
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], second[name], check_exact=True, obj=name)
+
+    executed = []
+    for plan in plan_book(BOOK, "tiny", _tiny_given(["01_heads.top_k=2"])):
+        if not execute(plan, log=lambda m: None).reused:
+            executed.append(plan.chapter)
+    assert executed == ["01_heads", "02_mlp", "03_transfer", "04_precise_sft"]

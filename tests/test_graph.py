@@ -147,3 +147,14 @@ def test_every_chapter_is_deterministic_and_a_rebuild_reruns_only_what_changed(t
         if not execute(plan, log=lambda m: None).reused:
             executed.append(plan.chapter)
     assert executed == ["01_heads", "02_mlp", "03_transfer", "04_precise_sft"]
+
+
+def test_a_run_whose_code_changed_while_it_ran_is_not_kept_as_complete(isolated_runs, monkeypatch):
+    import papermill
+
+    plan = runs.plan_run("00_task", "tiny")
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, out, **kw: Path(out).write_text("{}"))
+    monkeypatch.setattr(runs, "code_hash", lambda chapter: "after")  # an edit landed mid-run
+    with pytest.raises(RunError, match="code changed while it ran"):
+        runs._execute_notebook(runs.RunPlan(plan.chapter, plan.model, plan.params, "before"), log=lambda m: None, timeout=None)
+    assert not list(isolated_runs.rglob("manifest.json")) and len(list(isolated_runs.rglob("*.failed"))) == 1

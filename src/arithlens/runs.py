@@ -392,6 +392,9 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise RunError(f"chapter {chapter} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (kept in {failed})") from None
+    if code_hash(chapter) != plan.code:  # the library or notebook was edited while the kernel ran
+        failed = _mark_failed(work, final, "the chapter's code changed while it ran; its tables match neither version")
+        raise RunError(f"chapter {chapter}: its notebook or library code changed while it ran; run it again (kept in {failed})")
     info_path = work / "info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     manifest = {

@@ -7,6 +7,7 @@ seed, code, at torch's default thread count: the tables must be identical.
 
     python scripts/check_determinism.py                         # default model, every chapter, against runs/
     python scripts/check_determinism.py --model tiny --chapters 00_task 01_heads --against /tmp/a
+    python scripts/check_determinism.py --against ../other-clone/runs --store runs   # two existing stores
 
 Prints one line per table and exits 1 if any differs.
 """
@@ -45,6 +46,7 @@ def main() -> int:
     parser.add_argument("--chapters", nargs="*", help="chapter ids (default: the book's)")
     parser.add_argument("--param", action="append", default=[], metavar="CHAPTER.KEY=VALUE")
     parser.add_argument("--against", help="the first run store (default: the project's runs/)")
+    parser.add_argument("--store", help="the second run store (default: a fresh temporary one)")
     args = parser.parse_args()
     chapters = [runs.find_chapter(c) for c in (args.chapters or toc_chapters())]
     given = runs.gather_overrides(args.param)
@@ -54,10 +56,13 @@ def main() -> int:
     print(f"first store {first_root}:")
     first = _execute_all(first_root, chapters, args.model, given)
     with tempfile.TemporaryDirectory(prefix="arithlens-determinism-") as tmp:
-        print(f"second store {tmp}:")
-        second = _execute_all(Path(tmp), chapters, args.model, given)
+        second_root = Path(args.store).expanduser().resolve() if args.store else Path(tmp)
+        print(f"second store {second_root}:")
+        second = _execute_all(second_root, chapters, args.model, given)
         different = 0
         for chapter in first:
+            if first[chapter] == second[chapter]:
+                raise SystemExit(f"both stores are the same directory {first[chapter]}: give two stores")
             for row in store.compare_tables(first[chapter], second[chapter]):
                 different += not row["equal"]
                 print(f"{chapter:16s} {row['table']:32s} {'identical' if row['equal'] else 'DIFFERENT'}  {row['note']}")

@@ -1,3 +1,5 @@
+import struct
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from arithlens.models import ModelSpecError, load_model, logits_at_end, resolve_
 
 def test_registry_and_forms(tmp_path):
     assert resolve_spec("tiny").kind == "tiny"
-    assert resolve_spec("tiny:3").source == "3"
+    assert resolve_spec("tiny:3").source == "llama:3"
     assert resolve_spec("tiny-llama").kind == "tiny"
     assert resolve_spec("org/some-model").kind == "hub"
     (tmp_path / "hf").mkdir()
@@ -32,8 +34,15 @@ def test_corrupt_gguf(tmp_path):
         resolve_spec(str(bad))
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 20)
-    with pytest.raises(ModelSpecError, match="could not read GGUF file"):
+    with pytest.raises(ModelSpecError, match="GGUF header of .* is truncated"):
         load_model(str(truncated))
+    # a readable header (architecture llama) but no tensors: transformers itself fails, still one line
+    empty = tmp_path / "empty.gguf"
+    key, arch = b"general.architecture", b"llama"
+    empty.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, len(key)) + key + struct.pack("<IQ", 8, len(arch)) + arch)
+    with pytest.raises(ModelSpecError, match="could not read GGUF file") as err:
+        load_model(str(empty))
+    assert "\n" not in str(err.value)
 
 
 def test_dir_without_config(tmp_path):

@@ -93,3 +93,24 @@ def test_smollm2_bridge_matches_hf(smollm2):
     assert smollm2.tokenizer.decode([int(bridge.argmax())]) == "7"
     cached = list((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
     assert cached, "dequantized weights were not cached"
+
+
+@pytest.mark.qwen
+@pytest.mark.real_model
+@pytest.mark.parametrize("fixture, shape", [("qwen05", (24, 14, 2, 896)), ("qwen15", (28, 12, 2, 1536))])
+def test_qwen_bridge_matches_hf(request, fixture, shape):
+    model = request.getfixturevalue(fixture)  # skips unless `arithlens models fetch` installed it
+    cfg = model.cfg
+    assert type(model.bridge.original_model).__name__ == "Qwen2ForCausalLM"
+    assert (model.n_layers, model.n_heads, int(cfg.n_key_value_heads), int(cfg.d_model)) == shape
+    assert int(cfg.d_vocab) == 151_936
+    assert all(len(model.tokenizer(str(d), add_special_tokens=False)["input_ids"]) == 1 for d in range(10))
+    tokens = torch.tensor([model.tokenizer("2 + 3 = 5\n1 + 4 = 5\n3 + 3 = 6\n4 + 3 = ")["input_ids"]])
+    with torch.no_grad():
+        hf = model.bridge.original_model(tokens).logits[:, -1].float()
+    bridge = logits_at_end(model, tokens)
+    torch.testing.assert_close(bridge, hf, rtol=1e-5, atol=1e-5)
+    assert model.tokenizer.decode([int(bridge.argmax())]) == "7"
+    from arithlens import patching
+
+    assert patching.fast_path_supported(model)

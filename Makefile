@@ -1,11 +1,13 @@
 # The two setup commands of the README. `make book` and `make test` each install what they need
 # into .venv first (idempotent; a stamp file skips the install when nothing changed).
+# `make fetch MODELS="qwen2.5-0.5b qwen2.5-1.5b"` installs opt-in registry models (`arithlens models`);
+# `make book MODELS="…"` fetches them first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install book test clean-runs
+.PHONY: install fetch book test clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +21,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-book: $(STAMP)
+fetch: $(STAMP)
+	@for m in $(MODELS); do $(BIN)/arithlens models fetch $$m || exit 1; done
+
+book: $(STAMP) fetch
 	$(BIN)/arithlens book $(if $(MODEL),--model $(MODEL),)
 
 test: $(STAMP)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny random-init model for most tests, the real default model where it matters."""
+"""Shared fixtures: the tiny random-init model for most tests, the real default model where it matters,
+the opt-in Qwen models (``pytest -m qwen``) when fetched."""
 
 from __future__ import annotations
 
@@ -12,6 +13,32 @@ from arithlens.models import load_model
 @pytest.fixture(scope="session")
 def tiny():
     return load_model("tiny")
+
+
+@pytest.fixture(scope="session", params=["tiny", "tiny:qwen2"], ids=["llama", "qwen2"])
+def tiny_arch(request):
+    """Each tiny architecture in turn: a 2-layer Llama, and a 2-layer Qwen2 (q/k/v biases, tied embeddings)."""
+    return load_model(request.param)
+
+
+def _fetched_or_skip(name: str):
+    from arithlens.models import ModelSpecError, resolve_spec
+
+    try:
+        resolve_spec(name)
+    except ModelSpecError:
+        pytest.skip(f"{name} not installed (arithlens models fetch {name})")
+    return load_model(name)
+
+
+@pytest.fixture(scope="session")
+def qwen05():
+    return _fetched_or_skip("qwen2.5-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen15():
+    return _fetched_or_skip("qwen2.5-1.5b")
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,5 @@
+import struct
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from arithlens.models import ModelSpecError, load_model, logits_at_end, resolve_
 
 def test_registry_and_forms(tmp_path):
     assert resolve_spec("tiny").kind == "tiny"
-    assert resolve_spec("tiny:3").source == "3"
+    assert resolve_spec("tiny:3").source == "llama:3"
     assert resolve_spec("tiny-llama").kind == "tiny"
     assert resolve_spec("org/some-model").kind == "hub"
     (tmp_path / "hf").mkdir()
@@ -32,8 +34,15 @@ def test_corrupt_gguf(tmp_path):
         resolve_spec(str(bad))
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 20)
-    with pytest.raises(ModelSpecError, match="could not read GGUF file"):
+    with pytest.raises(ModelSpecError, match="GGUF header of .* is truncated"):
         load_model(str(truncated))
+    # a readable header (architecture llama) but no tensors: transformers itself fails, still one line
+    empty = tmp_path / "empty.gguf"
+    key, arch = b"general.architecture", b"llama"
+    empty.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, len(key)) + key + struct.pack("<IQ", 8, len(arch)) + arch)
+    with pytest.raises(ModelSpecError, match="could not read GGUF file") as err:
+        load_model(str(empty))
+    assert "\n" not in str(err.value)
 
 
 def test_dir_without_config(tmp_path):
@@ -84,3 +93,24 @@ def test_smollm2_bridge_matches_hf(smollm2):
     assert smollm2.tokenizer.decode([int(bridge.argmax())]) == "7"
     cached = list((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
     assert cached, "dequantized weights were not cached"
+
+
+@pytest.mark.qwen
+@pytest.mark.real_model
+@pytest.mark.parametrize("fixture, shape", [("qwen05", (24, 14, 2, 896)), ("qwen15", (28, 12, 2, 1536))])
+def test_qwen_bridge_matches_hf(request, fixture, shape):
+    model = request.getfixturevalue(fixture)  # skips unless `arithlens models fetch` installed it
+    cfg = model.cfg
+    assert type(model.bridge.original_model).__name__ == "Qwen2ForCausalLM"
+    assert (model.n_layers, model.n_heads, int(cfg.n_key_value_heads), int(cfg.d_model)) == shape
+    assert int(cfg.d_vocab) == 151_936
+    assert all(len(model.tokenizer(str(d), add_special_tokens=False)["input_ids"]) == 1 for d in range(10))
+    tokens = torch.tensor([model.tokenizer("2 + 3 = 5\n1 + 4 = 5\n3 + 3 = 6\n4 + 3 = ")["input_ids"]])
+    with torch.no_grad():
+        hf = model.bridge.original_model(tokens).logits[:, -1].float()
+    bridge = logits_at_end(model, tokens)
+    torch.testing.assert_close(bridge, hf, rtol=1e-5, atol=1e-5)
+    assert model.tokenizer.decode([int(bridge.argmax())]) == "7"
+    from arithlens import patching
+
+    assert patching.fast_path_supported(model)

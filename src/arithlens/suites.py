@@ -50,7 +50,7 @@ from arithlens.suite_tasks import (
 from arithlens.prompts import _encode
 
 Kind = Literal["math", "control"]
-Scoring = Literal["exact", "mass"]
+Scoring = Literal["exact", "mass", "choice"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class SuiteItem:
     op_pos: int | None = None           # last token of the operation (symbol/word/verb)
     end_pos: int = -1
     meta: tuple = ()                    # (key, value) pairs: operands, template, …
+    choice_tokens: tuple[int, ...] = ()  # the option letters at END ("choice" scoring; the answer is one of them)
 
     @property
     def answer_token(self) -> int:
@@ -95,7 +96,10 @@ class Suite:
 
     @property
     def chance(self) -> float:
-        """Accuracy of guessing uniformly among the valid-looking options (digits for years, else 0)."""
+        """Accuracy of guessing uniformly among the valid-looking options (digits for years, the options of
+        a multiple-choice item, else 0)."""
+        if self.scoring == "choice":
+            return float(np.mean([1 / len(it.choice_tokens) for it in self.items])) if self.items else 0.0
         if self.scoring == "mass":
             return float(np.mean([len(it.valid_tokens) / 10 for it in self.items])) if self.items else 0.0
         return 0.0
@@ -269,7 +273,8 @@ class SuiteScorer:
     the answer tokens themselves (greedy decoding yields the answer iff each of them predicts the next
     answer token). The prompt before END runs once (HF ``past_key_values``); each condition re-runs
     only END and the answer positions, so a hook applied there (``fwd_hooks``) acts at every
-    predicting position and nowhere else.
+    predicting position and nowhere else. A ``choice`` suite (multiple choice, e.g. a benchmark file
+    read by :mod:`arithlens.benchmarks`) is scored at END among its items' option letters only.
     """
 
     def __init__(self, model, suite: Suite, batch_size: int = 32):
@@ -290,8 +295,9 @@ class SuiteScorer:
 
     @torch.no_grad()
     def score(self, fwd_hooks=()) -> pd.DataFrame:
-        """One row per item: ``correct``, ``first_correct``, ``p_answer`` (first token, or valid mass),
-        ``score`` (exact: log p of the full answer; mass: p(valid) − p(other digits))."""
+        """One row per item: ``correct``, ``first_correct``, ``p_answer`` (first token, or valid mass, or
+        the answer's share among the options), ``score`` (exact: log p of the full answer; mass: p(valid) −
+        p(other digits); choice: log of that share)."""
         items = self.suite.items
         n = len(items)
         correct, first, p_ans, score = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n))
@@ -312,6 +318,12 @@ class SuiteScorer:
                     other = end[j, digits].sum() - vm
                     correct[b[j]] = first[b[j]] = int(top[j]) in v
                     p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
+            elif self.suite.scoring == "choice":
+                for j, i in enumerate(b):  # the options' log-probabilities renormalised among themselves
+                    options = logp[j, -1, list(items[i].choice_tokens)].log_softmax(-1)
+                    gold = items[i].choice_tokens.index(items[i].answer_tokens[0])
+                    correct[i] = first[i] = int(options.argmax()) == gold
+                    p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
             else:
                 targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
                 hits = logits.argmax(-1) == targets

@@ -30,7 +30,7 @@ SCORINGS = {"correct": "whole answer", "first_correct": "first answer token"}
 
 
 def _first_token_chance(suite: Suite) -> float:
-    return suite.chance if suite.scoring == "mass" else 0.1  # a digit / word guessed among ten
+    return suite.chance if suite.scoring != "exact" else 0.1  # a digit / word guessed among ten
 
 
 def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correct: int = 8) -> pd.DataFrame:
@@ -57,7 +57,7 @@ def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correc
 
 def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means: torch.Tensor, n_seeds: int = 5,
                       seed: int = 0, margin: float | None = 0.15, min_correct: int = 8, own_means: bool = False,
-                      progress=None) -> pd.DataFrame:
+                      progress=None, scorer=SuiteScorer) -> pd.DataFrame:
     """Per-item scores for each suite × condition (``none``, ``key``, ``random``; random over ``n_seeds``).
 
     ``means`` are the ablation values (chapter 1: the arithmetic counterfactual mean). With
@@ -70,13 +70,17 @@ def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means:
     least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
     every suite. Random heads are drawn like chapter 1's (:func:`arithlens.knockout.random_heads`,
     seed ``s * 1000 + k``).
+
+    ``scorer(model, suite)`` builds what scores a suite under each condition (``.score(fwd_hooks)``
+    returning :class:`SuiteScorer`'s columns): teacher-forced by default; for a benchmark file read by
+    :mod:`arithlens.benchmarks`, e.g. ``lambda m, s: BenchmarkScorer(m, s, "generate")``.
     """
     k = len(heads)
     frames = []
     names = list(suites)
     for name in (progress(names, desc="knockout transfer (suites)") if progress else names):
-        scorer = SuiteScorer(model, suites[name])
-        base = scorer.score().assign(condition="none", seed=-1, k=0)
+        run = scorer(model, suites[name])
+        base = run.score().assign(condition="none", seed=-1, k=0)
         frames.append(base)
         if not k or (margin is not None and not usability(suites[name], base, margin, min_correct)["usable"].any()):
             continue
@@ -88,7 +92,7 @@ def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means:
             variants.append((" (own mean)", knockout.mean_z(model, suites[name], "end", which="clean")))
         for suffix, values in variants:
             for cond, s, hs in conditions:
-                frames.append(scorer.score(knockout.ablation_hooks(hs, values, "all")).assign(
+                frames.append(run.score(knockout.ablation_hooks(hs, values, "all")).assign(
                     condition=cond + suffix, seed=s, k=k))
     return pd.concat(frames, ignore_index=True)
 

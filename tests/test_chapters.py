@@ -102,3 +102,19 @@ def test_precise_sft_chapter_end_to_end(isolated_runs):
     assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet"} <= tables
     methods = set(run.table("training")["method"])
     assert {"full SFT", "LoRA"} & {m.split(" r=")[0] for m in methods} and any(m.startswith("random") for m in methods)
+
+
+BENCH = "tests/data/benchmarks"
+
+
+@pytest.mark.slow
+def test_transfer_and_sft_chapters_take_benchmark_files(isolated_runs):
+    files = f"benchmark_files=[{BENCH}/gsm8k_style.jsonl, {BENCH}/mmlu_style.csv]"
+    run = run_chapter("03_transfer", "tiny", TRANSFER_TINY + HEADS_AS_INPUT + [files], log=lambda m: None)
+    scores = run.table("transfer_scores")
+    assert {"gsm8k_style", "mmlu_style"} <= set(scores["suite"])
+    assert {"none", "key", "random"} <= set(scores[scores.suite == "gsm8k_style"]["condition"])
+    assert set(run.table("usability")["suite"]) >= {"gsm8k_style", "mmlu_style"}
+    sft = run_chapter("04_precise_sft", "tiny", SFT_TINY + HEADS_AS_INPUT + MLP_AS_INPUT +
+                      [f"benchmark_files=[{BENCH}/mmlu_style.jsonl]", f"train_file={BENCH}/generic.jsonl"], log=lambda m: None)
+    assert "mmlu_style" in set(sft.table("scores")["set"])

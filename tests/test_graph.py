@@ -158,3 +158,15 @@ def test_a_run_whose_code_changed_while_it_ran_is_not_kept_as_complete(isolated_
     with pytest.raises(RunError, match="code changed while it ran"):
         runs._execute_notebook(runs.RunPlan(plan.chapter, plan.model, plan.params, "before"), log=lambda m: None, timeout=None)
     assert not list(isolated_runs.rglob("manifest.json")) and len(list(isolated_runs.rglob("*.failed"))) == 1
+
+
+def test_data_files_named_by_parameters_are_keyed_by_content(tmp_path):
+    data = tmp_path / "bench.jsonl"
+    data.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
+    params = {"seed": 0, "benchmark_files": [str(data)], "train_file": ""}
+    first = runs.run_key("03_transfer", "tiny", params, "code")
+    assert runs.run_key("03_transfer", "tiny", params, "code") == first
+    data.write_text('{"prompt": "1 + 2 =", "answer": "3"}\n')
+    assert runs.run_key("03_transfer", "tiny", params, "code") != first
+    with pytest.raises(RunError, match=r"parameter 'train_file': no such file .*missing.jsonl"):
+        runs.run_key("04_precise_sft", "tiny", {"train_file": str(tmp_path / "missing.jsonl")}, "code")

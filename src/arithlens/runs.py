@@ -255,11 +255,39 @@ def code_hash(chapter: str) -> str:
 
 
 def run_key(chapter: str, model: str, params: dict, code: str, inputs: dict[str, str] | None = None) -> str:
-    """The run's identity: chapter, model, parameters, code hash and the keys of its input runs."""
+    """The run's identity: chapter, model, parameters, code hash, the keys of its input runs and the
+    contents of the data files its parameters name (:func:`data_files`)."""
     blob = {"chapter": chapter, "model": model, "params": params, "code": code, "version": arithlens.__version__}
     if inputs:
         blob["inputs"] = dict(sorted(inputs.items()))
+    files = data_files(params)
+    if files:
+        blob["files"] = {str(path): _digest(path) for path in files}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_files(params: dict) -> list[Path]:
+    """The user's data files a run reads: values of parameters named ``*_file`` / ``*_files`` (e.g.
+    ``benchmark_files``, ``train_file``). Their contents go into the run key, so editing a file
+    re-executes; a missing one is a one-line error before any kernel starts."""
+    found = []
+    for name, value in params.items():
+        if not name.endswith(("_file", "_files")) or not value:
+            continue
+        for raw in value if isinstance(value, (list, tuple)) else [value]:
+            path = Path(str(raw)).expanduser()
+            if not path.is_file():
+                raise RunError(f"parameter {name!r}: no such file {raw}")
+            found.append(path.resolve())
+    return found
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def model_dirname(model: str) -> str:

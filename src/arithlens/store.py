@@ -132,7 +132,7 @@ def format_table(rows: list[StoredRun], in_book: set[Path]) -> str:
         return f"no runs in {runs_root()}"
     lines = [f"{'chapter':16s} {'model':16s} {'run':12s} {'status':12s} {'size':>9s} {'age':>7s}  note"]
     for r in rows:
-        note = ("in the built book; " if r.path.resolve() in in_book else "") + r.why
+        note = "; ".join(filter(None, ["in the built book" if r.path.resolve() in in_book else "", r.why]))
         lines.append(f"{r.chapter:16s} {r.model:16s} {r.key:12s} {r.status:12s} {_human(r.size_bytes):>9s} "
                      f"{_age(r.age_s):>7s}  {note}".rstrip())
     counts = {s: sum(r.status == s for r in rows) for s in ("complete", "stale", "failed", "interrupted", "running")}

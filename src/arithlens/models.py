@@ -64,11 +64,6 @@ class ModelSpec:
     kind: SpecKind
     source: str  # .gguf path, directory, hub id, or the tiny seed
 
-    @property
-    def slug(self) -> str:
-        """A file-name-safe short name, used for run directories."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.name).name if self.kind in ("gguf", "local") else self.name).strip("_")
-
 
 @dataclass(frozen=True)
 class LoadedModel:

@@ -1,4 +1,4 @@
-"""Hooks at END: the model, its heads and hook points, prefix-cached reruns, and answer scores.
+"""Hooks at END: heads, hook points, prefix-cached reruns and answer scores, shared by every analysis.
 
 Ground floor of the science wing, under every analysis that intervenes on the model: path patching
 (paper § "Path patching"), knockout (§ "Knockout"), MLP tracing (§ "MLP tracing"), transfer
@@ -17,7 +17,8 @@ replaces it. What those analyses share is here, under public names, and nowhere 
   cache is given back as it was found even when a hook raises (:func:`kept`);
 * answer scores at END (:class:`EndScores`) over the digit tokens (:func:`digit_tokens`).
 
-Every ``model`` here and above is an :class:`arithlens.models.LoadedModel` (the bridge, its tokenizer
+What the analyses feed the model — items, their tokens, batches of one length — is the other half
+of the ground floor, :mod:`arithlens.items`. Every ``model`` here and above is an :class:`arithlens.models.LoadedModel` (the bridge, its tokenizer
 and device), the one thing of arithlens this module imports. Written by hand on TransformerLens hook
 names and Hugging Face ``past_key_values``.
 """

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.items import align_counterfactual, encode, length_batches, length_groups, to_tokens, tokens_over
+from arithlens.items import (  # to_tokens re-exported: the chapters call prompts.to_tokens
+    align_counterfactual, encode, length_batches, length_groups, to_tokens, tokens_over)
 from arithlens.models import LoadedModel, logits_at_end
 
 Style = Literal["equation", "statement", "question"]

@@ -65,6 +65,15 @@ def test_alignment_skips_replacements_that_move_tokens(tiny):
     assert text == "3 @ 4 = " and len(cf_ids) == len(ids)
     assert [i for i, (x, y) in enumerate(zip(ids, cf_ids)) if x != y] == [2]
     assert I.align_counterfactual(tok, clean, ids, offsets, (2, 3), ["none", "xy"]) is None
+    assert I.continuation(tok, clean, "12") == tuple(I.encode(tok, "12")[0]) and I.continuation(tok, clean, "") is None
+
+
+@pytest.mark.real_model
+def test_continuation_refuses_an_answer_that_retokenizes_the_prompt(smollm2):
+    tok = smollm2.tokenizer
+    assert len(I.continuation(tok, "7 + 2 = ", "9")) == 1
+    assert len(I.continuation(tok, "7 + 2 =", " 9")) == 2  # " 9" is two tokens here: "Ġ", "9"
+    assert I.continuation(tok, "The cat", "s") is None  # "Ġcat" + "s" becomes "Ġcats"
 
 
 @pytest.mark.parametrize("maker", ["prompts", "multidigit", "decimals", "word_problems", "power"])

@@ -7,8 +7,9 @@ prompt's tokens, the counterfactual's tokens (or none), the answer token, an ope
 the END position. Every analysis reads items only through that protocol, so chapter 1's patching
 and knockout run on a transfer suite unchanged. What the two makers share is here:
 
-* :func:`encode` and :func:`tokens_over` — token ids with character offsets, and the tokens that
-  cover a character span (positions come from the tokenizer, never from counting);
+* :func:`encode`, :func:`tokens_over` and :func:`continuation` — token ids with character offsets,
+  the tokens that cover a character span (positions come from the tokenizer, never from counting),
+  and the tokens an answer adds after a prompt that it leaves unchanged;
 * :func:`align_counterfactual` — the paper's null-operator counterfactual: the operation's
   characters are replaced by each candidate in turn, and the first whose tokens equal the clean
   prompt's everywhere outside the operation wins (same length, so operands and END line up);
@@ -53,6 +54,14 @@ def encode(tokenizer, text: str) -> tuple[list[int], Offsets]:
     """Token ids of ``text`` and each token's character span (start, end)."""
     enc = tokenizer(text, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def continuation(tokenizer, prompt: str, text: str, ids: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """The tokens ``text`` adds right after ``prompt`` (whose token ids are ``ids``, encoded if not
+    given), or None when appending it re-tokenizes the prompt itself or adds nothing."""
+    ids = encode(tokenizer, prompt)[0] if ids is None else list(ids)
+    full, _ = encode(tokenizer, prompt + text)
+    return tuple(full[len(ids):]) if len(full) > len(ids) and full[: len(ids)] == ids else None
 
 
 def tokens_over(offsets: Offsets, start: int, end: int) -> list[int]:

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from arithlens.items import (  # to_tokens re-exported: the chapters call prompts.to_tokens
-    align_counterfactual, encode, length_batches, length_groups, to_tokens, tokens_over)
+    align_counterfactual, continuation, encode, length_batches, length_groups, to_tokens, tokens_over)
 from arithlens.models import LoadedModel, logits_at_end
 
 Style = Literal["equation", "statement", "question"]
@@ -193,9 +193,8 @@ def _span_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
 
 def _answer_token(tokenizer, prompt: str, answer: int) -> int | None:
     """The answer's token right after ``prompt``, or None if the answer is not exactly one token there."""
-    ids, _ = encode(tokenizer, prompt)
-    full, _ = encode(tokenizer, prompt + str(answer))
-    return full[-1] if len(full) == len(ids) + 1 and full[: len(ids)] == ids else None
+    added = continuation(tokenizer, prompt, str(answer))
+    return added[0] if added is not None and len(added) == 1 else None
 
 
 def _single_token_answer(tokenizer, prompt: str, answer: int) -> bool:

@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 
 from arithlens.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
-from arithlens.items import align_counterfactual, encode, length_batches, tokens_over
+from arithlens.items import align_counterfactual, continuation, encode, length_batches, tokens_over
 from arithlens.models import LoadedModel
 from arithlens.suite_tasks import (  # noqa: F401  (load_controls re-exported: the suites' data in one place)
     NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, load_controls, multidigit_source, pairs_source,
@@ -133,20 +133,15 @@ def _build(tokenizer, suite: str, label: str, prefix: str, parts: list[tuple[str
             spans["op"] = (len(clean), len(clean) + len(text))
         clean += text
     ids, offsets = encode(tokenizer, clean)
-
-    def continuation(text: str) -> tuple[int, ...] | None:
-        full, _ = encode(tokenizer, clean + text)
-        return tuple(full[len(ids):]) if len(full) > len(ids) and full[: len(ids)] == ids else None
-
     answer_tokens: tuple[int, ...] = ()
     valid: tuple[int, ...] = ()
     if valid_answers:
-        conts = [continuation(v) for v in valid_answers]
+        conts = [continuation(tokenizer, clean, v, ids) for v in valid_answers]
         if any(c is None or len(c) != 1 for c in conts):
             return None, "valid answer not one token"
         valid = tuple(c[0] for c in conts)
     else:
-        cont = continuation(answer)
+        cont = continuation(tokenizer, clean, answer, ids)
         if cont is None:
             return None, "answer does not continue the prompt's tokens"
         answer_tokens = cont

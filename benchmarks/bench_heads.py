@@ -25,8 +25,9 @@ import torch
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
 from arithlens import knockout, patching  # noqa: E402
+from arithlens.items import length_batches, to_tokens  # noqa: E402
 from arithlens.models import load_model  # noqa: E402
-from arithlens.prompts import PromptConfig, group_by_length, make_prompts, to_tokens  # noqa: E402
+from arithlens.prompts import PromptConfig, make_prompts  # noqa: E402
 
 
 def peak_gb() -> float:
@@ -49,7 +50,7 @@ def main() -> None:
     model = load_model(args.model)
     full = make_prompts(model.tokenizer, PromptConfig(n_per_cell=max(8, args.n // 40 + 2), shots=3, seed=0))
     prompts = full.subset([i < args.n for i in range(len(full))])
-    batches = [idx[i: i + 16] for idx in group_by_length(prompts).values() for i in range(0, len(idx), 16)]
+    batches = length_batches(prompts.items, 16)
     digits = patching.digit_tokens(model.tokenizer)
     print(f"model {args.model}: {len(prompts)} prompts, {len(batches)} batches, {model.n_layers}×{model.n_heads} heads, "
           f"threads {torch.get_num_threads()}")

@@ -55,7 +55,7 @@ def setup(args):
     from arithlens import finetune as ft
     from arithlens.finetune_data import make_sft_data
     from arithlens.models import load_model
-    from arithlens.patching import Head
+    from arithlens.hooks import Head
     from arithlens.prompts import group_by_length, to_tokens
 
     model = load_model(args.model)

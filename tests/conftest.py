@@ -1,13 +1,25 @@
 """Shared fixtures: the tiny random-init model for most tests, the real default model where it matters,
-the opt-in Qwen models (``pytest -m qwen``) when fetched."""
+the opt-in Qwen models (``pytest -m qwen``) when fetched.
+
+Under pytest every ``arithlens`` function's annotations are checked at call time: jaxtyping's import
+hook decorates each function and dataclass with ``jaxtyped(typechecker=beartype)``, so a tensor of
+the wrong shape or dtype (``Float[Tensor, "batch layer head d_head"]``), or a wrong type, raises. The
+hook must be installed before anything imports arithlens.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 
-import pytest
+from jaxtyping import install_import_hook
 
-from arithlens.models import load_model
+# beartype with PEP 484's numeric tower (an int is a valid float, as type checkers read the hints);
+# jaxtyping builds the decorator from this expression.
+install_import_hook("arithlens", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+
+import pytest  # noqa: E402
+
+from arithlens.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 
 from arithlens import finetune as ft
 from arithlens import finetune_data as fd
-from arithlens.patching import Head
+from arithlens.hooks import Head
 
 HEADS = (Head(0, 1), Head(1, 3))  # head 3 of 4 reads KV head 1 (2 KV heads)
 

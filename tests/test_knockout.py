@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arithlens import knockout as K
-from arithlens.patching import Head
+from arithlens.hooks import Head
 from arithlens.prompts import PromptConfig, make_prompts
 
 

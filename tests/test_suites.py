@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from arithlens import knockout, transfer
-from arithlens.patching import Head
+from arithlens.hooks import Head
 from arithlens.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, load_controls, make_suite
 
 

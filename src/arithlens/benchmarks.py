@@ -52,8 +52,8 @@ import pandas as pd
 
 from arithlens.benchmark_formats import (  # noqa: F401  (re-exported: the benchmark API in one place)
     EXPECTED, FORMATS, LETTERS, AnswerKind, BenchmarkFormat, Unusable, format_number, parse_number)
-from arithlens.prompts import _encode
-from arithlens.suites import Kind, Suite, SuiteItem, _build
+from arithlens.items import continuation
+from arithlens.suites import Kind, Suite, SuiteItem, build_item
 
 
 class BenchmarkFileError(ValueError):
@@ -214,12 +214,6 @@ def render_demo(record: BenchmarkRecord, bench: Benchmark) -> str:
     return query + ("" if query[-1:].isspace() else " ") + record.answer + "\n\n"
 
 
-def _continuation(tokenizer, prompt: str, text: str) -> tuple[int, ...] | None:
-    ids, _ = _encode(tokenizer, prompt)
-    full, _ = _encode(tokenizer, prompt + text)
-    return tuple(full[len(ids):]) if len(full) > len(ids) and full[: len(ids)] == ids else None
-
-
 def _build_item(tokenizer, name: str, record: BenchmarkRecord, bench: Benchmark, prefix: str,
                 label: str) -> tuple[SuiteItem | None, str]:
     """The item for ``record`` after ``prefix``; its answer must continue the prompt's tokens.
@@ -233,14 +227,14 @@ def _build_item(tokenizer, name: str, record: BenchmarkRecord, bench: Benchmark,
     spacings = [("", "")] if query[-1:].isspace() else [(" ", ""), ("", " ")]
     reason = ""
     for tail, lead in spacings:
-        item, why = _build(tokenizer, name, label, prefix, parts + [("text", tail)], lead + record.answer, None,
+        item, why = build_item(tokenizer, name, label, prefix, parts + [("text", tail)], lead + record.answer, None,
                            random.Random(0), (), meta)
         if item is None:
             reason = why
             continue
         if bench.kind != "choice":
             return item, ""
-        options = [_continuation(tokenizer, item.clean, lead + letter) for letter in LETTERS[: len(record.choices)]]
+        options = [continuation(tokenizer, item.clean, lead + letter) for letter in LETTERS[: len(record.choices)]]
         if all(o is not None and len(o) == 1 for o in options) and len({o[0] for o in options}) == len(options):
             return replace(item, choice_tokens=tuple(o[0] for o in options)), ""
         reason = "an option letter is not one token"

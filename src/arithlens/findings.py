@@ -9,14 +9,15 @@ the run graph (``arithlens.runs``) guarantees which run it is.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
 from arithlens.metrics import select_key_heads
-from arithlens.patching import Head, heads_from_frame
+from arithlens.hooks import Head, heads_from_frame
 
 
+@runtime_checkable
 class Run(Protocol):
     """What these functions need of a finished run."""
 

@@ -25,7 +25,8 @@ small safetensors file plus a JSON manifest (:func:`save_delta`) and loaded back
   tensors (no copy; nothing writes to them during training), so TransformerLens hooks cost nothing.
 
 Baselines: :func:`full_sft` (every parameter, same engine) and :func:`lora_sft` (peft LoRA on the
-attention projections; its merged update ``B·A·scale`` becomes a delta of whole matrices).
+attention projections; its merged update ``B·A·scale`` becomes a delta of whole matrices). All three
+train in one loop (:func:`_optimize`): same batches, prefix cache, last-position loss and AdamW.
 Written by hand: slice bookkeeping and the prefix-cached layer loop; the
 optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
 """
@@ -33,10 +34,10 @@ optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
 from __future__ import annotations
 
 import copy
-import random
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -48,7 +49,9 @@ from torch import Tensor
 from arithlens.finetune_delta import (  # noqa: F401  (re-exported: the Precise SFT API in one place)
     Delta, Slice, apply_delta, applied, hf_model, jsonable, load_delta, named_weights, save_delta, slice_view,
     tensor_digest)
-from arithlens.patching import Head
+from arithlens import hooks
+from arithlens.hooks import Head
+from arithlens.models import LoadedModel
 
 KVPolicy = Literal["shared", "frozen"]
 MethodKind = Literal["precise", "full", "lora"]
@@ -124,32 +127,29 @@ def head_slices(cfg, heads, kv: KVPolicy = "shared") -> list[Slice]:
     return sorted(set(out))
 
 
-def whole_slices(model, predicate=lambda name: True) -> list[Slice]:
+def whole_slices(model: LoadedModel | torch.nn.Module, predicate=lambda name: True) -> list[Slice]:
     """Every parameter whose name satisfies ``predicate``, as whole-tensor slices."""
     return [Slice(n, 0, 0, p.shape[0]) for n, p in named_weights(model).items() if predicate(n)]
 
 
-def mlp_slices(model, layers) -> list[Slice]:
+def mlp_slices(model: LoadedModel | torch.nn.Module, layers: Iterable[int]) -> list[Slice]:
     """All MLP weights (gate, up, down) of ``layers``."""
     wanted = {f"model.layers.{l}.mlp." for l in layers}
     return whole_slices(model, lambda n: any(n.startswith(w) for w in wanted))
 
 
-def precise_slices(model, config: PreciseSFTConfig) -> list[Slice]:
+def precise_slices(model: LoadedModel, config: PreciseSFTConfig) -> list[Slice]:
     """Everything ``config`` tunes: its heads' attention slices and its MLP layers' weights."""
     return head_slices(model.cfg, config.heads, config.kv) + mlp_slices(model, config.mlp_layers)
 
 
-def random_heads(cfg, k: int, seed: int, min_layer: int = 0, exclude=()) -> tuple[Head, ...]:
-    """``k`` distinct heads drawn uniformly (local seeded generator) from layers ≥ ``min_layer``,
-    never one of ``exclude`` (the key heads), sorted."""
-    pool = [Head(l, h) for l in range(min_layer, cfg.n_layers) for h in range(cfg.n_heads) if Head(l, h) not in set(exclude)]
-    if k > len(pool):
-        raise ValueError(f"k={k} is larger than the {len(pool)} heads to draw from")
-    return tuple(sorted(random.Random(seed).sample(pool, k)))
+def random_heads(cfg, k: int, seed: int, min_layer: int = 0, exclude: Iterable[Head] = ()) -> tuple[Head, ...]:
+    """``k`` distinct heads drawn uniformly (:func:`arithlens.hooks.random_heads`, a local seeded
+    generator) from layers ≥ ``min_layer``, never one of ``exclude`` (the key heads), sorted."""
+    return tuple(sorted(hooks.random_heads(cfg.n_layers, cfg.n_heads, k, seed, min_layer, exclude)))
 
 
-def count_params(model, slices: list[Slice]) -> int:
+def count_params(model: LoadedModel | torch.nn.Module, slices: list[Slice]) -> int:
     """Number of weights in ``slices`` (trainable parameters, before training)."""
     weights = named_weights(model)
     return sum(slice_view(weights, s).numel() for s in slices)
@@ -165,7 +165,7 @@ def rescale_factors(cfg, config: PreciseSFTConfig, slices: list[Slice]) -> dict[
 
 # --- the forward pass above a cached prefix --------------------------------------------------------
 
-def make_twin(model, attn_implementation: str = "sdpa"):
+def make_twin(model: LoadedModel, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A plain HF model of the same class whose parameters *are* the bridge model's tensors.
 
     It uses PyTorch's fused attention (``sdpa``) by default: on CPU its backward pass is several
@@ -189,7 +189,7 @@ def _start_layer(slices: list[Slice], n_layers: int) -> int:
     return min(layers)
 
 
-def _context(twin, hidden: Tensor) -> dict:
+def _context(twin: torch.nn.Module, hidden: Tensor) -> dict:
     pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
     from transformers.masking_utils import create_causal_mask
 
@@ -202,7 +202,7 @@ def _local(eff: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {n[len(prefix):]: t for n, t in eff.items() if n.startswith(prefix)}
 
 
-def run_layers(twin, hidden: Float[Tensor, "batch pos d_model"], start: int, stop: int,
+def run_layers(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"], start: int, stop: int,
                eff: dict[str, Tensor] | None = None) -> Float[Tensor, "batch pos d_model"]:
     """Residual stream entering layer ``start`` → entering layer ``stop``, weights overridden by ``eff``."""
     eff, ctx = eff or {}, _context(twin, hidden)
@@ -212,12 +212,12 @@ def run_layers(twin, hidden: Float[Tensor, "batch pos d_model"], start: int, sto
     return hidden
 
 
-def embed(twin, tokens: Int[Tensor, "batch pos"], eff: dict[str, Tensor] | None = None) -> Tensor:
+def embed(twin: torch.nn.Module, tokens: Int[Tensor, "batch pos"], eff: dict[str, Tensor] | None = None) -> Tensor:
     w = (eff or {}).get("model.embed_tokens.weight", twin.model.embed_tokens.weight)
     return F.embedding(tokens, w)
 
 
-def end_logits(twin, hidden: Float[Tensor, "batch pos d_model"], start: int,
+def end_logits(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"], start: int,
                eff: dict[str, Tensor] | None = None) -> Float[Tensor, "batch d_vocab"]:
     """Run layers ``start…`` on ``hidden``, then the final norm and unembedding at the last position only."""
     eff = eff or {}
@@ -249,7 +249,8 @@ def effective_weights(weights: dict[str, Tensor], trainable: dict[Slice, Tensor]
 
 # --- training ----------------------------------------------------------------------------------------
 
-def step_loss(twin, batch: Batch, start: int, eff: dict[str, Tensor], prefix: Tensor | None = None) -> Tensor:
+def step_loss(twin: torch.nn.Module, batch: Batch, start: int, eff: dict[str, Tensor],
+              prefix: Tensor | None = None) -> Tensor:
     """Cross-entropy of the answer token at the last position; ``prefix`` = cached residual entering ``start``."""
     tokens, answers = batch
     hidden = prefix
@@ -261,46 +262,64 @@ def step_loss(twin, batch: Batch, start: int, eff: dict[str, Tensor], prefix: Te
     return F.cross_entropy(end_logits(twin, hidden, start, eff).float(), answers)
 
 
-def train_slices(model, slices: list[Slice], batches: list[Batch], train: TrainConfig,
-                 grad_scale: dict[Slice, float] | None = None, progress=None, twin=None) -> TrainResult:
-    """AdamW on exactly ``slices`` over ``batches`` (one step each, ``train.steps`` of them, cycling)."""
-    if not slices:
-        raise ValueError("nothing to train: no slices")
-    twin = twin or make_twin(model)
-    weights = named_weights(twin)
-    dev = next(twin.parameters()).device
-    trainable = {s: slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
-    start = _start_layer(slices, len(twin.model.layers))
+def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], train: TrainConfig, start: int,
+              lr: float, desc: str, effective: Callable[[], dict[str, Tensor]] = dict,
+              after_backward: Callable[[], None] | None = None,
+              progress=None) -> tuple[list[float], list[float], float]:
+    """The training loop every method shares: AdamW on ``params``, one step per batch (``train.steps``,
+    cycling), the answer's cross-entropy at the last position (:func:`step_loss`) with the weights
+    ``effective()`` returns, the residual stream entering layer ``start`` cached per batch beforehand
+    (``train.prefix_cache``). Returns (losses, seconds per step, seconds spent on the prefix cache)."""
+    dev = next(net.parameters()).device
     t0 = time.perf_counter()
     prefixes: dict[int, Tensor] = {}
     if train.prefix_cache and start > 0:
         with torch.no_grad():
             for i, (tokens, _) in enumerate(batches[: train.steps]):
-                prefixes[i] = run_layers(twin, embed(twin, tokens.to(dev)), 0, start)
+                prefixes[i] = run_layers(net, embed(net, tokens.to(dev)), 0, start)
     prefix_s = time.perf_counter() - t0
-    opt = torch.optim.AdamW(list(trainable.values()), lr=train.lr, weight_decay=train.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     losses, times = [], []
     steps = range(train.steps)
-    for step in (progress(steps, desc=f"training {len(slices)} slices") if progress else steps):
+    for step in (progress(steps, desc=desc) if progress else steps):
         tokens, answers = batches[step % len(batches)]
         t = time.perf_counter()
-        eff = effective_weights(weights, trainable)
-        loss = step_loss(twin, (tokens.to(dev), answers.to(dev)), start, eff, prefixes.get(step % len(batches)))
+        loss = step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(), prefixes.get(step % len(batches)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_scale:
-            for s, tensor in trainable.items():
-                tensor.grad.mul_(grad_scale.get(s, 1.0))
+        if after_backward is not None:
+            after_backward()
         opt.step()
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
+    return losses, times, prefix_s
+
+
+def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], train: TrainConfig,
+                 grad_scale: dict[Slice, float] | None = None, progress=None,
+                 twin: torch.nn.Module | None = None) -> TrainResult:
+    """AdamW on exactly ``slices`` over ``batches`` (one step each, ``train.steps`` of them, cycling)."""
+    if not slices:
+        raise ValueError("nothing to train: no slices")
+    twin = twin or make_twin(model)
+    weights = named_weights(twin)
+    trainable = {s: slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
+
+    def rescale() -> None:
+        for s, tensor in trainable.items():
+            tensor.grad.mul_(grad_scale.get(s, 1.0))
+
+    losses, times, prefix_s = _optimize(
+        twin, list(trainable.values()), batches, train, _start_layer(slices, len(twin.model.layers)), train.lr,
+        f"training {len(slices)} slices", lambda: effective_weights(weights, trainable),
+        rescale if grad_scale else None, progress)
     base = {s: slice_view(weights, s) for s in slices}
     delta = Delta({s: t.detach().clone() for s, t in trainable.items()}, {s: tensor_digest(base[s]) for s in slices})
     return TrainResult(delta, sum(t.numel() for t in trainable.values()), losses, times, prefix_s)
 
 
-def precise_sft(model, batches: list[Batch], config: PreciseSFTConfig, train: TrainConfig = TrainConfig(),
-                progress=None, twin=None) -> TrainResult:
+def precise_sft(model: LoadedModel, batches: list[Batch], config: PreciseSFTConfig, train: TrainConfig = TrainConfig(),
+                progress=None, twin: torch.nn.Module | None = None) -> TrainResult:
     """Paper § "Precise SFT": tune only ``config``'s head slices (and MLP layers)."""
     slices = precise_slices(model, config)
     scale = rescale_factors(model.cfg, config, slices) if config.rescale else None
@@ -309,13 +328,14 @@ def precise_sft(model, batches: list[Batch], config: PreciseSFTConfig, train: Tr
     return replace(result, delta=replace(result.delta, meta=meta))
 
 
-def full_sft(model, batches: list[Batch], train: TrainConfig = TrainConfig(), progress=None, twin=None) -> TrainResult:
+def full_sft(model: LoadedModel, batches: list[Batch], train: TrainConfig = TrainConfig(), progress=None,
+             twin: torch.nn.Module | None = None) -> TrainResult:
     """The paper's baseline: every parameter trainable, same optimizer, same last-position loss."""
     result = train_slices(model, whole_slices(model), batches, train, None, progress, twin)
     return replace(result, delta=replace(result.delta, meta={"method": "full"}))
 
 
-def lora_sft(model, batches: list[Batch], rank: int, train: TrainConfig = TrainConfig(), layers=None,
+def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainConfig = TrainConfig(), layers=None,
              alpha: float | None = None, lr: float | None = None, progress=None) -> TrainResult:
     """peft LoRA on q/k/v/o of ``layers`` (default all); its merged update becomes a whole-matrix delta."""
     from peft import LoraConfig, get_peft_model
@@ -330,27 +350,8 @@ def lora_sft(model, batches: list[Batch], rank: int, train: TrainConfig = TrainC
         peft_model = get_peft_model(twin, cfg)
     inner = peft_model.base_model.model
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    start = min(layers)
-    dev = next(inner.parameters()).device
-    prefixes = {}
-    t0 = time.perf_counter()
-    if train.prefix_cache and start > 0:
-        with torch.no_grad():
-            for i, (tokens, _) in enumerate(batches[: train.steps]):
-                prefixes[i] = run_layers(inner, embed(inner, tokens.to(dev)), 0, start)
-    prefix_s = time.perf_counter() - t0
-    opt = torch.optim.AdamW(params, lr=lr or train.lr, weight_decay=train.weight_decay)
-    losses, times = [], []
-    steps = range(train.steps)
-    for step in (progress(steps, desc=f"LoRA r={rank}") if progress else steps):
-        tokens, answers = batches[step % len(batches)]
-        t = time.perf_counter()
-        loss = step_loss(inner, (tokens.to(dev), answers.to(dev)), start, {}, prefixes.get(step % len(batches)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss.detach()))
+    losses, times, prefix_s = _optimize(inner, params, batches, train, min(layers), lr or train.lr,
+                                        f"LoRA r={rank}", progress=progress)
     weights = named_weights(model)
     values, digest = {}, {}
     for name, module in inner.named_modules():
@@ -364,7 +365,7 @@ def lora_sft(model, batches: list[Batch], rank: int, train: TrainConfig = TrainC
     return TrainResult(delta, sum(p.numel() for p in params), losses, times, prefix_s)
 
 
-def lora_rank_for(model, n_params: int, layers=None) -> int:
+def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:
     """The LoRA rank on q/k/v/o of ``layers`` whose trainable-parameter count is closest to ``n_params``."""
     cfg = model.cfg
     d, kv = int(cfg.d_model), int(cfg.d_head) * int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
@@ -373,8 +374,8 @@ def lora_rank_for(model, n_params: int, layers=None) -> int:
     return max(1, round(n_params / (per_rank * n_layers)))
 
 
-def train_method(model, batches: list[Batch], method: Method, train: TrainConfig = TrainConfig(),
-                 progress=None, twin=None) -> TrainResult:
+def train_method(model: LoadedModel, batches: list[Batch], method: Method, train: TrainConfig = TrainConfig(),
+                 progress=None, twin: torch.nn.Module | None = None) -> TrainResult:
     """Dispatch one :class:`Method` to :func:`precise_sft`, :func:`full_sft` or :func:`lora_sft`."""
     train = replace(train, lr=method.lr or train.lr, seed=method.seed)
     if method.kind == "precise":

@@ -24,8 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from arithlens.items import length_batches, to_tokens
 from arithlens.metrics import bootstrap_means
-from arithlens.prompts import TEMPLATES, PromptConfig, PromptSet, group_by_length, make_prompts, score_prompts, to_tokens
+from arithlens.models import LoadedModel
+from arithlens.prompts import TEMPLATES, PromptConfig, PromptSet, make_prompts, score_prompts
 
 #: Templates held out from training by default: one per style, never seen in training.
 HELDOUT_TEMPLATES = ("eq_calculate", "st_noun", "qa_howmuch")
@@ -79,14 +81,9 @@ def make_batches(prompts: PromptSet, batch_size: int, n_batches: int, seed: int 
     shuffled and cut into batches of at most ``batch_size``, and the batches are shuffled.
     """
     rng = random.Random(seed)
-    groups = list(group_by_length(prompts).values())
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     while len(out) < n_batches:
-        epoch = []
-        for idx in groups:
-            idx = idx[:]
-            rng.shuffle(idx)
-            epoch += [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+        epoch = length_batches(prompts.items, batch_size, rng=rng)  # each length's items shuffled, then cut
         rng.shuffle(epoch)
         for chunk in epoch:
             items = [prompts.items[i] for i in chunk]
@@ -94,7 +91,7 @@ def make_batches(prompts: PromptSet, batch_size: int, n_batches: int, seed: int 
     return out[:n_batches]
 
 
-def evaluate(model, delta, data: SFTData, suites=(), batch_size: int = 64, progress=None) -> pd.DataFrame:
+def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: int = 64, progress=None) -> pd.DataFrame:
     """Score every evaluation item with ``delta`` applied (``None`` = the base model).
 
     One row per item: ``set``, ``kind`` (``math`` or ``control``), ``item``, ``correct``, ``p_answer``.

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from arithlens.models import LoadedModel
 
 
 @dataclass(frozen=True, order=True)
@@ -49,12 +52,12 @@ class Delta:
         return sum(t.numel() for t in self.values.values())
 
 
-def hf_model(model):
+def hf_model(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face module under a ``LoadedModel``'s bridge (or the module itself)."""
     return model.bridge.original_model if hasattr(model, "bridge") else model
 
 
-def named_weights(model) -> dict[str, Tensor]:
+def named_weights(model: LoadedModel | torch.nn.Module) -> dict[str, Tensor]:
     """Plain HF parameter names → tensors. TransformerBridge inserts ``._original_component`` into
     every path; it is dropped so names match a plain model. Tied weights appear once."""
     return {n.replace("._original_component", ""): p for n, p in hf_model(model).named_parameters()}
@@ -75,7 +78,7 @@ def _write(weights: dict[str, Tensor], values: dict[Slice, Tensor]) -> None:
             target.copy_(v.to(device=target.device, dtype=target.dtype))
 
 
-def apply_delta(model, delta: Delta, check_base: bool = True) -> None:
+def apply_delta(model: LoadedModel | torch.nn.Module, delta: Delta, check_base: bool = True) -> None:
     """Write ``delta`` into ``model``'s weights in place (the bridge sees them: it wraps these modules)."""
     weights = named_weights(model)
     if check_base:
@@ -86,7 +89,7 @@ def apply_delta(model, delta: Delta, check_base: bool = True) -> None:
 
 
 @contextmanager
-def applied(model, delta: Delta):
+def applied(model: LoadedModel | torch.nn.Module, delta: Delta) -> Iterator[LoadedModel | torch.nn.Module]:
     """Within the block, ``model`` carries ``delta``; afterwards its original values are restored."""
     weights = named_weights(model)
     saved = {s: slice_view(weights, s).detach().clone() for s in delta.values}

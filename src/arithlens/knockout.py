@@ -3,16 +3,17 @@
 Science wing (paper § "Knockout" and "Attention analysis"). A knocked-out head's ``hook_z`` is
 replaced by its mean over the counterfactual prompts — at END only (``positions="end"``: the clean
 prefix's keys and values are reused and only the last position recomputed, see
-:func:`arithlens.patching.end_only_logits`) or at every position (``"all"``: a full forward pass, with
+:func:`arithlens.hooks.end_only_logits`) or at every position (``"all"``: a full forward pass, with
 the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
-are compared with the same number of random heads drawn uniformly from all heads, over several seeds.
+are compared with the same number of random heads drawn uniformly from all heads, over several seeds
+(:func:`arithlens.hooks.random_heads`, re-exported here).
 
 Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -21,36 +22,41 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.patching import Head, end_only_logits, prefix_kv
-from arithlens.prompts import PromptSet, group_by_length, to_tokens
+from arithlens import hooks
+from arithlens.hooks import Head, Hook, end_only_logits, prefix_kv, random_heads
+from arithlens.items import Item, ItemSet, length_batches, to_tokens
+from arithlens.models import LoadedModel
+from arithlens.prompts import PromptSet
 
 Positions = Literal["end", "all"]
 
 
 @torch.no_grad()
-def mean_z(model, prompts: PromptSet, positions: Positions = "end", batch_size: int = 32,
+def mean_z(model: LoadedModel, prompts: ItemSet, positions: Positions = "end", batch_size: int = 32,
            which: Literal["clean", "counterfactual"] = "counterfactual") -> Float[Tensor, "layer head d_head"]:
     """Mean of every head's ``hook_z`` over the counterfactual prompts (at END, or over all positions);
-    ``which="clean"`` averages the clean prompts instead (for sets without a counterfactual)."""
-    names = [f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)]
+    ``which="clean"`` averages the clean prompts instead (for sets without a counterfactual, such as
+    a transfer suite)."""
+    names = [hooks.hook_z(l) for l in range(model.n_layers)]
     total, count = None, 0
-    for idx in group_by_length(prompts).values():
-        for s in range(0, len(idx), batch_size):
-            tokens = to_tokens([prompts.items[i] for i in idx[s: s + batch_size]], which).to(model.device)
-            _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-            z = torch.stack([cache[n] for n in names], 0).float()  # [layer, batch, pos, head, d_head]
-            z = z[:, :, -1:] if positions == "end" else z
-            part = z.sum((1, 2))
-            total = part if total is None else total + part
-            count += z.shape[1] * z.shape[2]
+    for batch in length_batches(prompts.items, batch_size):
+        tokens = to_tokens([prompts.items[i] for i in batch], which).to(model.device)
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        z = torch.stack([cache[n] for n in names], 0).float()  # [layer, batch, pos, head, d_head]
+        z = z[:, :, -1:] if positions == "end" else z
+        part = z.sum((1, 2))
+        total = part if total is None else total + part
+        count += z.shape[1] * z.shape[2]
     return total / count
 
 
-def ablation_hooks(heads: list[Head], means: Tensor, positions: Positions) -> list:
+def ablation_hooks(heads: Sequence[Head], means: Float[Tensor, "layer head d_head"],
+                   positions: Positions) -> list[Hook]:
+    """Hooks that mean-ablate ``heads`` (replace their ``hook_z`` by ``means``) at END or at every position."""
     by_layer: dict[int, list[int]] = {}
     for h in heads:
         by_layer.setdefault(h.layer, []).append(h.head)
-    hooks = []
+    fwd = []
     for layer, hs in by_layer.items():
         def hook(z, hook=None, layer=layer, hs=hs):  # bind per layer: hook.name is the internal name
             z = z.clone()
@@ -60,52 +66,43 @@ def ablation_hooks(heads: list[Head], means: Tensor, positions: Positions) -> li
             else:
                 z[:, :, hs] = value
             return z
-        hooks.append((f"blocks.{layer}.attn.hook_z", hook))
-    return hooks
+        fwd.append((hooks.hook_z(layer), hook))
+    return fwd
 
 
 class KnockoutEvaluator:
     """Accuracy under ablation, with the clean prefixes' KV caches computed once for all conditions."""
 
-    def __init__(self, model, prompts: PromptSet, means: Tensor, positions: Positions = "end", batch_size: int = 64):
+    def __init__(self, model: LoadedModel, prompts: ItemSet, means: Float[Tensor, "layer head d_head"],
+                 positions: Positions = "end", batch_size: int = 64):
         if positions not in ("end", "all"):
             raise ValueError(f"positions must be 'end' or 'all', got {positions!r}")
         self.model, self.prompts, self.means, self.positions = model, prompts, means, positions
         self.batches = []
-        for idx in group_by_length(prompts).values():
-            for s in range(0, len(idx), batch_size):
-                b = idx[s: s + batch_size]
-                tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
-                kv = prefix_kv(model, tokens[:, :-1]) if positions == "end" else None
-                answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
-                self.batches.append((np.asarray(b), tokens, answers, kv))
+        for b in length_batches(prompts.items, batch_size):
+            tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
+            kv = prefix_kv(model, tokens[:, :-1]) if positions == "end" else None
+            answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
+            self.batches.append((np.asarray(b), tokens, answers, kv))
 
     @torch.no_grad()
-    def correct(self, heads: list[Head]) -> np.ndarray:
+    def correct(self, heads: Sequence[Head]) -> np.ndarray:
         """Per-item greedy correctness with ``heads`` mean-ablated."""
         out = np.zeros(len(self.prompts), dtype=bool)
-        hooks = ablation_hooks(heads, self.means, self.positions)
+        fwd = ablation_hooks(heads, self.means, self.positions)
         for b, tokens, answers, kv in self.batches:
             if self.positions == "end":
-                logits = end_only_logits(self.model, tokens, hooks, kv)
+                logits = end_only_logits(self.model, tokens, fwd, kv)
             else:
-                logits = self.model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1]
+                logits = self.model.bridge.run_with_hooks(tokens, fwd_hooks=fwd)[:, -1]
             out[b] = (logits.argmax(-1) == answers).cpu().numpy()
         return out
 
-    def accuracy(self, heads: list[Head]) -> float:
+    def accuracy(self, heads: Sequence[Head]) -> float:
         return float(self.correct(heads).mean())
 
 
-def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
-    """``k`` distinct heads drawn uniformly from all heads (a local, seeded generator)."""
-    every = [Head(l, h) for l in range(n_layers) for h in range(n_heads)]
-    if k > len(every):
-        raise ValueError(f"k={k} is larger than the number of heads ({len(every)})")
-    return random.Random(seed).sample(every, k)
-
-
-def knockout_curve(evaluator: KnockoutEvaluator, ranking: list[Head], k_values, n_seeds: int = 5,
+def knockout_curve(evaluator: KnockoutEvaluator, ranking: Sequence[Head], k_values, n_seeds: int = 5,
                    seed: int = 0, progress=None) -> pd.DataFrame:
     """Accuracy with the top-k ranked heads vs k random heads (``n_seeds`` draws) ablated, per k.
 
@@ -138,7 +135,8 @@ def summarize_curve(curve: pd.DataFrame) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def end_attention_groups(model, prompts, heads: list[Head], groups, batch_size: int = 32) -> pd.DataFrame:
+def end_attention_groups(model: LoadedModel, prompts: ItemSet, heads: Sequence[Head],
+                         groups: Callable[[Item], dict[str, list[int]]], batch_size: int = 32) -> pd.DataFrame:
     """END-token attention of each head onto named groups of positions, the rest as ``other``.
 
     ``groups(item) -> {name: [positions]}`` (same names for every item); ``prompts`` is anything with
@@ -146,23 +144,21 @@ def end_attention_groups(model, prompts, heads: list[Head], groups, batch_size: 
     (prompt, layer, head) with one column per group and ``other`` (summing to 1).
     """
     layers = sorted({h.layer for h in heads})
-    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    names = [hooks.hook_pattern(l) for l in layers]
     rows = []
-    for idx in group_by_length(prompts).values():
-        for s in range(0, len(idx), batch_size):
-            b = idx[s: s + batch_size]
-            items = [prompts.items[i] for i in b]
-            _, cache = model.bridge.run_with_cache(to_tokens(items).to(model.device), names_filter=lambda n: n in names)
-            for h in heads:
-                pat = cache[f"blocks.{h.layer}.attn.hook_pattern"][:, h.head, -1].float().cpu()  # [batch, key]
-                for j, it in enumerate(items):
-                    shares = {g: float(pat[j, list(pos)].sum()) if len(pos) else 0.0 for g, pos in groups(it).items()}
-                    rows.append({"prompt": b[j], "operator": it.operator, "layer": h.layer, "head": h.head,
-                                 **shares, "other": 1.0 - sum(shares.values())})
+    for b in length_batches(prompts.items, batch_size):
+        items = [prompts.items[i] for i in b]
+        _, cache = model.bridge.run_with_cache(to_tokens(items).to(model.device), names_filter=lambda n: n in names)
+        for h in heads:
+            pat = cache[hooks.hook_pattern(h.layer)][:, h.head, -1].float().cpu()  # [batch, key]
+            for j, it in enumerate(items):
+                shares = {g: float(pat[j, list(pos)].sum()) if len(pos) else 0.0 for g, pos in groups(it).items()}
+                rows.append({"prompt": b[j], "operator": it.operator, "layer": h.layer, "head": h.head,
+                             **shares, "other": 1.0 - sum(shares.values())})
     return pd.DataFrame(rows)
 
 
-def end_attention(model, prompts: PromptSet, heads: list[Head], batch_size: int = 32) -> pd.DataFrame:
+def end_attention(model: LoadedModel, prompts: PromptSet, heads: Sequence[Head], batch_size: int = 32) -> pd.DataFrame:
     """END-token attention of each head onto operand A, operand B, the operator and everything else.
 
     One row per (prompt, layer, head) with columns ``A``, ``B``, ``operator_token``, ``other`` (summing to 1).

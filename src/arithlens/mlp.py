@@ -1,6 +1,7 @@
 """MLP tracing at END: per-layer MLP direct effects, unembedding cosines, and the logit lens.
 
-Science wing (paper § "MLP tracing"). Builds on :mod:`arithlens.patching`'s cached runs:
+Science wing (paper § "MLP tracing"). Builds on :mod:`arithlens.patching`'s cached runs and
+:mod:`arithlens.hooks`'s hook names and scores:
 
 * :func:`mlp_direct_effects` — each layer's MLP output at END takes its counterfactual value while
   every head and every other MLP keeps its clean value and the final norm's scale is frozen (the
@@ -16,17 +17,24 @@ Written by hand on TransformerLens caches; the norm and unembedding are the mode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from arithlens.patching import (EndCache, EndScores, clean_scores, digit_tokens, effects_table, scores_from_columns,
-                                scores_from_logits, set_at_end)
-from arithlens.prompts import PromptItem, to_tokens
+from arithlens import hooks
+from arithlens.hooks import (EndScores, Head, digit_tokens, head_deltas, scores_from_columns, scores_from_logits,
+                             set_at_end)
+from arithlens.items import Item, to_tokens
+from arithlens.models import LoadedModel
+from arithlens.patching import EndCache, clean_scores, effects_table
 
 
-def _frozen_scale_scores(model, cache: EndCache, change: Tensor, digits: Tensor, with_prob: bool) -> EndScores:
+def _frozen_scale_scores(model: LoadedModel, cache: EndCache, change: Float[Tensor, "batch n d_model"],
+                         digits: Int[Tensor, "10"], with_prob: bool) -> EndScores:
     """Scores when ``change`` [batch, n, d_model] is added to the final residual, final-norm scale frozen."""
     norm_w = model.bridge.ln_final.original_component.weight.float()
     W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
@@ -40,24 +48,25 @@ def _frozen_scale_scores(model, cache: EndCache, change: Tensor, digits: Tensor,
 
 
 @torch.no_grad()
-def mlp_direct_effects(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
+def mlp_direct_effects(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], with_prob: bool = True) -> EndScores:
     """Direct effect of each layer's MLP at END: scores [batch, layer] (final-norm scale frozen)."""
     return _frozen_scale_scores(model, cache, cache.mlp_out_cf - cache.mlp_out, digits, with_prob)
 
 
 @torch.no_grad()
-def reference_mlp_effect(model, cache: EndCache, layer: int, digits: Tensor, with_prob: bool = True) -> EndScores:
+def reference_mlp_effect(model: LoadedModel, cache: EndCache, layer: int, digits: Int[Tensor, "10"],
+                         with_prob: bool = True) -> EndScores:
     """One hooked forward pass: MLP ``layer`` patched at END, later heads/MLPs and the final scale frozen."""
-    set_end, n = set_at_end, model.n_layers
-    hooks = [(f"blocks.{layer}.hook_mlp_out", set_end(cache.mlp_out_cf[:, layer]))]
-    hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
-    hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(layer + 1, n)]
-    hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
-    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
+    n = model.n_layers
+    fwd = [(hooks.mlp_out(layer), set_at_end(cache.mlp_out_cf[:, layer]))]
+    fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
+    fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(layer + 1, n)]
+    fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
+    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 
-def patch_mlps(model, caches: list[EndCache], senders=None) -> pd.DataFrame:
+def patch_mlps(model: LoadedModel, caches: list[EndCache], senders: Sequence[Head] | None = None) -> pd.DataFrame:
     """Per-prompt, per-layer effects (:func:`arithlens.patching.effects_table`): each MLP's direct
     effect, or with ``senders`` (heads) their effect routed through each MLP."""
     digits = digit_tokens(model.tokenizer)
@@ -76,7 +85,7 @@ def _cos(x: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def unembed_cosines(model, cache: EndCache, items: list[PromptItem]) -> pd.DataFrame:
+def unembed_cosines(model: LoadedModel, cache: EndCache, items: Sequence[Item]) -> pd.DataFrame:
     """Per prompt and layer: cos(resid_mid, W_U[A]), cos(resid_mid, W_U[B]), cos(mlp_out, W_U[C]).
 
     A, B and C are the tokens of the operands' and the answer's last digit as they follow a space-free
@@ -95,13 +104,13 @@ def unembed_cosines(model, cache: EndCache, items: list[PromptItem]) -> pd.DataF
 
 
 @torch.no_grad()
-def logit_lens(model, items: list[PromptItem], tokens: dict[str, list[int]]) -> pd.DataFrame:
+def logit_lens(model: LoadedModel, items: Sequence[Item], tokens: dict[str, list[int]]) -> pd.DataFrame:
     """Rank (0 = top) and logit of named tokens at END after every layer, through the final norm.
 
     ``items`` must tokenize to one length; ``tokens`` maps a label (e.g. ``"answer"``) to one token
     id per item. One row per (item, layer, label); layer ``n_layers - 1`` equals the model's output.
     """
-    names = [f"blocks.{l}.hook_resid_post" for l in range(model.n_layers)]
+    names = [hooks.resid_post(l) for l in range(model.n_layers)]
     batch = to_tokens(items).to(model.device)
     _, cache = model.bridge.run_with_cache(batch, names_filter=lambda n: n in names)
     norm, unembed = model.bridge.ln_final.original_component, model.bridge.unembed.original_component
@@ -119,7 +128,8 @@ def logit_lens(model, items: list[PromptItem], tokens: dict[str, list[int]]) -> 
 
 
 @torch.no_grad()
-def heads_to_mlp_effects(model, cache: EndCache, senders, digits: Tensor, with_prob: bool = True) -> EndScores:
+def heads_to_mlp_effects(model: LoadedModel, cache: EndCache, senders: Sequence[Head], digits: Int[Tensor, "10"],
+                         with_prob: bool = True) -> EndScores:
     """Sender heads' effect routed through each MLP layer: scores [batch, layer].
 
     For receiver layer l, MLP l's input at END becomes the clean ``resid_mid`` plus the senders'
@@ -127,9 +137,7 @@ def heads_to_mlp_effects(model, cache: EndCache, senders, digits: Tensor, with_p
     logits (every other head and MLP at END frozen, final-norm scale frozen). Cached activations only:
     one MLP evaluation per layer.
     """
-    from arithlens.patching import _head_deltas
-
-    deltas = _head_deltas(model, cache)  # [batch, layer, head, d_model]
+    deltas = head_deltas(model, cache.z_cf - cache.z_clean)  # [batch, layer, head, d_model]
     mask = torch.zeros(model.n_layers, model.n_heads, device=deltas.device)
     for h in senders:
         mask[h.layer, h.head] = 1.0
@@ -144,7 +152,8 @@ def heads_to_mlp_effects(model, cache: EndCache, senders, digits: Tensor, with_p
 
 
 @torch.no_grad()
-def reference_heads_to_mlp(model, cache: EndCache, senders, layer: int, digits: Tensor, with_prob: bool = True) -> EndScores:
+def reference_heads_to_mlp(model: LoadedModel, cache: EndCache, senders: Sequence[Head], layer: int,
+                           digits: Int[Tensor, "10"], with_prob: bool = True) -> EndScores:
     """Plain reference for one receiver: two hooked forward passes.
 
     Pass 1 patches the senders at END and freezes every other head and every MLP at END, and records
@@ -162,22 +171,21 @@ def reference_heads_to_mlp(model, cache: EndCache, senders, layer: int, digits: 
         value[:, heads] = cache.z_cf[:, l, heads]
         return value
 
-    set_end = set_at_end
     recorded = {}
 
     def record(act, hook=None):
         recorded["x"] = act[:, -1].clone()
         return act
 
-    hooks = [(f"blocks.{l}.attn.hook_z", set_end(z_end(l))) for l in range(n)]
-    hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(n)]
-    hooks += [(f"blocks.{layer}.ln2.hook_in", record)]
-    model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)
-    hooks = [(f"blocks.{layer}.ln2.hook_in", set_end(recorded["x"]))]
-    hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
-    hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
-    hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
-    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
+    fwd = [(hooks.hook_z(l), set_at_end(z_end(l))) for l in range(n)]
+    fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n)]
+    fwd += [(hooks.ln2_in(layer), record)]
+    model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)
+    fwd = [(hooks.ln2_in(layer), set_at_end(recorded["x"]))]
+    fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
+    fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
+    fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
+    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 

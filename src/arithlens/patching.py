@@ -17,12 +17,18 @@ The fast versions (:func:`sweep_heads`) are used only for architectures whose bl
 checked against the plain references (:func:`reference_effect`, one hooked forward pass per head) —
 ``FAST_ARCHITECTURES``; elsewhere :func:`sweep_heads` falls back to the references.
 
+Heads, hook names, the prefix KV cache, END-only reruns and the score records are
+:mod:`arithlens.hooks`'s (``Head``, ``digit_tokens``, ``heads_from_frame`` and ``set_at_end`` are
+re-exported here, where the chapters and exercises first meet them).
+
 Written by hand (no library does exact END-only path patching over all heads at once); hooks and
 weights come from TransformerLens, the MLP / norm modules are the model's own.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +38,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from arithlens.prompts import PromptItem, PromptSet, group_by_length, to_tokens
+from arithlens import hooks
+from arithlens.hooks import (  # noqa: F401  (Head, digit_tokens, heads_from_frame, set_at_end: re-exported)
+    EndScores, Head, cat_scores, digit_tokens, end_only_logits, head_deltas, heads_from_frame, kept,
+    prefix_kv, scores_from_columns, scores_from_logits, set_at_end)
+from arithlens.items import Item, ItemSet, length_batches, to_tokens
+from arithlens.models import LoadedModel
 
 Mode = Literal["direct", "path", "total"]
 MODES: tuple[Mode, ...] = ("direct", "path", "total")
@@ -40,17 +51,6 @@ MODES: tuple[Mode, ...] = ("direct", "path", "total")
 #: mlp(ln2(resid_mid)); final RMSNorm; lm_head without bias) the tests check fast == reference on.
 #: Qwen2 has the same layout; its q/k/v biases act before hook_z and o_proj has none.
 FAST_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM"})
-
-
-@dataclass(frozen=True, order=True)
-class Head:
-    """One attention head."""
-
-    layer: int
-    head: int
-
-    def __str__(self) -> str:
-        return f"{self.layer}.{self.head}"
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,6 @@ class EndCache:
     clean_logits: Float[Tensor, "batch d_vocab"]
 
 
-def digit_tokens(tokenizer) -> Int[Tensor, "10"]:
-    """Token ids of the digits 0..9 (each must be one token)."""
-    ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError("this tokenizer has no single token for every digit")
-    return torch.tensor(ids)
-
-
-@torch.no_grad()
-def prefix_kv(model, tokens: Int[Tensor, "batch pos"]):
-    """The KV cache of ``tokens`` (HF ``past_key_values``); logits only for the last position."""
-    return model.bridge.original_model(tokens, use_cache=True, logits_to_keep=1).past_key_values
-
-
 def _lse_shifted(shifted_clean: Tensor, delta: Tensor, shift: Tensor) -> Tensor:
     """logsumexp(clean + delta) over the vocabulary, stabilized by the clean logits' max ``shift``.
 
@@ -98,12 +84,11 @@ def _lse_shifted(shifted_clean: Tensor, delta: Tensor, shift: Tensor) -> Tensor:
 
 
 def _names(n_layers: int) -> list[str]:
-    return ([f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_resid_mid" for l in range(n_layers)]
-            + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
-            + [f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_scale"])
+    return ([hooks.hook_z(l) for l in range(n_layers)] + [hooks.resid_mid(l) for l in range(n_layers)]
+            + [hooks.mlp_out(l) for l in range(n_layers)] + [hooks.resid_post(n_layers - 1), hooks.FINAL_SCALE])
 
 
-def _shared_prefix(tokens: Tensor, cf_tokens: Tensor) -> int:
+def _shared_prefix(tokens: Int[Tensor, "batch pos"], cf_tokens: Int[Tensor, "batch pos"]) -> int:
     """Length of the prefix every clean/counterfactual pair in the batch shares (at least 1 token kept)."""
     differ = (tokens != cf_tokens).any(0).nonzero()
     first = int(differ[0]) if len(differ) else tokens.shape[1] - 1
@@ -111,7 +96,7 @@ def _shared_prefix(tokens: Tensor, cf_tokens: Tensor) -> int:
 
 
 @torch.no_grad()
-def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
+def cache_end(model: LoadedModel, items: Sequence[Item], index=None) -> EndCache:
     """Run clean and counterfactual prompts once and keep what the sweeps need at END.
 
     The clean and counterfactual prompts share every token before the operator, so that prefix runs
@@ -123,52 +108,36 @@ def cache_end(model, items: list[PromptItem], index=None) -> EndCache:
     keep = _shared_prefix(tokens, cf)
     kv = prefix_kv(model, tokens[:, :keep]) if keep else None
     names = _names(n_layers)
-    logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
-    if kv is not None:
-        kv.crop(-(tokens.shape[1] - keep))
-    cf_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    with kept(kv):  # the counterfactual suffix runs on the same prefix
+        logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
+    cf_names = [hooks.hook_z(l) for l in range(n_layers)] + [hooks.mlp_out(l) for l in range(n_layers)]
     _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in cf_names)
-    end = lambda cache, fmt: torch.stack([cache[fmt.format(l)][:, -1] for l in range(n_layers)], 1).float()
+    end = lambda cache, name: torch.stack([cache[name(l)][:, -1] for l in range(n_layers)], 1).float()
     return EndCache(
         index=np.asarray(index if index is not None else range(len(items))),
         tokens=tokens,
         answers=torch.tensor([it.answer_token for it in items], device=model.device),
-        z_clean=end(clean, "blocks.{}.attn.hook_z"),
-        z_cf=end(counter, "blocks.{}.attn.hook_z"),
-        resid_mid=end(clean, "blocks.{}.hook_resid_mid"),
-        mlp_out=end(clean, "blocks.{}.hook_mlp_out"),
-        mlp_out_cf=end(counter, "blocks.{}.hook_mlp_out"),
-        resid_final=clean[f"blocks.{n_layers - 1}.hook_resid_post"][:, -1].float(),
-        final_scale=clean["ln_final.hook_scale"][:, -1].float(),
+        z_clean=end(clean, hooks.hook_z),
+        z_cf=end(counter, hooks.hook_z),
+        resid_mid=end(clean, hooks.resid_mid),
+        mlp_out=end(clean, hooks.mlp_out),
+        mlp_out_cf=end(counter, hooks.mlp_out),
+        resid_final=clean[hooks.resid_post(n_layers - 1)][:, -1].float(),
+        final_scale=clean[hooks.FINAL_SCALE][:, -1].float(),
         clean_logits=logits[:, -1].float(),
     )
 
 
-def cache_prompt_set(model, prompts: PromptSet, batch_size: int = 16, progress=None) -> list[EndCache]:
-    """:func:`cache_end` over a whole prompt set, in equal-length batches."""
-    batches = [idx[i: i + batch_size] for idx in group_by_length(prompts).values() for i in range(0, len(idx), batch_size)]
+def cache_prompt_set(model: LoadedModel, prompts: ItemSet, batch_size: int = 16, progress=None) -> list[EndCache]:
+    """:func:`cache_end` over a whole prompt set (or transfer suite), in equal-length batches."""
+    batches = length_batches(prompts.items, batch_size)
     it = progress(batches, desc="caching clean/counterfactual runs") if progress else batches
     return [cache_end(model, [prompts.items[i] for i in b], b) for b in it]
 
 
 # --- metrics at END ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class EndScores:
-    """Answer logit, log p(answer) and logit difference answer − best other digit, any leading shape."""
-
-    logit: Tensor
-    logprob: Tensor | None
-    logit_diff: Tensor
-
-
-def scores_from_columns(answer_logit: Tensor, digit_logits: Tensor, answers_digit_mask: Tensor,
-                         lse: Tensor | None) -> EndScores:
-    other = digit_logits.masked_fill(answers_digit_mask, float("-inf")).amax(-1)
-    return EndScores(answer_logit, None if lse is None else answer_logit - lse, answer_logit - other)
-
-
-def _unembed_scores(model, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
+def _unembed_scores(model: LoadedModel, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
                     with_prob: bool, clean_logits: Tensor, chunk: int = 2) -> EndScores:
     """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``.
 
@@ -186,20 +155,16 @@ def _unembed_scores(model, final_normed: Float[Tensor, "batch n d_model"], answe
     return scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
 
 
-def clean_scores(model, cache: EndCache, digits: Tensor) -> EndScores:
+def clean_scores(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"]) -> EndScores:
     """The clean run's scores at END, shape [batch]."""
     return scores_from_logits(cache.clean_logits, cache.answers, digits.to(cache.clean_logits.device), True)
 
 
 # --- fast sweeps -------------------------------------------------------------------------------
 
-def _head_deltas(model, cache: EndCache) -> Float[Tensor, "batch layer head d_model"]:
-    W_O = model.bridge.W_O.float()  # [layer, head, d_head, d_model]; o_proj has no bias on checked archs
-    return torch.einsum("blhe,lhed->blhd", cache.z_cf - cache.z_clean, W_O)
-
-
 @torch.no_grad()
-def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool = True, chunk: int = 32) -> list[EndScores]:
+def sweep_direct(model: LoadedModel, caches: list[EndCache], digits: Int[Tensor, "10"], with_prob: bool = True,
+                 chunk: int = 32) -> list[EndScores]:
     """Direct effect of every head for each cache: scores of shape [batch, layer*head] per cache.
 
     With the final norm's scale frozen, a head's change to the logits is linear in its ``hook_z``
@@ -232,7 +197,7 @@ def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool 
             lse = torch.cat([_lse_shifted(shifted[:, s: s + chunk], torch.bmm(dzl[:, s: s + chunk], full), shift[s: s + chunk, 0])
                              for s in range(0, len(answers), chunk)], 1).T  # [n, head]
         parts.append(scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse))
-    scores = _cat_scores(parts, 1)
+    scores = cat_scores(parts, 1)
     out, start = [], 0
     for c in caches:
         sl = slice(start, start + len(c.answers))
@@ -242,12 +207,14 @@ def sweep_direct(model, caches: list[EndCache], digits: Tensor, with_prob: bool 
 
 
 @torch.no_grad()
-def sweep_path(model, cache: EndCache, digits: Tensor, with_prob: bool = True, chunk: int = 16) -> EndScores:
+def sweep_path(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], with_prob: bool = True,
+               chunk: int = 16) -> EndScores:
     """Head → (MLPs) → logits for every head; other heads frozen at END, MLPs re-run at END."""
     parts = []
     for s in range(0, cache.tokens.shape[0], chunk):
         sl = slice(s, s + chunk)
-        delta = _head_deltas(model, _slice(cache, sl))  # [b, layer, head, d]
+        part = _slice(cache, sl)
+        delta = head_deltas(model, part.z_cf - part.z_clean)  # [b, layer, head, d]
         D = delta.new_zeros(delta.shape[0], 0, delta.shape[-1])
         for layer in range(model.n_layers):
             D = torch.cat([D, delta[:, layer]], 1)  # heads of this layer join the active set
@@ -258,28 +225,16 @@ def sweep_path(model, cache: EndCache, digits: Tensor, with_prob: bool = True, c
         final = model.bridge.ln_final.original_component(cache.resid_final[sl, None] + D).float()
         parts.append(_unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob,
                                      cache.clean_logits[sl]))
-    return _cat_scores(parts, 0)
+    return cat_scores(parts, 0)
 
 
 @torch.no_grad()
-def end_only_logits(model, tokens: Tensor, hooks: list, kv=None) -> Float[Tensor, "batch d_vocab"]:
-    """Logits at END when only END changes: re-run the last position on the clean prefix's KV cache."""
-    if kv is None:
-        kv = prefix_kv(model, tokens[:, :-1])
-    out = model.bridge.run_with_hooks(tokens[:, -1:], fwd_hooks=hooks, past_key_values=kv)
-    kv.crop(-1)  # give the cache back as it was, for the next condition
-    return out[:, -1].float()
-
-
-@torch.no_grad()
-def sweep_total(model, cache: EndCache, digits: Tensor, with_prob: bool = True) -> EndScores:
+def sweep_total(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], with_prob: bool = True) -> EndScores:
     """Activation patching of every head at END, nothing frozen; scores [batch, layer*head].
 
     One END-only forward pass per layer: the batch is repeated once per head of that layer and row
     (prompt b, copy h) patches head h, on the clean prefix's KV cache repeated the same way.
     """
-    import copy
-
     B, H = cache.tokens.shape[0], model.n_heads
     kv = prefix_kv(model, cache.tokens[:, :-1])
     kv_rep = copy.deepcopy(kv)
@@ -295,33 +250,10 @@ def sweep_total(model, cache: EndCache, digits: Tensor, with_prob: bool = True) 
             grid[:, idx, idx] = cache.z_cf[:, layer].to(z.dtype)  # copy h patches head h
             z[:, -1] = grid.view(B * H, H, -1)
             return z
-        logits = end_only_logits(model, tokens, [(f"blocks.{layer}.attn.hook_z", hook)], kv_rep)
+        logits = end_only_logits(model, tokens, [(hooks.hook_z(layer), hook)], kv_rep)
         s = scores_from_logits(logits, answers, digits.to(logits.device), with_prob)
         parts.append(EndScores(*(None if t is None else t.view(B, H) for t in (s.logit, s.logprob, s.logit_diff))))
-    return _cat_scores(parts, 1)
-
-
-def set_at_end(value: Tensor, heads=None):
-    """A hook that replaces an activation at END (for ``hook_z``, optionally only ``heads``) by ``value``."""
-    def hook(act, hook=None):
-        act = act.clone()
-        if heads is None:
-            act[:, -1] = value.to(act.dtype)
-        else:
-            act[:, -1, heads] = value.to(act.dtype)
-        return act
-    return hook
-
-
-def _patch_z_hook(head: int, value: Tensor):
-    return set_at_end(value, head)
-
-
-def scores_from_logits(logits: Tensor, answers: Tensor, digits: Tensor, with_prob: bool) -> EndScores:
-    """Scores from full logits [batch, d_vocab]."""
-    ans = logits.gather(1, answers[:, None])[:, 0]
-    mask = digits[None] == answers[:, None]
-    return scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1) if with_prob else None)
+    return cat_scores(parts, 1)
 
 
 def _slice(cache: EndCache, sl: slice) -> EndCache:
@@ -332,41 +264,37 @@ def _unsqueeze(s: EndScores) -> EndScores:
     return EndScores(s.logit[:, None], None if s.logprob is None else s.logprob[:, None], s.logit_diff[:, None])
 
 
-def _cat_scores(parts: list[EndScores], dim: int) -> EndScores:
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim)
-    return EndScores(cat([p.logit for p in parts]), cat([p.logprob for p in parts]), cat([p.logit_diff for p in parts]))
-
-
 # --- plain references: one hooked forward pass per head ------------------------------------------
 
 @torch.no_grad()
-def reference_effect(model, cache: EndCache, head: Head, mode: Mode, digits: Tensor, with_prob: bool = True) -> EndScores:
+def reference_effect(model: LoadedModel, cache: EndCache, head: Head, mode: Mode, digits: Int[Tensor, "10"],
+                     with_prob: bool = True) -> EndScores:
     """One full hooked forward pass with the mode's components frozen at END; scores [batch]."""
     L, n = head.layer, model.n_layers
-    set_end = set_at_end
-    hooks = [(f"blocks.{L}.attn.hook_z", _patch_z_hook(head.head, cache.z_cf[:, L, head.head]))]
+    fwd = [(hooks.hook_z(L), set_at_end(cache.z_cf[:, L, head.head], head.head))]
     if mode in ("direct", "path"):
-        hooks += [(f"blocks.{l}.attn.hook_z", set_end(cache.z_clean[:, l])) for l in range(L + 1, n)]
+        fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(L + 1, n)]
     if mode == "direct":
-        hooks += [(f"blocks.{l}.hook_mlp_out", set_end(cache.mlp_out[:, l])) for l in range(L, n)]
-        hooks += [("ln_final.hook_scale", set_end(cache.final_scale))]
-    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=hooks)[:, -1].float()
+        fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(L, n)]
+        fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
+    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 
-def fast_path_supported(model) -> bool:
+def fast_path_supported(model: LoadedModel) -> bool:
     archs = set(getattr(model.bridge.original_model.config, "architectures", None) or [])
     return bool(archs & FAST_ARCHITECTURES)
 
 
-def sweep_many(model, caches: list[EndCache], mode: Mode, digits: Tensor, with_prob: bool = True) -> list[EndScores]:
+def sweep_many(model: LoadedModel, caches: list[EndCache], mode: Mode, digits: Int[Tensor, "10"],
+               with_prob: bool = True) -> list[EndScores]:
     """:func:`sweep_heads` for several batches (the direct sweep shares its per-layer work across them)."""
     if mode == "direct" and fast_path_supported(model):
         return sweep_direct(model, caches, digits, with_prob)
     return [sweep_heads(model, c, mode, digits, with_prob) for c in caches]
 
 
-def sweep_heads(model, cache: EndCache, mode: Mode, digits: Tensor, with_prob: bool = True,
+def sweep_heads(model: LoadedModel, cache: EndCache, mode: str, digits: Int[Tensor, "10"], with_prob: bool = True,
                 allow_reference: bool = True) -> EndScores:
     """All heads' patched scores [batch, layer*head] (heads in layer-major order) for one batch."""
     if mode not in MODES:
@@ -380,12 +308,12 @@ def sweep_heads(model, cache: EndCache, mode: Mode, digits: Tensor, with_prob: b
     if not allow_reference:
         raise NotImplementedError(f"no checked fast {mode} patching for {model.bridge.original_model.config.architectures}")
     heads = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
-    return _cat_scores([_unsqueeze(reference_effect(model, cache, hd, mode, digits, with_prob)) for hd in heads], 1)
+    return cat_scores([_unsqueeze(reference_effect(model, cache, hd, mode, digits, with_prob)) for hd in heads], 1)
 
 
 # --- the sweep as a tidy table -----------------------------------------------------------------
 
-def patch_heads(model, prompts: PromptSet, caches: list[EndCache], modes=("direct", "path"),
+def patch_heads(model: LoadedModel, prompts: ItemSet, caches: list[EndCache], modes=("direct", "path"),
                 with_prob: bool = True, progress=None) -> pd.DataFrame:
     """Per-prompt, per-head effects for each mode: one row per (mode, prompt, layer, head).
 
@@ -420,8 +348,3 @@ def effects_table(cache: EndCache, patched: EndScores, clean: EndScores, units: 
     return pd.DataFrame({**labels, "prompt": np.repeat(cache.index, U),
                          **{k: np.tile(np.asarray(v), B) for k, v in units.items()},
                          **{k: v.cpu().numpy().ravel() for k, v in cols.items()}})
-
-
-def heads_from_frame(frame: pd.DataFrame) -> list[Head]:
-    """The heads named by a table's ``layer`` and ``head`` columns, in row order."""
-    return [Head(int(l), int(h)) for l, h in zip(frame["layer"], frame["head"])]

@@ -8,9 +8,11 @@ question-answer). The counterfactual is the same text with the operator replaced
 
 Every position the analyses use (operand A, operand B, operator, END) is found from the tokenizer's
 character offsets and asserted; a clean/counterfactual pair that does not tokenize to the same length
-with equal tokens outside the operator is dropped and counted, never silently misaligned.
+with equal tokens outside the operator is dropped and counted, never silently misaligned. The items
+follow :class:`arithlens.items.Item`; the alignment itself is :func:`arithlens.items.align_counterfactual`,
+shared with the transfer suites.
 
-Written by hand: the templates and the alignment checks (no library generates these prompts).
+Written by hand: the templates and the checks (no library generates these prompts).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Int
-from torch import Tensor
+
+from arithlens.items import (  # to_tokens re-exported: the chapters call prompts.to_tokens
+    align_counterfactual, continuation, encode, length_batches, length_groups, to_tokens, tokens_over)
+from arithlens.models import LoadedModel, logits_at_end
 
 Style = Literal["equation", "statement", "question"]
 Form = Literal["symbol", "word", "noun"]
@@ -181,22 +185,16 @@ def operand_pairs(op: Operator, lo: int, hi: int) -> list[tuple[int, int, int]]:
 
 def _span_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
     """Index of the last token overlapping characters [start, end)."""
-    hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
+    hits = tokens_over(offsets, start, end)
     if not hits:
         raise AssertionError(f"no token covers characters {start}..{end}")
     return hits[-1]
 
 
-def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
 def _answer_token(tokenizer, prompt: str, answer: int) -> int | None:
     """The answer's token right after ``prompt``, or None if the answer is not exactly one token there."""
-    ids, _ = _encode(tokenizer, prompt)
-    full, _ = _encode(tokenizer, prompt + str(answer))
-    return full[-1] if len(full) == len(ids) + 1 and full[: len(ids)] == ids else None
+    added = continuation(tokenizer, prompt, str(answer))
+    return added[0] if added is not None and len(added) == 1 else None
 
 
 def _single_token_answer(tokenizer, prompt: str, answer: int) -> bool:
@@ -242,7 +240,7 @@ def _build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, 
                 rng: random.Random) -> tuple[PromptItem | None, str]:
     op_text = op.render(tpl.form)
     clean = prefix + tpl.render(a, op_text, b)
-    ids, offsets = _encode(tokenizer, clean)
+    ids, offsets = encode(tokenizer, clean)
     answer_token = _answer_token(tokenizer, clean, c)
     if answer_token is None:
         return None, "answer is not a single token after the prompt"
@@ -257,19 +255,13 @@ def _build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, 
     assert tokenizer.decode([ids[b_pos]]).strip().endswith(str(b)[-1]), f"operand B misplaced in {clean!r}"
     candidates = list(NULL_OPERATORS[tpl.form])
     rng.shuffle(candidates)
-    for null in candidates:
-        cf = prefix + tpl.render(a, null, b)
-        cf_ids, _ = _encode(tokenizer, cf)
-        if len(cf_ids) != len(ids):
-            continue
-        op_tokens = {i for i, (s, e) in enumerate(offsets) if s < spans["op"][1] and e > spans["op"][0]}
-        if any(x != y for i, (x, y) in enumerate(zip(ids, cf_ids)) if i not in op_tokens):
-            continue
-        # Equal length and equal tokens outside the operator: A, B and END sit at the same positions.
-        assert cf_ids[a_pos] == ids[a_pos] and cf_ids[b_pos] == ids[b_pos] and cf_ids[-1] == ids[-1]
-        return PromptItem(op.symbol, tpl.name, tpl.style, a, b, c, clean, cf, answer_token, tuple(ids),
-                          tuple(cf_ids), a_pos, b_pos, op_pos, len(ids) - 1), ""
-    return None, "no counterfactual tokenizes to the same length"
+    # Equal length and equal tokens outside the operator: A, B and END sit at the same positions.
+    aligned = align_counterfactual(tokenizer, clean, ids, offsets, spans["op"], candidates, fixed=(a_pos, b_pos))
+    if aligned is None:
+        return None, "no counterfactual tokenizes to the same length"
+    cf, cf_ids = aligned
+    return PromptItem(op.symbol, tpl.name, tpl.style, a, b, c, clean, cf, answer_token, tuple(ids),
+                      cf_ids, a_pos, b_pos, op_pos, len(ids) - 1), ""
 
 
 def _slot_spans(tpl: Template, prefix: str, a: int, op_text: str, b: int) -> dict[str, tuple[int, int]]:
@@ -286,35 +278,22 @@ def _slot_spans(tpl: Template, prefix: str, a: int, op_text: str, b: int) -> dic
 
 
 def group_by_length(prompts: PromptSet) -> dict[int, list[int]]:
-    """Item indices grouped by token length, so batches need no padding (exact positions)."""
-    groups: dict[int, list[int]] = {}
-    for i, it in enumerate(prompts.items):
-        groups.setdefault(len(it.clean_tokens), []).append(i)
-    return groups
+    """Item indices grouped by token length, so batches need no padding (exact positions)
+    (:func:`arithlens.items.length_groups`; :func:`arithlens.items.length_batches` cuts batches)."""
+    return length_groups(prompts.items)
 
 
-def to_tokens(items, which: Literal["clean", "counterfactual"] = "clean") -> Int[Tensor, "batch pos"]:
-    """Stack equal-length items' tokens into one tensor."""
-    seqs = [it.clean_tokens if which == "clean" else it.cf_tokens for it in items]
-    if len({len(s) for s in seqs}) != 1:
-        raise ValueError("items have different token lengths; batch them with group_by_length()")
-    return torch.tensor(seqs, dtype=torch.long)
-
-
-def score_prompts(model, prompts: PromptSet, batch_size: int = 32, progress=None) -> pd.DataFrame:
+def score_prompts(model: LoadedModel, prompts: PromptSet, batch_size: int = 32, progress=None) -> pd.DataFrame:
     """Greedy next-token check of every item: one row per item with ``correct`` and ``p_answer``.
 
     ``model`` is a :class:`arithlens.models.LoadedModel`; ``progress`` an optional callable wrapping
     an iterable (e.g. :func:`arithlens.progress.progress`).
     """
-    from arithlens.models import logits_at_end
-
     frame = prompts.to_frame()
     predicted = np.zeros(len(prompts), dtype=np.int64)
     p_answer = np.zeros(len(prompts))
     answer_logit = np.zeros(len(prompts))
-    batches = [idx[i: i + batch_size] for idx in group_by_length(prompts).values()
-               for i in range(0, len(idx), batch_size)]
+    batches = length_batches(prompts.items, batch_size)
     for batch in (progress(batches, desc="scoring prompts") if progress else batches):
         tokens = to_tokens([prompts.items[i] for i in batch])
         logits = logits_at_end(model, tokens)
@@ -361,7 +340,7 @@ def tokenization_table(tokenizer, prompts: PromptSet, per_template: int = 1) -> 
         seen[(it.template, it.operator)] += 1
         marks = {it.a_pos: "A", it.b_pos: "B", it.op_pos: "op", it.end_pos: "END"}
         start = len(it.clean.rsplit("\n", 1)[0]) if "\n" in it.clean else 0
-        first = next(i for i, t in enumerate(_encode(tokenizer, it.clean)[1]) if t[1] > start)
+        first = next(i for i, t in enumerate(encode(tokenizer, it.clean)[1]) if t[1] > start)
         shown = " │ ".join(
             tokenizer.decode([t]).replace(" ", "␣") + (f"[{marks[i]}]" if i in marks else "")
             for i, t in enumerate(it.clean_tokens) if i >= first

@@ -44,11 +44,6 @@ class ModelSpec:
     source: str  # .gguf path, directory, hub id, or "ARCH:SEED" for a tiny model
     sha256: str | None = None  # a registry GGUF's verified digest (spares re-hashing it on every load)
 
-    @property
-    def slug(self) -> str:
-        """A file-name-safe short name, used for run directories."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.name).name if self.kind in ("gguf", "local") else self.name).strip("_")
-
 
 
 def _check_gguf(path: Path) -> None:

@@ -3,9 +3,10 @@
 Science wing, ground floor (paper § "Transfer"). Each suite is a list of :class:`SuiteItem` — a clean
 prompt, its answer (one or more tokens), the token positions of the numbers and of the operation
 word, and, where the suite has one, a counterfactual that replaces only the operation (the paper's
-null-operator idea, stated per suite below). Items duck-type :class:`arithlens.prompts.PromptItem`
-(``clean_tokens``, ``cf_tokens``, ``answer_token``, ``operator``), so chapter 1's patching and
-knockout code runs on them unchanged.
+null-operator idea, stated per suite below). Items follow :class:`arithlens.items.Item` (``clean_tokens``,
+``cf_tokens``, ``answer_token``, ``operator``, ``end_pos``), like chapter 0's prompts, so chapter 1's
+patching and knockout code runs on them unchanged; the counterfactual is aligned by the same
+:func:`arithlens.items.align_counterfactual`.
 
 Suites (``SUITES``):
 
@@ -35,19 +36,21 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.patching import prefix_kv
-from arithlens.suite_tasks import (
+from arithlens.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
+from arithlens.items import align_counterfactual, continuation, encode, length_batches, tokens_over
+from arithlens.models import LoadedModel
+from arithlens.suite_tasks import (  # noqa: F401  (load_controls re-exported: the suites' data in one place)
     NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, load_controls, multidigit_source, pairs_source,
     power_source, sequences_source, word_problems_source, years_source,
 )
-from arithlens.prompts import _encode
 
 Kind = Literal["math", "control"]
 Scoring = Literal["exact", "mass", "choice"]
@@ -118,11 +121,7 @@ class Suite:
 
 # --- building one item ---------------------------------------------------------------------------
 
-def _tokens_over(offsets, start: int, end: int) -> list[int]:
-    return [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
-
-
-def _build(tokenizer, suite: str, label: str, prefix: str, parts: list[tuple[str, str]], answer: str,
+def build_item(tokenizer, suite: str, label: str, prefix: str, parts: list[tuple[str, str]], answer: str,
            nulls: tuple[str, ...] | None, rng: random.Random, valid_answers: tuple[str, ...] = (),
            meta: tuple = ()) -> tuple[SuiteItem | None, str]:
     """Assemble ``prefix + parts`` (each part tagged ``text``/``num``/``op``), align and check.
@@ -137,39 +136,28 @@ def _build(tokenizer, suite: str, label: str, prefix: str, parts: list[tuple[str
         elif kind == "op":
             spans["op"] = (len(clean), len(clean) + len(text))
         clean += text
-    ids, offsets = _encode(tokenizer, clean)
-
-    def continuation(text: str) -> tuple[int, ...] | None:
-        full, _ = _encode(tokenizer, clean + text)
-        return tuple(full[len(ids):]) if len(full) > len(ids) and full[: len(ids)] == ids else None
-
+    ids, offsets = encode(tokenizer, clean)
     answer_tokens: tuple[int, ...] = ()
     valid: tuple[int, ...] = ()
     if valid_answers:
-        conts = [continuation(v) for v in valid_answers]
+        conts = [continuation(tokenizer, clean, v, ids) for v in valid_answers]
         if any(c is None or len(c) != 1 for c in conts):
             return None, "valid answer not one token"
         valid = tuple(c[0] for c in conts)
     else:
-        cont = continuation(answer)
+        cont = continuation(tokenizer, clean, answer, ids)
         if cont is None:
             return None, "answer does not continue the prompt's tokens"
         answer_tokens = cont
-    number_pos = tuple(sorted({i for s, e in spans["num"] for i in _tokens_over(offsets, s, e)}))
-    op_pos = _tokens_over(offsets, *spans["op"])[-1] if spans["op"] else None
+    number_pos = tuple(sorted({i for s, e in spans["num"] for i in tokens_over(offsets, s, e)}))
+    op_pos = tokens_over(offsets, *spans["op"])[-1] if spans["op"] else None
     cf, cf_tokens = None, None
     if nulls is not None:
-        op_tok = set(_tokens_over(offsets, *spans["op"]))
-        s, e = spans["op"]
-        for null in rng.sample(list(nulls), len(nulls)):
-            text = clean[:s] + null + clean[e:]
-            cf_ids, _ = _encode(tokenizer, text)
-            if len(cf_ids) == len(ids) and all(x == y for i, (x, y) in enumerate(zip(ids, cf_ids)) if i not in op_tok):
-                cf, cf_tokens = text, tuple(cf_ids)
-                break
-        if cf is None:
+        aligned = align_counterfactual(tokenizer, clean, ids, offsets, spans["op"], rng.sample(list(nulls), len(nulls)),
+                                       fixed=number_pos)
+        if aligned is None:
             return None, "no counterfactual keeps the other tokens"
-        assert all(cf_tokens[p] == ids[p] for p in number_pos) and cf_tokens[-1] == ids[-1]
+        cf, cf_tokens = aligned
     return SuiteItem(suite, label, clean, answer, cf, tuple(ids), cf_tokens, answer_tokens, valid, number_pos,
                      op_pos, len(ids) - 1, meta), ""
 
@@ -203,7 +191,7 @@ def _generate(tokenizer, suite: str, candidates: list, render: Callable, n: int,
             if kept == quota or len(items) == n:
                 break
             label, parts, ans, valid, meta = render(cand)
-            item, reason = _build(tokenizer, suite, label, prefix, parts, ans, nulls, rng, valid, meta)
+            item, reason = build_item(tokenizer, suite, label, prefix, parts, ans, nulls, rng, valid, meta)
             if item is None:
                 dropped[reason] += 1
             else:
@@ -260,10 +248,6 @@ def make_suite(name: str, tokenizer, n: int = 64, seed: int = 0, shots: int | No
     return Suite(name, spec.kind, spec.scoring, spec.description, spec.counterfactual, tuple(items), dict(dropped))
 
 
-def make_suites(tokenizer, names=None, n: int = 64, seed: int = 0) -> dict[str, Suite]:
-    return {nm: make_suite(nm, tokenizer, n=n, seed=seed) for nm in (names or SUITE_NAMES)}
-
-
 # --- scoring -----------------------------------------------------------------------------------------
 
 class SuiteScorer:
@@ -277,24 +261,19 @@ class SuiteScorer:
     read by :mod:`arithlens.benchmarks`) is scored at END among its items' option letters only.
     """
 
-    def __init__(self, model, suite: Suite, batch_size: int = 32):
+    def __init__(self, model: LoadedModel, suite: Suite, batch_size: int = 32):
         self.model, self.suite = model, suite
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, it in enumerate(suite.items):
-            groups.setdefault((len(it.clean_tokens), len(it.answer_tokens)), []).append(i)
         self.batches = []
         with torch.no_grad():
-            for idx in groups.values():
-                for s in range(0, len(idx), batch_size):
-                    b = idx[s: s + batch_size]
-                    its = [suite.items[i] for i in b]
-                    seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1] for it in its], device=model.device)
-                    n_prompt = len(its[0].clean_tokens)
-                    kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
-                    self.batches.append((np.asarray(b), seq, n_prompt, kv))
+            for b in length_batches(suite.items, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
+                its = [suite.items[i] for i in b]
+                seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1] for it in its], device=model.device)
+                n_prompt = len(its[0].clean_tokens)
+                kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
+                self.batches.append((np.asarray(b), seq, n_prompt, kv))
 
     @torch.no_grad()
-    def score(self, fwd_hooks=()) -> pd.DataFrame:
+    def score(self, fwd_hooks: Iterable[Hook] = ()) -> pd.DataFrame:
         """One row per item: ``correct``, ``first_correct``, ``p_answer`` (first token, or valid mass, or
         the answer's share among the options), ``score`` (exact: log p of the full answer; mass: p(valid) −
         p(other digits); choice: log of that share)."""
@@ -302,11 +281,7 @@ class SuiteScorer:
         n = len(items)
         correct, first, p_ans, score = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n))
         for b, seq, n_prompt, kv in self.batches:
-            tail = seq[:, n_prompt - 1:]
-            kw = {"past_key_values": kv} if kv is not None else {}
-            logits = self.model.bridge.run_with_hooks(tail, fwd_hooks=list(fwd_hooks), **kw).float()
-            if kv is not None:
-                kv.crop(-tail.shape[1])  # give the prompt cache back as it was
+            logits = run_after_prefix(self.model, seq[:, n_prompt - 1:], fwd_hooks, kv).float()
             logp = logits.log_softmax(-1)
             if self.suite.scoring == "mass":
                 valid = [items[i].valid_tokens for i in b]
@@ -338,11 +313,10 @@ class SuiteScorer:
 
     def _digits(self) -> list[int]:
         if not hasattr(self, "_digit_ids"):
-            from arithlens.patching import digit_tokens
             self._digit_ids = digit_tokens(self.model.tokenizer).tolist()
         return self._digit_ids
 
 
-def score_suite(model, suite: Suite, fwd_hooks=(), batch_size: int = 32) -> pd.DataFrame:
+def score_suite(model: LoadedModel, suite: Suite, fwd_hooks: Iterable[Hook] = (), batch_size: int = 32) -> pd.DataFrame:
     """:meth:`SuiteScorer.score` once (build a :class:`SuiteScorer` to score several conditions)."""
     return SuiteScorer(model, suite, batch_size).score(fwd_hooks)

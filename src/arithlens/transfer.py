@@ -18,12 +18,16 @@ Written by hand: the tabulation (bootstrap via :func:`arithlens.metrics.bootstra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
-import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from arithlens import knockout, metrics, patching
-from arithlens.patching import Head
+from arithlens.hooks import Head, heads_from_frame, random_heads
+from arithlens.models import LoadedModel
 from arithlens.suites import Suite, SuiteScorer
 
 SCORINGS = {"correct": "whole answer", "first_correct": "first answer token"}
@@ -55,7 +59,8 @@ def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correc
     return pd.DataFrame(rows)
 
 
-def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means: torch.Tensor, n_seeds: int = 5,
+def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Sequence[Head],
+                      means: Float[Tensor, "layer head d_head"], n_seeds: int = 5,
                       seed: int = 0, margin: float | None = 0.15, min_correct: int = 8, own_means: bool = False,
                       progress=None, scorer=SuiteScorer) -> pd.DataFrame:
     """Per-item scores for each suite × condition (``none``, ``key``, ``random``; random over ``n_seeds``).
@@ -68,7 +73,7 @@ def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means:
 
     A suite gets the ablations only if :func:`usability` (``margin``, ``min_correct``) passes for at
     least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
-    every suite. Random heads are drawn like chapter 1's (:func:`arithlens.knockout.random_heads`,
+    every suite. Random heads are drawn like chapter 1's (:func:`arithlens.hooks.random_heads`,
     seed ``s * 1000 + k``).
 
     ``scorer(model, suite)`` builds what scores a suite under each condition (``.score(fwd_hooks)``
@@ -85,7 +90,7 @@ def knockout_transfer(model, suites: dict[str, Suite], heads: list[Head], means:
         if not k or (margin is not None and not usability(suites[name], base, margin, min_correct)["usable"].any()):
             continue
         conditions = [("key", -1, heads)] + [
-            ("random", seed + s, knockout.random_heads(model.n_layers, model.n_heads, k, (seed + s) * 1000 + k))
+            ("random", seed + s, random_heads(model.n_layers, model.n_heads, k, (seed + s) * 1000 + k))
             for s in range(n_seeds)]
         variants = [("", means)]
         if own_means:
@@ -128,7 +133,7 @@ def _paired_relative(vals: np.ndarray, base: np.ndarray, n_boot: int, seed: int)
     return float(point), float(np.nanpercentile(rel, 2.5)), float(np.nanpercentile(rel, 97.5))
 
 
-def localize_suite(model, suite: Suite, n_boot: int = 1000, seed: int = 0, progress=None) -> pd.DataFrame:
+def localize_suite(model: LoadedModel, suite: Suite, n_boot: int = 1000, seed: int = 0, progress=None) -> pd.DataFrame:
     """Chapter 1's path patching on ``suite`` (its counterfactual; the first answer token is scored).
 
     Returns the per-head summary (``metrics.summarize_effects``) of Δp(answer) and relative logit,
@@ -144,7 +149,7 @@ def localize_suite(model, suite: Suite, n_boot: int = 1000, seed: int = 0, progr
 
 def top_heads(summary: pd.DataFrame, k: int, metric: str = "d_prob") -> list[Head]:
     """The ``k`` heads with the most negative mean ``metric`` (chapter 1's ``top_k`` rule)."""
-    return patching.heads_from_frame(metrics.select_key_heads(summary[summary["metric"] == metric], "top_k", k=k))
+    return heads_from_frame(metrics.select_key_heads(summary[summary["metric"] == metric], "top_k", k=k))
 
 
 def overlap_matrix(sets: dict[str, list[Head]]) -> pd.DataFrame:
@@ -159,7 +164,7 @@ def overlap_matrix(sets: dict[str, list[Head]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def attention_of(model, suite: Suite, heads: list[Head], reference: list[Head] = ()) -> pd.DataFrame:
+def attention_of(model: LoadedModel, suite: Suite, heads: Sequence[Head], reference: Sequence[Head] = ()) -> pd.DataFrame:
     """END attention of ``heads`` onto the query's number tokens, its operation token, and other text
     (via :func:`arithlens.knockout.end_attention_groups`), mean per head; ``in_reference`` marks the
     heads that are also in ``reference`` (e.g. the arithmetic key heads)."""

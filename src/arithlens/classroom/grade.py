@@ -55,7 +55,8 @@ class GradeReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _one_line(text: object, limit: int = 200) -> str:
+    """``text`` (a string or an exception) on one line of at most ``limit`` characters."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))  # ANSI colours from IPython tracebacks
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1] + "…"

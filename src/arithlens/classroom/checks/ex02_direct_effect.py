@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import models, patching, prompts
+from arithlens import hooks, models, patching, prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("head_output_change", "direct_effect")
@@ -35,7 +35,7 @@ def _setup():
 
 
 @torch.no_grad()
-def _true_change(model, end, head) -> torch.Tensor:
+def _true_change(model: models.LoadedModel, end: patching.EndCache, head: hooks.Head) -> torch.Tensor:
     """What the head adds to the residual stream at END when its ``hook_z`` there is patched (hooked run)."""
     seen = {}
 
@@ -43,11 +43,11 @@ def _true_change(model, end, head) -> torch.Tensor:
         seen["out"] = act[:, -1].clone()
         return act
 
-    name = f"blocks.{head.layer}.hook_attn_out"
+    name = hooks.hook_attn_out(head.layer)
     model.bridge.run_with_hooks(end.tokens, fwd_hooks=[(name, record)])
     clean = seen["out"]
     patch = patching.set_at_end(end.z_cf[:, head.layer, head.head], head.head)
-    model.bridge.run_with_hooks(end.tokens, fwd_hooks=[(f"blocks.{head.layer}.attn.hook_z", patch), (name, record)])
+    model.bridge.run_with_hooks(end.tokens, fwd_hooks=[(hooks.hook_z(head.layer), patch), (name, record)])
     return (seen["out"] - clean).float()
 
 

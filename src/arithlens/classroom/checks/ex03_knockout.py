@@ -46,7 +46,7 @@ def mean_matches_library(mean_head_outputs) -> str:
 
 
 @torch.no_grad()
-def _library_logits(model, tokens, heads, means) -> torch.Tensor:
+def _library_logits(model: models.LoadedModel, tokens, heads, means) -> torch.Tensor:
     hooks = knockout.ablation_hooks(list(heads), means, "end")
     return model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float().cpu()
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import mlp, models, prompts
+from arithlens import hooks, mlp, models, prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("layer_logits", "token_ranks")
@@ -61,7 +61,7 @@ def ranks_match_library(token_ranks) -> str:
     """Ranks (0 = top; ties share a rank) equal mlp.logit_lens's, and handle ties."""
     model, item, tokens, ids, lens = _setup()
     with torch.no_grad():
-        names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
+        names = [hooks.resid_post(layer) for layer in range(model.n_layers)]
         _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
         resid = torch.stack([cache[n][0, -1] for n in names])
         full = model.bridge.unembed.original_component(model.bridge.ln_final.original_component(resid)).float()

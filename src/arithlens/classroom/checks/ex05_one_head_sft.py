@@ -21,7 +21,7 @@ SEED, STEPS, LR = 21, 3, 0.5
 TARGETS = ((1, 3), (0, 1))  # (layer, head): heads 1 and 3 sit in different key-value groups
 
 
-def reference_masks(hf_model, layer: int, head: int) -> dict[str, torch.Tensor]:
+def reference_masks(hf_model: torch.nn.Module, layer: int, head: int) -> dict[str, torch.Tensor]:
     """True on head ``head``'s rows of q_proj, its key-value group's rows of k_proj and v_proj, its
     columns of o_proj (HF Llama layout: ``q_proj.weight`` is [n_heads·d_head, d_model])."""
     cfg = hf_model.config
@@ -41,7 +41,7 @@ def reference_masks(hf_model, layer: int, head: int) -> dict[str, torch.Tensor]:
     return masks
 
 
-def reference_train(hf_model, masks, tokens, answers, steps: int, lr: float) -> list[float]:
+def reference_train(hf_model: torch.nn.Module, masks, tokens, answers, steps: int, lr: float) -> list[float]:
     """Plain SGD on the answer's cross-entropy at END; gradients outside ``masks`` zeroed."""
     params = dict(hf_model.named_parameters())
     losses = []
@@ -72,7 +72,7 @@ def _fresh():
     return copy.deepcopy(base), tokens.clone(), answers.clone()
 
 
-def _masks_ok(masks, model, layer, head) -> None:
+def _masks_ok(masks, model: torch.nn.Module, layer: int, head: int) -> None:
     assert isinstance(masks, dict), f"head_masks should return a dict, got {type(masks).__name__}"
     want = reference_masks(model, layer, head)
     assert set(masks) == set(want), f"mask names {sorted(masks)}; expected {sorted(want)}"

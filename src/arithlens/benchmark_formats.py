@@ -18,7 +18,8 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 AnswerKind = Literal["numeric", "choice", "text"]
 LETTERS = "ABCDEFGHIJ"

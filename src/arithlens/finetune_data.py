@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.items import length_batches, to_tokens
+from arithlens.items import ItemSet, length_batches, to_tokens
 from arithlens.metrics import bootstrap_means
 from arithlens.models import LoadedModel
 from arithlens.prompts import TEMPLATES, PromptConfig, PromptSet, make_prompts, score_prompts
@@ -74,7 +74,7 @@ def _sample(prompts: PromptSet, n: int, seed: int) -> PromptSet:
     return prompts.subset([i in keep for i in range(len(prompts))])
 
 
-def make_batches(prompts: PromptSet, batch_size: int, n_batches: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(prompts: ItemSet, batch_size: int, n_batches: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n_batches`` seeded batches of (tokens ``[batch, pos]``, answer tokens ``[batch]``), one length each.
 
     Epochs: every item is used once before any is reused; within an epoch, items of one length are

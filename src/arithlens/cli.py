@@ -81,10 +81,11 @@ def cmd_runs(args) -> int:
 
 def cmd_models(args) -> int:
     from arithlens.registry import models_table
+    from arithlens.specs import ACCEPTED_FORMS
 
     if getattr(args, "models_command", None) == "fetch":
         return cmd_models_fetch(args)
-    print(models_table())
+    print(models_table(accepted_forms=ACCEPTED_FORMS))
     return 0
 
 

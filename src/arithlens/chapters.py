@@ -76,6 +76,12 @@ def chapter_inputs(chapter: str) -> tuple[str, ...]:
     return tuple(declared)
 
 
+def is_across(chapter: str) -> bool:
+    """A chapter that compares models: its ``parameters`` cell has a ``models`` list, and its declared
+    inputs are resolved once per listed model (``arithlens.runs.plan_run``)."""
+    return isinstance(notebook_parameters(chapter).get("models"), list)
+
+
 def _arithlens_imports(source: str) -> set[str]:
     """Names of ``arithlens`` modules imported by ``source`` (``from arithlens import x``,
     ``from arithlens.x import …``, ``import arithlens.x``, ``from .x import …``)."""

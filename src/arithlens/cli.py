@@ -1,5 +1,5 @@
 """Command line: ``arithlens run``, ``arithlens book``, ``arithlens chapters``, ``arithlens runs [clean]``,
-``arithlens models``, ``arithlens classroom build|grade``.
+``arithlens models``, ``arithlens compare``, ``arithlens classroom build|grade``.
 
 Publishing wing, top floor. Errors are one line on stderr and exit status 2; nothing already
 finished is touched by a failed command. argparse does the parsing.
@@ -36,17 +36,54 @@ def cmd_run(args) -> int:
 
 def cmd_book(args) -> int:
     from arithlens.book import build_book, toc_chapters
+    from arithlens.schedule import execute_plans, plan_models
 
-    model = _model_key(args.model)
+    models = [_model_key(m) for m in _model_list(args.models)] if args.models else [_model_key(args.model)]
     chapters = [find_chapter(c) for c in (args.chapters or toc_chapters())]
     # an unqualified --param belongs to the one chapter of a one-chapter book; otherwise name it: 01_heads.top_k=5
     given = gather_overrides(args.param, args.params_file, target=chapters[0] if len(chapters) == 1 else None)
-    plans = plan_book(chapters, model, given)
-    _log("run order: " + " → ".join(f"{p.chapter}{'' if p.complete else ' (to run)'}" for p in plans))
-    results = {p.chapter: execute(p, force=args.force, log=_log) for p in plans}
-    index = build_book([results[c] for c in chapters], partial=bool(args.chapters))
+    plans = plan_models(chapters, models, given)
+    _log("run order: " + " → ".join(f"{p.chapter}{'' if len(models) == 1 else f' [{p.model}]'}"
+                                     f"{'' if p.complete else ' (to run)'}" for p in plans))
+    results = execute_plans(plans, jobs=args.jobs, executor=args.executor, force=args.force, log=_log)
+    shown = [run for (model, chapter), run in results.items() if chapter in chapters]
+    index = build_book(shown, partial=bool(args.chapters), primary=models[0])
     _log(f"book built: {index}")
     print(index)
+    return 0
+
+
+def _model_list(text: str) -> list[str]:
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    if not models:
+        raise RunError(f"--models expects a comma-separated list of model specs, got {text!r}")
+    if len(set(models)) < len(models):
+        raise RunError(f"--models names a model twice: {text}")
+    return models
+
+
+def cmd_compare(args) -> int:
+    from arithlens import verdicts
+    from arithlens.schedule import compared_runs, stored_models
+
+    models = [_model_key(m) for m in _model_list(args.models)] if args.models else stored_models()
+    if not models:
+        raise RunError("the run store has no finished run; run a chapter first (arithlens run 01_heads --model SPEC)")
+    chapters = sorted({c for claim in verdicts.CLAIMS for c in verdicts.needs(claim)})
+    given = gather_overrides(args.param, args.params_file)
+    found, notes = compared_runs(models, chapters, given)
+    table = verdicts.verdict_table(found)
+    width = max(len(m) for m in models)
+    for claim, rows in table.groupby("claim", sort=False):
+        print(f"{claim}  {rows['statement'].iloc[0]}")
+        for r in rows.itertuples():
+            print(f"    {r.model:<{width}}  {r.verdict:<14} {r.numbers}")
+    if args.rules:
+        print()
+        for claim, rule in verdicts.RULES.items():
+            print(f"{claim}  {rule}")
+    for note in notes:
+        _log(note)
     return 0
 
 
@@ -224,7 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parameter override for one chapter, e.g. 01_heads.top_k=5 (plain KEY=VALUE with a single chapter)")
     book.add_argument("--params-file", help="YAML mapping: CHAPTER: {key: value}")
     book.add_argument("--force", action="store_true", help="re-execute every chapter")
+    book.add_argument("--models", help="comma-separated model specs: the first model's chapters form the main part, "
+                      "each further model gets a part of its own, and the across-models chapter compares them all")
+    book.add_argument("--jobs", type=int, default=1, help="run up to N models' chapters side by side (default 1)")
+    book.add_argument("--executor", choices=["local", "slurm"],
+                      help="run each model's chapters as a submitit job (slurm: a cluster; local: this machine)")
     book.set_defaults(func=cmd_book)
+    compare = sub.add_parser("compare", help="the paper's claims × models verdict table, from finished runs")
+    compare.add_argument("--models", help="comma-separated model specs (default: every model in the run store)")
+    compare.add_argument("--param", action="append", default=[], metavar="CHAPTER.KEY=VALUE",
+                         help="the parameters the compared runs were made with (default: each chapter's defaults)")
+    compare.add_argument("--params-file", help="YAML mapping: CHAPTER: {key: value}")
+    compare.add_argument("--rules", action="store_true", help="also print the rule behind each verdict")
+    compare.set_defaults(func=cmd_compare)
     chapters = sub.add_parser("chapters", help="list chapters, their inputs and their parameters")
     chapters.set_defaults(func=cmd_chapters)
     runs_cmd = sub.add_parser("runs", help="list the run store (complete / stale / failed / interrupted), or clean it")

@@ -44,7 +44,8 @@ import yaml
 
 import arithlens
 from arithlens.chapters import (RunError, _arithlens_imports, chapter_inputs, chapter_modules,  # noqa: F401
-                                code_hash, find_chapter, list_chapters, notebook_parameters, project_root, runs_root)
+                                code_hash, find_chapter, is_across, list_chapters, notebook_parameters, project_root,
+                                runs_root)
 from arithlens.record import RunResult, open_run
 
 #: Parameters the runner sets itself; users give the model with --model.
@@ -84,15 +85,21 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
 def gather_overrides(overrides: list[str] | None = None, params_file: str | None = None,
                      target: str | None = None) -> Overrides:
     """Sort given parameters by chapter. ``--param top_k=5`` belongs to ``target``; ``--param
-    01_heads.top_k=5`` to chapter 1 (an input, or any chapter of a book). A params file is a YAML
-    mapping of ``name: value`` for ``target``, and may hold ``01_heads: {top_k: 5}`` mappings.
+    01_heads.top_k=5`` to chapter 1 (an input, or any chapter of a book); ``--param
+    qwen2.5-0.5b@01_heads.n_per_cell=4`` to chapter 1 on that model only (kept under the key
+    ``MODEL@CHAPTER``; it wins over the chapter's own entry on that model). A params file is a YAML
+    mapping of ``name: value`` for ``target``, and may hold ``01_heads: {top_k: 5}`` mappings and a
+    ``models: {MODEL: {01_heads: {…}}}`` section.
     Later sources win: file, then ``--param``. Unqualified names without a ``target`` are an error."""
     given: Overrides = {}
 
     def put(key: str, value: Any, where: str) -> None:
+        model, at, key = key.rpartition("@") if "@" in key.partition("=")[0] else ("", "", key)
         chapter, dot, name = key.partition(".")
+        if at and not (model.strip() and dot):
+            raise RunError(f"{where} {model}@{key!r}: write MODEL@CHAPTER.key=value (e.g. qwen2.5-0.5b@01_heads.n_per_cell=4)")
         if dot:
-            chapter = find_chapter(chapter)
+            chapter = find_chapter(chapter) if not at else f"{model.strip()}@{find_chapter(chapter)}"
         elif target is None:
             raise RunError(f"{where} {key!r} names no chapter: write CHAPTER.{key} (e.g. 01_heads.{key})")
         else:
@@ -109,7 +116,12 @@ def gather_overrides(overrides: list[str] | None = None, params_file: str | None
         if not isinstance(loaded, dict):
             raise RunError(f"params file {params_file} must hold a YAML mapping of name: value")
         for key, value in loaded.items():
-            if isinstance(value, dict):
+            if key == "models" and isinstance(value, dict):  # models: {MODEL: {CHAPTER: {key: value}}}
+                for model, chapters in value.items():
+                    for chapter, inner in (chapters or {}).items():
+                        for name, v in (inner or {}).items():
+                            put(f"{model}@{chapter}.{name}", v, "params file entry")
+            elif isinstance(value, dict):
                 for name, inner in value.items():
                     put(f"{key}.{name}", inner, "params file entry")
             else:
@@ -202,9 +214,24 @@ class RunPlan:
     code: str
     inputs: tuple["RunPlan", ...] = field(default=())
 
+    def input_name(self, plan: "RunPlan") -> str:
+        """How an input is named in the key, the manifest and the notebook: its chapter, or
+        ``MODEL/CHAPTER`` for another model's run (inputs of an across-models chapter)."""
+        return plan.chapter if plan.model == self.model else f"{plan.model}/{plan.chapter}"
+
     @property
     def key(self) -> str:
-        return run_key(self.chapter, self.model, self.params, self.code, {p.chapter: p.key for p in self.inputs})
+        return run_key(self.chapter, self.model, self.params, self.code, {self.input_name(p): p.key for p in self.inputs})
+
+    def upstream(self) -> dict:
+        """The notebook's ``upstream`` parameter: ``{chapter: run dir}``, or for an across-models chapter
+        ``{model: {chapter: run dir}}`` in the order of its ``models`` parameter."""
+        if not is_across(self.chapter):
+            return {p.chapter: str(p.path) for p in self.inputs}
+        out: dict[str, dict[str, str]] = {}
+        for p in self.inputs:
+            out.setdefault(p.model, {})[p.chapter] = str(p.path)
+        return out
 
     @property
     def path(self) -> Path:
@@ -216,9 +243,14 @@ class RunPlan:
 
     def command(self) -> str:
         """The ``arithlens run`` command that makes this run (its non-default parameters spelled out)."""
-        defaults = notebook_parameters(self.chapter)
-        given = [f"{k}={json.dumps(v)}" for k, v in self.params.items() if defaults.get(k) != v]
-        return " ".join([f"arithlens run {self.chapter} --model {self.model}", *(f"--param '{g}'" for g in given)])
+        given = []
+        for plan in self.walk():  # its inputs' non-default parameters too, qualified by chapter
+            defaults = notebook_parameters(plan.chapter)
+            prefix = "" if plan is self else f"{plan.chapter}."
+            given += [f"{prefix}{k}={json.dumps(v)}" for k, v in plan.params.items()
+                      if defaults.get(k) != v and not (k == "models" and v == [plan.model])]
+        return " ".join([f"arithlens run {self.chapter} --model {self.model}",
+                         *(f"--param '{g}'" for g in dict.fromkeys(given))])
 
     def walk(self) -> list["RunPlan"]:
         """This plan and everything it needs, inputs first, each once."""
@@ -233,8 +265,12 @@ def plan_run(chapter: str, model: str, given: Overrides | None = None, _stack: t
     if chapter in _stack:
         raise RunError(f"chapter inputs form a cycle: {' → '.join(_stack + (chapter,))}")
     given = given or {}
-    params = check_parameters(chapter, given.get(chapter, {}))
-    inputs = tuple(plan_run(c, model, given, _stack + (chapter,)) for c in chapter_inputs(chapter))
+    params = check_parameters(chapter, {**given.get(chapter, {}), **given.get(f"{model}@{chapter}", {})})
+    models = [model]
+    if is_across(chapter):  # its inputs, once per model; the run's own model comes first
+        models += [str(m) for m in params["models"] if str(m) != model]
+        params = {**params, "models": models}
+    inputs = tuple(plan_run(c, m, given, _stack + (chapter,)) for m in models for c in chapter_inputs(chapter))
     return RunPlan(chapter, model, params, code_hash(chapter), inputs)
 
 
@@ -243,10 +279,11 @@ def plan_book(chapters: list[str], model: str, given: Overrides | None = None) -
     order: list[RunPlan] = []
     for chapter in chapters:
         order += [p for p in plan_run(chapter, model, given).walk() if p not in order]
-    seen: dict[str, str] = {}
-    for plan in order:  # one run per chapter: a book never shows two keys for one chapter
-        if seen.setdefault(plan.chapter, plan.key) != plan.key:
-            raise RunError(f"the book would need two runs of {plan.chapter} ({seen[plan.chapter]}, {plan.key})")
+    seen: dict[tuple[str, str], str] = {}
+    for plan in order:  # one run per chapter and model: a book never shows two keys for one page
+        if seen.setdefault((plan.model, plan.chapter), plan.key) != plan.key:
+            raise RunError(f"the book would need two runs of {plan.chapter} on {plan.model} "
+                           f"({seen[(plan.model, plan.chapter)]}, {plan.key})")
     return order
 
 
@@ -282,7 +319,6 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     from papermill.exceptions import PapermillExecutionError
 
     final, key, chapter = plan.path, plan.key, plan.chapter
-    inputs = {p.chapter: p.path for p in plan.inputs}
     work = final.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "tables").mkdir(parents=True)
@@ -293,7 +329,7 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
             papermill.execute_notebook(
                 str(list_chapters()[chapter]), str(work / "notebook.ipynb"),
                 parameters={**plan.params, "model": plan.model, "output_dir": str(work),
-                            "upstream": {c: str(p) for c, p in inputs.items()}},
+                            "upstream": plan.upstream()},
                 kernel_name="python3", progress_bar=False, cwd=str(project_root()), execution_timeout=timeout,
                 # ipykernel logs a transport warning to the terminal at start-up; keep only its errors
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
@@ -313,7 +349,7 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     manifest = {
         "status": "complete", "chapter": chapter, "model": plan.model, "run_key": key, "parameters": plan.params,
-        "inputs": {p.chapter: {"run_key": p.key, "path": str(p.path)} for p in plan.inputs},
+        "inputs": {plan.input_name(p): {"run_key": p.key, "path": str(p.path)} for p in plan.inputs},
         "seed": plan.params.get("seed"), "code_hash": plan.code, "arithlens_version": arithlens.__version__,
         "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
         "device": info.get("device"), "notebook_info": info,

@@ -1,0 +1,178 @@
+"""Across models: one tidy row per model for each chapter's headline, read from finished runs only.
+
+Science wing, summaries (paper § 3–5 side by side). The "Across models" chapter receives, through the
+run graph, ``{model: {chapter: run dir}}`` (:func:`open_runs`); each function here takes the opened
+runs ``{model: {chapter: run}}`` and returns a long-form DataFrame with a ``model`` column and depth
+expressed as a fraction of the model's layers, so models of different depth share one axis. Nothing
+is recomputed from a model: these are summaries of tables the chapters saved. Intervals: Wilson
+(statsmodels) for accuracies, the chapters' own bootstrap CIs otherwise, and
+:func:`arithlens.verdicts.transfer_contrast` for the pooled transfer drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from arithlens.findings import Run
+from arithlens.record import open_run
+from arithlens.verdicts import depth, knockout_intervals, transfer_contrast, wilson
+
+Runs = Mapping[str, Mapping[str, Run]]
+
+
+def open_runs(upstream: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, Run]]:
+    """``{model: {chapter: run dir}}`` (the runner's ``upstream`` for this chapter) → opened runs."""
+    return {model: {chapter: open_run(path) for chapter, path in chapters.items()}
+            for model, chapters in upstream.items()}
+
+
+def shape(runs: Mapping[str, Run]) -> tuple[int, int]:
+    """(layers, heads per layer) of a model, from chapter 1's per-head table (it lists every head)."""
+    eff = runs["01_heads"].table("effects_summary")
+    return int(eff["layer"].max()) + 1, int(eff["head"].max()) + 1
+
+
+def models_table(runs: Runs) -> pd.DataFrame:
+    """Per model: layers, heads, and the run key of each chapter it is read from."""
+    rows = []
+    for model, chapters in runs.items():
+        n_layers, per_layer = shape(chapters)
+        rows.append({"model": model, "layers": n_layers, "heads per layer": per_layer, "heads": n_layers * per_layer,
+                     "runs (chapter: key)": " · ".join(f"{chapter.partition('_')[0]}: {run.key}"
+                                                       for chapter, run in chapters.items())})
+    return pd.DataFrame(rows)
+
+
+def task_summary(runs: Runs) -> pd.DataFrame:
+    """Chapter 0 per model: accuracy on every prompt at the analysis shot count (Wilson 95 % CI) and
+    the size of the correct set the other chapters draw from."""
+    rows = []
+    for model, chapters in runs.items():
+        task = chapters["00_task"]
+        shots = task.parameters.get("analysis_shots", 3)
+        scores = task.table("scores")
+        scores = scores[scores["shots"] == shots]
+        sizes = task.table("correct_set_sizes")
+        low, high = wilson(scores["correct"].sum(), len(scores))
+        rows.append({"model": model, "shots": shots, "prompts": len(scores), "accuracy": scores["correct"].mean(),
+                     "low": low, "high": high, "correct": int(sizes["correct"].sum()), "kept": int(sizes["kept"].sum())})
+    return pd.DataFrame(rows)
+
+
+def heads_summary(runs: Runs) -> pd.DataFrame:
+    """Chapter 1 per model: key heads, their share and depth band, and how many heads pass the paper's
+    −5 % and −1 % rules (mean relative change of the answer logit, lead patching mode)."""
+    rows = []
+    for model, chapters in runs.items():
+        heads = chapters["01_heads"]
+        n_layers, per_layer = shape(chapters)
+        eff = heads.table("effects_summary")
+        rel = eff[(eff["mode"] == heads.parameters.get("lead_mode", "path")) & (eff["metric"] == "rel_logit")]["mean"]
+        key = heads.table("key_heads")
+        rows.append({"model": model, "heads": n_layers * per_layer, "key heads": len(key),
+                     "key share": len(key) / (n_layers * per_layer),
+                     "band from": depth(key["layer"].min(), n_layers) if len(key) else np.nan,
+                     "band to": depth(key["layer"].max(), n_layers) if len(key) else np.nan,
+                     "median depth": depth(float(np.median(key["layer"])), n_layers) if len(key) else np.nan,
+                     "pass −5 %": int((rel <= -0.05).sum()), "pass −1 %": int((rel <= -0.01).sum()),
+                     "largest rel. logit": float(rel.min())})
+    return pd.DataFrame(rows)
+
+
+def key_head_depths(runs: Runs) -> pd.DataFrame:
+    """One row per key head per model: layer, head, depth fraction and its chapter-1 effect."""
+    frames = []
+    for model, chapters in runs.items():
+        n_layers, _ = shape(chapters)
+        key = chapters["01_heads"].table("key_heads")
+        frames.append(key.assign(model=model, depth=[depth(l, n_layers) for l in key["layer"]],
+                                 label=[f"{l}.{h}" for l, h in zip(key["layer"], key["head"])]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def knockout_summary(runs: Runs) -> pd.DataFrame:
+    """Chapter 1's END knockout per model, long form: condition (none / top-k / random-k), accuracy and
+    Wilson 95 % CI (the interval :func:`arithlens.verdicts.claim_c3` decides on)."""
+    rows = []
+    for model, chapters in runs.items():
+        ko = knockout_intervals(chapters["01_heads"])
+        if ko is None:
+            continue
+        rows.append({"model": model, "condition": "no ablation", "k": 0, "accuracy": ko["none"], "low": np.nan,
+                     "high": np.nan, "prompts": ko["n_prompts"]})
+        for name, label in (("top", f"top-k"), ("random", f"random-k")):
+            rows.append({"model": model, "condition": label, "k": ko["k"], "accuracy": ko[name],
+                         "low": ko[f"{name}_low"], "high": ko[f"{name}_high"], "prompts": ko["n_prompts"]})
+    return pd.DataFrame(rows)
+
+
+def mlp_profile(runs: Runs, metric: str = "d_prob") -> pd.DataFrame:
+    """Chapter 2's direct effect of each MLP layer per model against depth fraction (mean and CI)."""
+    frames = []
+    for model, chapters in runs.items():
+        n_layers, _ = shape(chapters)
+        eff = chapters["02_mlp"].table("mlp_effects")
+        eff = eff[(eff["mode"] == "direct") & (eff["metric"] == metric)]
+        frames.append(eff.assign(model=model, depth=[depth(l, n_layers) for l in eff["layer"]]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def mlp_summary(runs: Runs, top: int = 3) -> pd.DataFrame:
+    """Chapter 2 per model: start–inflection–end layers as fractions of depth (the paper's LLaMA2-7B:
+    0.41–0.56–0.88), the MLPs with the largest direct effect and those the key heads act through most."""
+    rows = []
+    for model, chapters in runs.items():
+        n_layers, _ = shape(chapters)
+        mlp = chapters["02_mlp"]
+        found = mlp.table("cosine_layers").iloc[0]
+        direct = mlp.table("mlp_effects").query("mode == 'direct' and metric == 'd_prob'")
+        routed = mlp.table("heads_to_mlp").query("metric == 'd_prob'")
+        biggest = lambda t: ", ".join(str(int(l)) for l in t.assign(s=t["mean"].abs()).nlargest(top, "s")["layer"])
+        rows.append({"model": model, "start": found["start"] / n_layers, "inflection": found["inflection"] / n_layers,
+                     "end": found["end"] / n_layers, "layers (start–inflection–end)":
+                     f"{int(found['start'])}–{int(found['inflection'])}–{int(found['end'])} of {n_layers}",
+                     "largest direct effect": biggest(direct), "key heads act through": biggest(routed)})
+    return pd.DataFrame(rows)
+
+
+def transfer_summary(runs: Runs, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Chapter 3 per model: pooled relative accuracy change on math suites and on non-math controls under
+    key and random heads, key − random, and selectivity, each with a paired bootstrap 95 % CI."""
+    frames = []
+    for model, chapters in runs.items():
+        table = transfer_contrast(chapters["03_transfer"], n_boot=n_boot, seed=seed)
+        if table is not None:
+            frames.append(table.assign(model=model))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def sft_summary(runs: Runs) -> pd.DataFrame:
+    """Chapter 4 per model, long form: each method's mean change on held-out math and on non-math
+    controls with its 95 % CI. Methods are named by kind (Precise SFT, random heads, LoRA, full SFT)."""
+    rows = []
+    for model, chapters in runs.items():
+        for r in chapters["04_precise_sft"].table("math_vs_control").to_dict("records"):
+            for kind in ("math", "control"):
+                rows.append({"model": model, "method": r["method"], "family": method_family(r["method"]), "kind": kind,
+                             "change": r[f"{kind} change"], "low": r[f"{kind} low"], "high": r[f"{kind} high"]})
+    return pd.DataFrame(rows)
+
+
+def method_family(name: str) -> str:
+    """"Precise SFT (10 key heads)" → "Precise SFT"; "random 10 heads" → "random heads"; "LoRA r=9" → "LoRA"."""
+    for prefix, family in (("Precise SFT", "Precise SFT"), ("random", "random heads"), ("LoRA", "LoRA"),
+                           ("full SFT", "full SFT"), ("base", "base")):
+        if name.startswith(prefix):
+            return family
+    return name
+
+
+#: The paper's LLaMA2-7B numbers the charts draw as reference marks (from :mod:`arithlens.paper`).
+PAPER_MARKS = {
+    "key-head band": (0.38, 0.53),  # paper.HEADS["layer band of key heads"]: layers 12–17 of 32
+    "mlp start–inflection–end": (0.41, 0.56, 0.88),  # paper.MLP["as fraction of depth"]
+    "knockout top-10": 0.302, "knockout random-10": 0.98,  # paper.HEADS knockout rows
+}

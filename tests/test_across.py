@@ -1,0 +1,139 @@
+"""Books of several models: per-model parameters, the across-models chapter's inputs (one run per chapter
+and model), model chains run side by side, the generated table of contents and first-page verdicts,
+and `arithlens compare`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from arithlens import book, runs, schedule
+from arithlens.book import check_consistent
+from arithlens.cli import main
+from arithlens.record import RunResult
+from arithlens.runs import RunError, gather_overrides, plan_run
+
+from test_graph import BOOK, _tiny_given
+
+ACROSS = "05_across_models"
+TWO = ["tiny", "tiny:1"]  # two tiny models: the same architecture, different initialisation seeds
+
+
+def test_a_parameter_can_be_given_for_one_model(tmp_path):
+    given = gather_overrides(["tiny:1@01_heads.n_per_cell=2", "01_heads.top_k=4"])
+    assert plan_run("01_heads", "tiny:1", given).params["n_per_cell"] == 2
+    assert plan_run("01_heads", "tiny", given).params["n_per_cell"] == runs.notebook_parameters("01_heads")["n_per_cell"]
+    assert plan_run("01_heads", "tiny", given).params["top_k"] == plan_run("01_heads", "tiny:1", given).params["top_k"] == 4
+    f = tmp_path / "p.yaml"
+    f.write_text("01_heads: {top_k: 4}\nmodels:\n  'tiny:1':\n    01_heads: {n_per_cell: 2}\n")
+    assert gather_overrides(None, str(f)) == {"01_heads": {"top_k": 4}, "tiny:1@01_heads": {"n_per_cell": 2}}
+    with pytest.raises(RunError, match="MODEL@CHAPTER.key=value"):
+        gather_overrides(["tiny@top_k=3"])
+
+
+def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
+    given = _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']"])
+    plan = plan_run(ACROSS, "tiny", given)
+    assert plan.params["models"] == TWO
+    assert [(p.model, p.chapter) for p in plan.inputs] == [(m, c) for m in TWO for c in BOOK]
+    upstream = plan.upstream()
+    assert list(upstream) == TWO and list(upstream["tiny:1"]) == BOOK
+    names = {plan.input_name(p) for p in plan.inputs}
+    assert "01_heads" in names and "tiny:1/01_heads" in names
+    # one model's upstream parameter re-keys the comparison; the other model's runs stay the same
+    other = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", "tiny:1@01_heads.top_k=2"]))
+    assert other.key != plan.key
+    assert {p.key for p in other.inputs if p.model == "tiny"} == {p.key for p in plan.inputs if p.model == "tiny"}
+    # on its own model only, it is the degenerate one-model comparison
+    assert plan_run(ACROSS, "tiny", _tiny_given()).params["models"] == ["tiny"]
+
+
+def test_models_are_planned_as_chains_with_the_comparison_last():
+    plans = schedule.plan_models(BOOK + [ACROSS], TWO, _tiny_given())
+    assert [(p.model, p.chapter) for p in plans] == [(m, c) for m in TWO for c in BOOK] + [("tiny", ACROSS)]
+    chains, last = schedule.model_chains(plans)
+    assert [[p.chapter for p in c] for c in chains] == [BOOK, BOOK] and [p.chapter for p in last] == [ACROSS]
+    assert last[0].params["models"] == TWO
+
+
+def _fake(chapter: str, key: str, model: str = "tiny", inputs: dict[str, str] | None = None) -> RunResult:
+    return RunResult(Path("/nowhere") / model / key, {"chapter": chapter, "run_key": key, "model": model,
+                     "inputs": {c: {"run_key": k, "path": ""} for c, k in (inputs or {}).items()}})
+
+
+def test_a_book_of_several_models_never_shows_a_comparison_of_other_runs():
+    shown = [_fake("01_heads", "a"), _fake("01_heads", "b", "tiny:1")]
+    check_consistent(shown + [_fake(ACROSS, "c", inputs={"01_heads": "a", "tiny:1/01_heads": "b"})])
+    with pytest.raises(RunError, match="computed from tiny:1/01_heads run x, but the book shows 01_heads run b"):
+        check_consistent(shown + [_fake(ACROSS, "c", inputs={"01_heads": "a", "tiny:1/01_heads": "x"})])
+    with pytest.raises(RunError, match="two runs of 01_heads on tiny:1"):
+        check_consistent(shown + [_fake("01_heads", "d", "tiny:1")])
+
+
+def test_the_table_of_contents_gets_a_part_per_further_model(tmp_path, monkeypatch):
+    shutil.copy(book.project_root() / "book" / "_toc.yml", tmp_path / "_toc.yml")
+    monkeypatch.setenv("ARITHLENS_BOOK_DIR", str(tmp_path))
+    shown = [_fake(c, c, m) for m in TWO for c in BOOK] + [_fake(ACROSS, "x")]
+    toc = book.yaml.safe_load(book.book_toc(shown, "tiny").read_text())
+    captions = [p["caption"] for p in toc["parts"]]
+    assert captions[:2] == ["Chapters", "Chapters on tiny:1"]
+    assert [e["file"] for e in toc["parts"][1]["chapters"]] == [f"models/tiny_1/{c}" for c in BOOK]
+    assert {"file": f"chapters/{ACROSS}"} in toc["parts"][0]["chapters"]
+    assert book.page("tiny:1", "01_heads", "tiny") == "models/tiny_1/01_heads"
+
+
+def test_bad_model_lists_are_one_line_errors(isolated_runs, capsys):
+    assert main(["book", "--models", " , "]) == 2
+    assert main(["compare", "--models", "tiny,tiny"]) == 2
+    assert main(["compare"]) == 2  # an empty store
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("arithlens: error: ") for line in err)
+    assert "names a model twice" in err[1] and "no finished run" in err[2]
+
+
+@pytest.mark.slow
+def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its_verdicts(isolated_runs, tmp_path,
+                                                                                          monkeypatch, capsys):
+    given = _tiny_given()
+    plans = schedule.plan_models(BOOK + [ACROSS], TWO, given)
+    results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # the two models' chains side by side
+    across = results[("tiny", ACROSS)]
+    table = across.table("verdicts")
+    assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 12
+    assert set(table["verdict"]) <= {"holds", "partly", "does not hold", "not testable"}
+    keys = {(m, c): r.key for (m, c), r in results.items()}
+    assert dict(zip(table["model"] + "/" + table["chapter"], table["run_key"])) == {
+        f"{m}/{c}": keys[(m, c)] for m, c in zip(table["model"], table["chapter"])}
+    assert across.manifest["inputs"]["tiny:1/01_heads"]["run_key"] == keys[("tiny:1", "01_heads")]
+
+    # the same verdicts in the terminal, read from the store
+    params = tmp_path / "tiny.yaml"
+    params.write_text(json.dumps({c: dict(p) for c, p in given.items()}))
+    assert main(["compare", "--models", ",".join(TWO), "--params-file", str(params)]) == 0
+    out = capsys.readouterr().out
+    first = table[(table.claim == "C1") & (table.model == "tiny:1")].iloc[0]
+    assert f"tiny:1  {first.verdict:<14} {first.numbers}" in out
+
+    # and on the book's first page, each cell linking to the chapter page of its model
+    for name in ("_toc.yml", "intro.md", "glossary.md"):
+        shutil.copy(book.project_root() / "book" / name, tmp_path / name)
+    monkeypatch.setenv("ARITHLENS_BOOK_DIR", str(tmp_path))
+    index = book.build_book(list(results.values()), primary="tiny")
+    verdicts_md = (tmp_path / "_generated" / "verdicts.md").read_text()
+    assert "| claim | tiny | tiny:1 |" in verdicts_md and "(models/tiny_1/01_heads.ipynb)" in verdicts_md
+    intro = (index.parent / "intro.html").read_text()
+    assert "tiny:1" in intro and 'href="models/tiny_1/01_heads.html"' in intro
+    page = (index.parent / "models" / "tiny_1" / "01_heads.html").read_text()
+    assert "This page shows <strong>tiny:1</strong>" in page
+
+
+@pytest.mark.slow
+def test_model_chains_run_as_submitit_jobs_on_the_local_executor(isolated_runs, tmp_path):
+    plans = schedule.plan_models(["00_task"], TWO, _tiny_given())
+    results = schedule.execute_plans(plans, executor="local", folder=tmp_path / "jobs", log=lambda m: None)
+    assert {k: r.manifest["status"] for k, r in results.items()} == {("tiny", "00_task"): "complete",
+                                                                      ("tiny:1", "00_task"): "complete"}
+    assert list((tmp_path / "jobs").glob("*_log.out"))  # submitit kept each job's log

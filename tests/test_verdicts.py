@@ -1,0 +1,154 @@
+"""Each claim's rule on small hand-made run tables: every verdict it can give, and the numbers it cites."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from arithlens import verdicts
+from arithlens.verdicts import FAILS, HOLDS, PARTLY, UNTESTABLE
+
+
+@dataclass
+class FakeRun:
+    tables: dict[str, pd.DataFrame]
+    parameters: dict = field(default_factory=dict)
+    key: str = "k"
+
+    def table(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+
+def heads_run(rel: dict[tuple[int, int], float], key: list[tuple[int, int]], roles: list[str] = (),
+              knock: tuple[float, float, float] | None = None, n: int = 100, layers: int = 10, per_layer: int = 10):
+    """A chapter-1 run: every head with relative-logit effect ``rel`` (0 if not given), key heads,
+    their roles, and END knockout accuracies (none, top, random) at k = len(key)."""
+    eff = pd.DataFrame([{"mode": "path", "layer": l, "head": h, "metric": "rel_logit", "mean": rel.get((l, h), 0.0)}
+                        for l in range(layers) for h in range(per_layer)])
+    keys = pd.DataFrame({"layer": [l for l, _ in key], "head": [h for _, h in key]})
+    roles_t = keys.assign(role=list(roles) if roles else ["other"] * len(keys))
+    rows = []
+    if knock:
+        k = len(key)
+        rows = [{"condition": "none", "k": 0, "seed": -1, "accuracy": knock[0], "positions": "end", "n_prompts": n},
+                {"condition": "top", "k": k, "seed": -1, "accuracy": knock[1], "positions": "end", "n_prompts": n}]
+        rows += [{"condition": "random", "k": k, "seed": s, "accuracy": knock[2], "positions": "end", "n_prompts": n}
+                 for s in range(5)]
+    return FakeRun({"effects_summary": eff, "key_heads": keys, "head_roles": roles_t,
+                    "knockout": pd.DataFrame(rows, columns=["condition", "k", "seed", "accuracy", "positions", "n_prompts"])},
+                   {"lead_mode": "path"})
+
+
+MID = [(4, 1), (5, 2), (5, 3)]
+
+
+def test_c1_few_heads_in_a_middle_band():
+    assert verdicts.claim_c1({"01_heads": heads_run({(5, 2): -0.08, (4, 1): -0.06}, MID)}).verdict == HOLDS
+    v = verdicts.claim_c1({"01_heads": heads_run({}, MID)})  # nobody passes −5 %, but the band is mid
+    assert v.verdict == PARTLY and v.numbers.startswith("0 heads (0.0%) pass −5 %")
+    many = {(l, h): -0.1 for l in range(10) for h in range(6)}  # 60 % of heads pass: not "few"
+    assert verdicts.claim_c1({"01_heads": heads_run(many, [(0, 0), (0, 1), (9, 0)])}).verdict == FAILS
+    assert verdicts.claim_c1({"01_heads": heads_run({}, [])}).verdict == UNTESTABLE
+
+
+def test_c2_needs_both_operand_and_operator_heads():
+    decide = lambda roles: verdicts.claim_c2({"01_heads": heads_run({}, MID, roles)}).verdict
+    assert decide(["operand", "operator", "other"]) == HOLDS
+    assert decide(["operand", "operand", "other"]) == PARTLY
+    assert decide(["other"] * 3) == FAILS
+
+
+def test_c3_compares_wilson_intervals_of_top_and_random_knockout():
+    decide = lambda knock, n=100: verdicts.claim_c3({"01_heads": heads_run({}, MID, knock=knock, n=n)})
+    v = decide((1.0, 0.30, 0.98))
+    assert v.verdict == HOLDS and "top-3 30% [" in v.numbers and "random-3 98% [" in v.numbers
+    assert decide((1.0, 0.80, 0.90), n=10).verdict == PARTLY  # lower, but 10 prompts: the intervals overlap
+    assert decide((1.0, 0.95, 0.90)).verdict == FAILS
+    assert decide((0.0, 0.0, 0.0)).verdict == UNTESTABLE  # the model gets nothing right to begin with
+    low, high = verdicts.wilson(30, 100)
+    assert low == pytest.approx(0.2189, abs=1e-3) and high == pytest.approx(0.3958, abs=1e-3)  # textbook values
+
+
+def mlp_run(effects: dict[int, tuple[float, float, float]], layers: int = 10):
+    rows = [{"mode": "direct", "layer": l, "metric": "d_prob", "mean": effects.get(l, (0.0, -0.01, 0.01))[0],
+             "ci_low": effects.get(l, (0.0, -0.01, 0.01))[1], "ci_high": effects.get(l, (0.0, -0.01, 0.01))[2]}
+            for l in range(layers)]
+    return FakeRun({"mlp_effects": pd.DataFrame(rows)})
+
+
+def test_c4_the_largest_mlps_come_after_the_key_heads():
+    heads = heads_run({}, MID)  # median key-head layer 5
+    late = {7: (-0.3, -0.4, -0.2), 8: (-0.2, -0.3, -0.1), 9: (-0.1, -0.2, -0.05)}
+    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(late)}).verdict == HOLDS
+    mixed = {1: (-0.3, -0.4, -0.2), 8: (-0.2, -0.3, -0.1), 9: (-0.1, -0.2, -0.05)}
+    v = verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(mixed)})
+    assert v.verdict == PARTLY and "2 of 3 after it" in v.numbers
+    early = {0: (-0.3, -0.4, -0.2), 1: (-0.2, -0.3, -0.1), 2: (-0.1, -0.2, -0.05)}
+    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(early)}).verdict == FAILS
+    noise = {7: (-0.3, -0.5, 0.1), 8: (-0.2, -0.4, 0.1), 9: (-0.1, -0.3, 0.1)}  # every CI crosses zero
+    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(noise)}).verdict == FAILS
+
+
+def transfer_run(math_key: float, math_random: float, control_key: float, n: int = 200, seed: int = 0):
+    """Chapter-3 tables: two math suites and one control, every item right without ablation; under an
+    ablation each item stays right with the given probability."""
+    rng = np.random.default_rng(seed)
+    rows, usable = [], []
+    for suite, kind, keep in (("power", "math", (math_key, math_random)), ("years", "math", (math_key, math_random)),
+                              ("capitals", "control", (control_key, 0.99))):
+        metric = "first_correct" if kind == "math" else "correct"
+        usable.append({"suite": suite, "kind": kind, "metric": metric, "usable": True})
+        for item in range(n):
+            for cond, p, s in (("none", 1.0, -1), ("key", keep[0], -1), ("random", keep[1], 0)):
+                hit = bool(rng.random() < p)
+                rows.append({"suite": suite, "kind": kind, "item": item, "condition": cond, "seed": s,
+                             "correct": hit, "first_correct": hit})
+    return FakeRun({"transfer_scores": pd.DataFrame(rows), "usability": pd.DataFrame(usable)})
+
+
+def test_c5_math_drop_beyond_random_and_selective_against_controls():
+    decide = lambda *a: verdicts.claim_c5({"03_transfer": transfer_run(*a)})
+    v = decide(0.3, 0.95, 0.97)
+    assert v.verdict == HOLDS and v.numbers.startswith("math -7") and "selectivity +" in v.numbers
+    assert decide(0.3, 0.95, 0.3).verdict == PARTLY  # math drops, but controls drop as much
+    assert decide(0.95, 0.95, 0.95).verdict == FAILS
+    table = verdicts.transfer_contrast(transfer_run(0.3, 0.95, 0.97)).set_index("quantity")
+    assert table.loc["selectivity", "value"] == pytest.approx(table.loc["control key", "value"] - table.loc["math key", "value"])
+    assert table.loc["math key", "low"] < table.loc["math key", "value"] < table.loc["math key", "high"]
+
+
+def test_c5_suites_the_model_never_gets_right_cannot_count():
+    run = transfer_run(0.3, 0.95, 0.97)
+    scores = run.tables["transfer_scores"]
+    run.tables["transfer_scores"] = scores.assign(correct=False, first_correct=False)
+    assert verdicts.claim_c5({"03_transfer": run}).verdict == UNTESTABLE
+
+
+def sft_run(precise: tuple[float, float, float, float, float, float], full: tuple[float, float, float, float, float, float]):
+    cols = ["math change", "math low", "math high", "control change", "control low", "control high"]
+    rows = [{"method": "Precise SFT (10 key heads)", **dict(zip(cols, precise))},
+            {"method": "full SFT", **dict(zip(cols, full))},
+            {"method": "random 10 heads", **dict(zip(cols, precise))}]
+    return FakeRun({"math_vs_control": pd.DataFrame(rows)})
+
+
+def test_c6_beats_full_sft_and_keeps_controls():
+    decide = lambda p, f: verdicts.claim_c6({"04_precise_sft": sft_run(p, f)}).verdict
+    kept, hurt = (0.0, -0.02, 0.02), (-0.10, -0.15, -0.05)
+    assert decide((0.2, 0.15, 0.25) + kept, (0.05, 0.0, 0.1) + hurt) == HOLDS
+    assert decide((0.2, 0.15, 0.25) + hurt, (0.05, 0.0, 0.1) + hurt) == PARTLY  # beats, but hurts controls
+    assert decide((0.1, 0.05, 0.15) + kept, (0.1, 0.05, 0.15) + hurt) == PARTLY  # ties and keeps
+    assert decide((0.0, -0.05, 0.05) + kept, (0.2, 0.15, 0.25) + kept) == FAILS  # worse on math
+
+
+def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_models():
+    runs = {"01_heads": heads_run({(5, 2): -0.08}, MID, ["operand", "operator", "other"], (1.0, 0.3, 0.98))}
+    table = verdicts.verdict_table({"a": runs, "b": {**runs, "01_heads": None}})
+    assert len(table) == 2 * len(verdicts.CLAIMS) and list(dict.fromkeys(table["model"])) == ["a", "b"]
+    b = table[table.model == "b"].set_index("claim")
+    assert (b["verdict"] == UNTESTABLE).all() and b.loc["C4", "numbers"] == "no run of 01_heads, 02_mlp"
+    wide = verdicts.wide(table)
+    assert list(wide.columns) == ["claim", "statement", "a", "b"] and wide.loc[0, "a"].startswith("holds — ")

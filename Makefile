@@ -1,7 +1,9 @@
 # The two setup commands of the README. `make book` and `make test` each install what they need
 # into .venv first (idempotent; a stamp file skips the install when nothing changed).
 # `make fetch MODELS="qwen2.5-0.5b qwen2.5-1.5b"` installs opt-in registry models (`arithlens models`);
-# `make book MODELS="…"` fetches them first.
+# `make book MODELS="smollm2-135m qwen2.5-0.5b"` fetches them, runs every chapter on each (the larger ones
+# with params/cpu-ladder.yaml) and builds one book: the first model's chapters, a part per further model,
+# and the across-models chapter whose verdicts open the book. JOBS=2 runs the models side by side.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,8 +26,11 @@ install: $(STAMP)
 fetch: $(STAMP)
 	@for m in $(MODELS); do $(BIN)/arithlens models fetch $$m || exit 1; done
 
+comma := ,
+empty :=
+space := $(empty) $(empty)
 book: $(STAMP) fetch
-	$(BIN)/arithlens book $(if $(MODEL),--model $(MODEL),)
+	$(BIN)/arithlens book $(if $(MODEL),--model $(MODEL),) $(if $(MODELS),--models $(subst $(space),$(comma),$(strip $(MODELS))) --params-file params/cpu-ladder.yaml,) $(if $(JOBS),--jobs $(JOBS),)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -47,6 +47,15 @@ def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
     other = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", "tiny:1@01_heads.top_k=2"]))
     assert other.key != plan.key
     assert {p.key for p in other.inputs if p.model == "tiny"} == {p.key for p in plan.inputs if p.model == "tiny"}
+    # a model may skip chapters: the comparison takes the rest of its runs
+    skip = f"{ACROSS}.skip_chapters={{'tiny:1': [02_mlp, 04_precise_sft]}}"
+    partial = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", skip]))
+    assert [p.chapter for p in partial.inputs if p.model == "tiny:1"] == ["00_task", "01_heads", "03_transfer"]
+    chains, _ = schedule.model_chains(schedule.plan_models(BOOK + [ACROSS], TWO, _tiny_given([skip])))
+    assert [p.chapter for p in chains[1]] == ["00_task", "01_heads", "03_transfer"]
+    with pytest.raises(RunError, match="names 09_x, not among its inputs"):
+        plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']",
+                                              f"{ACROSS}.skip_chapters={{'tiny:1': [09_x]}}"]))
     # on its own model only, it is the degenerate one-model comparison
     assert plan_run(ACROSS, "tiny", _tiny_given()).params["models"] == ["tiny"]
 
@@ -97,16 +106,19 @@ def test_bad_model_lists_are_one_line_errors(isolated_runs, capsys):
 @pytest.mark.slow
 def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its_verdicts(isolated_runs, tmp_path,
                                                                                           monkeypatch, capsys):
-    given = _tiny_given()
+    given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft]}}"])  # a model may skip a chapter
     plans = schedule.plan_models(BOOK + [ACROSS], TWO, given)
     results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # the two models' chains side by side
     across = results[("tiny", ACROSS)]
     table = across.table("verdicts")
     assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 12
     assert set(table["verdict"]) <= {"holds", "partly", "does not hold", "not testable"}
+    c6 = table[(table.claim == "C6") & (table.model == "tiny:1")].iloc[0]
+    assert (c6.verdict, c6.numbers) == ("not testable", "no run of 04_precise_sft")
     keys = {(m, c): r.key for (m, c), r in results.items()}
-    assert dict(zip(table["model"] + "/" + table["chapter"], table["run_key"])) == {
-        f"{m}/{c}": keys[(m, c)] for m, c in zip(table["model"], table["chapter"])}
+    tested = table.dropna(subset=["run_key"])
+    assert dict(zip(tested["model"] + "/" + tested["chapter"], tested["run_key"])) == {
+        f"{m}/{c}": keys[(m, c)] for m, c in zip(tested["model"], tested["chapter"])}
     assert across.manifest["inputs"]["tiny:1/01_heads"]["run_key"] == keys[("tiny:1", "01_heads")]
 
     # the same verdicts in the terminal, read from the store
@@ -128,6 +140,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     assert "tiny:1" in intro and 'href="models/tiny_1/01_heads.html"' in intro
     page = (index.parent / "models" / "tiny_1" / "01_heads.html").read_text()
     assert "This page shows <strong>tiny:1</strong>" in page
+    assert not (index.parent / "models" / "tiny_1" / "04_precise_sft.html").exists()
 
 
 @pytest.mark.slow

@@ -29,6 +29,12 @@ def open_runs(upstream: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, 
             for model, chapters in upstream.items()}
 
 
+def having(runs: Runs, *chapters: str) -> list[tuple[str, Mapping[str, Run]]]:
+    """The models that have a run of every one of ``chapters`` (a model may skip some; see the
+    chapter's ``skip_chapters``), with their runs, in the comparison's order."""
+    return [(model, chs) for model, chs in runs.items() if all(c in chs for c in chapters)]
+
+
 def shape(runs: Mapping[str, Run]) -> tuple[int, int]:
     """(layers, heads per layer) of a model, from chapter 1's per-head table (it lists every head)."""
     eff = runs["01_heads"].table("effects_summary")
@@ -39,8 +45,8 @@ def models_table(runs: Runs) -> pd.DataFrame:
     """Per model: layers, heads, and the run key of each chapter it is read from."""
     rows = []
     for model, chapters in runs.items():
-        n_layers, per_layer = shape(chapters)
-        rows.append({"model": model, "layers": n_layers, "heads per layer": per_layer, "heads": n_layers * per_layer,
+        n_layers, per_layer = shape(chapters) if "01_heads" in chapters else (None, None)
+        rows.append({"model": model, "layers": n_layers, "heads per layer": per_layer, "heads": n_layers and n_layers * per_layer,
                      "runs (chapter: key)": " · ".join(f"{chapter.partition('_')[0]}: {run.key}"
                                                        for chapter, run in chapters.items())})
     return pd.DataFrame(rows)
@@ -50,7 +56,7 @@ def task_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 0 per model: accuracy on every prompt at the analysis shot count (Wilson 95 % CI) and
     the size of the correct set the other chapters draw from."""
     rows = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "00_task"):
         task = chapters["00_task"]
         shots = task.parameters.get("analysis_shots", 3)
         scores = task.table("scores")
@@ -66,7 +72,7 @@ def heads_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 1 per model: key heads, their share and depth band, and how many heads pass the paper's
     −5 % and −1 % rules (mean relative change of the answer logit, lead patching mode)."""
     rows = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "01_heads"):
         heads = chapters["01_heads"]
         n_layers, per_layer = shape(chapters)
         eff = heads.table("effects_summary")
@@ -85,7 +91,7 @@ def heads_summary(runs: Runs) -> pd.DataFrame:
 def key_head_depths(runs: Runs) -> pd.DataFrame:
     """One row per key head per model: layer, head, depth fraction and its chapter-1 effect."""
     frames = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "01_heads"):
         n_layers, _ = shape(chapters)
         key = chapters["01_heads"].table("key_heads")
         frames.append(key.assign(model=model, depth=[depth(l, n_layers) for l in key["layer"]],
@@ -97,7 +103,7 @@ def knockout_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 1's END knockout per model, long form: condition (none / top-k / random-k), accuracy and
     Wilson 95 % CI (the interval :func:`arithlens.verdicts.claim_c3` decides on)."""
     rows = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "01_heads"):
         ko = knockout_intervals(chapters["01_heads"])
         if ko is None:
             continue
@@ -112,7 +118,7 @@ def knockout_summary(runs: Runs) -> pd.DataFrame:
 def mlp_profile(runs: Runs, metric: str = "d_prob") -> pd.DataFrame:
     """Chapter 2's direct effect of each MLP layer per model against depth fraction (mean and CI)."""
     frames = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "01_heads", "02_mlp"):
         n_layers, _ = shape(chapters)
         eff = chapters["02_mlp"].table("mlp_effects")
         eff = eff[(eff["mode"] == "direct") & (eff["metric"] == metric)]
@@ -124,7 +130,7 @@ def mlp_summary(runs: Runs, top: int = 3) -> pd.DataFrame:
     """Chapter 2 per model: start–inflection–end layers as fractions of depth (the paper's LLaMA2-7B:
     0.41–0.56–0.88), the MLPs with the largest direct effect and those the key heads act through most."""
     rows = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "01_heads", "02_mlp"):
         n_layers, _ = shape(chapters)
         mlp = chapters["02_mlp"]
         found = mlp.table("cosine_layers").iloc[0]
@@ -142,7 +148,7 @@ def transfer_summary(runs: Runs, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     """Chapter 3 per model: pooled relative accuracy change on math suites and on non-math controls under
     key and random heads, key − random, and selectivity, each with a paired bootstrap 95 % CI."""
     frames = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "03_transfer"):
         table = transfer_contrast(chapters["03_transfer"], n_boot=n_boot, seed=seed)
         if table is not None:
             frames.append(table.assign(model=model))
@@ -153,7 +159,7 @@ def sft_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 4 per model, long form: each method's mean change on held-out math and on non-math
     controls with its 95 % CI. Methods are named by kind (Precise SFT, random heads, LoRA, full SFT)."""
     rows = []
-    for model, chapters in runs.items():
+    for model, chapters in having(runs, "04_precise_sft"):
         for r in chapters["04_precise_sft"].table("math_vs_control").to_dict("records"):
             for kind in ("math", "control"):
                 rows.append({"model": model, "method": r["method"], "family": method_family(r["method"]), "kind": kind,

@@ -266,11 +266,18 @@ def plan_run(chapter: str, model: str, given: Overrides | None = None, _stack: t
         raise RunError(f"chapter inputs form a cycle: {' → '.join(_stack + (chapter,))}")
     given = given or {}
     params = check_parameters(chapter, {**given.get(chapter, {}), **given.get(f"{model}@{chapter}", {})})
-    models = [model]
+    models, skip = [model], {}
     if is_across(chapter):  # its inputs, once per model; the run's own model comes first
         models += [str(m) for m in params["models"] if str(m) != model]
-        params = {**params, "models": models}
-    inputs = tuple(plan_run(c, m, given, _stack + (chapter,)) for m in models for c in chapter_inputs(chapter))
+        skip = {m: list(cs) for m, cs in (params.get("skip_chapters") or {}).items() if m in models}
+        params = {**params, "models": models, **({"skip_chapters": skip} if "skip_chapters" in params else {})}
+        for m, cs in skip.items():
+            unknown = [c for c in cs if c not in chapter_inputs(chapter)]
+            if unknown:
+                raise RunError(f"{chapter}: skip_chapters for {m} names {', '.join(map(str, unknown))}, not among its "
+                               f"inputs ({', '.join(chapter_inputs(chapter))})")
+    inputs = tuple(plan_run(c, m, given, _stack + (chapter,)) for m in models for c in chapter_inputs(chapter)
+                   if c not in skip.get(m, ()))
     return RunPlan(chapter, model, params, code_hash(chapter), inputs)
 
 

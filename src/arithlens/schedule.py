@@ -30,10 +30,14 @@ def plan_models(chapters: Sequence[str], models: Sequence[str], given: Overrides
         if is_across(chapter) and len(models) > 1:
             given.setdefault(chapter, {})["models"] = list(models)
     order: list[RunPlan] = []
-    for i, model in enumerate(models):
-        wanted = [c for c in chapters if i == 0 or not is_across(c)]
+    for chapter in chapters:  # the comparison first: it says which chapters a model skips
+        if is_across(chapter):
+            order += [p for p in plan_run(chapter, models[0], given).walk() if p not in order]
+    skipped = {m: set(cs) for p in order if is_across(p.chapter) for m, cs in p.params.get("skip_chapters", {}).items()}
+    for model in models:
+        wanted = [c for c in chapters if not is_across(c) and c not in skipped.get(model, ())]
         order += [p for p in plan_book(wanted, model, given) if p not in order]
-    return order
+    return sorted(order, key=lambda p: (is_across(p.chapter), models.index(p.model) if p.model in models else 0))
 
 
 def model_chains(plans: Sequence[RunPlan]) -> tuple[list[list[RunPlan]], list[RunPlan]]:

@@ -107,10 +107,8 @@ def knockout_summary(runs: Runs) -> pd.DataFrame:
         ko = knockout_intervals(chapters["01_heads"])
         if ko is None:
             continue
-        rows.append({"model": model, "condition": "no ablation", "k": 0, "accuracy": ko["none"], "low": np.nan,
-                     "high": np.nan, "prompts": ko["n_prompts"]})
-        for name, label in (("top", f"top-k"), ("random", f"random-k")):
-            rows.append({"model": model, "condition": label, "k": ko["k"], "accuracy": ko[name],
+        for name, label, k in (("none", "no ablation", 0), ("top", "top-k", ko["k"]), ("random", "random-k", ko["k"])):
+            rows.append({"model": model, "condition": label, "k": k, "accuracy": ko[name],
                          "low": ko[f"{name}_low"], "high": ko[f"{name}_high"], "prompts": ko["n_prompts"]})
     return pd.DataFrame(rows)
 

@@ -42,7 +42,7 @@ def knockout_chart(knock: pd.DataFrame, models: Sequence[str], title: str = "") 
     """Held-out accuracy with no heads, the top-k and k random heads ablated at END, per model, with
     95 % Wilson intervals; grey ticks: the paper's top-10 (30.2 %) and random-10 (98.0 %)."""
     order = ["no ablation", "top-k", "random-k"]
-    base = alt.Chart(knock).encode(x=alt.X("condition:N", sort=order, title=None),
+    base = alt.Chart(knock).encode(x=alt.X("condition:N", sort=order, title=None, axis=alt.Axis(labelAngle=0)),
                                    xOffset=alt.XOffset("model:N", sort=list(models)),
                                    color=alt.Color("model:N", scale=model_colours(models), title="model"))
     bars = base.mark_bar(opacity=0.8).encode(
@@ -54,7 +54,7 @@ def knockout_chart(knock: pd.DataFrame, models: Sequence[str], title: str = "") 
                           "accuracy": [PAPER_MARKS["knockout top-10"], PAPER_MARKS["knockout random-10"]],
                           "what": ["paper top-10", "paper random-10"]})
     paper = alt.Chart(marks).mark_tick(color=PAPER_GREY, thickness=3, size=60).encode(
-        x=alt.X("condition:N", sort=order), y="accuracy:Q", tooltip=["what", alt.Tooltip("accuracy:Q", format=".1%")])
+        x=alt.X("condition:N", sort=order, axis=alt.Axis(labelAngle=0)), y="accuracy:Q", tooltip=["what", alt.Tooltip("accuracy:Q", format=".1%")])
     return (bars + rules + paper).properties(width=360, height=220,
                                              title=title or "Knockout at END (bars: 95 % CI; grey: paper, LLaMA2-7B)")
 
@@ -72,7 +72,7 @@ def mlp_profile_chart(profile: pd.DataFrame, models: Sequence[str], title: str =
                                                       alt.Tooltip("ci_high:Q", format=".4f")])
     marks = pd.DataFrame({"depth": list(PAPER_MARKS["mlp start–inflection–end"]), "what": ["start", "inflection", "end"]})
     paper = alt.Chart(marks).mark_rule(color=PAPER_GREY, strokeDash=[4, 3]).encode(x="depth:Q", tooltip=["what", "depth"])
-    return (band + line + paper).properties(width=520, height=220, title=title or
+    return (band + line + paper).properties(width=430, height=220, title=title or
                                             "MLP direct effect by depth (dashed: the paper's start–inflection–end)")
 
 
@@ -90,5 +90,5 @@ def interval_chart(frame: pd.DataFrame, models: Sequence[str], category: str, fa
                  alt.Tooltip("high:Q", format="+.1%")])
     rules = base.mark_rule().encode(x="low:Q", x2="high:Q")
     zero = alt.Chart().mark_rule(color=PAPER_GREY).encode(x=alt.datum(0))
-    return alt.layer(zero, rules, points, data=frame).properties(width=300, height=alt.Step(14)).facet(
+    return alt.layer(zero, rules, points, data=frame).properties(width=210, height=alt.Step(14)).facet(
         column=alt.Column(f"{facet}:N", title=None)).properties(title=title)

@@ -126,8 +126,8 @@ def wilson(successes: float, trials: int) -> tuple[float, float]:
 
 
 def knockout_intervals(heads_run: Run) -> dict | None:
-    """Chapter 1's END knockout at its largest k: accuracy and Wilson CI with the top-k and with k random
-    heads (every seed's prompts pooled), or None when no knockout ran."""
+    """Chapter 1's END knockout at its largest k: accuracy and Wilson CI with no ablation, with the top-k
+    and with k random heads (every seed's prompts pooled), or None when no knockout ran."""
     curve = heads_run.table("knockout")
     curve = curve[curve["positions"] == "end"]
     if not len(curve) or curve["k"].max() == 0:
@@ -136,9 +136,8 @@ def knockout_intervals(heads_run: Run) -> dict | None:
     top = curve[(curve["condition"] == "top") & (curve["k"] == k)]
     rnd = curve[(curve["condition"] == "random") & (curve["k"] == k)]
     n = int(top["n_prompts"].iloc[0])
-    out = {"k": k, "n_prompts": n, "seeds": len(rnd),
-           "none": float(curve[curve["condition"] == "none"]["accuracy"].mean())}
-    for name, part in (("top", top), ("random", rnd)):
+    out = {"k": k, "n_prompts": n, "seeds": len(rnd)}
+    for name, part in (("none", curve[curve["condition"] == "none"]), ("top", top), ("random", rnd)):
         trials = int(part["n_prompts"].sum())
         acc = float((part["accuracy"] * part["n_prompts"]).sum() / trials)
         out[name], (out[f"{name}_low"], out[f"{name}_high"]) = acc, wilson(acc * trials, trials)

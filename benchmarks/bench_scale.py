@@ -1,0 +1,156 @@
+"""How the cost of chapter 1's exact head sweeps grows with heads × prompts: ratios to two forwards.
+
+    python benchmarks/bench_scale.py [--models tiny,smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b]
+                                     [--shapes 30x9x576,24x14x896,28x12x1536,32x32x4096] [--n 64]
+
+For every real model (registry names or specs; models that are not installed are skipped with a line)
+and every random-init shape ``LAYERSxHEADSxD_MODEL`` (a Llama built from a config in-process, with
+the tiny models' character tokenizer, intermediate size 8/3 × d_model rounded to 64, 2 KV heads), it
+times two plain forward passes over the same ``--n`` three-shot prompts (clean and counterfactual),
+then the cached direct and path sweeps of every head (``patching.cache_prompt_set`` +
+``patching.sweep_many``), and prints one row per model:
+
+    model  layers×heads  d_model  params  prompts  heads×prompts  two forwards (s)  direct ÷ 2 fwd  path ÷ 2 fwd  peak RSS
+
+Lines starting with ``ratio`` restate the issue's target (path sweep ÷ two forwards ≤ 2.0). A shape
+whose fp32 weights would not fit in the memory this machine has free is skipped with a line saying so.
+Only ratios are meant to be compared across machines. On a GPU machine the same script runs in bf16
+(``--device cuda``) and reports peak GPU memory too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import torch
+
+os.environ.setdefault("ARITHLENS_QUIET", "1")
+
+from arithlens import patching  # noqa: E402
+from arithlens.items import length_batches, to_tokens  # noqa: E402
+from arithlens.models import (LoadedModel, ModelSpec, ModelSpecError, build_tiny_tokenizer,  # noqa: E402
+                              default_dtype, load_model, pick_device)
+from arithlens.prompts import PromptConfig, make_prompts  # noqa: E402
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def free_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in fh}
+    return info["MemAvailable"] / 1024 ** 2
+
+
+def random_model(shape: str, device: torch.device) -> LoadedModel:
+    """A random-init Llama of ``LAYERSxHEADSxD_MODEL`` wrapped like any loaded model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    layers, heads, d_model = (int(x) for x in shape.lower().split("x"))
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=64 * round(8 / 3 * d_model / 64),
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=min(2, heads),
+                         max_position_embeddings=1024, architectures=["LlamaForCausalLM"])
+    dtype = default_dtype(device)
+    start = time.perf_counter()
+    gen = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        hf_model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    finally:
+        torch.random.set_rng_state(gen)
+    bridge = TransformerBridge.boot_transformers("arithlens-random", hf_model=hf_model, tokenizer=tokenizer,
+                                                 device=device, dtype=dtype)
+    bridge.eval()
+    return LoadedModel(bridge, tokenizer, ModelSpec(f"random:{shape}", "tiny", "llama:0"), device, dtype,
+                       time.perf_counter() - start, False)
+
+
+def shape_params(shape: str) -> int:
+    layers, _, d_model = (int(x) for x in shape.lower().split("x"))
+    return layers * (4 * d_model * d_model + 3 * d_model * 64 * round(8 / 3 * d_model / 64))
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def measure(name: str, model: LoadedModel, n: int) -> dict:
+    full = make_prompts(model.tokenizer, PromptConfig(n_per_cell=max(2, n // 40 + 2), shots=3, seed=0))
+    prompts = full.subset([i < n for i in range(len(full))])
+    batches = length_batches(prompts.items, 16)
+    digits = patching.digit_tokens(model.tokenizer)
+
+    @torch.no_grad()
+    def forwards(which):
+        for b in batches:
+            model.bridge(to_tokens([prompts.items[i] for i in b], which).to(model.device))
+
+    forwards("clean")  # warm-up
+    _, t_clean = timed(lambda: forwards("clean"))
+    _, t_cf = timed(lambda: forwards("counterfactual"))
+    two = t_clean + t_cf
+    caches, t_cache = timed(lambda: patching.cache_prompt_set(model, prompts))
+    row = {"model": name, "layers×heads": f"{model.n_layers}×{model.n_heads}", "d_model": int(model.cfg.d_model),
+           "params (M)": round(model.n_params / 1e6, 1), "prompts": len(prompts),
+           "heads×prompts": model.n_layers * model.n_heads * len(prompts), "two forwards (s)": round(two, 2),
+           "fast path": patching.fast_path_supported(model)}
+    for mode in ("direct", "path"):
+        _, t = timed(lambda: patching.sweep_many(model, caches, mode, digits, True))
+        row[f"{mode} ÷ 2 fwd"] = round((t_cache + t) / two, 2)
+    row["peak RSS (GB)"] = round(peak_gb(), 2)
+    if torch.cuda.is_available():
+        row["peak GPU (GB)"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
+    ap.add_argument("--shapes", default="30x9x576,24x14x896,28x12x1536,32x32x4096",
+                    help="random-init Llama shapes LAYERSxHEADSxD_MODEL (empty: none)")
+    ap.add_argument("--n", type=int, default=64, help="prompts per model")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    print(f"device {device}, threads {torch.get_num_threads()}, {args.n} prompts per model")
+    rows = []
+    for spec in [m for m in args.models.split(",") if m]:
+        try:
+            model = load_model(spec, device=device)
+        except ModelSpecError as exc:
+            print(f"skip {spec}: {exc}")
+            continue
+        rows.append(measure(spec, model, args.n))
+        print(rows[-1], flush=True)
+    for shape in [s for s in args.shapes.split(",") if s]:
+        need = shape_params(shape) * (2 if device.type == "cuda" else 4) / 1024 ** 3 * 1.5
+        if device.type == "cpu" and need > free_gb():
+            print(f"skip random:{shape}: needs ~{need:.0f} GB, {free_gb():.0f} GB free")
+            continue
+        rows.append(measure(f"random:{shape}", random_model(shape, device), args.n))
+        print(rows[-1], flush=True)
+    if not rows:
+        return
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    print()
+    print(table.to_string(index=False))
+    for r in rows:
+        print(f"ratio path_sweep/two_forwards {r['model']} = {r['path ÷ 2 fwd']:.2f} (target <= 2.0)")
+
+
+if __name__ == "__main__":
+    main()

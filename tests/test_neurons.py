@@ -176,3 +176,22 @@ def test_activation_change_sees_only_the_perturbed_neuron(tiny, items):
     plus = np.array([it.operator == "+" for it in items])
     row = layer1[(layer1.neuron == 17) & (layer1.operator == "+")].iloc[0]
     assert row["change"] == pytest.approx(float((h1 - h0)[torch.from_numpy(plus)].mean()), rel=1e-6)
+
+
+def test_tuning_change_sees_only_the_tuned_neuron_and_restores_the_weights(tiny, items):
+    """A delta that rescales one row of layer 1's up projection moves that neuron at END, and no other;
+    the model's weights are as before afterwards; the summary ranks that neuron's group first."""
+    from arithlens.finetune_delta import Delta, Slice, named_weights, slice_view
+
+    weights = named_weights(tiny)
+    param = next(n for n in weights if n.endswith("layers.1.mlp.up_proj.weight"))
+    target = Slice(param, 0, 17, 18)
+    before = slice_view(weights, target).detach().clone()
+    change = Nn.tuning_change(tiny, items, [1], Delta({target: before * 3.0}),
+                              ranking=[Nn.Neuron(1, 17)], top_n=1)
+    moved = change[change["abs_change"] > 1e-6]
+    assert moved[["layer", "neuron", "group"]].values.tolist() == [[1, 17, "top"]]
+    assert torch.equal(slice_view(named_weights(tiny), target), before)
+    summary = Nn.change_summary(change).set_index("group")
+    assert summary.loc["top", "neurons"] == 1 and summary.loc["top", "÷ rest"] > 100
+    assert summary.loc["top", "p (top moves more)"] < 0.05

@@ -131,3 +131,24 @@ def test_operand_patch_identity_is_clean(tiny, addition):
     zero = N.operand_patch_logit_diffs(tiny, addition, 0, "b", lambda act, batch: torch.zeros_like(act))
     torch.testing.assert_close(same, clean)
     assert not torch.allclose(zero, clean)
+
+
+def test_helix_coordinates_recover_the_planted_circle():
+    """Vectors built on a period-10 circle (plus a linear term and noise): the coordinates along the
+    fitted cos/sin directions are cos(2πn/10), sin(2πn/10) up to the noise; an absent period is an error."""
+    import numpy as np
+    import torch
+
+    from arithlens import numbers as N
+
+    n = list(range(100))
+    rng = np.random.default_rng(3)
+    basis, _ = N.helix_basis(n, [10])
+    acts = torch.tensor(basis @ rng.normal(size=(3, 32)) + 0.01 * rng.normal(size=(100, 32)))
+    helix = N.fit_helix(acts, n, [10])
+    coords = N.helix_coordinates(helix, acts, 10)
+    angle = 2 * np.pi * np.asarray(n) / 10
+    assert np.abs(coords[:, 0] - (np.cos(angle) - np.cos(angle).mean())).max() < 0.05
+    assert np.abs(coords[:, 1] - (np.sin(angle) - np.sin(angle).mean())).max() < 0.05
+    with pytest.raises(ValueError, match="no cos/sin pair for period 5"):
+        N.helix_coordinates(helix, acts, 5)

@@ -371,3 +371,40 @@ def activation_change(before: LoadedModel, after: LoadedModel, items: Sequence[I
                                     "after": h1[sel].mean(0).numpy(), "change": d.mean(0).numpy(),
                                     "abs_change": d.abs().mean(0).numpy(), "n": int(sel.sum())}))
     return pd.concat(frames, ignore_index=True)
+
+
+def tuning_change(model: LoadedModel, items: Sequence[Item], layers: Sequence[int], delta,
+                  ranking: Sequence[Neuron], top_n: int) -> pd.DataFrame:
+    """How a fine-tuning delta (:class:`arithlens.finetune_delta.Delta`, e.g. chapter 4's saved Precise
+    SFT) moves the neurons of ``layers`` at END on ``items``: one row per neuron with its mean change,
+    mean |change| and ``group`` — ``top`` for the first ``top_n`` of ``ranking``, else ``rest``. The
+    model's weights are restored afterwards (:func:`arithlens.finetune_delta.applied`)."""
+    from arithlens.finetune_delta import applied
+
+    before = end_activations(model, items, layers)
+    with applied(model, delta):
+        after = end_activations(model, items, layers)
+    change = (after - before).float()
+    top = {(n.layer, n.neuron) for n in list(ranking)[:top_n]}
+    rows = [{"layer": layer, "neuron": j, "change": float(change[:, i, j].mean()),
+             "abs_change": float(change[:, i, j].abs().mean()),
+             "group": "top" if (layer, j) in top else "rest"}
+            for i, layer in enumerate(layers) for j in range(change.shape[-1])]
+    return pd.DataFrame(rows)
+
+
+def change_summary(change: pd.DataFrame) -> pd.DataFrame:
+    """:func:`tuning_change` per group: neurons, mean |change|, and for ``top`` the ratio to ``rest`` with a
+    one-sided Mann–Whitney U p-value (scipy) that the top neurons move more."""
+    from scipy.stats import mannwhitneyu
+
+    top, rest = change[change["group"] == "top"]["abs_change"], change[change["group"] == "rest"]["abs_change"]
+    p = float(mannwhitneyu(top, rest, alternative="greater").pvalue) if len(top) and len(rest) else float("nan")
+    return pd.DataFrame([{"group": g, "neurons": len(v), "mean |change|": float(v.mean()) if len(v) else float("nan"),
+                          "÷ rest": _ratio(float(v.mean()), float(rest.mean())) if len(v) and len(rest) else float("nan"),
+                          "p (top moves more)": p if g == "top" else float("nan")}
+                         for g, v in (("top", top), ("rest", rest))])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (float("inf") if a > 0 else float("nan"))

@@ -351,3 +351,14 @@ def helix_patch_share(model: LoadedModel, items: Sequence[Item], layer: int, hel
     return pd.DataFrame([{"layer": layer, "site": site, "operand": operand, "n": len(items), "rank": helix.rank,
                           **m, "helix_share": (m["helix"] - m["ablated"]) / gap if gap else math.nan,
                           "pca_share": (m["pca"] - m["ablated"]) / gap if gap else math.nan}])
+
+
+def helix_coordinates(helix: Helix, acts: Float[Tensor, "number d_model"], period: float) -> np.ndarray:
+    """Each vector's coordinates along the helix directions of ``period``'s cos and sin columns
+    (least squares over all the helix's directions, so the other periods do not leak in): [number, 2]."""
+    names = [f"cos {period:g}", f"sin {period:g}"]
+    if not all(n in helix.columns for n in names):
+        raise ValueError(f"the helix has no cos/sin pair for period {period:g} (columns {', '.join(helix.columns)})")
+    centred = (acts.double() - helix.mean.double()).numpy()
+    coords, *_ = np.linalg.lstsq(helix.coef.double().numpy().T, centred.T, rcond=None)  # [basis, number]
+    return coords[[helix.columns.index(n) for n in names]].T

@@ -118,3 +118,21 @@ def test_transfer_and_sft_chapters_take_benchmark_files(isolated_runs):
     sft = run_chapter("04_precise_sft", "tiny", SFT_TINY + HEADS_AS_INPUT + MLP_AS_INPUT +
                       [f"benchmark_files=[{BENCH}/mmlu_style.jsonl]", f"train_file={BENCH}/generic.jsonl"], log=lambda m: None)
     assert "mmlu_style" in set(sft.table("scores")["set"])
+
+
+NUMBERS_TINY = ["n_per_cell=3", "filter_correct=false", "min_correct=1", "number_range=[0, 20]", "keep_percents=[10, 50]",
+                "top_percent=10", "n_random_seeds=2"]
+SFT_AS_INPUT = [f"04_precise_sft.{p}" for p in SFT_TINY]
+
+
+@pytest.mark.slow
+def test_numbers_chapter_reads_chapters_1_2_and_4_and_saves_its_tables(isolated_runs):
+    run = run_chapter("06_numbers", "tiny", NUMBERS_TINY + HEADS_AS_INPUT + MLP_AS_INPUT + SFT_AS_INPUT, log=lambda m: None)
+    assert set(run.manifest["inputs"]) == {"01_heads", "02_mlp", "04_precise_sft"}
+    assert {"fourier.parquet", "helix.parquet", "helix_causal.parquet", "heuristics.parquet", "keep_top_k.parquet",
+            "tuning_change.parquet"} <= set(run.manifest["tables"])
+    power = run.table("fourier")
+    assert set(power["period"]) == {2.0, 5.0, 10.0, 100.0} and (power["share"].between(0, 1)).all()
+    keep = run.table("keep_top_k")
+    assert set(keep["condition"]) == {"clean", "top", "random"} and set(keep[keep.condition == "top"]["percent"]) == {10.0, 50.0}
+    assert set(run.table("tuning_change")["group"]) == {"top", "rest"}

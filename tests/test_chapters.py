@@ -136,3 +136,25 @@ def test_numbers_chapter_reads_chapters_1_2_and_4_and_saves_its_tables(isolated_
     keep = run.table("keep_top_k")
     assert set(keep["condition"]) == {"clean", "top", "random"} and set(keep[keep.condition == "top"]["percent"]) == {10.0, 50.0}
     assert set(run.table("tuning_change")["group"]) == {"top", "rest"}
+
+
+ROBUST_TINY = ["n_per_cell=2", "filter_correct=false", "min_correct=1", "templates=[eq_spaced, st_is]", "ig_steps=3",
+               "curve_points=[0, 1, 2, 4]", "n_null_sets=5", "n_random_ablation=2", "n_boot=50"]
+TRANSFER_AS_INPUT = [f"03_transfer.{p}" for p in TRANSFER_TINY]
+
+
+@pytest.mark.slow
+def test_robustness_chapter_reads_chapters_1_and_3_and_saves_its_tables(isolated_runs):
+    # two key heads: the tiny model has 4 heads a layer, and the null needs as many others in their layers
+    run = run_chapter("07_robustness", "tiny", ROBUST_TINY + HEADS_AS_INPUT + ["01_heads.top_k=2"] + TRANSFER_AS_INPUT,
+                      log=lambda m: None)
+    assert set(run.manifest["inputs"]) == {"01_heads", "03_transfer"}
+    agree = run.table("agreement")
+    assert set(agree["method"]) == {"attribution", "eap_ig"} and set(agree["measure"]) == {"spearman", "jaccard"}
+    curve = run.table("faithfulness")
+    assert set(curve["ranking"]) == {"exact", "attribution", "eap_ig", "random"}
+    assert curve[curve.n == 0]["fraction_recovered"].abs().max() < 1e-9 and (curve[curve.n == 8]["fraction_recovered"] - 1).abs().max() < 1e-9
+    null = run.table("null_distribution")
+    assert (null["set"] == "random").sum() == 5 and (null["set"] == "key").sum() == 1
+    assert set(run.table("ablations")["ablation"]) == {"mean", "zero", "resample"}
+    assert "method_seconds" in run.manifest["notebook_info"]  # timings go to the manifest, not the tables

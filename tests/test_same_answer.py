@@ -89,3 +89,18 @@ def test_surviving_heads_by_hand():
     assert not bool(out.loc[1, "key"]) and not bool(out.loc[1, "survives"])  # not key under the null operator
     out = S.surviving_heads(null, same, threshold=-0.04).set_index("head")
     assert bool(out.loc[1, "survives"]) and out.loc[1, "null_mean"] == pytest.approx(-0.05)
+
+
+def test_key_head_survival_is_the_share_of_the_null_effect_kept():
+    import pandas as pd
+
+    from arithlens.hooks import Head
+    from arithlens.same_answer import key_head_survival
+
+    null = pd.DataFrame([{"mode": "path", "metric": "d_prob", "layer": 0, "head": h, "mean": m}
+                         for h, m in ((0, -0.2), (1, -0.1))])
+    same = pd.DataFrame([{"mode": "path", "change": "operands", "prompt": p, "layer": 0, "head": h, "d_prob": v}
+                         for p in range(2) for h, v in ((0, -0.15), (1, -0.01))])
+    out = key_head_survival([Head(0, 0), Head(0, 1)], null, same).set_index("head")
+    assert out.loc["0.0", "kept"] == pytest.approx(0.75) and bool(out.loc["0.0", "survives"])
+    assert out.loc["0.1", "kept"] == pytest.approx(0.1) and not bool(out.loc["0.1", "survives"])

@@ -174,3 +174,10 @@ def curve_area(curve: pd.DataFrame) -> pd.DataFrame:
         y = part["fraction_recovered"].to_numpy()
         rows.append({"ranking": name, "area": float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))})
     return pd.DataFrame(rows)
+
+
+def agreement_table(table: pd.DataFrame, metrics: Sequence[str], reference: str = "exact",
+                    ks: Sequence[int] = KS, order: Order = "negative") -> pd.DataFrame:
+    """:func:`rank_agreement` for each of ``metrics``, stacked with a ``metric`` column."""
+    return pd.concat([rank_agreement(table, m, reference, ks, order).assign(metric=m) for m in metrics],
+                     ignore_index=True)

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from arithlens import hooks, patching
 from arithlens.hooks import digit_tokens, kept, prefix_kv, scores_from_logits
-from arithlens.items import ItemSet
+from arithlens.items import ItemSet, length_batches, to_tokens
 from arithlens.models import LoadedModel
 from arithlens.patching import EndCache, Mode
 
@@ -235,3 +235,22 @@ def compare_with_exact(model: LoadedModel, prompts: ItemSet, caches: list[EndCac
     exact.insert(0, "method", "exact")
     est = attribute_heads(model, prompts, caches, modes, methods, progress)
     return pd.concat([exact, est[exact.columns]], ignore_index=True)
+
+
+@torch.no_grad()
+def two_forward_seconds(model: LoadedModel, prompts: ItemSet, batch_size: int = 16) -> float:
+    """Wall time of two plain forward passes over ``prompts`` (clean, then counterfactual), after a
+    warm-up pass: the unit in which the sweeps' cost is stated."""
+    import time
+
+    batches = length_batches(prompts.items, batch_size)
+
+    def forwards(which: str) -> None:
+        for b in batches:
+            model.bridge(to_tokens([prompts.items[i] for i in b], which).to(model.device))
+
+    forwards("clean")
+    start = time.perf_counter()
+    forwards("clean")
+    forwards("counterfactual")
+    return time.perf_counter() - start

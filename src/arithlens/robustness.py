@@ -262,3 +262,22 @@ def ablation_sensitivity(evaluator: AblationEvaluator, key_heads: Sequence[Head]
             acc = float(evaluator.correct(heads, values).mean())
             rows.append({"ablation": kind, "set": name, "index": i, "accuracy": acc, "drop": base - acc})
     return pd.DataFrame(rows).assign(base_accuracy=base)
+
+
+def suite_selectivity(transfer_scores: pd.DataFrame, usability: pd.DataFrame, n_boot: int = 1000,
+                      seed: int = 0) -> pd.DataFrame:
+    """:func:`selectivity` of chapter 3's key-head knockout for every usable math suite (first answer
+    token) over every usable non-math control (whole answer), from chapter 3's saved tables: one row per
+    (math suite, control). Drops are absolute (accuracy points), per item."""
+    metric = {"math": "first_correct", "control": "correct"}
+    correct: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"math": {}, "control": {}}
+    for kind, col in metric.items():
+        ok = set(usability[(usability["kind"] == kind) & (usability["metric"] == col) & usability["usable"]]["suite"])
+        for suite, part in transfer_scores[(transfer_scores["kind"] == kind) & transfer_scores["suite"].isin(ok)].groupby("suite"):
+            per_item = part.pivot_table(index="item", columns="condition", values=col, aggfunc="mean")
+            if "key" in per_item:
+                correct[kind][suite] = (per_item["none"].to_numpy() > 0.5, per_item["key"].to_numpy() > 0.5)
+    frames = [selectivity({target: pair, **correct["control"]}, target, n_boot, seed)
+              for target, pair in correct["math"].items()] if correct["control"] else []
+    return (pd.concat(frames, ignore_index=True).rename(columns={"ci_low": "low", "ci_high": "high"})
+            if frames else pd.DataFrame())

@@ -31,6 +31,7 @@ from typing import Literal
 import pandas as pd
 
 from arithlens import patching
+from arithlens.hooks import Head
 from arithlens.items import encode, tokens_over
 from arithlens.models import LoadedModel
 from arithlens.patching import Mode
@@ -175,3 +176,25 @@ def surviving_heads(null_effects: pd.DataFrame, same_effects: pd.DataFrame, metr
     out["key"] = out["null_mean"] <= threshold
     out["survives"] = out["key"] & (out["same_mean"] <= threshold)
     return out[["mode", "change", "layer", "head", "null_mean", "same_mean", "key", "survives"]]
+
+
+def key_head_survival(key_heads: Sequence[Head], null_summary: pd.DataFrame, same_effects: pd.DataFrame,
+                      mode: str = "path", metric: str = "d_prob", keep: float = 0.5) -> pd.DataFrame:
+    """Which of the given key heads keep their effect when the counterfactual keeps the answer.
+
+    ``null_summary``: per-head means under the null-operator counterfactual (chapter 1's
+    ``effects_summary``); ``same_effects``: :func:`same_answer_patching`'s per-prompt table. One row per
+    (change, key head) with ``null_mean``, ``same_mean`` and ``kept`` = same ÷ null; the head
+    *survives* when ``kept`` ≥ ``keep`` — it still moves the answer by at least that share of its
+    null-counterfactual effect although the answer did not change, so it carries the operands or
+    the operator as such, not the computation's result."""
+    null = null_summary[(null_summary["mode"] == mode) & (null_summary["metric"] == metric)].set_index(["layer", "head"])["mean"]
+    same = same_effects[same_effects["mode"] == mode].groupby(["change", "layer", "head"])[metric].mean()
+    rows = []
+    for change in same.index.get_level_values("change").unique():
+        for h in key_heads:
+            n, s = float(null.get((h.layer, h.head), float("nan"))), float(same.get((change, h.layer, h.head), float("nan")))
+            kept = s / n if n else float("nan")
+            rows.append({"change": change, "head": str(h), "layer": h.layer, "null_mean": n, "same_mean": s,
+                         "kept": kept, "survives": bool(kept >= keep)})
+    return pd.DataFrame(rows)

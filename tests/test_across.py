@@ -16,9 +16,15 @@ from arithlens.cli import main
 from arithlens.record import RunResult
 from arithlens.runs import RunError, gather_overrides, plan_run
 
+from test_chapters import NUMBERS_TINY, ROBUST_TINY
 from test_graph import BOOK, _tiny_given
 
 ACROSS = "05_across_models"
+BEYOND = ["06_numbers", "07_robustness"]
+INPUTS = BOOK + BEYOND  # what the comparison reads of each model
+#: the tiny parameters of chapters 6 and 7; two key heads (the tiny model has 4 heads a layer, and
+#: chapter 7's layer-matched null needs as many other heads in their layers)
+TINY_BEYOND = [f"06_numbers.{p}" for p in NUMBERS_TINY] + [f"07_robustness.{p}" for p in ROBUST_TINY] + ["01_heads.top_k=2"]
 TWO = ["tiny", "tiny:1"]  # two tiny models: the same architecture, different initialisation seeds
 
 
@@ -38,9 +44,9 @@ def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
     given = _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']"])
     plan = plan_run(ACROSS, "tiny", given)
     assert plan.params["models"] == TWO
-    assert [(p.model, p.chapter) for p in plan.inputs] == [(m, c) for m in TWO for c in BOOK]
+    assert [(p.model, p.chapter) for p in plan.inputs] == [(m, c) for m in TWO for c in INPUTS]
     upstream = plan.upstream()
-    assert list(upstream) == TWO and list(upstream["tiny:1"]) == BOOK
+    assert list(upstream) == TWO and list(upstream["tiny:1"]) == INPUTS
     names = {plan.input_name(p) for p in plan.inputs}
     assert "01_heads" in names and "tiny:1/01_heads" in names
     # one model's upstream parameter re-keys the comparison; the other model's runs stay the same
@@ -48,10 +54,10 @@ def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
     assert other.key != plan.key
     assert {p.key for p in other.inputs if p.model == "tiny"} == {p.key for p in plan.inputs if p.model == "tiny"}
     # a model may skip chapters: the comparison takes the rest of its runs
-    skip = f"{ACROSS}.skip_chapters={{'tiny:1': [02_mlp, 04_precise_sft]}}"
+    skip = f"{ACROSS}.skip_chapters={{'tiny:1': [02_mlp, 04_precise_sft, 06_numbers, 07_robustness]}}"
     partial = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", skip]))
     assert [p.chapter for p in partial.inputs if p.model == "tiny:1"] == ["00_task", "01_heads", "03_transfer"]
-    chains, _ = schedule.model_chains(schedule.plan_models(BOOK + [ACROSS], TWO, _tiny_given([skip])))
+    chains, _ = schedule.model_chains(schedule.plan_models(INPUTS + [ACROSS], TWO, _tiny_given([skip])))
     assert [p.chapter for p in chains[1]] == ["00_task", "01_heads", "03_transfer"]
     with pytest.raises(RunError, match="names 09_x, not among its inputs"):
         plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']",
@@ -61,10 +67,10 @@ def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
 
 
 def test_models_are_planned_as_chains_with_the_comparison_last():
-    plans = schedule.plan_models(BOOK + [ACROSS], TWO, _tiny_given())
-    assert [(p.model, p.chapter) for p in plans] == [(m, c) for m in TWO for c in BOOK] + [("tiny", ACROSS)]
+    plans = schedule.plan_models(INPUTS + [ACROSS], TWO, _tiny_given())
+    assert [(p.model, p.chapter) for p in plans] == [(m, c) for m in TWO for c in INPUTS] + [("tiny", ACROSS)]
     chains, last = schedule.model_chains(plans)
-    assert [[p.chapter for p in c] for c in chains] == [BOOK, BOOK] and [p.chapter for p in last] == [ACROSS]
+    assert [[p.chapter for p in c] for c in chains] == [INPUTS, INPUTS] and [p.chapter for p in last] == [ACROSS]
     assert last[0].params["models"] == TWO
 
 
@@ -85,11 +91,11 @@ def test_a_book_of_several_models_never_shows_a_comparison_of_other_runs():
 def test_the_table_of_contents_gets_a_part_per_further_model(tmp_path, monkeypatch):
     shutil.copy(book.project_root() / "book" / "_toc.yml", tmp_path / "_toc.yml")
     monkeypatch.setenv("ARITHLENS_BOOK_DIR", str(tmp_path))
-    shown = [_fake(c, c, m) for m in TWO for c in BOOK] + [_fake(ACROSS, "x")]
+    shown = [_fake(c, c, m) for m in TWO for c in INPUTS] + [_fake(ACROSS, "x")]
     toc = book.yaml.safe_load(book.book_toc(shown, "tiny").read_text())
     captions = [p["caption"] for p in toc["parts"]]
     assert captions[:2] == ["Chapters", "Chapters on tiny:1"]
-    assert [e["file"] for e in toc["parts"][1]["chapters"]] == [f"models/tiny_1/{c}" for c in BOOK]
+    assert [e["file"] for e in toc["parts"][1]["chapters"]] == [f"models/tiny_1/{c}" for c in INPUTS]
     assert {"file": f"chapters/{ACROSS}"} in toc["parts"][0]["chapters"]
     assert book.page("tiny:1", "01_heads", "tiny") == "models/tiny_1/01_heads"
 
@@ -106,12 +112,14 @@ def test_bad_model_lists_are_one_line_errors(isolated_runs, capsys):
 @pytest.mark.slow
 def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its_verdicts(isolated_runs, tmp_path,
                                                                                           monkeypatch, capsys):
-    given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft]}}"])  # a model may skip a chapter
-    plans = schedule.plan_models(BOOK + [ACROSS], TWO, given)
+    # a model may skip chapters (chapter 6 reads chapter 4's delta, so it goes too)
+    given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft, 06_numbers]}}"] + TINY_BEYOND)
+    plans = schedule.plan_models(INPUTS + [ACROSS], TWO, given)
     results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # the two models' chains side by side
     across = results[("tiny", ACROSS)]
     table = across.table("verdicts")
     assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 12
+    assert list(across.table("robustness")["model"]) == TWO and list(across.table("numbers")["model"]) == ["tiny"]
     assert set(table["verdict"]) <= {"holds", "partly", "does not hold", "not testable"}
     c6 = table[(table.claim == "C6") & (table.model == "tiny:1")].iloc[0]
     assert (c6.verdict, c6.numbers) == ("not testable", "no run of 04_precise_sft")
@@ -141,6 +149,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     page = (index.parent / "models" / "tiny_1" / "01_heads.html").read_text()
     assert "This page shows <strong>tiny:1</strong>" in page
     assert not (index.parent / "models" / "tiny_1" / "04_precise_sft.html").exists()
+    assert (index.parent / "models" / "tiny_1" / "07_robustness.html").exists()
 
 
 @pytest.mark.slow

@@ -180,3 +180,54 @@ PAPER_MARKS = {
     "mlp start–inflection–end": (0.41, 0.56, 0.88),  # paper.MLP["as fraction of depth"]
     "knockout top-10": 0.302, "knockout random-10": 0.98,  # paper.HEADS knockout rows
 }
+
+
+def robustness_summary(runs: Runs, metric: str = "d_prob") -> pd.DataFrame:
+    """Chapter 7 per model: does the localization survive other methods, rules and controls? Spearman ρ
+    and top-10 overlap of attribution / EAP-IG with exact patching, the faithfulness-curve areas, the
+    key heads' place in the layer-matched null, the −5 % / −1 % rule sizes and the same-answer survivors."""
+    rows = []
+    for model, chapters in having(runs, "07_robustness"):
+        run = chapters["07_robustness"]
+        agree = run.table("agreement")
+        agree = agree[agree["metric"] == metric]
+        row = {"model": model}
+        for method in ("attribution", "eap_ig"):
+            part = agree[agree["method"] == method]
+            row[f"ρ {method}"] = float(part[part["measure"] == "spearman"]["value"].iloc[0]) if len(part) else np.nan
+            top = part[(part["measure"] == "jaccard")].sort_values("k")
+            row[f"top-10 overlap {method}"] = float(top[top["k"] <= 10]["value"].iloc[-1]) if len(top) else np.nan
+        area = run.table("faithfulness_area").set_index("ranking")
+        for ranking in ("exact", "eap_ig", "random"):
+            row[f"CPR area {ranking}"] = float(area.loc[ranking, "area"]) if ranking in area.index else np.nan
+        null = run.table("null_test").iloc[0]
+        row.update({"key drop": float(null["key"]), "null mean": float(null["null_mean"]),
+                    "null percentile": float(null["percentile"]), "null p": float(null["p_value"])})
+        same = run.table("same_answer")
+        row["same-answer survivors"] = (f"{int(same.groupby('head')['survives'].any().sum())} of "
+                                        f"{same['head'].nunique()}" if len(same) else "—")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def numbers_summary(runs: Runs) -> pd.DataFrame:
+    """Chapter 6 per model: Fourier power (largest ratio to chance over layers) at T = 2, 5, 10, the best
+    layer's helix share and its share of the PCA ceiling, the causal share kept by the helix, the share
+    of top neurons classified, keep-top-5 % accuracy against random, mean IoU across operators."""
+    rows = []
+    for model, chapters in having(runs, "06_numbers"):
+        run = chapters["06_numbers"]
+        power = run.table("fourier")
+        helix = run.table("helix").sort_values("share", ascending=False).iloc[0]
+        causal = run.table("helix_causal")
+        classes = run.table("heuristics")
+        keep = run.table("keep_top_k").groupby(["condition", "percent"])["accuracy"].mean()
+        pct = 5.0 if (("top", 5.0) in keep.index) else float(keep.loc["top"].index.min())
+        rows.append({"model": model, **{f"Fourier T={t:g} (÷ chance, max)": float(power[power["period"] == t]["ratio"].max())
+                                        for t in (2, 5, 10)},
+                     "helix share (best layer)": float(helix["share"]), "of PCA ceiling": float(helix["of_ceiling"]),
+                     "causal share kept (a, b)": ", ".join(f"{v:.2f}" for v in causal["helix_share"]),
+                     "top neurons classified": float((classes["kind"] != "other").mean()),
+                     f"keep top {pct:g} %": float(keep.loc[("top", pct)]), f"random {pct:g} %": float(keep.loc[("random", pct)]),
+                     "mean IoU across operators": float(run.table("overlap")["iou"].mean())})
+    return pd.DataFrame(rows)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 import json
 import os
 from functools import lru_cache
@@ -23,6 +24,9 @@ import arithlens
 
 class RunError(RuntimeError):
     """A run that could not start or did not finish; the message is one line."""
+
+
+_PARSE_LOCK = threading.Lock()
 
 
 def project_root() -> Path:
@@ -87,7 +91,9 @@ def _arithlens_imports(source: str) -> set[str]:
     ``from arithlens.x import …``, ``import arithlens.x``, ``from .x import …``)."""
     code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
     found: set[str] = set()
-    for node in ast.walk(ast.parse(code)):
+    with _PARSE_LOCK:  # CPython 3.11's compile() is not thread-safe ("AST constructor recursion depth
+        tree = ast.parse(code)  # mismatch" when two threads parse at once; `book --jobs` plans in threads)
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             mod = node.module or ""
             if node.level == 1 or mod == "arithlens":

@@ -30,7 +30,7 @@ import torch
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
 from arithlens import patching  # noqa: E402
-from arithlens.items import length_batches, to_tokens  # noqa: E402
+from arithlens.attribution import two_forward_seconds  # noqa: E402
 from arithlens.models import (LoadedModel, ModelSpec, ModelSpecError, build_tiny_tokenizer,  # noqa: E402
                               default_dtype, load_model, pick_device)
 from arithlens.prompts import PromptConfig, make_prompts  # noqa: E402
@@ -89,18 +89,8 @@ def timed(fn):
 def measure(name: str, model: LoadedModel, n: int) -> dict:
     full = make_prompts(model.tokenizer, PromptConfig(n_per_cell=max(2, n // 40 + 2), shots=3, seed=0))
     prompts = full.subset([i < n for i in range(len(full))])
-    batches = length_batches(prompts.items, 16)
     digits = patching.digit_tokens(model.tokenizer)
-
-    @torch.no_grad()
-    def forwards(which):
-        for b in batches:
-            model.bridge(to_tokens([prompts.items[i] for i in b], which).to(model.device))
-
-    forwards("clean")  # warm-up
-    _, t_clean = timed(lambda: forwards("clean"))
-    _, t_cf = timed(lambda: forwards("counterfactual"))
-    two = t_clean + t_cf
+    two = two_forward_seconds(model, prompts)  # clean + counterfactual, after a warm-up pass
     caches, t_cache = timed(lambda: patching.cache_prompt_set(model, prompts))
     row = {"model": name, "layers×heads": f"{model.n_layers}×{model.n_heads}", "d_model": int(model.cfg.d_model),
            "params (M)": round(model.n_params / 1e6, 1), "prompts": len(prompts),

@@ -13,7 +13,7 @@ import pandas as pd
 def fourier_chart(power: pd.DataFrame, title: str = "") -> alt.Chart:
     """Share of the numbers' variance on each period's cos/sin pair ÷ chance, one line per period, by layer."""
     return alt.Chart(power).mark_line(point=True).encode(
-        x=alt.X("layer:O", title="layer (residual stream after it)"),
+        x=alt.X("layer:O", title="layer (residual stream after it)", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("ratio:Q", scale=alt.Scale(type="log"), title="variance share ÷ chance (log)"),
         color=alt.Color("period:N", title="period T"),
         tooltip=["layer", "period", alt.Tooltip("share:Q", format=".3f"), alt.Tooltip("chance:Q", format=".4f"),
@@ -25,11 +25,10 @@ def helix_scatter(points: pd.DataFrame, title: str = "") -> alt.Chart:
     """Numbers in the plane of two helix coordinates (``x``, ``y`` columns), coloured by the number."""
     base = alt.Chart(points).encode(x=alt.X("x:Q", title=points.attrs.get("x", "x")),
                                     y=alt.Y("y:Q", title=points.attrs.get("y", "y")))
-    dots = base.mark_circle(size=70).encode(color=alt.Color("number:Q", scale=alt.Scale(scheme="viridis")),
-                                            tooltip=["number", alt.Tooltip("x:Q", format=".2f"),
-                                                     alt.Tooltip("y:Q", format=".2f")])
-    labels = base.mark_text(dy=-8, fontSize=9).encode(text="number:Q")
-    return (dots + labels).properties(width=300, height=300, title=title)
+    dots = base.mark_circle(size=60, opacity=0.8).encode(color=alt.Color("number:Q", scale=alt.Scale(scheme="viridis")),
+                                                         tooltip=["number", alt.Tooltip("x:Q", format=".2f"),
+                                                                  alt.Tooltip("y:Q", format=".2f")])
+    return dots.properties(width=300, height=300, title=title)
 
 
 def heuristic_share_chart(shares: pd.DataFrame, title: str = "") -> alt.Chart:

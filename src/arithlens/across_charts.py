@@ -49,7 +49,9 @@ def knockout_chart(knock: pd.DataFrame, models: Sequence[str], title: str = "") 
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="held-out accuracy"),
         tooltip=["model", "condition", "k", alt.Tooltip("accuracy:Q", format=".1%"), alt.Tooltip("low:Q", format=".1%"),
                  alt.Tooltip("high:Q", format=".1%"), "prompts"])
-    rules = base.mark_rule(color="black").encode(y="low:Q", y2="high:Q")
+    rules = alt.Chart(knock).mark_rule(color="black", strokeWidth=1.5).encode(  # no colour channel: black on any bar
+        x=alt.X("condition:N", sort=order, title=None, axis=alt.Axis(labelAngle=0)),
+        xOffset=alt.XOffset("model:N", sort=list(models)), y="low:Q", y2="high:Q")
     marks = pd.DataFrame({"condition": ["top-k", "random-k"],
                           "accuracy": [PAPER_MARKS["knockout top-10"], PAPER_MARKS["knockout random-10"]],
                           "what": ["paper top-10", "paper random-10"]})

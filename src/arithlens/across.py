@@ -231,3 +231,10 @@ def numbers_summary(runs: Runs) -> pd.DataFrame:
                      f"keep top {pct:g} %": float(keep.loc[("top", pct)]), f"random {pct:g} %": float(keep.loc[("random", pct)]),
                      "mean IoU across operators": float(run.table("overlap")["iou"].mean())})
     return pd.DataFrame(rows)
+
+
+def as_measures(frame: pd.DataFrame, title: str) -> pd.DataFrame:
+    """A per-model summary turned on its side for the page: one row per measure, one column per model,
+    numbers as text with three significant digits (a wide table of many measures does not fit a page)."""
+    text = lambda v: f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v)
+    return frame.set_index("model").T.map(text).rename_axis(title).reset_index()

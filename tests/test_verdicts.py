@@ -140,8 +140,9 @@ def test_c6_beats_full_sft_and_keeps_controls():
     kept, hurt = (0.0, -0.02, 0.02), (-0.10, -0.15, -0.05)
     assert decide((0.2, 0.15, 0.25) + kept, (0.05, 0.0, 0.1) + hurt) == HOLDS
     assert decide((0.2, 0.15, 0.25) + hurt, (0.05, 0.0, 0.1) + hurt) == PARTLY  # beats, but hurts controls
-    assert decide((0.1, 0.05, 0.15) + kept, (0.1, 0.05, 0.15) + hurt) == PARTLY  # ties and keeps
-    assert decide((0.0, -0.05, 0.05) + kept, (0.2, 0.15, 0.25) + kept) == FAILS  # worse on math
+    assert decide((0.1, 0.05, 0.15) + kept, (0.1, 0.05, 0.15) + hurt) == PARTLY  # improves and keeps, ties full SFT
+    assert decide((0.02, -0.04, 0.08) + kept, (-0.6, -0.7, -0.5) + hurt) == PARTLY  # beats a collapsed full SFT only
+    assert decide((0.0, -0.05, 0.05) + hurt, (0.2, 0.15, 0.25) + kept) == FAILS  # none of the three
 
 
 def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_models():

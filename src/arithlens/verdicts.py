@@ -33,7 +33,7 @@ CLAIMS = {
     "C3": ("Knocking out the top-k heads hurts far more than k random heads", "01_heads"),
     "C4": ("MLPs after the heads write the answer", "02_mlp"),
     "C5": ("The key heads serve other math, but not non-math tasks", "03_transfer"),
-    "C6": ("Precise SFT beats full SFT on math and keeps non-math skills", "04_precise_sft"),
+    "C6": ("Precise SFT improves math, beats full SFT there, and keeps non-math skills", "04_precise_sft"),
 }
 
 #: The rule each verdict applies, as the book prints it next to the table.
@@ -54,9 +54,9 @@ RULES = {
           "answer token; controls: whole answer), paired bootstrap 95 % CIs over items. *Math*: key heads drop math more "
           "than random heads (CI of key − random below 0). *Selective*: controls lose less than math (CI of control − math "
           "drop above 0). Holds: both; partly: one; does not hold: neither.",
-    "C6": "Chapter 4's mean change on held-out math and on non-math controls, 95 % bootstrap CIs. *Beats*: Precise SFT's "
-          "math CI lies above full SFT's. *Keeps*: Precise SFT's control CI reaches zero or above. Holds: both; partly: "
-          "beats but does not keep, or ties full SFT (overlapping CIs) and keeps; does not hold: otherwise.",
+    "C6": "Chapter 4's mean change on held-out math and on non-math controls, 95 % bootstrap CIs. *Improves*: Precise "
+          "SFT's math CI lies above zero. *Beats*: its math CI lies above full SFT's. *Keeps*: its control CI reaches "
+          "zero or above. Holds: all three; partly: one or two; does not hold: none.",
 }
 
 
@@ -243,9 +243,8 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     if precise is None or "full SFT" not in table.index:
         return Verdict("C6", UNTESTABLE, "chapter 4 trained no Precise SFT or no full SFT", "04_precise_sft")
     p, f = table.loc[precise], table.loc["full SFT"]
-    beats, ties = p["math low"] > f["math high"], not (p["math high"] < f["math low"] or p["math low"] > f["math high"])
-    keeps = p["control high"] >= 0
-    verdict = HOLDS if beats and keeps else PARTLY if (beats and not keeps) or (ties and keeps) else FAILS
+    improves, beats, keeps = p["math low"] > 0, p["math low"] > f["math high"], p["control high"] >= 0
+    verdict = _grade(improves, beats, keeps)
     fmt = lambda r, kind: f"{r[f'{kind} change']:+.0%} [{r[f'{kind} low']:+.0%}, {r[f'{kind} high']:+.0%}]"
     rnd = next((m for m in table.index if m.startswith("random")), None)
     extra = f"; {rnd} math {fmt(table.loc[rnd], 'math')}" if rnd else ""

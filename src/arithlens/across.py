@@ -18,7 +18,8 @@ import pandas as pd
 
 from arithlens.findings import Run
 from arithlens.record import open_run
-from arithlens.verdicts import depth, knockout_intervals, transfer_contrast, wilson
+from arithlens.verdicts import (depth, knockout_intervals, model_shape, relative_logit_effects, transfer_contrast,
+                                wilson)
 
 Runs = Mapping[str, Mapping[str, Run]]
 
@@ -36,9 +37,8 @@ def having(runs: Runs, *chapters: str) -> list[tuple[str, Mapping[str, Run]]]:
 
 
 def shape(runs: Mapping[str, Run]) -> tuple[int, int]:
-    """(layers, heads per layer) of a model, from chapter 1's per-head table (it lists every head)."""
-    eff = runs["01_heads"].table("effects_summary")
-    return int(eff["layer"].max()) + 1, int(eff["head"].max()) + 1
+    """(layers, heads per layer) of a model (:func:`arithlens.verdicts.model_shape` of its chapter 1)."""
+    return model_shape(runs["01_heads"])
 
 
 def models_table(runs: Runs) -> pd.DataFrame:
@@ -75,8 +75,7 @@ def heads_summary(runs: Runs) -> pd.DataFrame:
     for model, chapters in having(runs, "01_heads"):
         heads = chapters["01_heads"]
         n_layers, per_layer = shape(chapters)
-        eff = heads.table("effects_summary")
-        rel = eff[(eff["mode"] == heads.parameters.get("lead_mode", "path")) & (eff["metric"] == "rel_logit")]["mean"]
+        rel = relative_logit_effects(heads)
         key = heads.table("key_heads")
         rows.append({"model": model, "heads": n_layers * per_layer, "key heads": len(key),
                      "key share": len(key) / (n_layers * per_layer),

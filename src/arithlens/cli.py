@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arithlens.runs import (RunError, chapter_inputs, execute, find_chapter, gather_overrides, list_chapters,
-                            notebook_parameters, plan_book, run_chapter)
+from arithlens.runs import (RunError, chapter_inputs, find_chapter, gather_overrides, list_chapters, notebook_parameters,
+                            run_chapter)
 
 
 def _model_key(spec: str) -> str:

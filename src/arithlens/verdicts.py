@@ -80,10 +80,17 @@ def _grade(*parts: object) -> str:
     return HOLDS if n_true == len(parts) else PARTLY if n_true else FAILS
 
 
-def _shape(heads_run: Run) -> tuple[int, int]:
+def model_shape(heads_run: Run) -> tuple[int, int]:
     """(layers, heads per layer) from chapter 1's per-head table, which lists every head."""
     eff = heads_run.table("effects_summary")
     return int(eff["layer"].max()) + 1, int(eff["head"].max()) + 1
+
+
+def relative_logit_effects(heads_run: Run) -> pd.Series:
+    """Chapter 1's mean relative change of the answer logit per head, in its lead patching mode (what the
+    paper's −5 % / −1 % rules threshold)."""
+    eff = heads_run.table("effects_summary")
+    return eff[(eff["mode"] == heads_run.parameters.get("lead_mode", "path")) & (eff["metric"] == "rel_logit")]["mean"]
 
 
 def depth(layer: float, n_layers: int) -> float:
@@ -93,10 +100,8 @@ def depth(layer: float, n_layers: int) -> float:
 
 def claim_c1(runs: Mapping[str, Run]) -> Verdict:
     heads = runs["01_heads"]
-    n_layers, per_layer = _shape(heads)
-    eff = heads.table("effects_summary")
-    rel = eff[(eff["mode"] == heads.parameters.get("lead_mode", "path")) & (eff["metric"] == "rel_logit")]["mean"]
-    passing = int((rel <= -0.05).sum())
+    n_layers, per_layer = model_shape(heads)
+    passing = int((relative_logit_effects(heads) <= -0.05).sum())
     share = passing / (n_layers * per_layer)
     key = heads.table("key_heads")
     if not len(key):

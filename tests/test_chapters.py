@@ -1,6 +1,7 @@
 """Chapter notebooks run end to end on the tiny model with small parameters."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,11 @@ def test_precise_sft_chapter_end_to_end(isolated_runs):
     assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet"} <= tables
     methods = set(run.table("training")["method"])
     assert {"full SFT", "LoRA"} & {m.split(" r=")[0] for m in methods} and any(m.startswith("random") for m in methods)
+    from arithlens.finetune_delta import load_delta
+    for folder, method in (("delta", "precise"), ("delta_random", "precise"), ("delta_lora", "lora")):
+        delta = load_delta(Path(run.path) / folder)  # chapter 6 reads all three
+        assert delta.values and delta.meta.get("method") == method, folder
+    assert load_delta(Path(run.path) / "delta_random").meta["method_name"].startswith("random")
 
 
 BENCH = "tests/data/benchmarks"

@@ -141,7 +141,11 @@ def test_numbers_chapter_reads_chapters_1_2_and_4_and_saves_its_tables(isolated_
     assert set(power["period"]) == {2.0, 5.0, 10.0, 100.0} and (power["share"].between(0, 1)).all()
     keep = run.table("keep_top_k")
     assert set(keep["condition"]) == {"clean", "top", "random"} and set(keep[keep.condition == "top"]["percent"]) == {10.0, 50.0}
-    assert set(run.table("tuning_change")["group"]) == {"top", "rest"}
+    moved = run.table("tuning_change")
+    assert set(moved["group"]) == {"top", "rest"} and moved["method"].str.startswith("Precise SFT").any()
+    assert moved["method"].nunique() == 3  # Precise SFT, the first random-head draw and LoRA, from chapter 4's deltas
+    pairs = run.table("tuning_pairs")
+    assert len(pairs) == 3 and pairs["ρ |change|"].between(-1, 1).all()
 
 
 ROBUST_TINY = ["n_per_cell=2", "filter_correct=false", "min_correct=1", "templates=[eq_spaced, st_is]", "ig_steps=3",

@@ -195,3 +195,25 @@ def test_tuning_change_sees_only_the_tuned_neuron_and_restores_the_weights(tiny,
     summary = Nn.change_summary(change).set_index("group")
     assert summary.loc["top", "neurons"] == 1 and summary.loc["top", "÷ rest"] > 100
     assert summary.loc["top", "p (top moves more)"] < 0.05
+
+
+def test_tuning_comparison_finds_shared_and_disjoint_moves():
+    """Two deltas that move the same five neurons (one with every sign flipped) agree on |change| and share
+    their most-moved set; a third that moves five other neurons shares none of it."""
+    grid = [(layer, j) for layer in (0, 1) for j in range(20)]
+
+    def frame(moved, scale=1.0):
+        change = [scale * (10.0 + j if (layer, j) in moved else 0.01 * j) for layer, j in grid]
+        return pd.DataFrame({"layer": [g[0] for g in grid], "neuron": [g[1] for g in grid], "change": change,
+                             "abs_change": np.abs(change), "group": "rest"})
+
+    same = {(1, j) for j in range(5)}
+    other = {(0, j) for j in range(10, 15)}
+    table = Nn.tuning_comparison({"precise": frame(same), "flipped": frame(same, -1.0), "other": frame(other)},
+                                 top_n=5).set_index(["method", "other"])
+    assert table.loc[("precise", "flipped"), "IoU of top-5 moved"] == 1.0
+    assert table.loc[("precise", "flipped"), "ρ |change|"] == pytest.approx(1.0)
+    assert table.loc[("precise", "flipped"), "ρ change"] < 0
+    assert table.loc[("precise", "other"), "IoU of top-5 moved"] == 0.0
+    with pytest.raises(ValueError, match="different neurons"):
+        Nn.tuning_comparison({"a": frame(same), "b": frame(same).iloc[:-1]}, top_n=5)

@@ -14,7 +14,8 @@ neurons). Reproduces, on our models, the neuron-level analyses of Nikankin et al
 * :func:`keep_top_k_accuracy` — every neuron of the given MLP layers mean-ablated at END except the
   top k % by attribution, against k % random neurons (seeded);
 * :func:`neuron_overlap` — IoU of the top-neuron sets of different operators;
-* :func:`activation_change` — how a fine-tuned model (Precise SFT, LoRA, random heads) moves them.
+* :func:`activation_change` / :func:`tuning_change` — how a fine-tuned model (Precise SFT, LoRA, random
+  heads) moves them; :func:`tuning_comparison` — whether two such deltas move the same neurons.
 
 A neuron's activation is the input of the MLP's down projection (``blocks.{l}.mlp.hook_post``; for the
 gated MLPs of Llama and Qwen2, act(gate) · up). Written by hand (no library does neuron attribution
@@ -404,6 +405,28 @@ def change_summary(change: pd.DataFrame) -> pd.DataFrame:
                           "÷ rest": _ratio(float(v.mean()), float(rest.mean())) if len(v) and len(rest) else float("nan"),
                           "p (top moves more)": p if g == "top" else float("nan")}
                          for g, v in (("top", top), ("rest", rest))])
+
+
+def tuning_comparison(changes: Mapping[str, pd.DataFrame], top_n: int) -> pd.DataFrame:
+    """Do several fine-tuning deltas move the *same* neurons? ``changes``: method name → its
+    :func:`tuning_change` frame over the same neurons. One row per pair of methods: Spearman's ρ
+    (scipy) of the neurons' mean |change| and of their signed mean change, and the IoU of the two
+    methods' ``top_n`` most-moved neurons (by mean |change|)."""
+    from scipy.stats import spearmanr
+
+    indexed = {name: frame.set_index(["layer", "neuron"]).sort_index() for name, frame in changes.items()}
+    moved = {name: set(frame["abs_change"].nlargest(top_n).index) for name, frame in indexed.items()}
+    rows = []
+    for a, b in itertools.combinations(indexed, 2):
+        x, y = indexed[a].align(indexed[b], join="inner")
+        if len(x) != len(indexed[a]) or len(y) != len(indexed[b]):
+            raise ValueError(f"{a!r} and {b!r} were measured on different neurons")
+        union = moved[a] | moved[b]
+        rows.append({"method": a, "other": b, "neurons": len(x),
+                     "ρ |change|": float(spearmanr(x["abs_change"], y["abs_change"]).statistic),
+                     "ρ change": float(spearmanr(x["change"], y["change"]).statistic),
+                     f"IoU of top-{top_n} moved": len(moved[a] & moved[b]) / len(union) if union else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def _ratio(a: float, b: float) -> float:

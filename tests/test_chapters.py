@@ -149,7 +149,8 @@ def test_numbers_chapter_reads_chapters_1_2_and_4_and_saves_its_tables(isolated_
 
 
 ROBUST_TINY = ["n_per_cell=2", "filter_correct=false", "min_correct=1", "templates=[eq_spaced, st_is]", "ig_steps=3",
-               "curve_points=[0, 1, 2, 4]", "n_null_sets=5", "n_random_ablation=2", "n_boot=50"]
+               "curve_points=[0, 1, 2, 4]", "n_null_sets=5", "n_random_ablation=2", "n_boot=50",
+               "n_suite_null_sets=3"]
 TRANSFER_AS_INPUT = [f"03_transfer.{p}" for p in TRANSFER_TINY]
 
 
@@ -167,4 +168,13 @@ def test_robustness_chapter_reads_chapters_1_and_3_and_saves_its_tables(isolated
     null = run.table("null_distribution")
     assert (null["set"] == "random").sum() == 5 and (null["set"] == "key").sum() == 1
     assert set(run.table("ablations")["ablation"]) == {"mean", "zero", "resample"}
+    suite_null, suite_tests = run.table("suite_null"), run.table("suite_null_test")
+    assert set(suite_tests["suite"]) == {"power", "multidigit", "years", "capitals"}  # margin −1: every suite usable
+    assert (suite_null.groupby("suite")["set"].apply(lambda s: (s == "random").sum()) == 3).all()
+    from arithlens.record import open_run
+    ch3 = open_run(run.manifest["inputs"]["03_transfer"]["path"]).table("transfer_scores")
+    for r in suite_tests.itertuples():  # the key heads' accuracy on each suite is chapter 3's
+        key = suite_null[(suite_null.suite == r.suite) & (suite_null.set == "key")]["accuracy"].iloc[0]
+        column = "first_correct" if r.kind == "math" else "correct"
+        assert key == pytest.approx(ch3[(ch3.suite == r.suite) & (ch3.condition == "key")][column].mean())
     assert "method_seconds" in run.manifest["notebook_info"]  # timings go to the manifest, not the tables

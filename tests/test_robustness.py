@@ -127,3 +127,32 @@ def test_ablation_kinds(tiny, prompt_set):
     assert len(table) == 3 * 4 and set(table["ablation"]) == {"mean", "zero", "resample"}
     key_mean = table[(table["ablation"] == "mean") & (table["set"] == "key")]["accuracy"].iloc[0]
     assert key_mean == pytest.approx(float(ev.correct(heads, mean_vals).mean()))
+
+
+def test_suite_null_key_row_is_chapter_3s_key_knockout(tiny):
+    """On every suite the key set's accuracy is what chapter 3's knockout transfer measures for the key
+    heads (same scorer, same ablation values); the random rows are the layer-matched sets, scored the
+    same way; the null test places the key drop among them."""
+    from arithlens import suites as S
+    from arithlens.transfer import knockout_transfer
+
+    made = {n: S.make_suite(n, tiny.tokenizer, n=6, seed=0) for n in ("multidigit", "capitals")}
+    arith = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), templates=("eq_spaced",), n_per_cell=2))
+    means = K.mean_z(tiny, arith, "end")
+    key = [Head(0, 1), Head(1, 0), Head(1, 2)]
+    rows, tests = R.suite_null(tiny, made, key, means, n_sets=4, seed=3)
+    ch3 = knockout_transfer(tiny, made, key, means, n_seeds=0, margin=None)
+    for name, suite in made.items():
+        column = "first_correct" if suite.kind == "math" else "correct"
+        mine = rows[rows.suite == name].set_index("set")
+        theirs = ch3[ch3.suite == name].groupby("condition")[column].mean()
+        assert mine.loc["key", "accuracy"] == pytest.approx(theirs["key"])
+        assert (mine["drop"] == theirs["none"] - mine["accuracy"]).all()
+        assert len(mine.loc["random"]) == 4
+        test = tests.set_index("suite").loc[name]
+        null = mine.loc["random", "drop"].to_numpy()
+        assert test["p_value"] == pytest.approx((1 + (null >= mine.loc["key", "drop"]).sum()) / 5)
+    sets = R.layer_matched_random_sets(key, tiny.n_layers, tiny.n_heads, 4, seed=3)
+    capitals = S.SuiteScorer(tiny, made["capitals"])
+    first = rows[(rows.suite == "capitals") & (rows.set == "random")]["accuracy"].iloc[0]
+    assert first == pytest.approx(capitals.score(K.ablation_hooks(sets[0], means, "all"))["correct"].mean())

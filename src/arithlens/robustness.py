@@ -7,7 +7,8 @@ the paper in four ways:
 * **A layer-matched null** (:func:`layer_matched_random_sets`, :func:`null_test`,
   :func:`knockout_null`): random head sets with the key heads' number of heads *in every layer*,
   never a key head, so "the key heads matter more than random heads" is not just "late layers
-  matter more than early ones". Sets are drawn independently (with replacement across sets: the
+  matter more than early ones". :func:`suite_null` draws the same null on chapter 3's suites, the
+  non-math controls included. Sets are drawn independently (with replacement across sets: the
   null is a distribution, not a list of distinct sets). The key set's drop is placed in the null by
   its percentile (percent of null drops strictly below it) and a one-sided empirical p-value for
   "the key drop is larger": p = (1 + #{null drop ≥ key drop}) / (1 + n_sets) — ties count against
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,9 @@ from arithlens.items import ItemSet, length_batches, to_tokens
 from arithlens.knockout import KnockoutEvaluator, mean_z
 from arithlens.metrics import select_key_heads
 from arithlens.models import LoadedModel
+
+if TYPE_CHECKING:
+    from arithlens.suites import Suite
 
 AblationKind = Literal["mean", "zero", "resample"]
 #: (metric, threshold) rules: the paper's −5 % relative logit first, then looser and other scores.
@@ -115,6 +119,42 @@ def knockout_null(evaluator: KnockoutEvaluator, key_heads: Sequence[Head], n_set
     frame = pd.DataFrame(rows).assign(base_accuracy=base, n_prompts=len(evaluator.prompts))
     null = frame[frame["set"] == "random"]["drop"].to_numpy(dtype=np.float64)
     return frame, null_test(float(frame["drop"].iloc[0]), null)
+
+
+def suite_null(model: LoadedModel, suites: Mapping[str, "Suite"], key_heads: Sequence[Head],
+               means: Float[Tensor, "layer head d_head"], n_sets: int = 20, seed: int = 0,
+               progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The layer-matched null on other tasks: every suite scored as chapter 3 scores it
+    (:class:`arithlens.suites.SuiteScorer`, the heads' ``hook_z`` replaced by ``means`` at every
+    predicting position), unablated, with the key heads knocked out and with each of ``n_sets``
+    layer-matched random sets (:func:`layer_matched_random_sets`, the same sets for every suite).
+    Accuracy is the first answer token's for ``math`` suites and the whole answer's otherwise.
+
+    Returns one row per (suite, set) — ``suite``, ``kind``, ``set``, ``index``, ``accuracy``, ``drop`` —
+    and one :class:`NullTest` row per suite (with ``suite``, ``kind``, ``n_items``, ``base_accuracy``).
+    """
+    from arithlens.knockout import ablation_hooks
+    from arithlens.suites import SuiteScorer
+
+    sets = layer_matched_random_sets(key_heads, model.n_layers, model.n_heads, n_sets, seed)
+    jobs = [("key", -1, sorted(key_heads))] + [("random", i, s) for i, s in enumerate(sets)]
+    rows, tests = [], []
+    names = list(suites)
+    for name in (progress(names, desc="layer-matched null (suites)") if progress else names):
+        suite = suites[name]
+        column = "first_correct" if suite.kind == "math" else "correct"
+        scorer = SuiteScorer(model, suite)
+        base = float(scorer.score()[column].mean())
+        part = []
+        for kind, i, heads in jobs:
+            acc = float(scorer.score(ablation_hooks(heads, means, "all"))[column].mean())
+            part.append({"suite": name, "kind": suite.kind, "set": kind, "index": i, "accuracy": acc,
+                         "drop": base - acc})
+        rows += part
+        null = np.array([r["drop"] for r in part[1:]], dtype=np.float64)
+        tests.append({"suite": name, "kind": suite.kind, "n_items": len(suite), "base_accuracy": base,
+                      **null_test(part[0]["drop"], null).__dict__})
+    return pd.DataFrame(rows), pd.DataFrame(tests)
 
 
 # --- selectivity -------------------------------------------------------------------------------------

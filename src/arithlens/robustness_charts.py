@@ -31,3 +31,21 @@ def null_chart(null: pd.DataFrame, title: str = "") -> alt.Chart:
         x="drop:Q", tooltip=[alt.Tooltip("drop:Q", format=".1%"), "heads"])
     return (hist + rule).properties(width=420, height=200, title=title or
                                     "Layer-matched random head sets (grey) and the key heads (red)")
+
+
+def suite_null_chart(rows: pd.DataFrame, title: str = "") -> alt.Chart:
+    """Per suite: the layer-matched random sets' drops (grey ticks) and the key heads' drop (red), math
+    suites and the other suites in separate panels (``rows``: :func:`arithlens.robustness.suite_null`)."""
+    frame = rows.assign(group=rows["kind"].map({"math": "math suites (first answer token)"})
+                        .fillna("non-math controls (whole answer)"))
+    base = alt.Chart().encode(
+        y=alt.Y("suite:N", title=None),
+        x=alt.X("drop:Q", axis=alt.Axis(format="%"), title="accuracy drop under knockout (points)"))
+    ticks = base.mark_tick(color="#7f7f7f", opacity=0.6, thickness=2).encode(
+        tooltip=["suite", alt.Tooltip("drop:Q", format=".1%")]).transform_filter(alt.datum.set == "random")
+    key = base.mark_point(color="#d62728", filled=True, size=90, shape="diamond").encode(
+        tooltip=["suite", alt.Tooltip("drop:Q", format=".1%")]).transform_filter(alt.datum.set == "key")
+    return alt.layer(ticks, key, data=frame).properties(width=420).facet(
+        row=alt.Row("group:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold")),
+    ).resolve_scale(y="independent").properties(
+        title=title or "Key heads (red) against layer-matched random sets (grey), suite by suite")

@@ -153,3 +153,51 @@ def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_model
     assert (b["verdict"] == UNTESTABLE).all() and b.loc["C4", "numbers"] == "no run of 01_heads, 02_mlp"
     wide = verdicts.wide(table)
     assert list(wide.columns) == ["claim", "statement", "a", "b"] and wide.loc[0, "a"].startswith("holds — ")
+
+
+def robust_run(rel_1: int = 2, null: tuple[float, float, float] = (0.5, 0.07, 0.01), suites: dict | None = None):
+    """A chapter-7 run: ``rel_1`` heads pass −1 % in path patching; the knockout null (key drop, null mean,
+    p); per-suite null p-values ``{suite: (kind, p)}`` (None: a run made before the suite null)."""
+    rules = pd.DataFrame([{"mode": m, "metric": "rel_logit", "threshold": t, "n_heads": n}
+                          for m in ("direct", "path") for t, n in ((-0.05, 0), (-0.01, rel_1 if m == "path" else 99))])
+    tables = {"threshold_rules": rules,
+              "null_test": pd.DataFrame([{"key": null[0], "null_mean": null[1], "null_sd": 0.02, "percentile": 99.0,
+                                          "p_value": null[2], "n_sets": 100}])}
+    if suites is not None:
+        tables["suite_null_test"] = pd.DataFrame([{"suite": s, "kind": k, "p_value": p, "n_sets": 20}
+                                                  for s, (k, p) in suites.items()])
+    return FakeRun(tables, {"mode": "path"})
+
+
+def test_r1_few_heads_under_the_looser_threshold_in_chapter_7s_convention():
+    ch1 = heads_run({}, MID)  # 100 heads
+    r1 = lambda n: verdicts.claim_r1({"01_heads": ch1, "07_robustness": robust_run(rel_1=n)})
+    assert r1(2).verdict == HOLDS and r1(2).numbers.startswith("2 heads (2.0%) pass −1 % in path patching; −5 %: 0")
+    assert r1(0).verdict == FAILS and r1(6).verdict == FAILS  # none; more than 5 %
+    assert r1(5).verdict == HOLDS  # the direct row (99 heads) is not the chapter's convention
+
+
+def test_r3_places_the_key_drop_in_the_layer_matched_null():
+    r3 = lambda null: verdicts.claim_r3({"07_robustness": robust_run(null=null)}).verdict
+    assert r3((0.5, 0.07, 0.0099)) == HOLDS
+    assert r3((0.1, 0.07, 0.2)) == PARTLY
+    assert r3((0.05, 0.07, 0.7)) == FAILS
+
+
+def test_r5_math_suites_beyond_the_null_and_controls_not():
+    r5 = lambda suites: verdicts.claim_r5({"07_robustness": robust_run(suites=suites)})
+    math2 = {"multidigit": ("math", 0.01), "years": ("math", 0.04)}
+    assert r5({**math2, "capitals": ("control", 0.5)}).verdict == HOLDS
+    v = r5({**math2, "capitals": ("control", 0.02)})
+    assert v.verdict == PARTLY and "1 of 1 controls (capitals)" in v.numbers
+    assert r5({"multidigit": ("math", 0.01), "years": ("math", 0.3), "capitals": ("control", 0.5)}).verdict == PARTLY
+    assert r5({"multidigit": ("math", 0.2), "capitals": ("control", 0.01)}).verdict == FAILS
+    assert r5({"multidigit": ("math", 0.01)}).verdict == UNTESTABLE  # no control
+    assert r5(None).verdict == UNTESTABLE  # a run made before the suite null
+
+
+def test_robustness_rows_are_not_testable_without_chapter_7():
+    runs = {"01_heads": heads_run({(5, 2): -0.08}, MID, ["operand", "operator", "other"], (1.0, 0.3, 0.98))}
+    table = verdicts.verdict_table({"a": runs}).set_index("claim")
+    assert table.loc["R3", "numbers"] == "no run of 07_robustness" and table.loc["R3", "verdict"] == UNTESTABLE
+    assert set(verdicts.PAPER_CLAIMS) == {f"C{i}" for i in range(1, 7)}

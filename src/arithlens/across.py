@@ -18,8 +18,8 @@ import pandas as pd
 
 from arithlens.findings import Run
 from arithlens.record import open_run
-from arithlens.verdicts import (depth, knockout_intervals, model_shape, relative_logit_effects, transfer_contrast,
-                                wilson)
+from arithlens.verdicts import (depth, knockout_intervals, model_shape, relative_logit_effects, table_or_none,
+                                transfer_contrast, wilson)
 
 Runs = Mapping[str, Mapping[str, Run]]
 
@@ -202,6 +202,11 @@ def robustness_summary(runs: Runs, metric: str = "d_prob") -> pd.DataFrame:
         null = run.table("null_test").iloc[0]
         row.update({"key drop": float(null["key"]), "null mean": float(null["null_mean"]),
                     "null percentile": float(null["percentile"]), "null p": float(null["p_value"])})
+        suites = table_or_none(run, "suite_null_test")
+        if suites is not None and len(suites):
+            for kind, label in (("math", "math suites"), ("control", "controls")):
+                part = suites[suites["kind"] == kind] if kind == "math" else suites[suites["kind"] != "math"]
+                row[f"{label} beyond the null (p ≤ 0.05)"] = f"{int((part['p_value'] <= 0.05).sum())} of {len(part)}"
         same = run.table("same_answer")
         row["same-answer survivors"] = (f"{int(same.groupby('head')['survives'].any().sum())} of "
                                         f"{same['head'].nunique()}" if len(same) else "—")
@@ -228,8 +233,25 @@ def numbers_summary(runs: Runs) -> pd.DataFrame:
                      "causal share kept (a, b)": ", ".join(f"{v:.2f}" for v in causal["helix_share"]),
                      "top neurons classified": float((classes["kind"] != "other").mean()),
                      f"keep top {pct:g} %": float(keep.loc[("top", pct)]), f"random {pct:g} %": float(keep.loc[("random", pct)]),
-                     "mean IoU across operators": float(run.table("overlap")["iou"].mean())})
+                     "mean IoU across operators": float(run.table("overlap")["iou"].mean()),
+                     **_tuning_measures(run)})
     return pd.DataFrame(rows)
+
+
+def _tuning_measures(numbers_run) -> dict:
+    """Chapter 6's fine-tuning rows: how much more Precise SFT moves the top neurons than the rest, and
+    whether random-head tuning and LoRA move the same neurons (ρ of |change|, IoU of the most-moved)."""
+    moved = numbers_run.table("tuning_change")
+    top = moved[moved["group"] == "top"]
+    out = {"Precise SFT: top neurons move ÷ rest": float(top["÷ rest"].iloc[0])} if len(top) else {}
+    pairs = table_or_none(numbers_run, "tuning_pairs")
+    if pairs is not None and len(pairs):
+        iou = next(c for c in pairs.columns if c.startswith("IoU"))
+        for r in pairs[pairs["method"].str.startswith("Precise SFT")].to_dict("records"):
+            family = method_family(r["other"])
+            out[f"vs {family}: ρ |change|"] = float(r["ρ |change|"])
+            out[f"vs {family}: {iou}"] = float(r[iou])
+    return out
 
 
 def as_measures(frame: pd.DataFrame, title: str) -> pd.DataFrame:

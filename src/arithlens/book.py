@@ -120,7 +120,7 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
     """The first page's verdict table (``book/_generated/verdicts.md``, included by ``intro.md``):
     claims × models from the "Across models" run's saved ``verdicts`` table, each cell linking to the
     page of the chapter that measured it; a line saying why when the book has no such run."""
-    from arithlens.verdicts import RULES
+    from arithlens.verdicts import PAPER_CLAIMS, RULES
 
     across = [r for r in runs if is_across(r.manifest["chapter"]) and r.manifest["model"] == primary]
     path = book_dir() / "_generated" / "verdicts.md"
@@ -138,9 +138,12 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
         statement = rows["statement"].iloc[0]
         lines.append(f"| **{claim}** {statement} | " + " | ".join(cells.get(m, "—") for m in models) + " |")
     rules = "\n".join(f"- **{c}** {RULES[c]}" for c in dict.fromkeys(table["claim"]) if c in RULES)
+    robust = [c for c in dict.fromkeys(table["claim"]) if c not in PAPER_CLAIMS]
+    harder = (f" Rows {', '.join(robust)} are not the paper's: they are [chapter 7]"
+              f"({page(primary, '07_robustness', primary)}.ipynb)'s harder tests of its claims." if robust else "")
     path.write_text("\n".join(lines) + f"\n\nComputed by the [Across models](chapters/{chapter}.ipynb) chapter "
                     f"(run `{across[0].key}`) from the runs it names. Each cell: the verdict (linking to the chapter "
-                    "that measured it) and the numbers that decided it.\n\n"
+                    "that measured it) and the numbers that decided it." + harder + "\n\n"
                     f":::{{dropdown}} The rules\n{rules}\n:::\n")
     return path
 

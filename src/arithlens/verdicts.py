@@ -1,4 +1,5 @@
-"""The paper's six claims, each decided on one model by a stated rule applied to that model's run tables.
+"""The paper's six claims, each decided on one model by a stated rule applied to that model's run tables,
+and chapter 7's three harder tests of C1, C3 and C5 (R1, R3, R5).
 
 Science wing (paper § 3–5). A *verdict* is one of ``holds`` / ``partly`` / ``does not hold`` /
 ``not testable``; :data:`RULES` states each rule in words, and the function beside it applies exactly
@@ -34,7 +35,13 @@ CLAIMS = {
     "C4": ("MLPs after the heads write the answer", "02_mlp"),
     "C5": ("The key heads serve other math, but not non-math tasks", "03_transfer"),
     "C6": ("Precise SFT improves math, beats full SFT there, and keeps non-math skills", "04_precise_sft"),
+    # harder tests of C1, C3 and C5 from chapter 7 (beyond the paper)
+    "R1": ("C1's *few* under the other reading of the threshold (−1 %)", "07_robustness"),
+    "R3": ("The key heads beat 100 random sets drawn from their own layers", "07_robustness"),
+    "R5": ("Suite by suite, the key heads beat a layer-matched null on math and not on non-math", "07_robustness"),
 }
+#: The claims the paper makes (C1–C6); the others are chapter 7's harder tests of them.
+PAPER_CLAIMS = tuple(c for c in CLAIMS if c.startswith("C"))
 
 #: The rule each verdict applies, as the book prints it next to the table.
 RULES = {
@@ -57,6 +64,15 @@ RULES = {
     "C6": "Chapter 4's mean change on held-out math and on non-math controls, 95 % bootstrap CIs. *Improves*: Precise "
           "SFT's math CI lies above zero. *Beats*: its math CI lies above full SFT's. *Keeps*: its control CI reaches "
           "zero or above. Holds: all three; partly: one or two; does not hold: none.",
+    "R1": "Chapter 7's threshold table, chapter 1's heads in chapter 7's patching convention (`mode`), relative change "
+          "of the answer logit at the looser −1 % reading of the paper's threshold. Holds: at least one head and at "
+          "most 5 % of heads pass it; does not hold: none, or more than 5 %.",
+    "R3": "Chapter 7's knockout null: the key heads' accuracy drop at END against layer-matched random sets (as many "
+          "heads in each layer, never a key head), one-sided empirical p = (1 + #{null ≥ key}) / (1 + sets). Holds: "
+          "p ≤ 0.05; partly: the key drop exceeds the null's mean but p > 0.05; does not hold: it does not exceed it.",
+    "R5": "Chapter 7's null on chapter 3's usable suites (math: first answer token; controls: whole answer), the same "
+          "layer-matched sets on every suite, p as in R3. Holds: p ≤ 0.05 on every math suite and on no control; "
+          "partly: on some math suite, but not every one or also on a control; does not hold: on no math suite.",
 }
 
 
@@ -257,13 +273,63 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
                                   f"{fmt(p, 'control')} vs full {fmt(f, 'control')}{extra}", "04_precise_sft")
 
 
+def table_or_none(run: Run, name: str) -> pd.DataFrame | None:
+    """``run``'s table ``name``, or None for a run made before the chapter saved it."""
+    try:
+        return run.table(name)
+    except Exception:  # record.UpstreamError; a hand-made run in the tests raises KeyError
+        return None
+
+
+def claim_r1(runs: Mapping[str, Run]) -> Verdict:
+    robust = runs["07_robustness"]
+    n_layers, per_layer = model_shape(runs["01_heads"])
+    mode = robust.parameters.get("mode", "path")
+    rules = robust.table("threshold_rules")
+    rules = rules[rules["mode"] == mode]
+    row = rules[(rules["metric"] == "rel_logit") & np.isclose(rules["threshold"], -0.01)]
+    if not len(row):
+        return Verdict("R1", UNTESTABLE, f"chapter 7 has no −1 % relative-logit rule in {mode} patching", "07_robustness")
+    n = int(row["n_heads"].iloc[0])
+    share = n / (n_layers * per_layer)
+    strict = rules[(rules["metric"] == "rel_logit") & np.isclose(rules["threshold"], -0.05)]["n_heads"]
+    dp = rules[(rules["metric"] == "d_prob") & np.isclose(rules["threshold"], -0.05)]["n_heads"]
+    extra = (f"; −5 %: {int(strict.iloc[0])}" if len(strict) else "") + (f"; Δp ≤ −5 %: {int(dp.iloc[0])}" if len(dp) else "")
+    return Verdict("R1", HOLDS if 1 <= n and share <= 0.05 else FAILS,
+                   f"{n} heads ({share:.1%}) pass −1 % in {mode} patching{extra}", "07_robustness")
+
+
+def claim_r3(runs: Mapping[str, Run]) -> Verdict:
+    test = runs["07_robustness"].table("null_test").iloc[0]
+    verdict = HOLDS if test["p_value"] <= 0.05 else PARTLY if test["key"] > test["null_mean"] else FAILS
+    return Verdict("R3", verdict, f"key drop {test['key']:.0%} vs null {test['null_mean']:.0%} ± {test['null_sd']:.0%} "
+                                  f"({int(test['n_sets'])} layer-matched sets): percentile {test['percentile']:.0f}, "
+                                  f"p = {test['p_value']:.3f}", "07_robustness")
+
+
+def claim_r5(runs: Mapping[str, Run]) -> Verdict:
+    tests = table_or_none(runs["07_robustness"], "suite_null_test")
+    if tests is None:
+        return Verdict("R5", UNTESTABLE, "chapter 7's run predates the null on the suites", "07_robustness")
+    math, control = tests[tests["kind"] == "math"], tests[tests["kind"] != "math"]
+    if not len(math) or not len(control):
+        return Verdict("R5", UNTESTABLE, "no usable math suite or no usable control in chapter 3", "07_robustness")
+    hit = lambda t: t[t["p_value"] <= 0.05]["suite"].tolist()
+    m, c = hit(math), hit(control)
+    verdict = HOLDS if len(m) == len(math) and not c else PARTLY if m else FAILS
+    return Verdict("R5", verdict, f"p ≤ 0.05 on {len(m)} of {len(math)} math suites and {len(c)} of {len(control)} controls"
+                                  + (f" ({', '.join(c)})" if c else "")
+                                  + f"; {int(tests['n_sets'].iloc[0])} sets per suite", "07_robustness")
+
+
 DECIDERS: dict[str, Callable[[Mapping[str, Run]], Verdict]] = {
-    "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6}
+    "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6,
+    "R1": claim_r1, "R3": claim_r3, "R5": claim_r5}
 
 
 def needs(claim: str) -> set[str]:
-    """The chapters whose runs decide ``claim`` (C4 also reads chapter 1's key heads)."""
-    return {"C4": {"01_heads", "02_mlp"}}.get(claim, {CLAIMS[claim][1]})
+    """The chapters whose runs decide ``claim`` (C4 and R1 also read chapter 1's)."""
+    return {"C4": {"01_heads", "02_mlp"}, "R1": {"01_heads", "07_robustness"}}.get(claim, {CLAIMS[claim][1]})
 
 
 def decide(claim: str, runs: Mapping[str, Run | None]) -> Verdict:

@@ -25,7 +25,7 @@ from arithlens.cli import main
 
 EXERCISES = runs.project_root() / "exercises"
 REAL = {"01_prompts"}  # exercises whose checks load SmolLM2 (its tokenizer)
-SMOLLM2_DEMO = {"01_prompts", "02_direct_effect", "03_knockout", "04_logit_lens"}  # notebooks that load it
+SMOLLM2_DEMO = {"01_prompts", "02_direct_effect", "03_knockout", "04_logit_lens", "06_attribution_patching"}  # notebooks that load it
 
 
 def _marks(exercise: str, notebook: bool = False):
@@ -146,6 +146,7 @@ BROKEN = [  # (exercise, edit to the instructor solution, the checks it must fai
     ("05_one_head_sft", ("weight -= lr", "weight += lr"), {"sgd_matches_reference", "one_head_end_to_end"}),
     ("05_one_head_sft", ('("q_proj", head)', '("q_proj", (head + 1) % cfg.num_attention_heads)'),
      {"masks_match_reference", "one_head_end_to_end"}),
+    ("06_attribution_patching", ("(z_cf - z_clean)", "(z_clean - z_cf)"), {"estimate_matches_library"}),
 ]
 
 
@@ -168,6 +169,26 @@ def test_instructor_solutions_pass_and_stubs_fail(exercise):
 def test_a_broken_solution_loses_exactly_its_checks(exercise, edit, expected):
     results = checks.run_checks(exercise, _solutions(exercise, edit))
     assert _failed(results) == expected, [(r.name, r.reason) for r in results]
+
+
+ATTRIBUTION_MISTAKES = [  # (edit to exercise 6's solution, the checks it must fail, what the first failure must say)
+    (("(z_cf - z_clean)", "(z_clean - z_cf)"), {"estimate_matches_library"}, "the sign is flipped"),
+    (("grad[:, -1, head]", "grad[:, -1, head - 1]"),
+     {"z_and_grad_match_library", "slope_of_exact_patching", "estimate_matches_library"}, "this is the gradient for head 0.0"),
+    (("answers[:, None]).sum()", "answers[:, None]).mean()"),
+     {"z_and_grad_match_library", "slope_of_exact_patching", "estimate_matches_library"}, "averaged over prompts"),
+    (("logits[:, -1].gather", "logits[:, -1].log_softmax(-1).gather"),
+     {"z_and_grad_match_library", "slope_of_exact_patching", "estimate_matches_library"}, "not the gradient of the answer logit"),
+]
+
+
+@pytest.mark.parametrize("edit, expected, says", ATTRIBUTION_MISTAKES, ids=["sign-flipped", "wrong-head", "mean-not-sum", "log-prob"])
+def test_attribution_exercise_says_what_is_wrong(edit, expected, says):
+    # exercise 6: a flipped Δz, the gradient of the neighbouring head, a mean over prompts, the wrong metric
+    results = checks.run_checks("06_attribution_patching", _solutions("06_attribution_patching", edit))
+    assert _failed(results) == expected, [(r.name, r.reason) for r in results]
+    first = next(r for r in results if not r.passed)
+    assert says in first.reason and len(first.reason) <= 160, first.reason
 
 
 def test_a_stored_answer_cannot_pass():

@@ -19,7 +19,8 @@ from pathlib import Path
 SOLUTION_TAG = "solution"
 CHECK_TAG = "check"
 #: The exercises the checks know (``checks/ex<id>.py``), in order.
-EXERCISE_IDS = ("01_prompts", "02_direct_effect", "03_knockout", "04_logit_lens", "05_one_head_sft")
+EXERCISE_IDS = ("01_prompts", "02_direct_effect", "03_knockout", "04_logit_lens", "05_one_head_sft",
+                "06_attribution_patching")
 
 
 class ClassroomError(RuntimeError):

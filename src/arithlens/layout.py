@@ -140,10 +140,14 @@ def attn_update(model: LoadedModel, layout: BlockLayout, layer: int, attn_pre: F
 
 def mlp_update(model: LoadedModel, layout: BlockLayout, layer: int,
                resid_mid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
-    """What layer ``layer``'s MLP branch adds to the residual stream, given ``resid_mid``."""
+    """What layer ``layer``'s MLP branch adds to the residual stream, given ``resid_mid`` (fp32 out).
+
+    The MLP's input is cast to its weights' dtype (a no-op in fp32; a bf16 model's MLP refuses the
+    fp32 input that its norm hands on)."""
     block = model.bridge.blocks[layer]
     x = block.ln2.original_component(resid_mid) if layout.pre_mlp_norm else resid_mid
-    out = block.mlp.original_component(x)
+    mlp = block.mlp.original_component
+    out = mlp(x.to(next(mlp.parameters()).dtype))
     if layout.post_mlp_norm:
         out = block.ln2_post.original_component(out)
     return out.float()

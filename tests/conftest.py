@@ -33,6 +33,15 @@ def tiny_arch(request):
     return load_model(request.param)
 
 
+@pytest.fixture(scope="session", params=["tiny", "tiny:qwen2", "tiny:gemma2", "tiny:olmo2"],
+                ids=["llama", "qwen2", "gemma2", "olmo2"])
+def tiny_layout(request):
+    """One tiny model per block layout the fast sweeps claim (:mod:`arithlens.layout`): Llama and Qwen2
+    (plain), Gemma 2 (four norms per block, (1 + w) norms, final soft-capping) and OLMo 2 (norms only
+    after attention and after the MLP)."""
+    return load_model(request.param)
+
+
 def _fetched_or_skip(name: str):
     from arithlens.models import ModelSpecError, resolve_spec
 

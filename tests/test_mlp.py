@@ -1,6 +1,7 @@
 """MLP tracing: vectorised MLP effects equal a per-layer hooked reference; logit-lens ranks are exact.
 
-Each test runs on both tiny architectures (Llama, Qwen2) through the ``tiny_arch`` fixture."""
+Each test runs on every tiny model of a claimed block layout (Llama, Qwen2, Gemma 2, OLMo 2) through the
+``tiny_layout`` fixture."""
 
 import numpy as np
 import pytest
@@ -11,14 +12,14 @@ from arithlens.prompts import PromptConfig, make_prompts
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_arch):
-    tiny = tiny_arch
+def batch(tiny_layout):
+    tiny = tiny_layout
     ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=5, shots=1))
     return ps, P.cache_end(tiny, list(ps.items))
 
 
-def test_mlp_effects_equal_reference(tiny_arch, batch):
-    tiny = tiny_arch
+def test_mlp_effects_equal_reference(tiny_layout, batch):
+    tiny = tiny_layout
     _, cache = batch
     digits = P.digit_tokens(tiny.tokenizer)
     fast = mlp.mlp_direct_effects(tiny, cache, digits)
@@ -29,10 +30,10 @@ def test_mlp_effects_equal_reference(tiny_arch, batch):
             torch.testing.assert_close(getattr(fast, name)[:, layer], getattr(ref, name), rtol=1e-4, atol=1e-4 * scale)
 
 
-def test_clean_into_clean_mlp_changes_nothing(tiny_arch, batch):
+def test_clean_into_clean_mlp_changes_nothing(tiny_layout, batch):
     import dataclasses
 
-    tiny = tiny_arch
+    tiny = tiny_layout
     _, cache = batch
     same = dataclasses.replace(cache, mlp_out_cf=cache.mlp_out.clone())
     digits = P.digit_tokens(tiny.tokenizer)
@@ -41,8 +42,8 @@ def test_clean_into_clean_mlp_changes_nothing(tiny_arch, batch):
     torch.testing.assert_close(out.logit, clean.logit[:, None].expand_as(out.logit), rtol=1e-5, atol=1e-5)
 
 
-def test_logit_lens_ranks_are_exact(tiny_arch, batch):
-    tiny = tiny_arch
+def test_logit_lens_ranks_are_exact(tiny_layout, batch):
+    tiny = tiny_layout
     ps, _ = batch
     items = list(ps.items)
     tokens = torch.tensor([it.clean_tokens for it in items])
@@ -61,16 +62,16 @@ def test_logit_lens_ranks_are_exact(tiny_arch, batch):
     np.testing.assert_array_equal(last[last.label == "answer"]["rank"].to_numpy(), expected)
 
 
-def test_unembed_cosines_shape_and_range(tiny_arch, batch):
-    tiny = tiny_arch
+def test_unembed_cosines_shape_and_range(tiny_layout, batch):
+    tiny = tiny_layout
     ps, cache = batch
     cos = mlp.unembed_cosines(tiny, cache, list(ps.items))
     assert len(cos) == len(ps) * tiny.n_layers
     assert cos[["cos_input_A", "cos_input_B", "cos_update_C"]].abs().le(1 + 1e-6).all().all()
 
 
-def test_heads_to_mlp_equal_reference(tiny_arch, batch):
-    tiny = tiny_arch
+def test_heads_to_mlp_equal_reference(tiny_layout, batch):
+    tiny = tiny_layout
     _, cache = batch
     digits = P.digit_tokens(tiny.tokenizer)
     senders = [P.Head(0, 1), P.Head(0, 3), P.Head(1, 2)]

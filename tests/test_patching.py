@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens import patching as P
+from arithlens import layout, patching as P
 from arithlens.prompts import PromptConfig, make_prompts
 
 
@@ -24,8 +24,10 @@ def _assert_agree(fast, ref, scale):
 
 
 @pytest.mark.parametrize("mode", P.MODES)
-def test_fast_equals_reference_for_every_head_tiny(tiny_arch, mode):
-    tiny = tiny_arch
+def test_fast_equals_reference_for_every_head_tiny(tiny_layout, mode):
+    """Every claimed layout (tiny Llama, Qwen2, Gemma 2, OLMo 2): the fast sweep equals one hooked
+    pass per head, for every head."""
+    tiny = tiny_layout
     assert P.fast_path_supported(tiny)
     _, cache = _batch(tiny)
     digits = P.digit_tokens(tiny.tokenizer)
@@ -38,8 +40,8 @@ def test_fast_equals_reference_for_every_head_tiny(tiny_arch, mode):
             _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
-def test_patching_clean_into_clean_changes_nothing(tiny_arch):
-    tiny = tiny_arch
+def test_patching_clean_into_clean_changes_nothing(tiny_layout):
+    tiny = tiny_layout
     _, cache = _batch(tiny)
     same = dataclasses.replace(cache, z_cf=cache.z_clean.clone())
     digits = P.digit_tokens(tiny.tokenizer)
@@ -49,8 +51,8 @@ def test_patching_clean_into_clean_changes_nothing(tiny_arch):
         torch.testing.assert_close(out.logit, clean.logit[:, None].expand_as(out.logit), rtol=1e-5, atol=1e-5)
 
 
-def test_cache_matches_plain_forward(tiny_arch):
-    tiny = tiny_arch
+def test_cache_matches_plain_forward(tiny_layout):
+    tiny = tiny_layout
     _, cache = _batch(tiny, shots=2)
     with torch.no_grad():
         full = tiny.bridge(cache.tokens)[:, -1].float()
@@ -65,13 +67,15 @@ def test_patch_heads_table_is_tidy(tiny):
     assert not table.duplicated(["mode", "prompt", "layer", "head"]).any()
 
 
-def test_unknown_architecture_falls_back_to_reference(tiny, monkeypatch):
+def test_unknown_architecture_falls_back_to_reference(tiny, monkeypatch, capsys):
     _, cache = _batch(tiny, n=3)
     digits = P.digit_tokens(tiny.tokenizer)
     fast = P.sweep_heads(tiny, cache, "path", digits)
-    monkeypatch.setattr(P, "FAST_ARCHITECTURES", frozenset())
+    monkeypatch.setattr(layout, "describe", lambda model: None)  # a layout that cannot be described
+    assert not P.fast_path_supported(tiny)
     slow = P.sweep_heads(tiny, cache, "path", digits)
     torch.testing.assert_close(fast.logit, slow.logit, rtol=1e-4, atol=1e-4)
+    assert "no checked fast path for LlamaForCausalLM: 8 hooked passes, ≈ " in capsys.readouterr().out
     with pytest.raises(NotImplementedError, match="no checked fast path patching"):
         P.sweep_heads(tiny, cache, "path", digits, allow_reference=False)
     with pytest.raises(ValueError, match="unknown patching mode"):

@@ -9,7 +9,7 @@ replaces it. What those analyses share is here, under public names, and nowhere 
 * :class:`Head` — one attention head, the unit that is patched, ablated and fine-tuned — and
   :func:`random_heads`, the seeded draw every random-head control uses;
 * hook-point names, built in one place (:func:`hook_z`, :func:`hook_pattern`, :func:`resid_mid`,
-  :func:`mlp_out`, …), and :func:`set_at_end`, a hook that overwrites an activation at END;
+  :func:`mlp_out`, :func:`attn_pre_norm`, …), and :func:`set_at_end`, a hook that overwrites an activation at END;
 * :func:`head_deltas` — what a change of heads' ``hook_z`` writes into the residual stream;
 * the prefix KV cache (:func:`prefix_kv`) and reruns of only the last position(s) on top of it
   (:func:`run_after_prefix`, :func:`end_only_logits`). An intervention confined to the positions
@@ -85,8 +85,15 @@ def hook_pattern(layer: int) -> str:
 
 
 def hook_attn_out(layer: int) -> str:
-    """The attention block's output (all heads through W_O), ``[batch, pos, d_model]``."""
+    """The attention block's update to the residual stream (all heads through W_O, then any
+    post-attention norm), ``[batch, pos, d_model]``."""
     return f"blocks.{layer}.hook_attn_out"
+
+
+def attn_pre_norm(layer: int) -> str:
+    """The attention block's output before any post-attention norm (Gemma 2, OLMo 2; on a pre-norm
+    model the same tensor as :func:`hook_attn_out`), ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.attn.hook_out"
 
 
 def resid_mid(layer: int) -> str:
@@ -105,7 +112,9 @@ def mlp_out(layer: int) -> str:
 
 
 def ln2_in(layer: int) -> str:
-    """What the MLP's normalization receives (``resid_mid`` on a pre-norm model), ``[batch, pos, d_model]``."""
+    """What the MLP's normalization receives (``resid_mid`` on a pre-norm model), ``[batch, pos, d_model]``.
+    A model without a pre-MLP norm (OLMo 2) has no such hook; :func:`resid_mid` names the MLP
+    branch's input on every layout."""
     return f"blocks.{layer}.ln2.hook_in"
 
 
@@ -127,7 +136,9 @@ def set_at_end(value: Tensor, heads=None) -> Callable[..., Tensor]:
 
 def head_deltas(model: LoadedModel,
                 dz: Float[Tensor, "batch layer head d_head"]) -> Float[Tensor, "batch layer head d_model"]:
-    """Each head's change to the residual stream when its ``hook_z`` changes by ``dz`` (through W_O)."""
+    """Each head's change to the attention output when its ``hook_z`` changes by ``dz`` (through W_O):
+    the change to the residual stream on a layout without a post-attention norm (see
+    :func:`arithlens.layout.attn_update` for the others)."""
     W_O = model.bridge.W_O.float()  # [layer, head, d_head, d_model]; o_proj has no bias on checked archs
     return torch.einsum("blhe,lhed->blhd", dz, W_O)
 

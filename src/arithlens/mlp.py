@@ -9,7 +9,8 @@ Science wing (paper § "MLP tracing"). Builds on :mod:`arithlens.patching`'s cac
   :func:`reference_mlp_effect`, one hooked forward pass per layer.
 * :func:`unembed_cosines` — cos(MLP input, W_U[A]), cos(MLP input, W_U[B]) and cos(MLP update,
   W_U[C]) at END across layers (MLP input = ``resid_mid``, update = ``mlp_out``).
-* :func:`logit_lens` — the residual stream after each layer through the final norm and unembedding:
+* :func:`logit_lens` — the residual stream after each layer through the final norm, unembedding and any
+  final soft-capping:
   rank and logit of chosen tokens per layer.
 
 Written by hand on TransformerLens caches; the norm and unembedding are the model's own modules.
@@ -25,18 +26,26 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from arithlens import hooks
+from arithlens import hooks, layout
 from arithlens.hooks import (EndScores, Head, digit_tokens, head_deltas, scores_from_columns, scores_from_logits,
                              set_at_end)
 from arithlens.items import Item, to_tokens
 from arithlens.models import LoadedModel
-from arithlens.patching import EndCache, clean_scores, effects_table
+from arithlens.patching import EndCache, _unembed_scores, clean_scores, effects_table, run_references
 
 
 def _frozen_scale_scores(model: LoadedModel, cache: EndCache, change: Float[Tensor, "batch n d_model"],
                          digits: Int[Tensor, "10"], with_prob: bool) -> EndScores:
-    """Scores when ``change`` [batch, n, d_model] is added to the final residual, final-norm scale frozen."""
-    norm_w = model.bridge.ln_final.original_component.weight.float()
+    """Scores when ``change`` [batch, n, d_model] is added to the final residual, final-norm scale frozen.
+
+    Linear in ``change`` on a layout without unembedding bias or soft-capping (:mod:`arithlens.layout`);
+    otherwise the frozen-scale final residual goes through the unembedding and the cap.
+    """
+    lay = layout.describe(model)
+    norm_w = layout.final_norm_weight(model, lay)
+    if lay.unembed_bias or lay.final_softcap:
+        final = (cache.resid_final[:, None] + change) / cache.final_scale[:, :, None] * norm_w
+        return _unembed_scores(model, final, cache.answers, digits.to(final.device), with_prob, cache.clean_logits)
     W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
     delta = change / cache.final_scale[:, :, None] * norm_w
     digits = digits.to(delta.device)
@@ -49,7 +58,15 @@ def _frozen_scale_scores(model: LoadedModel, cache: EndCache, change: Float[Tens
 
 @torch.no_grad()
 def mlp_direct_effects(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], with_prob: bool = True) -> EndScores:
-    """Direct effect of each layer's MLP at END: scores [batch, layer] (final-norm scale frozen)."""
+    """Direct effect of each layer's MLP at END: scores [batch, layer] (final-norm scale frozen).
+
+    ``hook_mlp_out`` is what the MLP branch adds to the residual (after any post-MLP norm), so only
+    the final norm, unembedding and cap depend on the layout; where :mod:`arithlens.layout` cannot
+    describe it, :func:`reference_mlp_effect` runs once per layer (announced).
+    """
+    if layout.describe(model) is None:
+        calls = [lambda l=l: reference_mlp_effect(model, cache, l, digits, with_prob) for l in range(model.n_layers)]
+        return _stack(run_references(model, calls, f"MLP direct effects of {model.n_layers} layers"))
     return _frozen_scale_scores(model, cache, cache.mlp_out_cf - cache.mlp_out, digits, with_prob)
 
 
@@ -64,6 +81,13 @@ def reference_mlp_effect(model: LoadedModel, cache: EndCache, layer: int, digits
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
     logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
+
+
+def _stack(parts: list[EndScores]) -> EndScores:
+    """Per-unit scores [batch] stacked into [batch, unit]."""
+    stack = lambda xs: None if xs[0] is None else torch.stack(xs, 1)
+    return EndScores(stack([p.logit for p in parts]), stack([p.logprob for p in parts]),
+                     stack([p.logit_diff for p in parts]))
 
 
 def patch_mlps(model: LoadedModel, caches: list[EndCache], senders: Sequence[Head] | None = None) -> pd.DataFrame:
@@ -113,10 +137,9 @@ def logit_lens(model: LoadedModel, items: Sequence[Item], tokens: dict[str, list
     names = [hooks.resid_post(l) for l in range(model.n_layers)]
     batch = to_tokens(items).to(model.device)
     _, cache = model.bridge.run_with_cache(batch, names_filter=lambda n: n in names)
-    norm, unembed = model.bridge.ln_final.original_component, model.bridge.unembed.original_component
     rows = []
     for layer, name in enumerate(names):
-        logits = unembed(norm(cache[name][:, -1])).float()  # [batch, d_vocab]
+        logits = layout.final_logits(model, cache[name][:, -1])  # [batch, d_vocab], soft-capped if the model caps
         for label, ids in tokens.items():
             ids_t = torch.tensor(ids, device=logits.device)
             chosen = logits.gather(1, ids_t[:, None])[:, 0]
@@ -135,18 +158,27 @@ def heads_to_mlp_effects(model: LoadedModel, cache: EndCache, senders: Sequence[
     For receiver layer l, MLP l's input at END becomes the clean ``resid_mid`` plus the senders'
     counterfactual changes from layers ≤ l; MLP l is recomputed and only its output change reaches the
     logits (every other head and MLP at END frozen, final-norm scale frozen). Cached activations only:
-    one MLP evaluation per layer.
+    one MLP evaluation per layer, with the layout's norms (:mod:`arithlens.layout`: a layer's senders
+    pass its post-attention norm together); where the layout cannot be described,
+    :func:`reference_heads_to_mlp` runs for each layer (announced).
     """
+    lay = layout.describe(model)
+    if lay is None:
+        calls = [lambda l=l: reference_heads_to_mlp(model, cache, senders, l, digits, with_prob)
+                 for l in range(model.n_layers)]
+        return _stack(run_references(model, calls, f"heads → MLP effects of {model.n_layers} layers (2 passes each)"))
     deltas = head_deltas(model, cache.z_cf - cache.z_clean)  # [batch, layer, head, d_model]
     mask = torch.zeros(model.n_layers, model.n_heads, device=deltas.device)
     for h in senders:
         mask[h.layer, h.head] = 1.0
-    per_layer = (deltas * mask[None, :, :, None]).sum(2).cumsum(1)  # senders' change entering each resid_mid
+    summed = (deltas * mask[None, :, :, None]).sum(2)  # [batch, layer, d_model]: senders' change to each attention output
+    if lay.post_attn_norm:
+        summed = torch.stack([layout.attn_update(model, lay, l, cache.attn_pre[:, l], summed[:, l])
+                              for l in range(model.n_layers)], 1)
+    per_layer = summed.cumsum(1)  # senders' change entering each resid_mid
     changes = []
     for layer in range(model.n_layers):
-        block = model.bridge.blocks[layer]
-        x = cache.resid_mid[:, layer] + per_layer[:, layer]
-        new = block.mlp.original_component(block.ln2.original_component(x)).float()
+        new = layout.mlp_update(model, lay, layer, cache.resid_mid[:, layer] + per_layer[:, layer])
         changes.append(new - cache.mlp_out[:, layer])
     return _frozen_scale_scores(model, cache, torch.stack(changes, 1), digits, with_prob)
 
@@ -157,7 +189,8 @@ def reference_heads_to_mlp(model: LoadedModel, cache: EndCache, senders: Sequenc
     """Plain reference for one receiver: two hooked forward passes.
 
     Pass 1 patches the senders at END and freezes every other head and every MLP at END, and records
-    the input of MLP ``layer``. Pass 2 is clean, feeds that input to MLP ``layer`` only (``ln2.hook_in``),
+    the input of MLP ``layer``. Pass 2 is clean, feeds that input to MLP ``layer`` only (``hook_resid_mid``:
+    ``ln2.hook_in`` on a pre-norm block, the MLP's own input where there is no pre-MLP norm),
     and freezes later heads, other MLPs and the final-norm scale at END.
     """
     n = model.n_layers
@@ -179,9 +212,9 @@ def reference_heads_to_mlp(model: LoadedModel, cache: EndCache, senders: Sequenc
 
     fwd = [(hooks.hook_z(l), set_at_end(z_end(l))) for l in range(n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n)]
-    fwd += [(hooks.ln2_in(layer), record)]
+    fwd += [(hooks.resid_mid(layer), record)]
     model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)
-    fwd = [(hooks.ln2_in(layer), set_at_end(recorded["x"]))]
+    fwd = [(hooks.resid_mid(layer), set_at_end(recorded["x"]))]
     fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]

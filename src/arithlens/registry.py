@@ -109,6 +109,16 @@ _MODELS = (
         shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
         source="built in-process (tests)", tiny="tiny:qwen2:0",
     ),
+    RegistryModel(
+        name="tiny-gemma2", title="random-init 2-layer Gemma 2", architecture="Gemma2ForCausalLM",
+        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+        source="built in-process (tests)", tiny="tiny:gemma2:0",
+    ),
+    RegistryModel(
+        name="tiny-olmo2", title="random-init 2-layer OLMo 2", architecture="Olmo2ForCausalLM",
+        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+        source="built in-process (tests)", tiny="tiny:olmo2:0",
+    ),
 )
 
 #: Friendly names → entries. Qwen models are opt-in: ``arithlens models fetch NAME`` installs one.

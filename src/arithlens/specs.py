@@ -27,11 +27,12 @@ from typing import Literal
 from arithlens.registry import REGISTRY, ModelSpecError, package_file, verified_gguf
 
 SpecKind = Literal["gguf", "local", "hub", "tiny"]
-TINY_ARCHITECTURES = ("llama", "qwen2")
+TINY_ARCHITECTURES = ("llama", "qwen2", "gemma2", "olmo2")
 
 ACCEPTED_FORMS = (
     f"a registry name ({', '.join(REGISTRY)}), a path to a .gguf file, a local Hugging Face model "
-    "directory (config.json plus weights), a hub id like 'org/name', or 'tiny[:llama|qwen2][:SEED]'"
+    "directory (config.json plus weights), a hub id like 'org/name', or "
+    f"'tiny[:{'|'.join(TINY_ARCHITECTURES)}][:SEED]'"
 )
 
 

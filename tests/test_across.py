@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from arithlens import book, runs, schedule
+from arithlens import book, runs, schedule, verdicts
 from arithlens.book import check_consistent
 from arithlens.cli import main
 from arithlens.record import RunResult
@@ -118,7 +118,9 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # the two models' chains side by side
     across = results[("tiny", ACROSS)]
     table = across.table("verdicts")
-    assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 12
+    assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 2 * len(verdicts.CLAIMS)
+    harder = table[table.claim.isin(["R1", "R3", "R5"])]  # chapter 7's harder tests, from each model's run
+    assert len(harder) == 6 and set(harder["chapter"]) == {"07_robustness"} and harder["run_key"].notna().all()
     assert list(across.table("robustness")["model"]) == TWO and list(across.table("numbers")["model"]) == ["tiny"]
     assert set(table["verdict"]) <= {"holds", "partly", "does not hold", "not testable"}
     c6 = table[(table.claim == "C6") & (table.model == "tiny:1")].iloc[0]
@@ -144,6 +146,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     index = book.build_book(list(results.values()), primary="tiny")
     verdicts_md = (tmp_path / "_generated" / "verdicts.md").read_text()
     assert "| claim | tiny | tiny:1 |" in verdicts_md and "(models/tiny_1/01_heads.ipynb)" in verdicts_md
+    assert "Rows R1, R3, R5 are not the paper's" in verdicts_md and "(chapters/07_robustness.ipynb)" in verdicts_md
     intro = (index.parent / "intro.html").read_text()
     assert "tiny:1" in intro and 'href="models/tiny_1/01_heads.html"' in intro
     page = (index.parent / "models" / "tiny_1" / "01_heads.html").read_text()

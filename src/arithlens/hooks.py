@@ -222,6 +222,13 @@ def scores_from_logits(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tens
     return scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1) if with_prob else None)
 
 
+def stack_scores(parts: list[EndScores]) -> EndScores:
+    """Per-unit scores ``[batch]`` (one head, one layer) stacked into ``[batch, unit]``."""
+    stack = lambda xs: None if xs[0] is None else torch.stack(xs, 1)
+    return EndScores(stack([p.logit for p in parts]), stack([p.logprob for p in parts]),
+                     stack([p.logit_diff for p in parts]))
+
+
 def cat_scores(parts: list[EndScores], dim: int) -> EndScores:
     """Scores of several batches (``dim=0``) or unit groups (``dim=1``) joined."""
     cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim)

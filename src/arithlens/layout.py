@@ -113,12 +113,17 @@ def describe(model: LoadedModel) -> BlockLayout | None:
     if bool(getattr(bridge.cfg, "rmsnorm_uses_offset", False)) != offset:
         return None
     cap = getattr(bridge.original_model.config, "final_logit_softcapping", None)
-    bias = getattr(bridge.unembed.original_component, "bias", None)  # the bridge gives every lm_head a
-    # bias parameter (zeros where the model has none): only a nonzero one counts
     return BlockLayout(
         architecture=arch, pre_attn_norm="ln1" in norms, post_attn_norm="ln1_post" in norms,
         pre_mlp_norm="ln2" in norms, post_mlp_norm="ln2_post" in norms, norm_weight_offset=offset,
-        unembed_bias=bias is not None and bool(bias.detach().ne(0).any()), final_softcap=float(cap) if cap else None)
+        unembed_bias=nonzero_bias(bridge.unembed.original_component), final_softcap=float(cap) if cap else None)
+
+
+def nonzero_bias(module: torch.nn.Module) -> bool:
+    """Whether ``module`` adds a bias that is not all zeros (the bridge gives every ``lm_head`` a bias
+    parameter, zeros where the model has none: only a nonzero one counts)."""
+    bias = getattr(module, "bias", None)
+    return bias is not None and bool(bias.detach().ne(0).any())
 
 
 # --- the operations the fast paths redo, as the layout says -------------------------------------------
@@ -166,13 +171,15 @@ def unembed_bias(model: LoadedModel, layout: BlockLayout) -> Float[Tensor, "d_vo
 
 def softcap(layout: BlockLayout, logits: Tensor) -> Tensor:
     """Final-logit soft-capping c · tanh(logits / c) when the layout has it; else ``logits`` as they are."""
-    c = layout.final_softcap
-    return logits if not c else torch.tanh(logits / c) * c
+    return _capped(logits, layout.final_softcap)
+
+
+def _capped(logits: Tensor, cap: float | None) -> Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def final_logits(model: LoadedModel, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
     """Logits from a residual through the model's own final norm and unembedding, soft-capped as the
     HF config says (any architecture; fp32)."""
     logits = model.bridge.unembed.original_component(model.bridge.ln_final.original_component(resid)).float()
-    c = getattr(model.bridge.original_model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / c) * c if c else logits
+    return _capped(logits, getattr(model.bridge.original_model.config, "final_logit_softcapping", None))

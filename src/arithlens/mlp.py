@@ -28,10 +28,10 @@ from torch import Tensor
 
 from arithlens import hooks, layout
 from arithlens.hooks import (EndScores, Head, digit_tokens, head_deltas, scores_from_columns, scores_from_logits,
-                             set_at_end)
+                             set_at_end, stack_scores)
 from arithlens.items import Item, to_tokens
 from arithlens.models import LoadedModel
-from arithlens.patching import EndCache, _unembed_scores, clean_scores, effects_table, run_references
+from arithlens.patching import EndCache, clean_scores, effects_table, run_references, unembed_scores
 
 
 def _frozen_scale_scores(model: LoadedModel, cache: EndCache, change: Float[Tensor, "batch n d_model"],
@@ -45,7 +45,7 @@ def _frozen_scale_scores(model: LoadedModel, cache: EndCache, change: Float[Tens
     norm_w = layout.final_norm_weight(model, lay)
     if lay.unembed_bias or lay.final_softcap:
         final = (cache.resid_final[:, None] + change) / cache.final_scale[:, :, None] * norm_w
-        return _unembed_scores(model, final, cache.answers, digits.to(final.device), with_prob, cache.clean_logits)
+        return unembed_scores(model, final, cache.answers, digits.to(final.device), with_prob, cache.clean_logits)
     W_U = model.bridge.unembed.original_component.weight.float()  # [d_vocab, d_model]
     delta = change / cache.final_scale[:, :, None] * norm_w
     digits = digits.to(delta.device)
@@ -66,7 +66,7 @@ def mlp_direct_effects(model: LoadedModel, cache: EndCache, digits: Int[Tensor, 
     """
     if layout.describe(model) is None:
         calls = [lambda l=l: reference_mlp_effect(model, cache, l, digits, with_prob) for l in range(model.n_layers)]
-        return _stack(run_references(model, calls, f"MLP direct effects of {model.n_layers} layers"))
+        return stack_scores(run_references(model, calls, f"MLP direct effects of {model.n_layers} layers"))
     return _frozen_scale_scores(model, cache, cache.mlp_out_cf - cache.mlp_out, digits, with_prob)
 
 
@@ -81,13 +81,6 @@ def reference_mlp_effect(model: LoadedModel, cache: EndCache, layer: int, digits
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
     logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
-
-
-def _stack(parts: list[EndScores]) -> EndScores:
-    """Per-unit scores [batch] stacked into [batch, unit]."""
-    stack = lambda xs: None if xs[0] is None else torch.stack(xs, 1)
-    return EndScores(stack([p.logit for p in parts]), stack([p.logprob for p in parts]),
-                     stack([p.logit_diff for p in parts]))
 
 
 def patch_mlps(model: LoadedModel, caches: list[EndCache], senders: Sequence[Head] | None = None) -> pd.DataFrame:
@@ -166,7 +159,7 @@ def heads_to_mlp_effects(model: LoadedModel, cache: EndCache, senders: Sequence[
     if lay is None:
         calls = [lambda l=l: reference_heads_to_mlp(model, cache, senders, l, digits, with_prob)
                  for l in range(model.n_layers)]
-        return _stack(run_references(model, calls, f"heads → MLP effects of {model.n_layers} layers (2 passes each)"))
+        return stack_scores(run_references(model, calls, f"heads → MLP effects of {model.n_layers} layers (2 passes each)"))
     deltas = head_deltas(model, cache.z_cf - cache.z_clean)  # [batch, layer, head, d_model]
     mask = torch.zeros(model.n_layers, model.n_heads, device=deltas.device)
     for h in senders:

@@ -95,11 +95,6 @@ def end_activations(model: LoadedModel, items: Sequence[Item], layers: Sequence[
     return torch.stack([cache[mlp_post(l)] for l in layers], 1)
 
 
-def _has_bias(linear) -> bool:
-    bias = getattr(linear, "bias", None)
-    return bias is not None and bool(bias.detach().ne(0).any())
-
-
 @torch.no_grad()
 def direct_attributions(model: LoadedModel, items: Sequence[Item], layers: Sequence[int],
                         target: Target = "answer") -> Float[Tensor, "batch layer d_mlp"]:
@@ -118,7 +113,7 @@ def direct_attributions(model: LoadedModel, items: Sequence[Item], layers: Seque
     """
     lay = layout.describe(model)
     if (lay is None or lay.post_mlp_norm or lay.unembed_bias or lay.final_softcap
-            or any(_has_bias(model.bridge.blocks[l].mlp.out.original_component) for l in layers)):
+            or any(layout.nonzero_bias(model.bridge.blocks[l].mlp.out.original_component) for l in layers)):
         raise NotImplementedError(f"neuron direct attributions are not linear on {layout.architecture(model)}'s "
                                   f"layout ({lay}): they need no post-MLP norm, soft-capping, unembedding or "
                                   "down-projection bias")

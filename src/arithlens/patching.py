@@ -50,7 +50,7 @@ from torch import Tensor
 from arithlens import hooks, layout
 from arithlens.hooks import (  # noqa: F401  (Head, digit_tokens, heads_from_frame, set_at_end: re-exported)
     EndScores, Head, cat_scores, digit_tokens, end_only_logits, head_deltas, heads_from_frame, kept,
-    prefix_kv, scores_from_columns, scores_from_logits, set_at_end)
+    prefix_kv, scores_from_columns, scores_from_logits, set_at_end, stack_scores)
 from arithlens.items import Item, ItemSet, length_batches, to_tokens
 from arithlens.layout import BlockLayout
 from arithlens.models import LoadedModel
@@ -155,7 +155,7 @@ def cache_prompt_set(model: LoadedModel, prompts: ItemSet, batch_size: int = 16,
 
 # --- metrics at END ----------------------------------------------------------------------------
 
-def _unembed_scores(model: LoadedModel, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
+def unembed_scores(model: LoadedModel, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
                     with_prob: bool, clean_logits: Tensor, chunk: int = 2) -> EndScores:
     """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``.
 
@@ -260,7 +260,7 @@ def _direct_general(model: LoadedModel, lay: BlockLayout, cache: EndCache, digit
         part = _slice(cache, sl)
         change = _head_updates(model, lay, part)  # [b, layer, head, d]
         final = (part.resid_final[:, None] + change.flatten(1, 2)) / part.final_scale[:, :, None] * w
-        parts.append(_unembed_scores(model, final, part.answers, digits.to(final.device), with_prob, part.clean_logits))
+        parts.append(unembed_scores(model, final, part.answers, digits.to(final.device), with_prob, part.clean_logits))
     return cat_scores(parts, 0)
 
 
@@ -293,7 +293,7 @@ def sweep_path(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], w
             new = layout.mlp_update(model, lay, layer, cache.resid_mid[sl, layer, None] + D)
             D = D + new - cache.mlp_out[sl, layer, None]
         final = model.bridge.ln_final.original_component(cache.resid_final[sl, None] + D).float()
-        parts.append(_unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob,
+        parts.append(unembed_scores(model, final, cache.answers[sl], digits.to(final.device), with_prob,
                                      cache.clean_logits[sl]))
     return cat_scores(parts, 0)
 
@@ -328,10 +328,6 @@ def sweep_total(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], 
 
 def _slice(cache: EndCache, sl: slice) -> EndCache:
     return EndCache(**{k: (v[sl] if isinstance(v, (Tensor, np.ndarray)) else v) for k, v in cache.__dict__.items()})
-
-
-def _unsqueeze(s: EndScores) -> EndScores:
-    return EndScores(s.logit[:, None], None if s.logprob is None else s.logprob[:, None], s.logit_diff[:, None])
 
 
 # --- plain references: one hooked forward pass per head ------------------------------------------
@@ -374,10 +370,9 @@ def run_references(model: LoadedModel, calls: Sequence[Callable[[], EndScores]],
 def _reference_sweep(model: LoadedModel, caches: Sequence[EndCache], mode: Mode, digits: Int[Tensor, "10"],
                      with_prob: bool) -> list[EndScores]:
     heads = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
-    calls = [lambda c=c, hd=hd: _unsqueeze(reference_effect(model, c, hd, mode, digits, with_prob))
-             for c in caches for hd in heads]
+    calls = [lambda c=c, hd=hd: reference_effect(model, c, hd, mode, digits, with_prob) for c in caches for hd in heads]
     done = run_references(model, calls, f"{mode} patching of {len(heads)} heads × {len(caches)} batch(es)")
-    return [cat_scores(done[i * len(heads): (i + 1) * len(heads)], 1) for i in range(len(caches))]
+    return [stack_scores(done[i * len(heads): (i + 1) * len(heads)]) for i in range(len(caches))]
 
 
 def sweep_many(model: LoadedModel, caches: list[EndCache], mode: Mode, digits: Int[Tensor, "10"],

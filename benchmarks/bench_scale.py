@@ -1,7 +1,7 @@
 """How the cost of chapter 1's exact head sweeps grows with heads × prompts: ratios to two forwards.
 
     python benchmarks/bench_scale.py [--models tiny,smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b]
-                                     [--shapes 30x9x576,24x14x896,28x12x1536,32x32x4096] [--n 64]
+                                     [--shapes 30x9x576,24x14x896,28x12x1536,32x16x2048,32x32x4096] [--n 64]
 
 For every real model (registry names or specs; models that are not installed are skipped with a line)
 and every random-init shape ``LAYERSxHEADSxD_MODEL`` (a Llama built from a config in-process, with
@@ -14,6 +14,10 @@ then the cached direct and path sweeps of every head (``patching.cache_prompt_se
 
 Lines starting with ``ratio`` restate the issue's target (path sweep ÷ two forwards ≤ 2.0). A shape
 whose fp32 weights would not fit in the memory this machine has free is skipped with a line saying so.
+Each model is measured in a process of its own, so its peak RSS (and peak GPU memory) is its own. The
+random-init shapes use the tiny character tokenizer (a few dozen tokens), so their sweeps leave out the
+full-vocabulary logsumexp that real models pay for p(answer): read their ratios as the cost of the
+heads and MLPs alone.
 Only ratios are meant to be compared across machines. On a GPU machine the same script runs in bf16
 (``--device cuda``) and reports peak GPU memory too.
 """
@@ -21,8 +25,11 @@ Only ratios are meant to be compared across machines. On a GPU machine the same 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -105,32 +112,49 @@ def measure(name: str, model: LoadedModel, n: int) -> dict:
     return row
 
 
+def measure_one(entry: str, n: int, device: torch.device) -> dict | str:
+    """The row of one model or ``random:SHAPE``, or the line saying why it was skipped."""
+    if entry.startswith("random:"):
+        shape = entry.split(":", 1)[1]
+        need = shape_params(shape) * (2 if device.type == "cuda" else 4) / 1024 ** 3 * 1.5
+        if device.type == "cpu" and need > free_gb():
+            return f"skip {entry}: needs ~{need:.0f} GB, {free_gb():.0f} GB free"
+        return measure(entry, random_model(shape, device), n)
+    try:
+        model = load_model(entry, device=device)
+    except ModelSpecError as exc:
+        return f"skip {entry}: {exc}"
+    return measure(entry, model, n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--shapes", default="30x9x576,24x14x896,28x12x1536,32x32x4096",
+    ap.add_argument("--shapes", default="30x9x576,24x14x896,28x12x1536,32x16x2048,32x32x4096",
                     help="random-init Llama shapes LAYERSxHEADSxD_MODEL (empty: none)")
     ap.add_argument("--n", type=int, default=64, help="prompts per model")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one entry, print JSON
     args = ap.parse_args()
     device = pick_device(args.device)
-    print(f"device {device}, threads {torch.get_num_threads()}, {args.n} prompts per model")
+    if args.one:
+        print("ROW " + json.dumps(measure_one(args.one, args.n, device)), flush=True)
+        return
+    print(f"device {device}, threads {torch.get_num_threads()}, {args.n} prompts per model, one process per model")
+    entries = [m for m in args.models.split(",") if m] + [f"random:{s}" for s in args.shapes.split(",") if s]
     rows = []
-    for spec in [m for m in args.models.split(",") if m]:
-        try:
-            model = load_model(spec, device=device)
-        except ModelSpecError as exc:
-            print(f"skip {spec}: {exc}")
+    for entry in entries:
+        cmd = [sys.executable, __file__, "--one", entry, "--n", str(args.n), "--device", device.type]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if done.returncode or not found:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"skip {entry}: measurement failed (exit {done.returncode}): {tail}", flush=True)
             continue
-        rows.append(measure(spec, model, args.n))
-        print(rows[-1], flush=True)
-    for shape in [s for s in args.shapes.split(",") if s]:
-        need = shape_params(shape) * (2 if device.type == "cuda" else 4) / 1024 ** 3 * 1.5
-        if device.type == "cpu" and need > free_gb():
-            print(f"skip random:{shape}: needs ~{need:.0f} GB, {free_gb():.0f} GB free")
-            continue
-        rows.append(measure(f"random:{shape}", random_model(shape, device), args.n))
-        print(rows[-1], flush=True)
+        row = json.loads(found[0])
+        print(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False), flush=True)
+        if isinstance(row, dict):
+            rows.append(row)
     if not rows:
         return
     import pandas as pd

@@ -130,6 +130,10 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     assert dict(zip(tested["model"] + "/" + tested["chapter"], tested["run_key"])) == {
         f"{m}/{c}": keys[(m, c)] for m, c in zip(tested["model"], tested["chapter"])}
     assert across.manifest["inputs"]["tiny:1/01_heads"]["run_key"] == keys[("tiny:1", "01_heads")]
+    costs = across.table("costs")  # what each run took, from its manifest
+    assert len(costs) == len(INPUTS) + len(INPUTS) - 2 and (costs["minutes"] >= 0).all() and (costs["cores"] >= 1).all()
+    assert dict(zip(costs["model"] + "/" + costs["chapter"], costs["run"])) == {
+        f"{m}/{c}": keys[(m, c)] for m, c in zip(costs["model"], costs["chapter"])}
 
     # the same verdicts in the terminal, read from the store
     params = tmp_path / "tiny.yaml"

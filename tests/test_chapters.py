@@ -46,8 +46,7 @@ def test_k_larger_than_heads_is_a_clear_error(isolated_runs):
                     log=lambda m: None)
 
 
-MLP_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_boot=50",
-            "min_correct=1", "lens_cases=[[4, '+', 3]]"]
+MLP_TINY = ["n_boot=50", "lens_cases=[[4, '+', 3]]"]  # its prompts are chapter 1's
 
 
 HEADS_AS_INPUT = [f"01_heads.{p}" for p in HEADS_TINY]
@@ -61,6 +60,8 @@ def test_mlp_chapter_runs_chapter1_first_and_reads_its_key_heads(isolated_runs):
     assert first.reused and "02_mlp needs 01_heads: running it first" in logged
     assert run.manifest["inputs"] == {"01_heads": {"run_key": first.key, "path": str(first.path)}}
     assert f"from chapter 1's run `{first.path.name}`" in _markdown_outputs(run)
+    n1 = len(first.table("prompt_scores"))  # chapter 2 traces chapter 1's prompts, scored there once
+    assert f"{n1} correct prompts of {n1} (" in _markdown_outputs(run)  # chapter 1's tiny run keeps all (no filter)
     assert {"mlp_effects.parquet", "heads_to_mlp.parquet", "cosines.parquet", "logit_lens_cases.parquet"} <= set(run.manifest["tables"])
     lens = run.table("logit_lens_cases")
     assert set(lens["label"]) >= {"A", "B", "answer"} and lens["layer"].max() == 1

@@ -94,3 +94,34 @@ def test_smollm2_tokenization_and_positions(smollm2):
     for it in ps.items:
         assert tok.decode([it.answer_token]) == str(it.answer)
         assert tok.decode([it.clean_tokens[it.a_pos]]).strip() == str(it.a)
+
+
+class _Chapter1Run:
+    """What findings.scored_prompts reads of a chapter-1 run: its parameters and prompt_scores table."""
+
+    key = "abc123abc123"
+
+    def __init__(self, parameters, scores):
+        self.parameters, self._scores = parameters, scores
+
+    def table(self, name):
+        assert name == "prompt_scores"
+        return self._scores
+
+
+def test_chapter2_takes_chapter1s_scored_prompts_without_a_forward_pass(tiny):
+    from arithlens import findings
+    from arithlens.record import UpstreamError
+
+    params = {"operators": ["+", "-"], "templates": ["eq_spaced", "st_is"], "n_per_cell": 3, "shots": 1, "seed": 2,
+              "filter_correct": True, "min_correct": 1}
+    config = PromptConfig(operators=("+", "-"), templates=("eq_spaced", "st_is"), n_per_cell=3, shots=1, seed=2)
+    generated = make_prompts(tiny.tokenizer, config)
+    scores = generated.to_frame().assign(correct=[i % 3 != 0 for i in range(len(generated))])
+    got, got_scores, kept = findings.scored_prompts(_Chapter1Run(params, scores), tiny.tokenizer)
+    assert [it.clean for it in got.items] == [it.clean for it in generated.items]
+    assert [it.clean for it in kept.items] == [it.clean for i, it in enumerate(generated.items) if i % 3 != 0]
+    everything = findings.scored_prompts(_Chapter1Run({**params, "filter_correct": False}, scores), tiny.tokenizer)[2]
+    assert len(everything) == len(generated)
+    with pytest.raises(UpstreamError, match="scored other prompts"):  # a run made with other prompts (or tokenizer)
+        findings.scored_prompts(_Chapter1Run({**params, "seed": 3}, scores), tiny.tokenizer)

@@ -259,3 +259,19 @@ def as_measures(frame: pd.DataFrame, title: str) -> pd.DataFrame:
     numbers as text with three significant digits (a wide table of many measures does not fit a page)."""
     text = lambda v: f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v)
     return frame.set_index("model").T.map(text).rename_axis(title).reset_index()
+
+
+def cost_summary(runs: Runs) -> pd.DataFrame:
+    """What each run cost: one row per model and chapter with its wall time in minutes (the manifest's
+    ``timings.seconds``, model load included), the threads torch was allowed (``OMP_NUM_THREADS`` as the
+    runner saw it; "default" = one per core) and the cores of the machine, read from each run's manifest."""
+    rows = []
+    for model, chapters in runs.items():
+        for chapter, run in chapters.items():
+            manifest = getattr(run, "manifest", {}) or {}
+            seconds = (manifest.get("timings") or {}).get("seconds")
+            cpu = manifest.get("cpu") or {}
+            rows.append({"model": model, "chapter": chapter, "minutes": None if seconds is None else round(seconds / 60, 1),
+                         "device": manifest.get("device"), "threads": cpu.get("OMP_NUM_THREADS") or ("default" if cpu else None),
+                         "cores": cpu.get("cores"), "run": run.key})
+    return pd.DataFrame(rows, columns=["model", "chapter", "minutes", "device", "threads", "cores", "run"])

@@ -1,7 +1,7 @@
 """Results one chapter hands to another: read from the upstream run's tables, in one place.
 
-Science wing (paper § 3.2 key heads, § 4 MLPs). Chapter 2 consumes chapter 1's key heads; chapter 3
-the same; chapter 4 chapter 1's whole head ranking and chapter 2's MLP ranking. Each of those is one
+Science wing (paper § 3.2 key heads, § 4 MLPs). Chapter 2 consumes chapter 1's scored prompts and
+key heads; chapter 3 the key heads; chapter 4 chapter 1's whole head ranking and chapter 2's MLP ranking. Each of those is one
 function here, taking the upstream *run* (anything with ``table(name)``, ``parameters`` and ``key``,
 e.g. ``record.RunResult``), so no notebook re-derives or recomputes another chapter's result, and
 the run graph (``arithlens.runs``) guarantees which run it is.
@@ -13,8 +13,10 @@ from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
-from arithlens.metrics import select_key_heads
 from arithlens.hooks import Head, heads_from_frame
+from arithlens.metrics import select_key_heads
+from arithlens.prompts import PromptConfig, PromptSet, filter_correct, make_prompts
+from arithlens.record import UpstreamError
 
 
 @runtime_checkable
@@ -25,6 +27,25 @@ class Run(Protocol):
     parameters: dict
 
     def table(self, name: str) -> pd.DataFrame: ...
+
+
+def scored_prompts(heads_run: Run, tokenizer) -> tuple[PromptSet, pd.DataFrame, PromptSet]:
+    """Chapter 1's prompts as it scored them: ``(generated, scores, kept)``, with no forward pass.
+
+    The prompt set is rebuilt from the run's parameters (generation is deterministic given the
+    tokenizer) and checked item by item against the run's ``prompt_scores`` table; ``kept`` is what
+    chapter 1 kept (the correctly answered prompts when its ``filter_correct`` was on).
+    """
+    p = heads_run.parameters
+    config = PromptConfig(operators=tuple(p["operators"]), templates=tuple(p["templates"]), n_per_cell=int(p["n_per_cell"]),
+                          shots=int(p["shots"]), seed=int(p["seed"]))
+    generated, scores = make_prompts(tokenizer, config), heads_run.table("prompt_scores")
+    if (len(scores) != len(generated) or scores["clean"].tolist() != [it.clean for it in generated.items]
+            or scores["answer_token"].tolist() != [it.answer_token for it in generated.items]):
+        raise UpstreamError(f"chapter 1's run {heads_run.key} scored other prompts than this tokenizer builds from its "
+                            "parameters: re-run 01_heads with this model")
+    kept = filter_correct(generated, scores, min_items=int(p["min_correct"])) if p["filter_correct"] else generated
+    return generated, scores, kept
 
 
 def key_heads(heads_run: Run) -> list[Head]:

@@ -360,6 +360,7 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
         "seed": plan.params.get("seed"), "code_hash": plan.code, "arithlens_version": arithlens.__version__,
         "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
         "device": info.get("device"), "notebook_info": info,
+        "cpu": {"cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "timings": {"started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.time() - started, 1), **info.get("timings", {})},
         "tables": sorted(p.name for p in (work / "tables").glob("*")),

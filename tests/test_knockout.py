@@ -43,6 +43,23 @@ def test_mean_z_is_the_counterfactual_mean(tiny, prompt_set):
     assert not torch.allclose(means[0], cache["blocks.0.attn.hook_z"][0, -1])  # a mean, not one prompt
 
 
+@pytest.mark.parametrize("positions", ["end", "all"])
+def test_mean_z_stops_after_the_last_layer_and_leaves_no_hook(tiny_arch, positions):
+    """The early-stopped pass gives the mean of a full cached pass, and the model runs plainly afterwards."""
+    ps = make_prompts(tiny_arch.tokenizer, PromptConfig(operators=("+", "-"), templates=("eq_spaced", "st_is"), n_per_cell=3))
+    names = [f"blocks.{l}.attn.hook_z" for l in range(tiny_arch.n_layers)]
+    total, count = 0, 0
+    for it in ps.items:
+        _, cache = tiny_arch.bridge.run_with_cache(torch.tensor([it.cf_tokens]), names_filter=lambda n: n in names)
+        z = torch.stack([cache[n][0] for n in names]).float()  # [layer, pos, head, d_head]
+        z = z[:, -1:] if positions == "end" else z
+        total, count = total + z.sum(1), count + z.shape[1]
+    torch.testing.assert_close(K.mean_z(tiny_arch, ps, positions, batch_size=4), total / count, rtol=1e-5, atol=1e-6)
+    tokens = torch.tensor([ps.items[0].clean_tokens])
+    plain = tiny_arch.bridge(tokens)
+    assert plain.shape[-1] == tiny_arch.cfg.d_vocab and torch.equal(plain, tiny_arch.bridge(tokens))
+
+
 def test_knockout_curve_shape_and_errors(tiny, prompt_set):
     ev = K.KnockoutEvaluator(tiny, prompt_set, K.mean_z(tiny, prompt_set, "all"), "all")
     ranking = [Head(l, h) for l in range(2) for h in range(4)]

@@ -96,3 +96,16 @@ def test_fast_equals_reference_on_real_model_sample(request, model, mode):
         head = P.Head(int(j) // smollm2.n_heads, int(j) % smollm2.n_heads)
         ref = P.reference_effect(smollm2, cache, head, mode, digits)
         _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
+
+
+def test_shifted_logsumexp_matches_torch_also_where_exp_would_overflow():
+    from arithlens.patching import _lse_shifted
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 50, generator=g) * 5
+    shift = clean.amax(-1, keepdim=True)
+    for scale in (0.5, 200.0):  # small changes; changes that push a patched logit far above the clean max
+        delta = torch.randn(4, 3, 50, generator=g) * scale
+        expected = torch.logsumexp(clean[None] + delta, -1)
+        got = _lse_shifted((clean - shift)[None], delta.clone(), shift[:, 0])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

@@ -87,14 +87,14 @@ class EndCache:
 def _lse_shifted(shifted_clean: Tensor, delta: Tensor, shift: Tensor) -> Tensor:
     """logsumexp(clean + delta) over the vocabulary, stabilized by the clean logits' max ``shift``.
 
-    ``shifted_clean`` = clean − shift (≤ 0). One exp pass instead of logsumexp's max + exp passes;
-    falls back to logsumexp for a row where a patched logit would overflow.
+    ``shifted_clean`` = clean − shift (≤ 0). One exp pass instead of logsumexp's max + exp passes,
+    in place on ``delta`` (a fresh product the caller does not reuse: the largest tensor of a sweep);
+    logsumexp itself where a shifted patched logit exceeds 60, so that exp could overflow.
     """
-    out = (shifted_clean + delta).exp_().sum(-1).log_() + shift
-    bad = ~torch.isfinite(out)
-    if bad.any():
-        out[bad] = torch.logsumexp(shifted_clean + delta, -1)[bad] + shift.expand_as(out)[bad]
-    return out
+    logits = delta.add_(shifted_clean)
+    if (logits.amax(-1) > 60).any():  # exp could overflow the float32 sum: the stable two-pass form
+        return torch.logsumexp(logits, -1) + shift
+    return logits.exp_().sum(-1).log_() + shift
 
 
 def _names(n_layers: int, post_attn_norm: bool = False) -> list[str]:

@@ -94,8 +94,8 @@ def test_the_table_of_contents_gets_a_part_per_further_model(tmp_path, monkeypat
     shown = [_fake(c, c, m) for m in TWO for c in INPUTS] + [_fake(ACROSS, "x")]
     toc = book.yaml.safe_load(book.book_toc(shown, "tiny").read_text())
     captions = [p["caption"] for p in toc["parts"]]
-    assert captions[:2] == ["Chapters", "Chapters on tiny:1"]
-    assert [e["file"] for e in toc["parts"][1]["chapters"]] == [f"models/tiny_1/{c}" for c in INPUTS]
+    assert captions[:4] == ["Chapters", "Beyond the paper", "Chapters on tiny:1", "Exercises"]
+    assert [e["file"] for e in toc["parts"][2]["chapters"]] == [f"models/tiny_1/{c}" for c in INPUTS]
     assert {"file": f"chapters/{ACROSS}"} in toc["parts"][0]["chapters"]
     assert book.page("tiny:1", "01_heads", "tiny") == "models/tiny_1/01_heads"
 

@@ -106,9 +106,12 @@ def book_toc(runs: list[RunResult], primary: str) -> Path:
                             or (primary, e["file"].removeprefix("chapters/")) in have]
     toc["parts"] = [p for p in toc.get("parts", []) if p["chapters"]]
     extra = [m for m in dict.fromkeys(r.manifest["model"] for r in runs) if m != primary]
+    # after the last part of chapters (the paper's and "Beyond the paper"), before the exercises
+    after = 1 + max((i for i, p in enumerate(toc["parts"]) if any(e.get("file", "").startswith("chapters/")
+                                                                  for e in p["chapters"])), default=-1)
     for i, model in enumerate(extra):
         chapters = [c for c in toc_chapters() if (model, c) in have]
-        toc["parts"].insert(1 + i, {"caption": f"Chapters on {model}",
+        toc["parts"].insert(after + i, {"caption": f"Chapters on {model}",
                                     "chapters": [{"file": page(model, c, primary)} for c in chapters]})
     path = book_dir() / "_build" / "_toc.generated.yml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
 """How the cost of chapter 1's exact head sweeps grows with heads × prompts: ratios to two forwards.
 
     python benchmarks/bench_scale.py [--models tiny,smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b]
-                                     [--shapes 30x9x576,24x14x896,28x12x1536,32x16x2048,32x32x4096] [--n 64]
+                                     [--shapes 30x9x576,24x14x896,28x12x1536,32x16x2048,32x32x4096x32] [--n 64]
 
 For every real model (registry names or specs; models that are not installed are skipped with a line)
-and every random-init shape ``LAYERSxHEADSxD_MODEL`` (a Llama built from a config in-process, with
-the tiny models' character tokenizer, intermediate size 8/3 × d_model rounded to 64, 2 KV heads), it
+and every random-init shape ``LAYERSxHEADSxD_MODEL[xKV_HEADS]`` (a Llama built from a config in-process,
+with the tiny models' character tokenizer, intermediate size 8/3 × d_model rounded to 64; 2 or 3 KV
+heads unless given: ``32x32x4096x32`` is LLaMA-2-7B's multi-head shape), it
 times two plain forward passes over the same ``--n`` three-shot prompts (clean and counterfactual),
 then the cached direct and path sweeps of every head (``patching.cache_prompt_set`` +
 ``patching.sweep_many``), and prints one row per model:
@@ -58,10 +59,10 @@ def random_model(shape: str, device: torch.device) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
-    layers, heads, d_model = (int(x) for x in shape.lower().split("x"))
+    layers, heads, d_model, kv_heads = parse_shape(shape)
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=64 * round(8 / 3 * d_model / 64),
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=min(2, heads),
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=1024, architectures=["LlamaForCausalLM"])
     dtype = default_dtype(device)
     start = time.perf_counter()
@@ -78,8 +79,20 @@ def random_model(shape: str, device: torch.device) -> LoadedModel:
                        time.perf_counter() - start, False)
 
 
+def parse_shape(shape: str) -> tuple[int, int, int, int]:
+    """``LAYERSxHEADSxD_MODEL[xKV_HEADS]`` → (layers, heads, d_model, KV heads); without KV heads, the
+    smallest of 2, 3 that divides the heads (the Qwen and SmolLM2 shapes), else as many as heads."""
+    parts = [int(x) for x in shape.lower().split("x")]
+    if len(parts) not in (3, 4) or parts[1] % (parts[3] if len(parts) == 4 else 1):
+        raise SystemExit(f"bad shape {shape!r}: expected LAYERSxHEADSxD_MODEL[xKV_HEADS], KV heads dividing heads")
+    if len(parts) == 4:
+        return tuple(parts)  # type: ignore[return-value]
+    layers, heads, d_model = parts
+    return layers, heads, d_model, next((k for k in (2, 3) if heads % k == 0), heads)
+
+
 def shape_params(shape: str) -> int:
-    layers, _, d_model = (int(x) for x in shape.lower().split("x"))
+    layers, _, d_model, _ = parse_shape(shape)
     return layers * (4 * d_model * d_model + 3 * d_model * 64 * round(8 / 3 * d_model / 64))
 
 
@@ -130,7 +143,7 @@ def measure_one(entry: str, n: int, device: torch.device) -> dict | str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--shapes", default="30x9x576,24x14x896,28x12x1536,32x16x2048,32x32x4096",
+    ap.add_argument("--shapes", default="30x9x576,24x14x896,28x12x1536,32x16x2048,32x32x4096x32",
                     help="random-init Llama shapes LAYERSxHEADSxD_MODEL (empty: none)")
     ap.add_argument("--n", type=int, default=64, help="prompts per model")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

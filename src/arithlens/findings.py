@@ -1,10 +1,10 @@
 """Results one chapter hands to another: read from the upstream run's tables, in one place.
 
 Science wing (paper § 3.2 key heads, § 4 MLPs). Chapter 2 consumes chapter 1's scored prompts and
-key heads; chapter 3 the key heads; chapter 4 chapter 1's whole head ranking and chapter 2's MLP ranking. Each of those is one
-function here, taking the upstream *run* (anything with ``table(name)``, ``parameters`` and ``key``,
-e.g. ``record.RunResult``), so no notebook re-derives or recomputes another chapter's result, and
-the run graph (``arithlens.runs``) guarantees which run it is.
+key heads; chapter 3 the key heads; chapter 4 chapter 1's whole head ranking and chapter 2's MLP
+ranking. Each of those is one function here, taking the upstream *run* (anything with
+``table(name)``, ``parameters`` and ``key``, e.g. ``record.RunResult``), so no notebook re-derives or
+recomputes another chapter's result, and the run graph (``arithlens.runs``) guarantees which run it is.
 """
 
 from __future__ import annotations

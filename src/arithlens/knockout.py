@@ -13,6 +13,7 @@ Written by hand on TransformerLens hooks; nothing else does mean ablation over E
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -48,18 +49,18 @@ def mean_z(model: LoadedModel, prompts: ItemSet, positions: Positions = "end", b
     """
     n = model.n_layers
     total = torch.zeros(n, model.n_heads, model.cfg.d_head, device=model.device)
+
+    def add(z, hook=None, layer=0):
+        total[layer] += (z[:, -1:] if positions == "end" else z).float().sum((0, 1))
+        if layer == n - 1:
+            raise _LastLayerRead
+        return z
+    fwd = [(hooks.hook_z(l), functools.partial(add, layer=l)) for l in range(n)]
     count = 0
     for batch in length_batches(prompts.items, batch_size):
         tokens = to_tokens([prompts.items[i] for i in batch], which).to(model.device)
-
-        def add(z, hook=None, layer=0):
-            total[layer] += (z[:, -1:] if positions == "end" else z).float().sum((0, 1))
-            if layer == n - 1:
-                raise _LastLayerRead
-            return z
         try:
-            model.bridge.run_with_hooks(tokens, fwd_hooks=[(hooks.hook_z(l), lambda z, hook=None, l=l: add(z, hook, l))
-                                                           for l in range(n)])
+            model.bridge.run_with_hooks(tokens, fwd_hooks=fwd)
         except _LastLayerRead:
             pass
         count += tokens.shape[0] * (1 if positions == "end" else tokens.shape[1])

@@ -115,7 +115,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     # a model may skip chapters (chapter 6 reads chapter 4's delta, so it goes too)
     given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft, 06_numbers]}}"] + TINY_BEYOND)
     plans = schedule.plan_models(INPUTS + [ACROSS], TWO, given)
-    results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # the two models' chains side by side
+    results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # runs side by side as the graph allows
     across = results[("tiny", ACROSS)]
     table = across.table("verdicts")
     assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 2 * len(verdicts.CLAIMS)

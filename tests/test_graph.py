@@ -170,3 +170,65 @@ def test_data_files_named_by_parameters_are_keyed_by_content(tmp_path):
     assert runs.run_key("03_transfer", "tiny", params, "code") != first
     with pytest.raises(RunError, match=r"parameter 'train_file': no such file .*missing.jsonl"):
         runs.run_key("04_precise_sft", "tiny", {"train_file": str(tmp_path / "missing.jsonl")}, "code")
+
+
+def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent_ones_side_by_side(monkeypatch):
+    import os
+    import threading
+    import time as _time
+
+    from arithlens import schedule
+
+    plans = plan_book(["00_task", "01_heads", "02_mlp", "03_transfer", "04_precise_sft"], "tiny")
+    events, lock = [], threading.Lock()
+    both = threading.Barrier(2, timeout=10)  # chapters 2 and 3 need only chapter 1: they must overlap
+    threads_seen = {}
+
+    def fake_execute(plan, force=False, upstream=True, log=print, timeout=None):
+        assert upstream is False  # the graph runs inputs itself, never execute()'s recursion
+        with lock:
+            events.append(("start", plan.chapter))
+        threads_seen[plan.chapter] = os.environ.get("OMP_NUM_THREADS")
+        if plan.chapter in ("02_mlp", "03_transfer"):
+            both.wait()
+        _time.sleep(0.01)
+        with lock:
+            events.append(("end", plan.chapter))
+        return RunResult(Path(plan.chapter), {}, False)
+
+    monkeypatch.setattr(schedule, "execute", fake_execute)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    done = schedule.run_graph(plans, jobs=2, log=lambda m: None)
+    assert {k: r.path.name for k, r in done.items()} == {p.key: p.chapter for p in plans}
+    for plan in plans:  # a run starts only after every input has ended
+        start = events.index(("start", plan.chapter))
+        assert all(events.index(("end", i.chapter)) < start for i in plan.inputs)
+    running = peak = 0
+    for kind, _ in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2  # never more than jobs at once
+    assert set(threads_seen.values()) == {"2"} and "OMP_NUM_THREADS" not in os.environ  # 4 cores ÷ 2, then unset
+
+    # a thread count the user set is kept; a failure stops new runs and is raised once the others finish
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    events.clear()
+
+    def failing(plan, **kwargs):
+        events.append(("start", plan.chapter))
+        if plan.chapter == "01_heads":
+            raise RunError("chapter 01_heads failed: boom")
+        return RunResult(Path(plan.chapter), {}, False)
+
+    monkeypatch.setattr(schedule, "execute", failing)
+    with pytest.raises(RunError, match="boom"):
+        schedule.run_graph(plans, jobs=2, log=lambda m: None)
+    assert {c for _, c in events} == {"00_task", "01_heads"} and os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_book_refuses_fewer_than_one_job(isolated_runs, capsys):
+    from arithlens.cli import main
+
+    assert main(["book", "--model", "tiny", "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "arithlens: error: --jobs must be at least 1, got 0"

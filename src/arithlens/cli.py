@@ -38,6 +38,8 @@ def cmd_book(args) -> int:
     from arithlens.book import build_book, toc_chapters
     from arithlens.schedule import execute_plans, plan_models
 
+    if args.jobs < 1:
+        raise RunError(f"--jobs must be at least 1, got {args.jobs}")
     models = [_model_key(m) for m in _model_list(args.models)] if args.models else [_model_key(args.model)]
     chapters = [find_chapter(c) for c in (args.chapters or toc_chapters())]
     # an unqualified --param belongs to the one chapter of a one-chapter book; otherwise name it: 01_heads.top_k=5
@@ -263,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--force", action="store_true", help="re-execute every chapter")
     book.add_argument("--models", help="comma-separated model specs: the first model's chapters form the main part, "
                       "each further model gets a part of its own, and the across-models chapter compares them all")
-    book.add_argument("--jobs", type=int, default=1, help="run up to N models' chapters side by side (default 1)")
+    book.add_argument("--jobs", type=int, default=1, help="run up to N chapters side by side, each once its inputs are finished, with cores ÷ N torch "
+                           "threads each (default 1)")
     book.add_argument("--executor", choices=["local", "slurm"],
                       help="run each model's chapters as a submitit job (slurm: a cluster; local: this machine)")
     book.set_defaults(func=cmd_book)

@@ -2,18 +2,22 @@
 runs a comparison reads.
 
 Publishing wing. :func:`plan_models` plans a book of ``chapters`` for each model through the run
-graph (the first model's across-models chapter takes every model's runs as inputs). :func:`model_chains`
-cuts the plan into one chain per model — runs that depend on nothing outside their chain — and
-:func:`execute_plans` runs the chains side by side: ``jobs`` threads on this machine (each run is its
-own kernel process), or one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"``
-to try it here). The run store is the only hand-off: a job writes its runs, the across-models chapter
-reads them after every chain has finished. Written by hand: only the grouping into chains.
+graph (the first model's across-models chapter takes every model's runs as inputs).
+:func:`execute_plans` runs the plans on this machine — one after another, or with ``jobs > 1`` up
+to ``jobs`` at once, each as soon as its inputs have finished (:func:`run_graph`: on one model,
+chapters 2, 3 and 0 run beside each other once chapter 1 is done), each kernel given
+``cores ÷ jobs`` torch threads — or cuts them into one chain per model (:func:`model_chains`) and
+submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
+The run store is the only hand-off: a run reads its inputs' stored tables, never another process's
+memory. Written by hand: the ready-queue over the run graph and the grouping into chains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 
 from arithlens.record import RunResult, open_run
@@ -63,30 +67,72 @@ def _run_chain_in_job(chain: Sequence[RunPlan], force: bool) -> list[str]:
 
 def execute_plans(plans: Sequence[RunPlan], jobs: int = 1, executor: str | None = None, force: bool = False,
                   log: Log = print, folder: Path | None = None) -> dict[tuple[str, str], RunResult]:
-    """Run (or reuse) ``plans``: model chains side by side (``jobs`` threads, or submitit jobs), then the
-    across-models runs. Returns ``{(model, chapter): run}``."""
+    """Run (or reuse) ``plans``: on this machine through :func:`run_graph` (``jobs`` at once), or with an
+    ``executor`` as one submitit job per model chain, then the across-models runs. Returns
+    ``{(model, chapter): run}``."""
+    if not executor:
+        done = run_graph(plans, jobs=jobs, force=force, log=log)
+        return {(plan.model, plan.chapter): done[plan.key] for plan in plans}
     chains, last = model_chains(plans)
-    pending = [c for c in chains if not all(p.complete for p in c) or force]
-    if executor:
-        _submit(pending, executor, force, log, folder or runs_root() / "_jobs")
-    elif jobs > 1 and len(pending) > 1:
-        log(f"running {len(pending)} model chains on {min(jobs, len(pending))} workers")
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_run_chain, chain, force, _prefixed(log, chain[0].model)) for chain in pending]
-            for future in futures:
-                future.result()
-    else:
-        for chain in pending:
-            _run_chain(chain, force, log)
-    results = {}
-    for plan in plans:
-        results[(plan.model, plan.chapter)] = (execute(plan, force=force and plan in last, log=log)
-                                               if plan in last or not plan.complete else open_run(plan.path))
-    return results
+    _submit([c for c in chains if not all(p.complete for p in c) or force], executor, force, log,
+            folder or runs_root() / "_jobs")
+    return {(plan.model, plan.chapter): (execute(plan, force=force, log=log) if plan in last else open_run(plan.path))
+            for plan in plans}
 
 
-def _prefixed(log: Log, model: str) -> Log:
-    return lambda msg: log(f"[{model}] {msg}")
+def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log: Log = print) -> dict[str, RunResult]:
+    """Run (or reuse) every plan once all its inputs have finished, up to ``jobs`` at once; returns
+    ``{run key: run}``. ``plans`` must hold every input of every plan (as :func:`plan_models` and
+    :func:`~arithlens.runs.plan_book` give them). With ``jobs > 1`` each kernel gets ``cores ÷ jobs``
+    torch threads unless ``OMP_NUM_THREADS`` is already set: two kernels at torch's default of one
+    thread per core would fight for the cores. The first failure stops new runs from starting; the
+    runs already going finish (their results stay in the store), then the failure is raised."""
+    waiting = {p.key: p for p in plans}  # one node per key: a plan reached by two paths runs once
+    done: dict[str, RunResult] = {}
+    if jobs <= 1:
+        for plan in waiting.values():
+            done[plan.key] = execute(plan, force=force, log=log)
+        return done
+    with _kernel_threads(max(1, (os.cpu_count() or 1) // jobs), log), ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict[Future, RunPlan] = {}
+        failure: BaseException | None = None
+        while waiting or running:
+            ready = [p for p in waiting.values() if all(i.key in done for i in p.inputs)] if failure is None else []
+            for plan in ready[:jobs - len(running)]:
+                del waiting[plan.key]
+                running[pool.submit(execute, plan, force=force, upstream=False, log=log)] = plan
+            if not running:
+                if failure is None and waiting:  # an input outside ``plans``: a planning error, not a run's
+                    missing = next(i for p in waiting.values() for i in p.inputs if i.key not in done and i.key not in waiting)
+                    raise RunError(f"{missing.chapter} on {missing.model} (key {missing.key}) is an input but not in the plan")
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                plan = running.pop(future)
+                if future.exception() is None:
+                    done[plan.key] = future.result()
+                elif failure is None:
+                    failure = future.exception()
+                    if running:
+                        log(f"{plan.chapter} on {plan.model} failed; waiting for the {len(running)} run(s) under way")
+        if failure is not None:
+            raise failure
+    return done
+
+
+@contextmanager
+def _kernel_threads(threads: int, log: Log) -> Iterator[None]:
+    """Kernels started inside inherit ``OMP_NUM_THREADS=threads`` (a value the user set is kept)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        log(f"running chapters side by side; OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} as set")
+        yield
+        return
+    log(f"running chapters side by side, {threads} torch thread(s) each (OMP_NUM_THREADS={threads})")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
 
 
 def _submit(chains: Sequence[Sequence[RunPlan]], executor: str, force: bool, log: Log, folder: Path) -> None:

@@ -27,6 +27,12 @@ def tiny():
     return load_model("tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    """The 2-layer Qwen2 (q/k/v biases, tied embeddings)."""
+    return load_model("tiny:qwen2")
+
+
 @pytest.fixture(scope="session", params=["tiny", "tiny:qwen2"], ids=["llama", "qwen2"])
 def tiny_arch(request):
     """Each tiny architecture in turn: a 2-layer Llama, and a 2-layer Qwen2 (q/k/v biases, tied embeddings)."""

@@ -46,7 +46,25 @@ def test_head_slices_follow_gqa(tiny):
         ft.head_slices(tiny.cfg, [Head(5, 0)])
 
 
-def test_precise_sft_moves_only_the_tuned_slices(tiny, batches):
+def test_head_slices_take_a_heads_bias_entries_where_the_model_has_biases(tiny_arch):
+    config = ft.PreciseSFTConfig((Head(1, 3),), kv="shared")
+    slices = ft.precise_slices(tiny_arch, config)
+    biases = {s.param.rsplit(".", 2)[-2]: s for s in slices if s.param.endswith(".bias")}
+    has_bias = "model.layers.1.self_attn.q_proj.bias" in ft.named_weights(tiny_arch)
+    assert has_bias == (type(ft.hf_model(tiny_arch)).__name__ == "Qwen2ForCausalLM")
+    if not has_bias:
+        assert not biases
+        return
+    d = tiny_arch.cfg.d_head
+    assert (biases["q_proj"].start, biases["q_proj"].stop) == (3 * d, 4 * d)
+    assert (biases["k_proj"].start, biases["v_proj"].start) == (d, d)  # KV group 1, as the weights
+    frozen = ft.precise_slices(tiny_arch, ft.PreciseSFTConfig((Head(1, 3),), kv="frozen"))
+    assert {s.param for s in frozen if s.param.endswith(".bias")} == {"model.layers.1.self_attn.q_proj.bias"}
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_qwen2"])
+def test_precise_sft_moves_only_the_tuned_slices(model_name, request, batches):
+    tiny = request.getfixturevalue(model_name)
     before = _snapshot(tiny)
     config = ft.PreciseSFTConfig(HEADS, mlp_layers=(1,), kv="shared")
     result = ft.precise_sft(tiny, batches, config, ft.TrainConfig(steps=3, lr=1e-2, weight_decay=0.5))

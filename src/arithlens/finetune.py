@@ -10,7 +10,8 @@ small safetensors file plus a JSON manifest (:func:`save_delta`) and loaded back
 (:func:`load_delta`) — those live in :mod:`arithlens.finetune_delta` and are re-exported here.
 
 * Slices: head ``h`` of a layer owns rows ``h·d_head … (h+1)·d_head`` of ``q_proj.weight`` and the
-  same columns of ``o_proj.weight``. With grouped-query attention (SmolLM2: 9 query heads share 3
+  same columns of ``o_proj.weight`` — and, in a model whose projections have biases (Qwen2), the same
+  entries of ``q_proj.bias`` (and of ``k_proj.bias``/``v_proj.bias`` with the K/V rows below). With grouped-query attention (SmolLM2: 9 query heads share 3
   KV heads) K and V belong to a *group* of query heads, so the policy is a parameter
   (:data:`KVPolicy`): ``"shared"`` tunes the K/V rows of the head's KV group (which the group's other
   query heads also read), ``"frozen"`` tunes only Q and O (strictly head-local).
@@ -107,8 +108,10 @@ class TrainResult:
 
 # --- names and slices ----------------------------------------------------------------------------
 
-def head_slices(cfg, heads, kv: KVPolicy = "shared") -> list[Slice]:
-    """The Q, O (and, with ``kv="shared"``, K, V) slices of ``heads``; K/V slices deduplicated."""
+def head_slices(cfg, heads, kv: KVPolicy = "shared", bias: bool = False) -> list[Slice]:
+    """The Q, O (and, with ``kv="shared"``, K, V) slices of ``heads``; K/V slices deduplicated. With
+    ``bias`` (q/k/v projections that have biases) the same rows of each bias too: they are the head's
+    as much as its weights are."""
     d_head, n_heads = int(cfg.d_head), int(cfg.n_heads)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
     out: list[Slice] = []
@@ -118,10 +121,12 @@ def head_slices(cfg, heads, kv: KVPolicy = "shared") -> list[Slice]:
         attn = f"model.layers.{h.layer}.self_attn"
         q = (h.head * d_head, (h.head + 1) * d_head)
         out += [Slice(f"{attn}.q_proj.weight", 0, *q), Slice(f"{attn}.o_proj.weight", 1, *q)]
+        out += [Slice(f"{attn}.q_proj.bias", 0, *q)] if bias else []
         if kv == "shared":
             g = h.head // (n_heads // n_kv)
             kvr = (g * d_head, (g + 1) * d_head)
-            out += [Slice(f"{attn}.k_proj.weight", 0, *kvr), Slice(f"{attn}.v_proj.weight", 0, *kvr)]
+            out += [Slice(f"{attn}.{proj}.{kind}", 0, *kvr) for proj in ("k_proj", "v_proj")
+                    for kind in (("weight", "bias") if bias else ("weight",))]
         elif kv != "frozen":
             raise ValueError(f"unknown kv policy {kv!r}: choose 'shared' or 'frozen'")
     return sorted(set(out))
@@ -139,8 +144,10 @@ def mlp_slices(model: LoadedModel | torch.nn.Module, layers: Iterable[int]) -> l
 
 
 def precise_slices(model: LoadedModel, config: PreciseSFTConfig) -> list[Slice]:
-    """Everything ``config`` tunes: its heads' attention slices and its MLP layers' weights."""
-    return head_slices(model.cfg, config.heads, config.kv) + mlp_slices(model, config.mlp_layers)
+    """Everything ``config`` tunes: its heads' attention slices (their q/k/v bias entries too, where the
+    model has them) and its MLP layers' weights."""
+    bias = any(n.endswith("self_attn.q_proj.bias") for n in named_weights(model))
+    return head_slices(model.cfg, config.heads, config.kv, bias=bias) + mlp_slices(model, config.mlp_layers)
 
 
 def random_heads(cfg, k: int, seed: int, min_layer: int = 0, exclude: Iterable[Head] = ()) -> tuple[Head, ...]:

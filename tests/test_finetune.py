@@ -88,8 +88,10 @@ def test_precise_sft_moves_only_the_tuned_slices(model_name, request, batches):
     assert result.losses[-1] < result.losses[0]
 
 
-def test_delta_roundtrip_reproduces_logits_exactly(tiny, batches, tmp_path):
-    result = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS, kv="frozen"), ft.TrainConfig(steps=2, lr=1e-2))
+@pytest.mark.parametrize("model_name, kv", [("tiny", "frozen"), ("tiny_qwen2", "shared")])  # Qwen2: bias slices too
+def test_delta_roundtrip_reproduces_logits_exactly(model_name, kv, request, batches, tmp_path):
+    tiny = request.getfixturevalue(model_name)
+    result = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS, kv=kv), ft.TrainConfig(steps=2, lr=1e-2))
     tokens = batches[0][0]
     base = _logits(tiny, tokens)
     with ft.applied(tiny, result.delta):

@@ -1,4 +1,4 @@
-"""environment.yml (conda/Binder) and pyproject.toml must pin the same packages."""
+"""environment.yml (conda/Binder) and pyproject.toml must pin the same packages; notebooks are valid nbformat 4.5."""
 
 import re
 import tomllib
@@ -27,3 +27,15 @@ def test_ci_installs_what_the_readme_says():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make book" in readme
     assert "make test" in ci
+
+
+def test_every_notebook_cell_has_an_id():
+    """nbformat 4.5 requires cell ids; a cell without one makes every reader of the notebook warn."""
+    import json
+
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "exercises").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = json.loads(path.read_text())
+        missing = [i for i, cell in enumerate(nb["cells"]) if not cell.get("id")]
+        assert not missing, f"{path.name}: cells {missing} have no id"

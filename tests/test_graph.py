@@ -232,3 +232,33 @@ def test_book_refuses_fewer_than_one_job(isolated_runs, capsys):
 
     assert main(["book", "--model", "tiny", "--jobs", "0"]) == 2
     assert capsys.readouterr().err.strip() == "arithlens: error: --jobs must be at least 1, got 0"
+
+
+def test_dry_run_times_each_run_by_earlier_runs_with_the_same_parameters_and_runs_nothing(isolated_runs, capsys):
+    import json
+
+    from arithlens import schedule
+    from arithlens.cli import main
+
+    plans = plan_book(["01_heads", "02_mlp"], "tiny")
+    heads = plans[0]
+
+    def stored(key, params, seconds, started, cpu=None):
+        folder = isolated_runs / "01_heads" / "tiny" / key
+        folder.mkdir(parents=True)
+        manifest = {"run_key": key, "parameters": params, "timings": {"seconds": seconds, "started": started}}
+        (folder / "manifest.json").write_text(json.dumps(manifest | ({"cpu": cpu} if cpu else {})))
+
+    stored("old1", heads.params, 600, "2026-01-01T00:00:00", {"cores": 2, "OMP_NUM_THREADS": "1"})
+    stored("old2", heads.params, 1200, "2026-01-02T00:00:00", {"cores": 2, "OMP_NUM_THREADS": None})
+    stored("other", {**heads.params, "top_k": 99}, 60_000, "2026-01-03T00:00:00")  # other parameters: not a timing
+    lines, summary = schedule.estimate(plans, jobs=2)
+    assert lines[0] == (f"01_heads on tiny: to run (key {heads.key}), ≈ 15 min — the median of 2 earlier runs with "
+                        f"these parameters (10–20 min), torch threads 1/default")
+    assert lines[1].endswith("no earlier run with these parameters to time it by")
+    assert summary == ("2 of 2 runs to execute: ≈ 15 min of chapter time, at least 15 min with --jobs 2 (the longest "
+                       "chain of inputs); 1 run(s) not timed (never run with these parameters here)")
+    assert main(["book", "--model", "tiny", "--chapters", "02_mlp", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("01_heads on tiny: to run") and out[-1].startswith("2 of 2 runs to execute")
+    assert sorted(p.name for p in isolated_runs.rglob("*") if p.is_dir() and p.parent.name == "tiny") == ["old1", "old2", "other"]

@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
 
 def cmd_book(args) -> int:
     from arithlens.book import build_book, toc_chapters
-    from arithlens.schedule import execute_plans, plan_models
+    from arithlens.schedule import estimate, execute_plans, plan_models
 
     if args.jobs < 1:
         raise RunError(f"--jobs must be at least 1, got {args.jobs}")
@@ -45,6 +45,10 @@ def cmd_book(args) -> int:
     # an unqualified --param belongs to the one chapter of a one-chapter book; otherwise name it: 01_heads.top_k=5
     given = gather_overrides(args.param, args.params_file, target=chapters[0] if len(chapters) == 1 else None)
     plans = plan_models(chapters, models, given)
+    if args.dry_run:
+        lines, summary = estimate(plans, jobs=args.jobs)
+        print("\n".join(lines + [summary]))
+        return 0
     _log("run order: " + " → ".join(f"{p.chapter}{'' if len(models) == 1 else f' [{p.model}]'}"
                                      f"{'' if p.complete else ' (to run)'}" for p in plans))
     results = execute_plans(plans, jobs=args.jobs, executor=args.executor, force=args.force, log=_log)
@@ -267,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "each further model gets a part of its own, and the across-models chapter compares them all")
     book.add_argument("--jobs", type=int, default=1, help="run up to N chapters side by side, each once its inputs are finished, with cores ÷ N torch "
                            "threads each (default 1)")
+    book.add_argument("--dry-run", action="store_true",
+                      help="print the runs the book needs (reused, or to run with the time the last run with the same "
+                           "parameters took) and run nothing")
     book.add_argument("--executor", choices=["local", "slurm"],
                       help="run each model's chapters as a submitit job (slurm: a cluster; local: this machine)")
     book.set_defaults(func=cmd_book)

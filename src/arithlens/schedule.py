@@ -9,19 +9,24 @@ chapters 2, 3 and 0 run beside each other once chapter 1 is done), each kernel g
 ``cores ÷ jobs`` torch threads — or cuts them into one chain per model (:func:`model_chains`) and
 submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
 The run store is the only hand-off: a run reads its inputs' stored tables, never another process's
-memory. Written by hand: the ready-queue over the run graph and the grouping into chains.
+memory. :func:`estimate` times a plan before it runs, from the store's earlier runs of the same
+chapter, model and parameters (``arithlens book --dry-run``). Written by hand: the ready-queue over the
+run graph, the grouping into chains and the estimate.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from statistics import median
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
 from arithlens.record import RunResult, open_run
-from arithlens.runs import Overrides, RunError, RunPlan, execute, is_across, plan_book, plan_run, runs_root
+from arithlens.runs import (Overrides, RunError, RunPlan, execute, is_across, model_dirname, plan_book, plan_run,
+                            runs_root)
 
 Log = Callable[[str], None]
 
@@ -42,6 +47,55 @@ def plan_models(chapters: Sequence[str], models: Sequence[str], given: Overrides
         wanted = [c for c in chapters if not is_across(c) and c not in skipped.get(model, ())]
         order += [p for p in plan_book(wanted, model, given) if p not in order]
     return sorted(order, key=lambda p: (is_across(p.chapter), models.index(p.model) if p.model in models else 0))
+
+
+def past_runs(plan: RunPlan) -> list[dict]:
+    """Every finished run of ``plan``'s chapter on its model with exactly its parameters — made by any
+    code, current or stale — as ``{key, seconds, threads}``, oldest first."""
+    wanted = json.dumps(plan.params, sort_keys=True, default=str)
+    found = []
+    for manifest in (runs_root() / plan.chapter / model_dirname(plan.model)).glob("*/manifest.json"):
+        m = json.loads(manifest.read_text())
+        if json.dumps(m.get("parameters"), sort_keys=True, default=str) == wanted and m.get("timings", {}).get("seconds"):
+            cpu = m.get("cpu")
+            found.append({"started": m["timings"].get("started", ""), "key": m["run_key"],
+                          "seconds": float(m["timings"]["seconds"]),
+                          "threads": None if cpu is None else cpu.get("OMP_NUM_THREADS") or "default"})
+    return sorted(found, key=lambda r: r["started"])
+
+
+def estimate(plans: Sequence[RunPlan], jobs: int = 1) -> tuple[list[str], str]:
+    """One line per plan — reused, or to run with the median time its earlier runs with the same
+    parameters took (on this machine's store, whatever the load was then) — and a summary: the minutes to run in all, and with ``jobs > 1`` the longest
+    chain of inputs (no schedule can beat it). Runs with no earlier run are counted, not guessed."""
+    lines, minutes, unknown = [], {}, 0
+    for plan in plans:
+        name = f"{plan.chapter} on {plan.model}"
+        if plan.complete:
+            lines.append(f"{name}: finished run {plan.key} (reused)")
+            minutes[plan.key] = 0.0
+            continue
+        past = past_runs(plan)
+        if not past:
+            unknown += 1
+            lines.append(f"{name}: to run (key {plan.key}); no earlier run with these parameters to time it by")
+            continue
+        times = sorted(r["seconds"] / 60 for r in past)
+        minutes[plan.key] = float(median(times))
+        threads = sorted({str(r["threads"]) for r in past if r["threads"] is not None})
+        lines.append(f"{name}: to run (key {plan.key}), ≈ {minutes[plan.key]:.0f} min — "
+                     + (f"run {past[0]['key']} with these parameters took that" if len(past) == 1 else
+                        f"the median of {len(past)} earlier runs with these parameters ({times[0]:.0f}–{times[-1]:.0f} min)")
+                     + (f", torch threads {'/'.join(threads)}" if threads else ""))
+    chain: dict[str, float] = {}
+    for plan in plans:  # inputs come first in a plan list
+        chain[plan.key] = minutes.get(plan.key, 0.0) + max((chain.get(i.key, 0.0) for i in plan.inputs), default=0.0)
+    total = sum(minutes.values())
+    summary = (f"{sum(not p.complete for p in plans)} of {len(plans)} runs to execute: ≈ {total:.0f} min of chapter time"
+               + (f", at least {max(chain.values(), default=0):.0f} min with --jobs {jobs} (the longest chain of inputs)"
+                  if jobs > 1 else "")
+               + (f"; {unknown} run(s) not timed (never run with these parameters here)" if unknown else ""))
+    return lines, summary
 
 
 def model_chains(plans: Sequence[RunPlan]) -> tuple[list[list[RunPlan]], list[RunPlan]]:

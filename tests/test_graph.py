@@ -197,10 +197,13 @@ def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent
         return RunResult(Path(plan.chapter), {}, False)
 
     monkeypatch.setattr(schedule, "execute", fake_execute)
+    prepared = []
+    monkeypatch.setattr(schedule, "_dequantize_once", lambda models, log: prepared.append(models))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     done = schedule.run_graph(plans, jobs=2, log=lambda m: None)
     assert {k: r.path.name for k, r in done.items()} == {p.key: p.chapter for p in plans}
+    assert prepared == [{"tiny"}]  # weights cached once, before any kernel starts
     for plan in plans:  # a run starts only after every input has ended
         start = events.index(("start", plan.chapter))
         assert all(events.index(("end", i.chapter)) < start for i in plan.inputs)
@@ -262,3 +265,16 @@ def test_dry_run_times_each_run_by_earlier_runs_with_the_same_parameters_and_run
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("01_heads on tiny: to run") and out[-1].startswith("2 of 2 runs to execute")
     assert sorted(p.name for p in isolated_runs.rglob("*") if p.is_dir() and p.parent.name == "tiny") == ["old1", "old2", "other"]
+
+
+def test_gguf_weights_are_dequantized_once_before_runs_start_side_by_side(monkeypatch, tmp_path):
+    from arithlens import models, schedule
+    from arithlens.specs import ModelSpec
+
+    specs = {"a.gguf": ModelSpec("a.gguf", "gguf", str(tmp_path / "a.gguf"), "ab" * 32), "tiny": ModelSpec("tiny", "tiny", "llama:0")}
+    monkeypatch.setattr("arithlens.specs.resolve_spec", lambda name, log=None: specs[name])
+    calls, lines = [], []
+    monkeypatch.setattr(models, "_gguf_to_cache", lambda path, sha: calls.append((path, sha)) or (tmp_path / "cache", False))
+    schedule._dequantize_once({"a.gguf", "tiny"}, lines.append)
+    assert calls == [(tmp_path / "a.gguf", "ab" * 32)]  # the tiny model has no weights to cache
+    assert lines == [f"dequantized a.gguf once into {tmp_path / 'cache'}, before its runs start side by side"]

@@ -91,9 +91,11 @@ def estimate(plans: Sequence[RunPlan], jobs: int = 1) -> tuple[list[str], str]:
     for plan in plans:  # inputs come first in a plan list
         chain[plan.key] = minutes.get(plan.key, 0.0) + max((chain.get(i.key, 0.0) for i in plan.inputs), default=0.0)
     total = sum(minutes.values())
-    summary = (f"{sum(not p.complete for p in plans)} of {len(plans)} runs to execute: ≈ {total:.0f} min of chapter time"
+    timed = total > 0 or not unknown
+    summary = (f"{sum(not p.complete for p in plans)} of {len(plans)} runs to execute"
+               + (f": ≈ {total:.0f} min of chapter time" if timed else "")
                + (f", at least {max(chain.values(), default=0):.0f} min with --jobs {jobs} (the longest chain of inputs)"
-                  if jobs > 1 else "")
+                  if jobs > 1 and timed else "")
                + (f"; {unknown} run(s) not timed (never run with these parameters here)" if unknown else ""))
     return lines, summary
 
@@ -147,6 +149,7 @@ def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log:
         for plan in waiting.values():
             done[plan.key] = execute(plan, force=force, log=log)
         return done
+    _dequantize_once({p.model for p in waiting.values() if force or not p.complete}, log)
     with _kernel_threads(max(1, (os.cpu_count() or 1) // jobs), log), ThreadPoolExecutor(max_workers=jobs) as pool:
         running: dict[Future, RunPlan] = {}
         failure: BaseException | None = None
@@ -172,6 +175,22 @@ def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log:
         if failure is not None:
             raise failure
     return done
+
+
+def _dequantize_once(models: set[str], log: Log) -> None:
+    """Fill the weight cache of every GGUF model before kernels start side by side: on a fresh install
+    two kernels of one model would both dequantize it, and the second to finish would replace the
+    cache directory under the first one's loader. (``models._gguf_to_cache`` is the loader's own
+    cache step; a cached model costs a stat.)"""
+    from arithlens.models import _gguf_to_cache
+    from arithlens.specs import resolve_spec
+
+    for model in sorted(models):
+        spec = resolve_spec(model)
+        if spec.kind == "gguf":
+            directory, cached = _gguf_to_cache(Path(spec.source), spec.sha256)
+            if not cached:
+                log(f"dequantized {model} once into {directory}, before its runs start side by side")
 
 
 @contextmanager

@@ -127,12 +127,17 @@ def test_c5_suites_the_model_never_gets_right_cannot_count():
     assert verdicts.claim_c5({"03_transfer": run}).verdict == UNTESTABLE
 
 
-def sft_run(precise: tuple[float, float, float, float, float, float], full: tuple[float, float, float, float, float, float]):
+def sft_run(precise: tuple[float, float, float, float, float, float], full: tuple[float, float, float, float, float, float],
+            full_loss: tuple[float, float] | None = None):
     cols = ["math change", "math low", "math high", "control change", "control low", "control high"]
     rows = [{"method": "Precise SFT (10 key heads)", **dict(zip(cols, precise))},
             {"method": "full SFT", **dict(zip(cols, full))},
             {"method": "random 10 heads", **dict(zip(cols, precise))}]
-    return FakeRun({"math_vs_control": pd.DataFrame(rows)})
+    tables = {"math_vs_control": pd.DataFrame(rows)}
+    if full_loss:  # (first, last) of full SFT's training; the slice methods' losses fell
+        tables["training"] = pd.DataFrame([{"method": "full SFT", "first loss": full_loss[0], "last loss": full_loss[1]},
+                                           {"method": "Precise SFT (10 key heads)", "first loss": 2.0, "last loss": 1.5}])
+    return FakeRun(tables)
 
 
 def test_c6_beats_full_sft_and_keeps_controls():
@@ -143,6 +148,15 @@ def test_c6_beats_full_sft_and_keeps_controls():
     assert decide((0.1, 0.05, 0.15) + kept, (0.1, 0.05, 0.15) + hurt) == PARTLY  # improves and keeps, ties full SFT
     assert decide((0.02, -0.04, 0.08) + kept, (-0.6, -0.7, -0.5) + hurt) == PARTLY  # beats a collapsed full SFT only
     assert decide((0.0, -0.05, 0.05) + hurt, (0.2, 0.15, 0.25) + kept) == FAILS  # none of the three
+
+
+def test_c6_does_not_count_beating_a_full_sft_that_diverged():
+    better, kept, hurt = (0.2, 0.15, 0.25), (0.0, -0.02, 0.02), (-0.6, -0.7, -0.5)
+    trained = verdicts.claim_c6({"04_precise_sft": sft_run(better + kept, hurt + hurt, full_loss=(2.5, 2.37))})
+    assert trained.verdict == HOLDS and "diverged" not in trained.numbers
+    diverged = verdicts.claim_c6({"04_precise_sft": sft_run(better + kept, hurt + hurt, full_loss=(0.08, 3.57))})
+    assert diverged.verdict == PARTLY  # improves and keeps; *beats* a diverged baseline is not counted
+    assert diverged.numbers.endswith("; full SFT diverged (loss 0.08 → 3.57): *beats* not counted")
 
 
 def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_models():

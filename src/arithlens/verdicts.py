@@ -62,8 +62,9 @@ RULES = {
           "than random heads (CI of key − random below 0). *Selective*: controls lose less than math (CI of control − math "
           "drop above 0). Holds: both; partly: one; does not hold: neither.",
     "C6": "Chapter 4's mean change on held-out math and on non-math controls, 95 % bootstrap CIs. *Improves*: Precise "
-          "SFT's math CI lies above zero. *Beats*: its math CI lies above full SFT's. *Keeps*: its control CI reaches "
-          "zero or above. Holds: all three; partly: one or two; does not hold: none.",
+          "SFT's math CI lies above zero. *Beats*: its math CI lies above full SFT's, and full SFT trained (its loss over "
+          "the last quarter of steps below its first loss; one whose loss rose diverged, and beating it is not counted). "
+          "*Keeps*: its control CI reaches zero or above. Holds: all three; partly: one or two; does not hold: none.",
     "R1": "Chapter 7's threshold table, chapter 1's heads in chapter 7's patching convention (`mode`), relative change "
           "of the answer logit at the looser −1 % reading of the paper's threshold. Holds: at least one head and at "
           "most 5 % of heads pass it; does not hold: none, or more than 5 %.",
@@ -264,11 +265,17 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     if precise is None or "full SFT" not in table.index:
         return Verdict("C6", UNTESTABLE, "chapter 4 trained no Precise SFT or no full SFT", "04_precise_sft")
     p, f = table.loc[precise], table.loc["full SFT"]
-    improves, beats, keeps = p["math low"] > 0, p["math low"] > f["math high"], p["control high"] >= 0
+    training = table_or_none(runs["04_precise_sft"], "training")
+    full = None if training is None else training[training["method"] == "full SFT"]
+    diverged = full is not None and len(full) and bool((full["last loss"] > full["first loss"]).any())
+    improves, beats, keeps = p["math low"] > 0, p["math low"] > f["math high"] and not diverged, p["control high"] >= 0
     verdict = _grade(improves, beats, keeps)
     fmt = lambda r, kind: f"{r[f'{kind} change']:+.0%} [{r[f'{kind} low']:+.0%}, {r[f'{kind} high']:+.0%}]"
     rnd = next((m for m in table.index if m.startswith("random")), None)
     extra = f"; {rnd} math {fmt(table.loc[rnd], 'math')}" if rnd else ""
+    if diverged:
+        first, last = full["first loss"].iloc[0], full["last loss"].iloc[0]
+        extra += f"; full SFT diverged (loss {first:.2f} → {last:.2f}): *beats* not counted"
     return Verdict("C6", verdict, f"math: Precise {fmt(p, 'math')} vs full {fmt(f, 'math')}; controls: Precise "
                                   f"{fmt(p, 'control')} vs full {fmt(f, 'control')}{extra}", "04_precise_sft")
 

@@ -66,8 +66,9 @@ def past_runs(plan: RunPlan) -> list[dict]:
 
 def estimate(plans: Sequence[RunPlan], jobs: int = 1) -> tuple[list[str], str]:
     """One line per plan — reused, or to run with the median time its earlier runs with the same
-    parameters took (on this machine's store, whatever the load was then) — and a summary: the minutes to run in all, and with ``jobs > 1`` the longest
-    chain of inputs (no schedule can beat it). Runs with no earlier run are counted, not guessed."""
+    parameters took (in this store, under whatever load there was then) — and a summary: the minutes
+    to run in all, and with ``jobs > 1`` the longest chain of inputs (no schedule can beat it). Runs
+    with no earlier run are counted, not guessed."""
     lines, minutes, unknown = [], {}, 0
     for plan in plans:
         name = f"{plan.chapter} on {plan.model}"

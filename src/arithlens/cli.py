@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--jobs", type=int, default=1, help="run up to N chapters side by side, each once its inputs are finished, with cores ÷ N torch "
                            "threads each (default 1)")
     book.add_argument("--dry-run", action="store_true",
-                      help="print the runs the book needs (reused, or to run with the time the last run with the same "
-                           "parameters took) and run nothing")
+                      help="print the runs the book needs (reused, or to run, timed by the median of earlier runs with "
+                           "the same parameters) and run nothing")
     book.add_argument("--executor", choices=["local", "slurm"],
                       help="run each model's chapters as a submitit job (slurm: a cluster; local: this machine)")
     book.set_defaults(func=cmd_book)

@@ -5,7 +5,7 @@ Publishing wing. :func:`plan_models` plans a book of ``chapters`` for each model
 graph (the first model's across-models chapter takes every model's runs as inputs).
 :func:`execute_plans` runs the plans on this machine — one after another, or with ``jobs > 1`` up
 to ``jobs`` at once, each as soon as its inputs have finished (:func:`run_graph`: on one model,
-chapters 2, 3 and 0 run beside each other once chapter 1 is done), each kernel given
+chapters 0 and 1 start together, chapters 2 and 3 once chapter 1 is done), each kernel given
 ``cores ÷ jobs`` torch threads — or cuts them into one chain per model (:func:`model_chains`) and
 submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
 The run store is the only hand-off: a run reads its inputs' stored tables, never another process's
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-from statistics import median
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
+
+import pandas as pd
 
 from arithlens.record import RunResult, open_run
 from arithlens.runs import (Overrides, RunError, RunPlan, execute, is_across, model_dirname, plan_book, plan_run,
@@ -49,19 +50,16 @@ def plan_models(chapters: Sequence[str], models: Sequence[str], given: Overrides
     return sorted(order, key=lambda p: (is_across(p.chapter), models.index(p.model) if p.model in models else 0))
 
 
-def past_runs(plan: RunPlan) -> list[dict]:
+def past_runs(plan: RunPlan) -> pd.DataFrame:
     """Every finished run of ``plan``'s chapter on its model with exactly its parameters — made by any
-    code, current or stale — as ``{key, seconds, threads}``, oldest first."""
+    code, current or stale — as :func:`arithlens.across.cost_summary` rows (minutes, threads, run)."""
+    from arithlens.across import cost_summary
+
     wanted = json.dumps(plan.params, sort_keys=True, default=str)
-    found = []
-    for manifest in (runs_root() / plan.chapter / model_dirname(plan.model)).glob("*/manifest.json"):
-        m = json.loads(manifest.read_text())
-        if json.dumps(m.get("parameters"), sort_keys=True, default=str) == wanted and m.get("timings", {}).get("seconds"):
-            cpu = m.get("cpu")
-            found.append({"started": m["timings"].get("started", ""), "key": m["run_key"],
-                          "seconds": float(m["timings"]["seconds"]),
-                          "threads": None if cpu is None else cpu.get("OMP_NUM_THREADS") or "default"})
-    return sorted(found, key=lambda r: r["started"])
+    found = [open_run(m.parent) for m in (runs_root() / plan.chapter / model_dirname(plan.model)).glob("*/manifest.json")
+             if json.dumps(json.loads(m.read_text()).get("parameters"), sort_keys=True, default=str) == wanted]
+    rows = [cost_summary({plan.model: {plan.chapter: run}}) for run in found]
+    return pd.concat(rows, ignore_index=True).dropna(subset=["minutes"]) if rows else cost_summary({})
 
 
 def estimate(plans: Sequence[RunPlan], jobs: int = 1) -> tuple[list[str], str]:
@@ -77,16 +75,16 @@ def estimate(plans: Sequence[RunPlan], jobs: int = 1) -> tuple[list[str], str]:
             minutes[plan.key] = 0.0
             continue
         past = past_runs(plan)
-        if not past:
+        if past.empty:
             unknown += 1
             lines.append(f"{name}: to run (key {plan.key}); no earlier run with these parameters to time it by")
             continue
-        times = sorted(r["seconds"] / 60 for r in past)
-        minutes[plan.key] = float(median(times))
-        threads = sorted({str(r["threads"]) for r in past if r["threads"] is not None})
+        minutes[plan.key] = float(past["minutes"].median())
+        threads = sorted(past["threads"].dropna().astype(str).unique())
         lines.append(f"{name}: to run (key {plan.key}), ≈ {minutes[plan.key]:.0f} min — "
-                     + (f"run {past[0]['key']} with these parameters took that" if len(past) == 1 else
-                        f"the median of {len(past)} earlier runs with these parameters ({times[0]:.0f}–{times[-1]:.0f} min)")
+                     + (f"run {past['run'].iloc[0]} with these parameters took that" if len(past) == 1 else
+                        f"the median of {len(past)} earlier runs with these parameters "
+                        f"({past['minutes'].min():.0f}–{past['minutes'].max():.0f} min)")
                      + (f", torch threads {'/'.join(threads)}" if threads else ""))
     chain: dict[str, float] = {}
     for plan in plans:  # inputs come first in a plan list

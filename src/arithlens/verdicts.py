@@ -265,9 +265,9 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     if precise is None or "full SFT" not in table.index:
         return Verdict("C6", UNTESTABLE, "chapter 4 trained no Precise SFT or no full SFT", "04_precise_sft")
     p, f = table.loc[precise], table.loc["full SFT"]
-    training = table_or_none(runs["04_precise_sft"], "training")
-    full = None if training is None else training[training["method"] == "full SFT"]
-    diverged = full is not None and len(full) and bool((full["last loss"] > full["first loss"]).any())
+    training = table_or_none(runs["04_precise_sft"], "training")  # older runs lack it: nothing to check
+    full = pd.DataFrame(columns=["first loss", "last loss"]) if training is None else training[training["method"] == "full SFT"]
+    diverged = bool((full["last loss"] > full["first loss"]).any())
     improves, beats, keeps = p["math low"] > 0, p["math low"] > f["math high"] and not diverged, p["control high"] >= 0
     verdict = _grade(improves, beats, keeps)
     fmt = lambda r, kind: f"{r[f'{kind} change']:+.0%} [{r[f'{kind} low']:+.0%}, {r[f'{kind} high']:+.0%}]"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import arithlens
-from arithlens import runs
+from arithlens import runs, threads
 from arithlens.book import check_consistent
 from arithlens.record import RunResult
 from arithlens.runs import RunError, execute, gather_overrides, plan_book
@@ -182,13 +182,14 @@ def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent
     plans = plan_book(["00_task", "01_heads", "02_mlp", "03_transfer", "04_precise_sft"], "tiny")
     events, lock = [], threading.Lock()
     both = threading.Barrier(2, timeout=10)  # chapters 2 and 3 need only chapter 1: they must overlap
-    threads_seen = {}
+    threads_seen, shares_named, published = {}, set(), []
 
     def fake_execute(plan, force=False, upstream=True, log=print, timeout=None):
         assert upstream is False  # the graph runs inputs itself, never execute()'s recursion
         with lock:
             events.append(("start", plan.chapter))
         threads_seen[plan.chapter] = os.environ.get("OMP_NUM_THREADS")
+        shares_named.add(os.environ.get(threads.ENV))
         if plan.chapter in ("02_mlp", "03_transfer"):
             both.wait()
         _time.sleep(0.01)
@@ -201,6 +202,8 @@ def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent
     monkeypatch.setattr(schedule, "_dequantize_once", lambda models, log: prepared.append(models))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    write_share = threads.write_share
+    monkeypatch.setattr(threads, "write_share", lambda path, n: published.append(n) or write_share(path, n))
     done = schedule.run_graph(plans, jobs=2, log=lambda m: None)
     assert {k: r.path.name for k, r in done.items()} == {p.key: p.chapter for p in plans}
     assert prepared == [{"tiny"}]  # weights cached once, before any kernel starts
@@ -213,6 +216,10 @@ def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent
         peak = max(peak, running)
     assert peak == 2  # never more than jobs at once
     assert set(threads_seen.values()) == {"2"} and "OMP_NUM_THREADS" not in os.environ  # 4 cores ÷ 2, then unset
+    # the share: 2 threads each while two run, all 4 for a run left alone; one file, gone afterwards
+    assert published[0] == 2 and set(published) == {2, 4}
+    (share,) = shares_named
+    assert share and not Path(share).exists() and threads.ENV not in os.environ
 
     # a thread count the user set is kept; a failure stops new runs and is raised once the others finish
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -228,6 +235,36 @@ def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent
     with pytest.raises(RunError, match="boom"):
         schedule.run_graph(plans, jobs=2, log=lambda m: None)
     assert {c for _, c in events} == {"00_task", "01_heads"} and os.environ["OMP_NUM_THREADS"] == "1"
+    assert threads.ENV not in os.environ  # a user's thread count is not shared
+
+
+def test_the_thread_share_divides_the_cores_among_the_runs_going():
+    assert [threads.share_for(n, cores=2) for n in (0, 1, 2, 3)] == [2, 2, 1, 1]
+    assert [threads.share_for(n, cores=8) for n in (1, 2, 3, 4)] == [8, 4, 2, 2]
+
+
+def test_a_kernel_follows_the_share_before_its_forward_passes(tmp_path):
+    import torch
+
+    from arithlens.models import load_model
+
+    model = load_model("tiny:qwen2")
+    before = torch.get_num_threads()
+    share = tmp_path / "share"
+    handle = threads.follow_share(model.bridge.original_model.get_input_embeddings(), share, interval=0.0)
+    tokens = torch.randint(0, 60, (2, 6))
+    try:
+        for wanted in (1, 2, 1):
+            threads.write_share(share, wanted)
+            model.bridge(tokens)
+            assert torch.get_num_threads() == wanted
+        share.write_text("not a number")  # unreadable: nothing changes
+        model.bridge(tokens)
+        assert torch.get_num_threads() == 1
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert threads.follow_share(torch.nn.Linear(1, 1), None) is None  # no share named: nothing installed
 
 
 def test_book_refuses_fewer_than_one_job(isolated_runs, capsys):
@@ -274,7 +311,7 @@ def test_gguf_weights_are_dequantized_once_before_runs_start_side_by_side(monkey
     specs = {"a.gguf": ModelSpec("a.gguf", "gguf", str(tmp_path / "a.gguf"), "ab" * 32), "tiny": ModelSpec("tiny", "tiny", "llama:0")}
     monkeypatch.setattr("arithlens.specs.resolve_spec", lambda name, log=None: specs[name])
     calls, lines = [], []
-    monkeypatch.setattr(models, "_gguf_to_cache", lambda path, sha: calls.append((path, sha)) or (tmp_path / "cache", False))
+    monkeypatch.setattr(models, "dequantize_gguf", lambda path, sha: calls.append((path, sha)) or (tmp_path / "cache", False))
     schedule._dequantize_once({"a.gguf", "tiny"}, lines.append)
     assert calls == [(tmp_path / "a.gguf", "ab" * 32)]  # the tiny model has no weights to cache
     assert lines == [f"dequantized a.gguf once into {tmp_path / 'cache'}, before its runs start side by side"]

@@ -114,3 +114,66 @@ def test_qwen_bridge_matches_hf(request, fixture, shape):
     from arithlens import patching
 
     assert patching.fast_path_supported(model)
+
+
+class _FakeDequantized:
+    """Stands in for transformers' GGUF loaders: ``save_pretrained`` writes a finished cache's files and
+    runs ``during_save`` first (another process finishing at that moment)."""
+
+    def __init__(self, during_save=lambda: None):
+        self.config = type("Config", (), {"architectures": ["LlamaForCausalLM"]})()
+        self.during_save = during_save
+
+    def save_pretrained(self, directory):  # called for the model, then the tokenizer
+        self.during_save()
+        self.during_save = lambda: None
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text("{}")
+        (directory / "model.safetensors").write_text("ours")
+
+
+def _fake_loaders(monkeypatch, model):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: model)
+
+
+def test_a_cache_another_process_finished_first_is_kept_not_replaced(tmp_path, monkeypatch):
+    """Two kernels dequantizing one GGUF: the later one must not replace the directory the earlier one
+    published (and may be loading from); it discards its own copy."""
+    monkeypatch.setenv("ARITHLENS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = models.cache_dir() / "models" / "m-0123456789abcdef"
+
+    def other_finishes():
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_text("theirs")
+    _fake_loaders(monkeypatch, _FakeDequantized(other_finishes))
+    directory, cached = models.dequantize_gguf(gguf, "0123456789abcdef" * 4)
+    assert directory == target and not cached
+    assert (target / "model.safetensors").read_text() == "theirs"
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary copy left
+
+
+def test_an_unfinished_cache_left_by_a_killed_run_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARITHLENS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = models.cache_dir() / "models" / "m-0123456789abcdef"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # config written, weights never were
+    _fake_loaders(monkeypatch, _FakeDequantized())
+    directory, cached = models.dequantize_gguf(gguf, "0123456789abcdef" * 4)
+    assert not cached and (directory / "model.safetensors").read_text() == "ours"
+    assert models.dequantize_gguf(gguf, "0123456789abcdef" * 4) == (target, True)
+
+
+def test_last_position_only_logits_equal_the_full_pass_at_end():
+    model = load_model("tiny:qwen2")
+    assert models.last_position_only(model) == {"logits_to_keep": 1}
+    tokens = torch.randint(0, 60, (3, 9))
+    full = model.bridge(tokens, return_type="logits")[:, -1].float()
+    torch.testing.assert_close(logits_at_end(model, tokens), full)

@@ -264,14 +264,19 @@ def as_measures(frame: pd.DataFrame, title: str) -> pd.DataFrame:
 def cost_summary(runs: Runs) -> pd.DataFrame:
     """What each run cost: one row per model and chapter with its wall time in minutes (the manifest's
     ``timings.seconds``, model load included), the threads torch was allowed (``OMP_NUM_THREADS`` as the
-    runner saw it; "default" = one per core) and the cores of the machine, read from each run's manifest."""
+    runner saw it; "default" = one per core; "1–2 shared" = started at 1 and followed the thread share
+    of runs side by side, up to every core, see :mod:`arithlens.threads`) and the cores of the machine,
+    read from each run's manifest."""
     rows = []
     for model, chapters in runs.items():
         for chapter, run in chapters.items():
             manifest = getattr(run, "manifest", {}) or {}
             seconds = (manifest.get("timings") or {}).get("seconds")
             cpu = manifest.get("cpu") or {}
+            threads = cpu.get("OMP_NUM_THREADS") or ("default" if cpu else None)
+            if cpu.get("thread_share") and cpu.get("cores"):
+                threads = f"{threads}–{cpu['cores']} shared"
             rows.append({"model": model, "chapter": chapter, "minutes": None if seconds is None else round(seconds / 60, 1),
-                         "device": manifest.get("device"), "threads": cpu.get("OMP_NUM_THREADS") or ("default" if cpu else None),
+                         "device": manifest.get("device"), "threads": threads,
                          "cores": cpu.get("cores"), "run": run.key})
     return pd.DataFrame(rows, columns=["model", "chapter", "minutes", "device", "threads", "cores", "run"])

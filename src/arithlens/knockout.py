@@ -26,7 +26,7 @@ from torch import Tensor
 from arithlens import hooks
 from arithlens.hooks import Head, Hook, end_only_logits, prefix_kv, random_heads
 from arithlens.items import Item, ItemSet, length_batches, to_tokens
-from arithlens.models import LoadedModel
+from arithlens.models import LoadedModel, last_position_only
 from arithlens.prompts import PromptSet
 
 Positions = Literal["end", "all"]
@@ -111,7 +111,7 @@ class KnockoutEvaluator:
             if self.positions == "end":
                 logits = end_only_logits(self.model, tokens, fwd, kv)
             else:
-                logits = self.model.bridge.run_with_hooks(tokens, fwd_hooks=fwd)[:, -1]
+                logits = hooks.last_logits(self.model, tokens, fwd)
             out[b] = (logits.argmax(-1) == answers).cpu().numpy()
         return out
 
@@ -165,7 +165,8 @@ def end_attention_groups(model: LoadedModel, prompts: ItemSet, heads: Sequence[H
     rows = []
     for b in length_batches(prompts.items, batch_size):
         items = [prompts.items[i] for i in b]
-        _, cache = model.bridge.run_with_cache(to_tokens(items).to(model.device), names_filter=lambda n: n in names)
+        _, cache = model.bridge.run_with_cache(to_tokens(items).to(model.device), names_filter=lambda n: n in names,
+                                               **last_position_only(model))
         for h in heads:
             pat = cache[hooks.hook_pattern(h.layer)][:, h.head, -1].float().cpu()  # [batch, key]
             for j, it in enumerate(items):

@@ -30,7 +30,7 @@ from arithlens import hooks, layout
 from arithlens.hooks import (EndScores, Head, digit_tokens, head_deltas, scores_from_columns, scores_from_logits,
                              set_at_end, stack_scores)
 from arithlens.items import Item, to_tokens
-from arithlens.models import LoadedModel
+from arithlens.models import LoadedModel, last_position_only
 from arithlens.patching import EndCache, clean_scores, effects_table, run_references, unembed_scores
 
 
@@ -79,7 +79,7 @@ def reference_mlp_effect(model: LoadedModel, cache: EndCache, layer: int, digits
     fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
-    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
+    logits = hooks.last_logits(model, cache.tokens, fwd)
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 
@@ -129,7 +129,7 @@ def logit_lens(model: LoadedModel, items: Sequence[Item], tokens: dict[str, list
     """
     names = [hooks.resid_post(l) for l in range(model.n_layers)]
     batch = to_tokens(items).to(model.device)
-    _, cache = model.bridge.run_with_cache(batch, names_filter=lambda n: n in names)
+    _, cache = model.bridge.run_with_cache(batch, names_filter=lambda n: n in names, **last_position_only(model))
     rows = []
     for layer, name in enumerate(names):
         logits = layout.final_logits(model, cache[name][:, -1])  # [batch, d_vocab], soft-capped if the model caps
@@ -206,12 +206,12 @@ def reference_heads_to_mlp(model: LoadedModel, cache: EndCache, senders: Sequenc
     fwd = [(hooks.hook_z(l), set_at_end(z_end(l))) for l in range(n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n)]
     fwd += [(hooks.resid_mid(layer), record)]
-    model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)
+    model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd, **last_position_only(model))
     fwd = [(hooks.resid_mid(layer), set_at_end(recorded["x"]))]
     fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
-    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
+    logits = hooks.last_logits(model, cache.tokens, fwd)
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 

@@ -25,7 +25,7 @@ GGUF weights are dequantized once by transformers (~15-40 s) and cached as ordin
 under :func:`cache_dir` (``$ARITHLENS_CACHE``, default ``~/.cache/arithlens``), so later loads take
 seconds. Everything is loaded at most once per process.
 
-Written by hand here: only the GGUF cache and the tiny models (config and character tokenizer).
+Written by hand here: only the GGUF cache (safe when two processes fill it at once) and the tiny models (config and character tokenizer).
 Loading is transformers (``from_pretrained``, accelerate's ``device_map``); hooking is TransformerLens.
 """
 
@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from arithlens import threads
 from arithlens.registry import DEFAULT_MODEL, REGISTRY, ModelSpecError, cache_dir  # noqa: F401 (re-exported)
 from arithlens.specs import (ACCEPTED_FORMS, TINY_ARCHITECTURES, ModelSpec, check_resolved,  # noqa: F401
                              check_spec, resolve_spec)
@@ -98,15 +99,23 @@ def _file_digest(path: Path) -> str:
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards and their index
 
 
-def _gguf_to_cache(path: Path, sha256: str | None = None) -> tuple[Path, bool]:
+def _finished(target: Path) -> bool:
+    return (target / "config.json").is_file() and any((target / n).is_file() for n in SAFETENSORS)
+
+
+def dequantize_gguf(path: Path, sha256: str | None = None) -> tuple[Path, bool]:
     """Dequantize ``path`` once into a safetensors directory; return (directory, was_cached).
 
     The directory is named by the file's digest: ``sha256`` when already verified, else hashed here.
+    It is written under a temporary name and renamed into place. Two processes may dequantize the
+    same file at once (two notebook kernels of one model): the first to finish publishes its
+    directory, and a later one discards its own copy and uses that one, so a finished cache is never
+    replaced under a loader that is reading it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / "models" / f"{path.stem}-{sha256[:16] if sha256 else _file_digest(path)}"
-    if (target / "config.json").is_file() and any((target / n).is_file() for n in SAFETENSORS):
+    if _finished(target):
         return target, True
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -120,8 +129,16 @@ def _gguf_to_cache(path: Path, sha256: str | None = None) -> tuple[Path, bool]:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a half-written cache is never mistaken for a finished one
+    if _finished(target):  # another process finished first: keep its directory, drop ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target, False
+    shutil.rmtree(target, ignore_errors=True)  # an unfinished leftover (a killed run), never a finished cache
+    try:
+        tmp.rename(target)  # atomic: a half-written cache is never mistaken for a finished one
+    except OSError:  # another process renamed its copy into place between our check and here
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _finished(target):
+            raise
     return target, False
 
 
@@ -226,7 +243,7 @@ def load_model(
         name = "arithlens-tiny"
     else:
         if resolved.kind == "gguf":
-            directory, from_cache = _gguf_to_cache(Path(resolved.source), resolved.sha256)
+            directory, from_cache = dequantize_gguf(Path(resolved.source), resolved.sha256)
             name = str(directory)
         else:
             name = resolved.source
@@ -246,6 +263,7 @@ def load_model(
         device_map=device_map,
     )
     bridge.eval()
+    threads.follow_share(bridge.original_model.get_input_embeddings())  # books run side by side: see arithlens.threads
     loaded = LoadedModel(bridge, tokenizer, resolved, dev, dt, time.perf_counter() - start, from_cache)
     _LOADED[key] = loaded
     return loaded
@@ -268,8 +286,20 @@ def describe_model(model: LoadedModel) -> dict[str, Any]:
     }
 
 
+def last_position_only(model: LoadedModel) -> dict[str, int]:
+    """Keyword arguments for a bridge forward whose caller reads the logits at the last position only:
+    ``logits_to_keep=1`` where the Hugging Face model takes it (every architecture :mod:`arithlens.layout`
+    describes), so the unembedding — on a 150k-token vocabulary over a quarter of a small model's
+    forward pass — runs at one position instead of all; else nothing. Earlier positions' logits are then
+    absent; the last position's equal the full pass's up to float rounding."""
+    import inspect
+
+    forward = model.bridge.original_model.forward
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+
+
 @torch.no_grad()
 def logits_at_end(model: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
     """Logits at the last position: ``Int[batch pos]`` tokens → ``Float[batch d_vocab]`` (fp32)."""
-    logits = model.bridge(tokens.to(model.device), return_type="logits")
+    logits = model.bridge(tokens.to(model.device), return_type="logits", **last_position_only(model))
     return logits[:, -1, :].float()

@@ -41,7 +41,7 @@ from torch import Tensor
 from arithlens import hooks, layout
 from arithlens.hooks import Hook, digit_tokens, end_only_logits, prefix_kv
 from arithlens.items import Item, encode, length_batches, to_tokens
-from arithlens.models import LoadedModel
+from arithlens.models import LoadedModel, last_position_only
 from arithlens.prompts import OPERATORS, TEMPLATES
 
 Target = Literal["answer", "answer_vs_digits"]
@@ -80,7 +80,7 @@ def _at_end(model: LoadedModel, seqs: Sequence[tuple[int, ...]], names: list[str
         for start in range(0, len(idx), batch_size):
             part = idx[start: start + batch_size]
             tokens = torch.tensor([seqs[i] for i in part], device=model.device)
-            _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+            _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
             for name in names:
                 end = cache[name][:, -1].float().cpu()
                 if name not in out:

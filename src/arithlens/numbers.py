@@ -38,7 +38,7 @@ from torch import Tensor
 from arithlens import hooks
 from arithlens.hooks import digit_tokens, scores_from_logits
 from arithlens.items import Item, encode, length_groups, tokens_over
-from arithlens.models import LoadedModel
+from arithlens.models import LoadedModel, last_position_only
 
 Site = Literal["resid_pre", "resid_post"]
 Operand = Literal["a", "b"]
@@ -98,7 +98,7 @@ def _gather(model: LoadedModel, seqs: Sequence[tuple[int, ...]], positions: Sequ
         groups.setdefault(len(s), []).append(i)
     for idx in groups.values():
         tokens = torch.tensor([seqs[i] for i in idx], device=model.device)
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
         pos = torch.tensor([positions[i] for i in idx], device=model.device)
         rows = torch.arange(len(idx), device=model.device)
         for j, name in enumerate(names):
@@ -322,7 +322,7 @@ def operand_patch_logit_diffs(model: LoadedModel, items: Sequence[Item], layer: 
             return act
 
         fwd = [] if replace is None else [(site_name(site, layer), hook)]
-        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=fwd)[:, -1].float()
+        logits = hooks.last_logits(model, tokens, fwd)
         answers = torch.tensor([it.answer_token for it in batch], device=model.device)
         out[idx] = scores_from_logits(logits, answers, digits, False).logit_diff.double().cpu()
     return out

@@ -53,7 +53,7 @@ from arithlens.hooks import (  # noqa: F401  (Head, digit_tokens, heads_from_fra
     prefix_kv, scores_from_columns, scores_from_logits, set_at_end, stack_scores)
 from arithlens.items import Item, ItemSet, length_batches, to_tokens
 from arithlens.layout import BlockLayout
-from arithlens.models import LoadedModel
+from arithlens.models import LoadedModel, last_position_only
 from arithlens.progress import progress as progress_bar
 
 Mode = Literal["direct", "path", "total"]
@@ -126,9 +126,11 @@ def cache_end(model: LoadedModel, items: Sequence[Item], index=None) -> EndCache
     post_attn_norm = lay is not None and lay.post_attn_norm
     names = _names(n_layers, post_attn_norm)
     with kept(kv):  # the counterfactual suffix runs on the same prefix
-        logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names)
+        logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names,
+                                              **last_position_only(model))
     cf_names = [hooks.hook_z(l) for l in range(n_layers)] + [hooks.mlp_out(l) for l in range(n_layers)]
-    _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in cf_names)
+    _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in cf_names,
+                                       **last_position_only(model))
     end = lambda cache, name: torch.stack([cache[name(l)][:, -1] for l in range(n_layers)], 1).float()
     return EndCache(
         index=np.asarray(index if index is not None else range(len(items))),
@@ -343,7 +345,7 @@ def reference_effect(model: LoadedModel, cache: EndCache, head: Head, mode: Mode
     if mode == "direct":
         fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(L, n)]
         fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
-    logits = model.bridge.run_with_hooks(cache.tokens, fwd_hooks=fwd)[:, -1].float()
+    logits = hooks.last_logits(model, cache.tokens, fwd)
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 

@@ -45,7 +45,7 @@ from arithlens.hooks import Head, end_only_logits, prefix_kv
 from arithlens.items import ItemSet, length_batches, to_tokens
 from arithlens.knockout import KnockoutEvaluator, mean_z
 from arithlens.metrics import select_key_heads
-from arithlens.models import LoadedModel
+from arithlens.models import LoadedModel, last_position_only
 
 if TYPE_CHECKING:
     from arithlens.suites import Suite
@@ -230,7 +230,7 @@ def end_z(model: LoadedModel, prompts: ItemSet, which: Literal["clean", "counter
     out = None
     for b in length_batches(prompts.items, batch_size):
         tokens = to_tokens([prompts.items[i] for i in b], which).to(model.device)
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
         z = torch.stack([cache[n][:, -1] for n in names], 1).float()
         if out is None:
             out = z.new_zeros(len(prompts.items), *z.shape[1:])

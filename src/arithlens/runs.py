@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 import arithlens
+from arithlens import threads
 from arithlens.chapters import (RunError, _arithlens_imports, chapter_inputs, chapter_modules,  # noqa: F401
                                 code_hash, find_chapter, is_across, list_chapters, notebook_parameters, project_root,
                                 runs_root)
@@ -360,7 +361,8 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
         "seed": plan.params.get("seed"), "code_hash": plan.code, "arithlens_version": arithlens.__version__,
         "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
         "device": info.get("device"), "notebook_info": info,
-        "cpu": {"cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "cpu": {"cores": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                "thread_share": bool(os.environ.get(threads.ENV))},  # threads followed the share (arithlens.threads)
         "timings": {"started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.time() - started, 1), **info.get("timings", {})},
         "tables": sorted(p.name for p in (work / "tables").glob("*")),

@@ -6,7 +6,7 @@ graph (the first model's across-models chapter takes every model's runs as input
 :func:`execute_plans` runs the plans on this machine — one after another, or with ``jobs > 1`` up
 to ``jobs`` at once, each as soon as its inputs have finished (:func:`run_graph`: on one model,
 chapters 0 and 1 start together, chapters 2 and 3 once chapter 1 is done), each kernel given
-``cores ÷ jobs`` torch threads — or cuts them into one chain per model (:func:`model_chains`) and
+its share of the cores as runs start and end (:mod:`arithlens.threads`) — or cuts them into one chain per model (:func:`model_chains`) and
 submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
 The run store is the only hand-off: a run reads its inputs' stored tables, never another process's
 memory. :func:`estimate` times a plan before it runs, from the store's earlier runs of the same
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from arithlens import threads
 from arithlens.record import RunResult, open_run
 from arithlens.runs import (Overrides, RunError, RunPlan, execute, is_across, model_dirname, plan_book, plan_run,
                             runs_root)
@@ -138,9 +140,11 @@ def execute_plans(plans: Sequence[RunPlan], jobs: int = 1, executor: str | None 
 def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log: Log = print) -> dict[str, RunResult]:
     """Run (or reuse) every plan once all its inputs have finished, up to ``jobs`` at once; returns
     ``{run key: run}``. ``plans`` must hold every input of every plan (as :func:`plan_models` and
-    :func:`~arithlens.runs.plan_book` give them). With ``jobs > 1`` each kernel gets ``cores ÷ jobs``
-    torch threads unless ``OMP_NUM_THREADS`` is already set: two kernels at torch's default of one
-    thread per core would fight for the cores. The first failure stops new runs from starting; the
+    :func:`~arithlens.runs.plan_book` give them). With ``jobs > 1`` each kernel starts with ``cores ÷ jobs``
+    torch threads and follows the thread share, ``cores ÷ (runs going)``, as runs start and end
+    (:mod:`arithlens.threads`), unless ``OMP_NUM_THREADS`` is already set: two kernels at torch's
+    default of one thread per core would fight for the cores, and one kernel left alone at
+    ``cores ÷ jobs`` would leave cores idle. The first failure stops new runs from starting; the
     runs already going finish (their results stay in the store), then the failure is raised."""
     waiting = {p.key: p for p in plans}  # one node per key: a plan reached by two paths runs once
     done: dict[str, RunResult] = {}
@@ -149,7 +153,7 @@ def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log:
             done[plan.key] = execute(plan, force=force, log=log)
         return done
     _dequantize_once({p.model for p in waiting.values() if force or not p.complete}, log)
-    with _kernel_threads(max(1, (os.cpu_count() or 1) // jobs), log), ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _kernel_threads(jobs, log) as publish, ThreadPoolExecutor(max_workers=jobs) as pool:
         running: dict[Future, RunPlan] = {}
         failure: BaseException | None = None
         while waiting or running:
@@ -157,6 +161,7 @@ def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log:
             for plan in ready[:jobs - len(running)]:
                 del waiting[plan.key]
                 running[pool.submit(execute, plan, force=force, upstream=False, log=log)] = plan
+            publish(len(running))  # runs started or ended since the last look: re-divide the cores
             if not running:
                 if failure is None and waiting:  # an input outside ``plans``: a planning error, not a run's
                     missing = next(i for p in waiting.values() for i in p.inputs if i.key not in done and i.key not in waiting)
@@ -178,33 +183,40 @@ def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log:
 
 def _dequantize_once(models: set[str], log: Log) -> None:
     """Fill the weight cache of every GGUF model before kernels start side by side: on a fresh install
-    two kernels of one model would both dequantize it, and the second to finish would replace the
-    cache directory under the first one's loader. (``models._gguf_to_cache`` is the loader's own
-    cache step; a cached model costs a stat.)"""
-    from arithlens.models import _gguf_to_cache
+    two kernels of one model would otherwise both dequantize it (safe — the first to finish publishes
+    the cache, see :func:`arithlens.models.dequantize_gguf` — but the work is done twice, on cores the
+    other runs need). A cached model costs a stat."""
+    from arithlens.models import dequantize_gguf
     from arithlens.specs import resolve_spec
 
     for model in sorted(models):
         spec = resolve_spec(model)
         if spec.kind == "gguf":
-            directory, cached = _gguf_to_cache(Path(spec.source), spec.sha256)
+            directory, cached = dequantize_gguf(Path(spec.source), spec.sha256)
             if not cached:
                 log(f"dequantized {model} once into {directory}, before its runs start side by side")
 
 
 @contextmanager
-def _kernel_threads(threads: int, log: Log) -> Iterator[None]:
-    """Kernels started inside inherit ``OMP_NUM_THREADS=threads`` (a value the user set is kept)."""
+def _kernel_threads(jobs: int, log: Log) -> Iterator[Callable[[int], None]]:
+    """Kernels started inside get ``cores ÷ jobs`` torch threads to start with (``OMP_NUM_THREADS``) and
+    follow the thread share (:mod:`arithlens.threads`); yields the function that publishes the share
+    for a number of running kernels. A value of ``OMP_NUM_THREADS`` the user set is kept, unshared."""
     if os.environ.get("OMP_NUM_THREADS"):
         log(f"running chapters side by side; OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} as set")
-        yield
+        yield lambda running: None
         return
-    log(f"running chapters side by side, {threads} torch thread(s) each (OMP_NUM_THREADS={threads})")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
+    start = threads.share_for(jobs)
+    log(f"running chapters side by side, {start} torch thread(s) each, more while fewer run "
+        f"(OMP_NUM_THREADS={start}, {threads.ENV})")
+    with tempfile.TemporaryDirectory(prefix="arithlens-threads-") as folder:
+        share = Path(folder) / "share"
+        threads.write_share(share, start)
+        os.environ.update({"OMP_NUM_THREADS": str(start), threads.ENV: str(share)})
+        try:
+            yield lambda running: threads.write_share(share, threads.share_for(running))
+        finally:
+            del os.environ["OMP_NUM_THREADS"], os.environ[threads.ENV]
 
 
 def _submit(chains: Sequence[Sequence[RunPlan]], executor: str, force: bool, log: Log, folder: Path) -> None:

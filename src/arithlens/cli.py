@@ -269,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--force", action="store_true", help="re-execute every chapter")
     book.add_argument("--models", help="comma-separated model specs: the first model's chapters form the main part, "
                       "each further model gets a part of its own, and the across-models chapter compares them all")
-    book.add_argument("--jobs", type=int, default=1, help="run up to N chapters side by side, each once its inputs are finished, with cores ÷ N torch "
-                           "threads each (default 1)")
+    book.add_argument("--jobs", type=int, default=1, help="run up to N chapters side by side, each once its inputs are finished; the cores are divided "
+                           "among the chapters going (cores ÷ N torch threads each while N run, more while fewer do; default 1)")
     book.add_argument("--dry-run", action="store_true",
                       help="print the runs the book needs (reused, or to run, timed by the median of earlier runs with "
                            "the same parameters) and run nothing")

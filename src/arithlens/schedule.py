@@ -6,8 +6,8 @@ graph (the first model's across-models chapter takes every model's runs as input
 :func:`execute_plans` runs the plans on this machine — one after another, or with ``jobs > 1`` up
 to ``jobs`` at once, each as soon as its inputs have finished (:func:`run_graph`: on one model,
 chapters 0 and 1 start together, chapters 2 and 3 once chapter 1 is done), each kernel given
-its share of the cores as runs start and end (:mod:`arithlens.threads`) — or cuts them into one chain per model (:func:`model_chains`) and
-submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
+its share of the cores as runs start and end (:mod:`arithlens.threads`) — or cuts them into one
+chain per model (:func:`model_chains`) and submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
 The run store is the only hand-off: a run reads its inputs' stored tables, never another process's
 memory. :func:`estimate` times a plan before it runs, from the store's earlier runs of the same
 chapter, model and parameters (``arithlens book --dry-run``). Written by hand: the ready-queue over the

@@ -40,6 +40,21 @@ def test_fast_equals_reference_for_every_head_tiny(tiny_layout, mode):
             _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
+@pytest.mark.parametrize("n", [6, 30])
+def test_direct_sweep_equals_reference_both_ways_of_unembedding(tiny, n):
+    """With few prompts the direct sweep unembeds each head's change to the residual; with more than
+    d_head·d_model / (d_model − d_head) (21 on the tiny Llama) it builds W_O·diag(w)·W_Uᵀ per head
+    first. Both equal one hooked pass per head, for every head."""
+    _, cache = _batch(tiny, n=n)
+    assert P.builds_head_unembedding(len(cache.answers), tiny.cfg.d_head, tiny.cfg.d_model) == (n == 30)
+    digits = P.digit_tokens(tiny.tokenizer)
+    fast = P.sweep_direct(tiny, [cache], digits)[0]
+    scale = float(cache.clean_logits.abs().max())
+    for j in range(tiny.n_layers * tiny.n_heads):
+        ref = P.reference_effect(tiny, cache, P.Head(j // tiny.n_heads, j % tiny.n_heads), "direct", digits)
+        _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
+
+
 def test_patching_clean_into_clean_changes_nothing(tiny_layout):
     tiny = tiny_layout
     _, cache = _batch(tiny)
@@ -98,14 +113,17 @@ def test_fast_equals_reference_on_real_model_sample(request, model, mode):
         _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
-def test_shifted_logsumexp_matches_torch_also_where_exp_would_overflow():
-    from arithlens.patching import _lse_shifted
+def test_tiled_logsumexp_matches_torch_also_where_exp_would_overflow_or_underflow():
+    from arithlens.patching import tiled_lse
 
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(3, 50, generator=g) * 5
     shift = clean.amax(-1, keepdim=True)
-    for scale in (0.5, 200.0):  # small changes; changes that push a patched logit far above the clean max
-        delta = torch.randn(4, 3, 50, generator=g) * scale
+    # small changes; changes that push a patched logit far above the clean max (exp overflows); and
+    # changes that push every logit far below it (exp underflows to a zero sum)
+    for scale, offset in ((0.5, 0.0), (200.0, 0.0), (0.5, -300.0)):
+        delta = torch.randn(4, 3, 50, generator=g) * scale + offset
         expected = torch.logsumexp(clean[None] + delta, -1)
-        got = _lse_shifted((clean - shift)[None], delta.clone(), shift[:, 0])
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        for tile in (7, 50, 64):  # tiles that do not divide the vocabulary, one tile, one larger tile
+            got = tiled_lse(lambda sl: (clean - shift)[None, :, sl] + delta[..., sl], 50, shift[:, 0], tile=tile)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

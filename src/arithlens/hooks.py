@@ -12,8 +12,8 @@ replaces it. What those analyses share is here, under public names, and nowhere 
   :func:`mlp_out`, :func:`attn_pre_norm`, …), and :func:`set_at_end`, a hook that overwrites an activation at END;
 * :func:`head_deltas` — what a change of heads' ``hook_z`` writes into the residual stream;
 * the prefix KV cache (:func:`prefix_kv`) and reruns of only the last position(s) on top of it
-  (:func:`run_after_prefix`, :func:`end_only_logits`); a full hooked pass read at END only
-  (:func:`last_logits`). An intervention confined to the positions
+  (:func:`run_after_prefix`, :func:`end_only_logits`; a full hooked pass read at END is
+  :func:`arithlens.models.logits_at_end`). An intervention confined to the positions
   rerun leaves every earlier position unchanged, so the prefix runs once for every condition; the
   cache is given back as it was found even when a hook raises (:func:`kept`);
 * answer scores at END (:class:`EndScores`) over the digit tokens (:func:`digit_tokens`).
@@ -193,13 +193,6 @@ def end_only_logits(model: LoadedModel, tokens: Int[Tensor, "batch pos"], hooks:
     if kv is None:
         kv = prefix_kv(model, tokens[:, :-1])
     return run_after_prefix(model, tokens[:, -1:], hooks, kv)[:, -1].float()
-
-
-@torch.no_grad()
-def last_logits(model: LoadedModel, tokens: Int[Tensor, "batch pos"], fwd_hooks: Iterable[Hook] = ()) -> Float[Tensor, "batch d_vocab"]:
-    """Logits at END of a full hooked forward pass (an intervention at earlier positions too), fp32;
-    the unembedding runs at END only (:func:`arithlens.models.last_position_only`)."""
-    return model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **last_position_only(model))[:, -1].float()
 
 
 # --- scores at END -----------------------------------------------------------------------------------

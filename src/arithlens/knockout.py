@@ -26,7 +26,7 @@ from torch import Tensor
 from arithlens import hooks
 from arithlens.hooks import Head, Hook, end_only_logits, prefix_kv, random_heads
 from arithlens.items import Item, ItemSet, length_batches, to_tokens
-from arithlens.models import LoadedModel, last_position_only
+from arithlens.models import LoadedModel, last_position_only, logits_at_end
 from arithlens.prompts import PromptSet
 
 Positions = Literal["end", "all"]
@@ -111,7 +111,7 @@ class KnockoutEvaluator:
             if self.positions == "end":
                 logits = end_only_logits(self.model, tokens, fwd, kv)
             else:
-                logits = hooks.last_logits(self.model, tokens, fwd)
+                logits = logits_at_end(self.model, tokens, fwd)
             out[b] = (logits.argmax(-1) == answers).cpu().numpy()
         return out
 

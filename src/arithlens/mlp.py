@@ -30,7 +30,7 @@ from arithlens import hooks, layout
 from arithlens.hooks import (EndScores, Head, digit_tokens, head_deltas, scores_from_columns, scores_from_logits,
                              set_at_end, stack_scores)
 from arithlens.items import Item, to_tokens
-from arithlens.models import LoadedModel, last_position_only
+from arithlens.models import LoadedModel, last_position_only, logits_at_end
 from arithlens.patching import EndCache, clean_scores, effects_table, run_references, unembed_scores
 
 
@@ -79,7 +79,7 @@ def reference_mlp_effect(model: LoadedModel, cache: EndCache, layer: int, digits
     fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
-    logits = hooks.last_logits(model, cache.tokens, fwd)
+    logits = logits_at_end(model, cache.tokens, fwd)
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 
@@ -211,7 +211,7 @@ def reference_heads_to_mlp(model: LoadedModel, cache: EndCache, senders: Sequenc
     fwd += [(hooks.hook_z(l), set_at_end(cache.z_clean[:, l])) for l in range(layer + 1, n)]
     fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(n) if l != layer]
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
-    logits = hooks.last_logits(model, cache.tokens, fwd)
+    logits = logits_at_end(model, cache.tokens, fwd)
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
 
 

@@ -299,7 +299,15 @@ def last_position_only(model: LoadedModel) -> dict[str, int]:
 
 
 @torch.no_grad()
-def logits_at_end(model: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position: ``Int[batch pos]`` tokens → ``Float[batch d_vocab]`` (fp32)."""
-    logits = model.bridge(tokens.to(model.device), return_type="logits", **last_position_only(model))
+def logits_at_end(model: LoadedModel, tokens: torch.Tensor, fwd_hooks=()) -> torch.Tensor:
+    """Logits at the last position of a full forward pass: ``Int[batch pos]`` tokens →
+    ``Float[batch d_vocab]`` (fp32). ``fwd_hooks`` — ``(hook name, fn)`` pairs, as TransformerLens's
+    ``run_with_hooks`` takes them — intervene anywhere in the pass (earlier positions too); the
+    unembedding runs at the last position only (:func:`last_position_only`)."""
+    tokens, keep = tokens.to(model.device), last_position_only(model)
+    fwd_hooks = list(fwd_hooks)
+    if fwd_hooks:
+        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **keep)
+    else:
+        logits = model.bridge(tokens, return_type="logits", **keep)
     return logits[:, -1, :].float()

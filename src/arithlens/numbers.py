@@ -38,7 +38,7 @@ from torch import Tensor
 from arithlens import hooks
 from arithlens.hooks import digit_tokens, scores_from_logits
 from arithlens.items import Item, encode, length_groups, tokens_over
-from arithlens.models import LoadedModel, last_position_only
+from arithlens.models import LoadedModel, last_position_only, logits_at_end
 
 Site = Literal["resid_pre", "resid_post"]
 Operand = Literal["a", "b"]
@@ -322,7 +322,7 @@ def operand_patch_logit_diffs(model: LoadedModel, items: Sequence[Item], layer: 
             return act
 
         fwd = [] if replace is None else [(site_name(site, layer), hook)]
-        logits = hooks.last_logits(model, tokens, fwd)
+        logits = logits_at_end(model, tokens, fwd)
         answers = torch.tensor([it.answer_token for it in batch], device=model.device)
         out[idx] = scores_from_logits(logits, answers, digits, False).logit_diff.double().cpu()
     return out

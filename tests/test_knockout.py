@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from arithlens import knockout as K
-from arithlens.hooks import Head
+from arithlens import hooks as H
+from arithlens.hooks import Head, end_only_logits, prefix_kv
 from arithlens.prompts import PromptConfig, make_prompts
 
 
@@ -20,8 +21,8 @@ def test_end_only_knockout_equals_full_forward(tiny, prompt_set):
     heads = [Head(0, 1), Head(1, 3)]
     end = K.KnockoutEvaluator(tiny, prompt_set, means, "end")
     hooks = K.ablation_hooks(heads, means, "end")
-    for b, tokens, answers, kv in end.batches:
-        fast = K.end_only_logits(tiny, tokens, hooks, kv)
+    for b, tokens, answers in end.batches:
+        fast = end_only_logits(tiny, tokens, hooks, prefix_kv(tiny, tokens[:, :-1]))
         full = tiny.bridge.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1].float()
         torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
     # ablating nothing reproduces the model's own predictions: relabel every other item with the token a
@@ -33,6 +34,34 @@ def test_end_only_knockout_equals_full_forward(tiny, prompt_set):
     assert expected.any() and not expected.all()
     relabelled_set = dataclasses.replace(prompt_set, items=tuple(relabelled))
     np.testing.assert_array_equal(K.KnockoutEvaluator(tiny, relabelled_set, means, "end").correct([]), expected)
+
+
+@pytest.mark.parametrize("positions", ["end", "all"])
+def test_many_conditions_run_batch_major_with_one_prefix_per_batch(tiny, prompt_set, monkeypatch, positions):
+    """correct_many gives, set by set, what one full hooked pass per set gives, and makes each batch's
+    prefix KV cache once for all sets (at END), never once per set, and none when every position is ablated."""
+    means = K.mean_z(tiny, prompt_set, positions)
+    head_sets = [[], [Head(0, 1)], [Head(0, 1), Head(1, 3)], [Head(1, 0), Head(1, 2), Head(0, 3)]]
+    predicted = [np.array([int(tiny.bridge.run_with_hooks(torch.tensor([it.clean_tokens]),
+                                                          fwd_hooks=K.ablation_hooks(heads, means, positions))[0, -1].argmax())
+                           for it in prompt_set.items]) for heads in head_sets]
+    # relabel every other item with what the last set's pass predicts, so correctness is mixed
+    relabelled = dataclasses.replace(prompt_set, items=tuple(
+        dataclasses.replace(it, answer_token=int(predicted[-1][i])) if i % 2 == 0 else it
+        for i, it in enumerate(prompt_set.items)))
+    answers = np.array([it.answer_token for it in relabelled.items])
+    ev = K.KnockoutEvaluator(tiny, relabelled, means, positions, batch_size=4)
+    calls = []
+    real = H.prefix_kv
+    monkeypatch.setattr(H, "prefix_kv", lambda model, tokens: calls.append(tokens.shape) or real(model, tokens))
+    many = ev.correct_many(head_sets)
+    assert many.shape == (len(head_sets), len(prompt_set)) and len(ev.batches) > 1
+    assert len(calls) == (len(ev.batches) if positions == "end" else 0)
+    for row, pred in zip(many, predicted):
+        np.testing.assert_array_equal(row, pred == answers)
+    assert many[-1].any() and not many[-1].all()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(ev.correct(head_sets[2]), many[2])
 
 
 def test_mean_z_is_the_counterfactual_mean(tiny, prompt_set):

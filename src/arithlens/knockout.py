@@ -24,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens import hooks
-from arithlens.hooks import Head, Hook, end_only_logits, prefix_kv, random_heads
+from arithlens.hooks import Head, Hook, correct_at_end, random_heads
 from arithlens.items import Item, ItemSet, length_batches, to_tokens
-from arithlens.models import LoadedModel, last_position_only, logits_at_end
+from arithlens.models import LoadedModel, last_position_only
 from arithlens.prompts import PromptSet
 
 Positions = Literal["end", "all"]
@@ -88,7 +88,8 @@ def ablation_hooks(heads: Sequence[Head], means: Float[Tensor, "layer head d_hea
 
 
 class KnockoutEvaluator:
-    """Accuracy under ablation, with the clean prefixes' KV caches computed once for all conditions."""
+    """Accuracy under ablation of head sets, many sets at once (:meth:`correct_many`): at END, each
+    batch's clean prefix KV cache is made once for every set and dropped before the next batch."""
 
     def __init__(self, model: LoadedModel, prompts: ItemSet, means: Float[Tensor, "layer head d_head"],
                  positions: Positions = "end", batch_size: int = 64):
@@ -98,22 +99,18 @@ class KnockoutEvaluator:
         self.batches = []
         for b in length_batches(prompts.items, batch_size):
             tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
-            kv = prefix_kv(model, tokens[:, :-1]) if positions == "end" else None
             answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((np.asarray(b), tokens, answers, kv))
+            self.batches.append((np.asarray(b), tokens, answers))
 
-    @torch.no_grad()
+    def correct_many(self, head_sets: Sequence[Sequence[Head]], progress=None) -> np.ndarray:
+        """Per-item greedy correctness with each of ``head_sets`` mean-ablated: ``sets × items`` bools."""
+        fwds = [ablation_hooks(heads, self.means, self.positions) for heads in head_sets]
+        return correct_at_end(self.model, self.batches, len(self.prompts), [lambda b, f=f: f for f in fwds],
+                              end_only=self.positions == "end", progress=progress, desc=f"knockout ({self.positions})")
+
     def correct(self, heads: Sequence[Head]) -> np.ndarray:
         """Per-item greedy correctness with ``heads`` mean-ablated."""
-        out = np.zeros(len(self.prompts), dtype=bool)
-        fwd = ablation_hooks(heads, self.means, self.positions)
-        for b, tokens, answers, kv in self.batches:
-            if self.positions == "end":
-                logits = end_only_logits(self.model, tokens, fwd, kv)
-            else:
-                logits = logits_at_end(self.model, tokens, fwd)
-            out[b] = (logits.argmax(-1) == answers).cpu().numpy()
-        return out
+        return self.correct_many([heads])[0]
 
     def accuracy(self, heads: Sequence[Head]) -> float:
         return float(self.correct(heads).mean())
@@ -123,17 +120,19 @@ def knockout_curve(evaluator: KnockoutEvaluator, ranking: Sequence[Head], k_valu
                    seed: int = 0, progress=None) -> pd.DataFrame:
     """Accuracy with the top-k ranked heads vs k random heads (``n_seeds`` draws) ablated, per k.
 
-    One row per (condition, k, seed); condition ``none`` (k = 0) is the unablated accuracy.
+    One row per (condition, k, seed); condition ``none`` (k = 0) is the unablated accuracy. Every
+    condition runs in one batch-major pass (:meth:`KnockoutEvaluator.correct_many`).
     """
     model = evaluator.model
     k_values = list(k_values)
     if k_values and max(k_values) > len(ranking):
         raise ValueError(f"k={max(k_values)} exceeds the {len(ranking)} ranked heads")
-    rows = [{"condition": "none", "k": 0, "seed": -1, "accuracy": evaluator.accuracy([])}]
-    jobs = [("top", k, -1) for k in k_values] + [("random", k, seed + s) for k in k_values for s in range(n_seeds)]
-    for cond, k, s in (progress(jobs, desc=f"knockout ({evaluator.positions})") if progress else jobs):
-        heads = ranking[:k] if cond == "top" else random_heads(model.n_layers, model.n_heads, k, s * 1000 + k)
-        rows.append({"condition": cond, "k": k, "seed": s, "accuracy": evaluator.accuracy(heads)})
+    jobs = ([("none", 0, -1)] + [("top", k, -1) for k in k_values]
+            + [("random", k, seed + s) for k in k_values for s in range(n_seeds)])
+    head_sets = [[] if cond == "none" else ranking[:k] if cond == "top"
+                 else random_heads(model.n_layers, model.n_heads, k, s * 1000 + k) for cond, k, s in jobs]
+    accuracy = evaluator.correct_many(head_sets, progress).mean(1)
+    rows = [{"condition": cond, "k": k, "seed": s, "accuracy": float(a)} for (cond, k, s), a in zip(jobs, accuracy)]
     return pd.DataFrame(rows).assign(positions=evaluator.positions, n_prompts=len(evaluator.prompts))
 
 

@@ -39,7 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens import hooks, layout
-from arithlens.hooks import Hook, digit_tokens, end_only_logits, prefix_kv
+from arithlens.hooks import Hook, digit_tokens
 from arithlens.items import Item, encode, length_batches, to_tokens
 from arithlens.models import LoadedModel, last_position_only
 from arithlens.prompts import OPERATORS, TEMPLATES
@@ -286,8 +286,8 @@ def mean_activations(model: LoadedModel, items: Sequence[Item], layers: Sequence
 
 
 class NeuronAblation:
-    """Accuracy with every neuron of ``layers`` mean-ablated at END except those kept; the clean
-    prefixes' KV caches are computed once for all conditions (only END is rerun)."""
+    """Accuracy with every neuron of ``layers`` mean-ablated at END except those kept, many kept sets
+    at once (:meth:`correct_many`): each batch's clean prefix KV cache serves every set (only END is rerun)."""
 
     def __init__(self, model: LoadedModel, items: Sequence[Item], layers: Sequence[int],
                  means: Float[Tensor, "layer d_mlp"], batch_size: int = 64):
@@ -296,7 +296,7 @@ class NeuronAblation:
         for b in length_batches(self.items, batch_size):
             tokens = to_tokens([self.items[i] for i in b]).to(model.device)
             answers = torch.tensor([self.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((np.asarray(b), tokens, answers, prefix_kv(model, tokens[:, :-1])))
+            self.batches.append((np.asarray(b), tokens, answers))
 
     def hooks(self, kept: Collection[Neuron]) -> list[Hook]:
         """Hooks that set every neuron of ``layers`` not in ``kept`` to its mean at END."""
@@ -313,14 +313,14 @@ class NeuronAblation:
             fwd.append((mlp_post(layer), hook))
         return fwd
 
-    @torch.no_grad()
+    def correct_many(self, kept_sets: Sequence[Collection[Neuron] | None]) -> np.ndarray:
+        """Per-item greedy correctness keeping each of ``kept_sets`` (None: the clean model): ``sets × items``."""
+        fwds = [[] if kept is None else self.hooks(kept) for kept in kept_sets]
+        return hooks.correct_at_end(self.model, self.batches, len(self.items), [lambda b, f=f: f for f in fwds])
+
     def correct(self, kept: Collection[Neuron] | None) -> np.ndarray:
         """Per-item greedy correctness keeping ``kept`` (None: nothing ablated, the clean model)."""
-        fwd = [] if kept is None else self.hooks(kept)
-        out = np.zeros(len(self.items), dtype=bool)
-        for b, tokens, answers, kv in self.batches:
-            out[b] = (end_only_logits(self.model, tokens, fwd, kv).argmax(-1) == answers).cpu().numpy()
-        return out
+        return self.correct_many([kept])[0]
 
     def accuracy(self, kept: Collection[Neuron] | None) -> float:
         return float(self.correct(kept).mean())
@@ -342,15 +342,16 @@ def keep_top_k_accuracy(model: LoadedModel, items: Sequence[Item], ranking: Sequ
     ev = NeuronAblation(model, items, layers, means)
     pool = [Neuron(l, i) for l in layers for i in range(means.shape[1])]
     ranked = [n for n in ranking if n.layer in layers]
-    rows = [{"condition": "clean", "percent": 100.0, "n_kept": len(pool), "seed": -1, "accuracy": ev.accuracy(None)}]
+    jobs: list[tuple[str, float, int, int, Collection[Neuron] | None]] = [("clean", 100.0, len(pool), -1, None)]
     for p in percents:
         k = round(p / 100 * len(pool))
         if k > len(ranked):
             raise ValueError(f"{p} % of {len(pool)} neurons is {k}, more than the {len(ranked)} ranked in these layers")
-        rows.append({"condition": "top", "percent": float(p), "n_kept": k, "seed": -1, "accuracy": ev.accuracy(ranked[:k])})
-        for s in range(seed, seed + n_seeds):
-            drawn = random.Random(f"{s}|{k}").sample(pool, k)
-            rows.append({"condition": "random", "percent": float(p), "n_kept": k, "seed": s, "accuracy": ev.accuracy(drawn)})
+        jobs.append(("top", float(p), k, -1, ranked[:k]))
+        jobs += [("random", float(p), k, s, random.Random(f"{s}|{k}").sample(pool, k)) for s in range(seed, seed + n_seeds)]
+    accuracy = ev.correct_many([kept for *_, kept in jobs]).mean(1)
+    rows = [{"condition": c, "percent": p, "n_kept": k, "seed": s, "accuracy": float(a)}
+            for (c, p, k, s, _), a in zip(jobs, accuracy)]
     return pd.DataFrame(rows).assign(n_items=len(ev.items))
 
 

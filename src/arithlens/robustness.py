@@ -41,7 +41,7 @@ from torch import Tensor
 
 from arithlens import hooks
 from arithlens.agreement import jaccard
-from arithlens.hooks import Head, end_only_logits, prefix_kv
+from arithlens.hooks import Head
 from arithlens.items import ItemSet, length_batches, to_tokens
 from arithlens.knockout import KnockoutEvaluator, mean_z
 from arithlens.metrics import select_key_heads
@@ -109,13 +109,12 @@ def knockout_null(evaluator: KnockoutEvaluator, key_heads: Sequence[Head], n_set
     ``drop`` = unablated − ablated accuracy) and the :class:`NullTest` of the key drop.
     """
     model = evaluator.model
-    base = evaluator.accuracy([])
     sets = layer_matched_random_sets(key_heads, model.n_layers, model.n_heads, n_sets, seed)
     jobs = [("key", -1, sorted(key_heads))] + [("random", i, s) for i, s in enumerate(sets)]
-    rows = []
-    for kind, i, heads in (progress(jobs, desc="layer-matched null") if progress else jobs):
-        acc = evaluator.accuracy(heads)
-        rows.append({"set": kind, "index": i, "heads": " ".join(map(str, heads)), "accuracy": acc, "drop": base - acc})
+    accuracy = evaluator.correct_many([[]] + [heads for _, _, heads in jobs], progress).mean(1)
+    base = float(accuracy[0])
+    rows = [{"set": kind, "index": i, "heads": " ".join(map(str, heads)), "accuracy": float(acc), "drop": base - float(acc)}
+            for (kind, i, heads), acc in zip(jobs, accuracy[1:])]
     frame = pd.DataFrame(rows).assign(base_accuracy=base, n_prompts=len(evaluator.prompts))
     null = frame[frame["set"] == "random"]["drop"].to_numpy(dtype=np.float64)
     return frame, null_test(float(frame["drop"].iloc[0]), null)
@@ -262,8 +261,8 @@ def ablation_values(model: LoadedModel, prompts: ItemSet, kind: AblationKind, se
 
 
 class AblationEvaluator:
-    """Greedy correctness with heads' END ``hook_z`` replaced by per-item values; prefix KV caches
-    computed once for every condition."""
+    """Greedy correctness with heads' END ``hook_z`` replaced by per-item values, many conditions at
+    once (:meth:`correct_many`): each batch's clean prefix KV cache serves every condition."""
 
     def __init__(self, model: LoadedModel, prompts: ItemSet, batch_size: int = 64):
         self.model, self.prompts = model, prompts
@@ -271,20 +270,27 @@ class AblationEvaluator:
         for b in length_batches(prompts.items, batch_size):
             tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
             answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((np.asarray(b), tokens, answers, prefix_kv(model, tokens[:, :-1])))
+            self.batches.append((np.asarray(b), tokens, answers))
 
-    @torch.no_grad()
+    def correct_many(self, conditions: Sequence[tuple[Sequence[Head], Float[Tensor, "item layer head d_head"]]],
+                     progress=None) -> np.ndarray:
+        """Per-item correctness under each (heads, values) condition, ``heads`` set to ``values`` at
+        END (the item's own row): a ``conditions × items`` bool array."""
+        def condition(heads, values):
+            by_layer: dict[int, list[int]] = {}
+            for h in heads:
+                by_layer.setdefault(h.layer, []).append(h.head)
+
+            def hooks_for(b):
+                rows = values[torch.as_tensor(b, device=values.device)]
+                return [(hooks.hook_z(l), hooks.set_at_end(rows[:, l, hs], hs)) for l, hs in by_layer.items()]
+            return hooks_for
+        return hooks.correct_at_end(self.model, self.batches, len(self.prompts.items),
+                                    [condition(h, v) for h, v in conditions], progress=progress, desc="ablations")
+
     def correct(self, heads: Sequence[Head], values: Float[Tensor, "item layer head d_head"]) -> np.ndarray:
         """Per-item correctness with ``heads`` set to ``values`` at END (the item's own row)."""
-        by_layer: dict[int, list[int]] = {}
-        for h in heads:
-            by_layer.setdefault(h.layer, []).append(h.head)
-        out = np.zeros(len(self.prompts.items), dtype=bool)
-        for b, tokens, answers, kv in self.batches:
-            rows = values[torch.as_tensor(b, device=values.device)]
-            fwd = [(hooks.hook_z(l), hooks.set_at_end(rows[:, l, hs], hs)) for l, hs in by_layer.items()]
-            out[b] = (end_only_logits(self.model, tokens, fwd, kv).argmax(-1) == answers).cpu().numpy()
-        return out
+        return self.correct_many([(heads, values)])[0]
 
 
 def ablation_sensitivity(evaluator: AblationEvaluator, key_heads: Sequence[Head],
@@ -293,14 +299,15 @@ def ablation_sensitivity(evaluator: AblationEvaluator, key_heads: Sequence[Head]
     """Accuracy with the key heads and with ``n_random`` layer-matched random sets ablated, under each
     ablation. One row per (ablation, set, index) with ``accuracy`` and ``drop`` from the unablated."""
     model = evaluator.model
-    base = float(evaluator.correct([], torch.zeros(len(evaluator.prompts.items), 1, 1, 1)).mean())
     sets = layer_matched_random_sets(key_heads, model.n_layers, model.n_heads, n_random, seed)
-    rows = []
-    for kind in kinds:
-        values = ablation_values(model, evaluator.prompts, kind, seed)
-        for name, i, heads in [("key", -1, list(key_heads))] + [("random", i, s) for i, s in enumerate(sets)]:
-            acc = float(evaluator.correct(heads, values).mean())
-            rows.append({"ablation": kind, "set": name, "index": i, "accuracy": acc, "drop": base - acc})
+    jobs = [(kind, name, i, heads) for kind in kinds
+            for name, i, heads in [("key", -1, list(key_heads))] + [("random", i, s) for i, s in enumerate(sets)]]
+    values = {kind: ablation_values(model, evaluator.prompts, kind, seed) for kind in kinds}
+    none = torch.zeros(len(evaluator.prompts.items), 1, 1, 1)
+    accuracy = evaluator.correct_many([([], none)] + [(heads, values[kind]) for kind, _, _, heads in jobs]).mean(1)
+    base = float(accuracy[0])
+    rows = [{"ablation": kind, "set": name, "index": i, "accuracy": float(acc), "drop": base - float(acc)}
+            for (kind, name, i, _), acc in zip(jobs, accuracy[1:])]
     return pd.DataFrame(rows).assign(base_accuracy=base)
 
 

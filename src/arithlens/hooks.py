@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from arithlens.items import AnswerBatch
 from arithlens.models import LoadedModel, last_position_only, logits_at_end
 
 #: A TransformerLens forward hook: (hook-point name, fn(activation, hook) -> activation or None).
@@ -195,11 +196,6 @@ def end_only_logits(model: LoadedModel, tokens: Int[Tensor, "batch pos"], hooks:
     if kv is None:
         kv = prefix_kv(model, tokens[:, :-1])
     return run_after_prefix(model, tokens[:, -1:], hooks, kv)[:, -1].float()
-
-
-AnswerBatch = tuple[np.ndarray, Tensor, Tensor]
-"""One batch of items of one length: their indices in the set, their tokens (batch × pos; the length
-differs from batch to batch, so it is not a jaxtyping axis here) and their answer tokens."""
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ and knockout run on a transfer suite unchanged. What the two makers share is her
   characters are replaced by each candidate in turn, and the first whose tokens equal the clean
   prompt's everywhere outside the operation wins (same length, so operands and END line up);
 * :func:`to_tokens` and :func:`length_batches` — items of one token length stacked without padding,
-  and the one iterator that buckets items by length and cuts each bucket into batches.
+  and the one iterator that buckets items by length and cuts each bucket into batches;
+  :func:`answer_batches` — those batches with their tokens and answer tokens, ready to score.
 
 Imports nothing of arithlens. Written by hand (no library aligns these counterfactuals).
 """
@@ -25,6 +26,7 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -124,4 +126,19 @@ def length_batches(items: Sequence[Item], batch_size: int, key: Callable[[Any], 
             idx = idx[:]
             rng.shuffle(idx)
         out += [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+    return out
+
+
+AnswerBatch = tuple[np.ndarray, Tensor, Tensor]
+"""One batch of items of one length: their indices in the set, their tokens (batch × pos; the length
+differs from batch to batch, so it is not a jaxtyping axis here) and their answer tokens."""
+
+
+def answer_batches(items: Sequence[Item], batch_size: int, device: torch.device | str = "cpu") -> list[AnswerBatch]:
+    """:func:`length_batches` of ``items`` with each batch's clean tokens and answer tokens on ``device``."""
+    out = []
+    for b in length_batches(items, batch_size):
+        tokens = to_tokens([items[i] for i in b]).to(device)
+        answers = torch.tensor([items[i].answer_token for i in b], device=device)
+        out.append((np.asarray(b), tokens, answers))
     return out

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from arithlens import hooks
 from arithlens.hooks import Head, Hook, correct_at_end, random_heads
-from arithlens.items import Item, ItemSet, length_batches, to_tokens
+from arithlens.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.models import LoadedModel, last_position_only
 from arithlens.prompts import PromptSet
 
@@ -96,11 +96,7 @@ class KnockoutEvaluator:
         if positions not in ("end", "all"):
             raise ValueError(f"positions must be 'end' or 'all', got {positions!r}")
         self.model, self.prompts, self.means, self.positions = model, prompts, means, positions
-        self.batches = []
-        for b in length_batches(prompts.items, batch_size):
-            tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
-            answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((np.asarray(b), tokens, answers))
+        self.batches = answer_batches(prompts.items, batch_size, model.device)
 
     def correct_many(self, head_sets: Sequence[Sequence[Head]], progress=None) -> np.ndarray:
         """Per-item greedy correctness with each of ``head_sets`` mean-ablated: ``sets × items`` bools."""

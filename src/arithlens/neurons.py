@@ -40,7 +40,7 @@ from torch import Tensor
 
 from arithlens import hooks, layout
 from arithlens.hooks import Hook, digit_tokens
-from arithlens.items import Item, encode, length_batches, to_tokens
+from arithlens.items import Item, answer_batches, encode
 from arithlens.models import LoadedModel, last_position_only
 from arithlens.prompts import OPERATORS, TEMPLATES
 
@@ -292,11 +292,7 @@ class NeuronAblation:
     def __init__(self, model: LoadedModel, items: Sequence[Item], layers: Sequence[int],
                  means: Float[Tensor, "layer d_mlp"], batch_size: int = 64):
         self.model, self.items, self.layers, self.means = model, list(items), list(layers), means
-        self.batches = []
-        for b in length_batches(self.items, batch_size):
-            tokens = to_tokens([self.items[i] for i in b]).to(model.device)
-            answers = torch.tensor([self.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((np.asarray(b), tokens, answers))
+        self.batches = answer_batches(self.items, batch_size, model.device)
 
     def hooks(self, kept: Collection[Neuron]) -> list[Hook]:
         """Hooks that set every neuron of ``layers`` not in ``kept`` to its mean at END."""

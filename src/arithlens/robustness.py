@@ -42,7 +42,7 @@ from torch import Tensor
 from arithlens import hooks
 from arithlens.agreement import jaccard
 from arithlens.hooks import Head
-from arithlens.items import ItemSet, length_batches, to_tokens
+from arithlens.items import ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.knockout import KnockoutEvaluator, mean_z
 from arithlens.metrics import select_key_heads
 from arithlens.models import LoadedModel, last_position_only
@@ -266,11 +266,7 @@ class AblationEvaluator:
 
     def __init__(self, model: LoadedModel, prompts: ItemSet, batch_size: int = 64):
         self.model, self.prompts = model, prompts
-        self.batches = []
-        for b in length_batches(prompts.items, batch_size):
-            tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
-            answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((np.asarray(b), tokens, answers))
+        self.batches = answer_batches(prompts.items, batch_size, model.device)
 
     def correct_many(self, conditions: Sequence[tuple[Sequence[Head], Float[Tensor, "item layer head d_head"]]],
                      progress=None) -> np.ndarray:

@@ -21,9 +21,10 @@ import torch
 
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
-from arithlens import agreement, attribution, patching  # noqa: E402
-from arithlens.models import load_model  # noqa: E402
-from arithlens.prompts import PromptConfig, make_prompts  # noqa: E402
+from arithlens.analyses import agreement, attribution
+from arithlens import patching  # noqa: E402
+from arithlens.core.models import load_model  # noqa: E402
+from arithlens.tasks.prompts import PromptConfig, make_prompts  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 Writes two synthetic files of ``--n`` items each in the published formats (their wording is generated
 here, not taken from any dataset): ``wordproblems.jsonl`` (GSM8K format, one- and two-step problems
 with a ``#### N`` answer) and ``choices.csv`` (MMLU CSV format, four numeric options). Each is read
-with :func:`arithlens.benchmarks.load_benchmark` (``--shots`` demonstrations) and scored once per mode
+with :func:`arithlens.tasks.benchmarks.reader.load_benchmark` (``--shots`` demonstrations) and scored once per mode
 (``generate``, ``first_token`` for the word problems; ``choice`` for the CSV); prints items/s and
 accuracy per mode. Wall-clock on this machine, prefix cache included, model load excluded.
 """
@@ -68,9 +68,9 @@ def main() -> None:
 
     import torch
 
-    from arithlens.benchmark_scoring import timed_score
-    from arithlens.benchmarks import load_benchmark
-    from arithlens.models import load_model
+    from arithlens.tasks.benchmarks.scoring import timed_score
+    from arithlens.tasks.benchmarks.reader import load_benchmark
+    from arithlens.core.models import load_model
 
     model = load_model(args.model)
     print(f"model {args.model}, torch threads {torch.get_num_threads()}, n {args.n}, shots {args.shots}, "

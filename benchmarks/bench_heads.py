@@ -25,10 +25,11 @@ import torch
 
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
-from arithlens import knockout, patching  # noqa: E402
-from arithlens.items import length_batches, to_tokens  # noqa: E402
-from arithlens.models import load_model  # noqa: E402
-from arithlens.prompts import PromptConfig, make_prompts  # noqa: E402
+from arithlens.analyses import knockout
+from arithlens import patching  # noqa: E402
+from arithlens.core.items import length_batches, to_tokens  # noqa: E402
+from arithlens.core.models import load_model  # noqa: E402
+from arithlens.tasks.prompts import PromptConfig, make_prompts  # noqa: E402
 
 
 def peak_gb() -> float:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-SNIPPET = "import time, sys; t = time.perf_counter(); from arithlens.models import load_model; " \
+SNIPPET = "import time, sys; t = time.perf_counter(); from arithlens.core.models import load_model; " \
           "m = load_model(sys.argv[1]); print(time.perf_counter() - t, m.from_cache)"
 
 

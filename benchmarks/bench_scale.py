@@ -42,11 +42,11 @@ import torch
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
 from arithlens import patching  # noqa: E402
-from arithlens.attribution import two_forward_seconds  # noqa: E402
-from arithlens.models import (LoadedModel, ModelSpec, ModelSpecError, build_tiny_tokenizer,  # noqa: E402
+from arithlens.analyses.attribution import two_forward_seconds  # noqa: E402
+from arithlens.core.models import (LoadedModel, ModelSpec, ModelSpecError, build_tiny_tokenizer,  # noqa: E402
                               default_dtype, load_model, pick_device)
-from arithlens.items import length_batches, to_tokens  # noqa: E402
-from arithlens.prompts import PromptConfig, make_prompts  # noqa: E402
+from arithlens.core.items import length_batches, to_tokens  # noqa: E402
+from arithlens.tasks.prompts import PromptConfig, make_prompts  # noqa: E402
 
 
 def peak_gb() -> float:

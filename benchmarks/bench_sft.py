@@ -52,11 +52,11 @@ def setup(args):
     """The model, the batch and a function running ``method`` for ``steps`` AdamW steps on it."""
     import torch
 
-    from arithlens import finetune as ft
-    from arithlens.finetune_data import make_sft_data
-    from arithlens.models import load_model
-    from arithlens.hooks import Head
-    from arithlens.prompts import group_by_length, to_tokens
+    from arithlens.analyses.sft import trainer as ft
+    from arithlens.analyses.sft.evaluation import make_sft_data
+    from arithlens.core.models import load_model
+    from arithlens.core.hooks import Head
+    from arithlens.tasks.prompts import group_by_length, to_tokens
 
     model = load_model(args.model)
     heads = tuple(Head(*map(int, h.split("."))) for h in args.heads.split(","))

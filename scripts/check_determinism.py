@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from arithlens import runs, store
-from arithlens.book import toc_chapters
-from arithlens.models import DEFAULT_MODEL
+from arithlens.runner import runs, store
+from arithlens.runner.book import toc_chapters
+from arithlens.core.models import DEFAULT_MODEL
 
 
 def _execute_all(root: Path, chapters: list[str], model: str, given: dict) -> dict[str, Path]:
@@ -50,7 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     chapters = [runs.find_chapter(c) for c in (args.chapters or toc_chapters())]
     given = runs.gather_overrides(args.param)
-    first_root = Path(args.against).expanduser().resolve() if args.against else runs.runs_root()
+    first_root = Path(args.against).expanduser().resolve() if args.against else paths.runs_root()
     print(f"model {args.model}, torch {torch.__version__} with {torch.get_num_threads()} threads "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     print(f"first store {first_root}:")

@@ -19,7 +19,7 @@ install_import_hook("arithlens", "beartype.beartype(conf=beartype.BeartypeConf(i
 
 import pytest  # noqa: E402
 
-from arithlens.models import load_model  # noqa: E402
+from arithlens.core.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +42,14 @@ def tiny_arch(request):
 @pytest.fixture(scope="session", params=["tiny", "tiny:qwen2", "tiny:gemma2", "tiny:olmo2"],
                 ids=["llama", "qwen2", "gemma2", "olmo2"])
 def tiny_layout(request):
-    """One tiny model per block layout the fast sweeps claim (:mod:`arithlens.layout`): Llama and Qwen2
+    """One tiny model per block layout the fast sweeps claim (:mod:`arithlens.core.layout`): Llama and Qwen2
     (plain), Gemma 2 (four norms per block, (1 + w) norms, final soft-capping) and OLMo 2 (norms only
     after attention and after the MLP)."""
     return load_model(request.param)
 
 
 def _fetched_or_skip(name: str):
-    from arithlens.models import ModelSpecError, resolve_spec
+    from arithlens.core.models import ModelSpecError, resolve_spec
 
     try:
         resolve_spec(name)

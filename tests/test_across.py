@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from arithlens import book, runs, schedule, verdicts
-from arithlens.book import check_consistent
+from arithlens.runner import book, runs, schedule
+from arithlens.claims import verdicts
+from arithlens.runner.book import check_consistent
 from arithlens.cli import main
 from arithlens.record import RunResult
-from arithlens.runs import RunError, gather_overrides, plan_run
+from arithlens.runner.runs import RunError, gather_overrides, plan_run
 
 from test_chapters import NUMBERS_TINY, ROBUST_TINY
 from test_graph import BOOK, _tiny_given
@@ -89,7 +90,7 @@ def test_a_book_of_several_models_never_shows_a_comparison_of_other_runs():
 
 
 def test_the_table_of_contents_gets_a_part_per_further_model(tmp_path, monkeypatch):
-    shutil.copy(book.project_root() / "book" / "_toc.yml", tmp_path / "_toc.yml")
+    shutil.copy(paths.project_root() / "book" / "_toc.yml", tmp_path / "_toc.yml")
     monkeypatch.setenv("ARITHLENS_BOOK_DIR", str(tmp_path))
     shown = [_fake(c, c, m) for m in TWO for c in INPUTS] + [_fake(ACROSS, "x")]
     toc = book.yaml.safe_load(book.book_toc(shown, "tiny").read_text())
@@ -145,7 +146,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
 
     # and on the book's first page, each cell linking to the chapter page of its model
     for name in ("_toc.yml", "intro.md", "glossary.md"):
-        shutil.copy(book.project_root() / "book" / name, tmp_path / name)
+        shutil.copy(paths.project_root() / "book" / name, tmp_path / name)
     monkeypatch.setenv("ARITHLENS_BOOK_DIR", str(tmp_path))
     index = book.build_book(list(results.values()), primary="tiny")
     verdicts_md = (tmp_path / "_generated" / "verdicts.md").read_text()

@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import agreement as G
-from arithlens import attribution as A
-from arithlens import knockout as K
-from arithlens import patching as P
-from arithlens.hooks import Head, digit_tokens, scores_from_logits
-from arithlens.items import to_tokens
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.analyses import agreement as G
+from arithlens.analyses import attribution as A
+from arithlens.analyses import knockout as K
+from arithlens.analyses import patching as P
+from arithlens.core.hooks import Head, digit_tokens, scores_from_logits
+from arithlens.core.items import to_tokens
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 def _table(means_by_method, n_prompts=3):

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens import attribution as A
-from arithlens import hooks
-from arithlens import patching as P
-from arithlens.metrics import summarize_effects
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.analyses import attribution as A
+from arithlens.core import hooks
+from arithlens.analyses import patching as P
+from arithlens.core.metrics import summarize_effects
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens import benchmark_scoring, finetune_data, knockout, transfer
-from arithlens.benchmark_scoring import BenchmarkScorer, answers_match, evaluate_benchmarks, extract_last_number
-from arithlens.benchmarks import (BenchmarkFileError, format_number, load_benchmark, load_benchmarks,
+from arithlens.tasks.benchmarks import scoring
+from arithlens.analyses.sft import evaluation
+from arithlens.analyses import knockout, transfer
+from arithlens.tasks.benchmarks.scoring import BenchmarkScorer, answers_match, evaluate_benchmarks, extract_last_number
+from arithlens.tasks.benchmarks.reader import (BenchmarkFileError, format_number, load_benchmark, load_benchmarks,
                                   make_benchmark_suite, parse_number, read_benchmark)
 from arithlens.cli import main
-from arithlens.patching import Head
-from arithlens.suites import SuiteScorer
+from arithlens.analyses.patching import Head
+from arithlens.tasks.suites import SuiteScorer
 
 DATA = Path(__file__).parent / "data" / "benchmarks"
 
@@ -228,7 +230,7 @@ def test_generation_reuses_the_prompt_cache(tiny, monkeypatch):
 
 
 def _prefix(model, tokens):
-    from arithlens.patching import prefix_kv
+    from arithlens.analyses.patching import prefix_kv
 
     return prefix_kv(model, tokens)
 
@@ -292,7 +294,7 @@ def test_benchmarks_feed_knockout_transfer_and_finetuning(tiny):
     gen = transfer.knockout_transfer(tiny, {"generic": math}, [Head(1, 0)], means, n_seeds=1, margin=None,
                                      scorer=lambda m, s: BenchmarkScorer(m, s, "generate", max_new_tokens=3))
     assert (gen["mode"] == "generate").all() and len(gen) == 3 * len(math)
-    batches = finetune_data.make_batches(math, batch_size=4, n_batches=6, seed=0)
+    batches = evaluation.make_batches(math, batch_size=4, n_batches=6, seed=0)
     for tokens, answers in batches:
         rows = [it for it in math.items if any(list(it.clean_tokens) == t for t in tokens.tolist())]
         assert len(rows) == len(tokens) and answers.tolist() == [it.answer_tokens[0] for it in rows]

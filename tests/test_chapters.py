@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from arithlens.runs import RunError, run_chapter
+from arithlens.runner.runs import RunError, run_chapter
 
 HEADS_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_total_prompts=3",
               "n_boot=50", "knockout_seeds=2", "top_k=3", "knockout_k_max=3", "all_positions_k=[2]", "min_correct=1"]
@@ -104,7 +104,7 @@ def test_precise_sft_chapter_end_to_end(isolated_runs):
     assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet"} <= tables
     methods = set(run.table("training")["method"])
     assert {"full SFT", "LoRA"} & {m.split(" r=")[0] for m in methods} and any(m.startswith("random") for m in methods)
-    from arithlens.finetune_delta import load_delta
+    from arithlens.core.deltas import load_delta
     for folder, method in (("delta", "precise"), ("delta_random", "precise"), ("delta_lora", "lora")):
         delta = load_delta(Path(run.path) / folder)  # chapter 6 reads all three
         assert delta.values and delta.meta.get("method") == method, folder

@@ -16,14 +16,16 @@ import nbformat
 import pytest
 import torch
 
-from arithlens import patching, prompts, runs
+from arithlens.analyses import patching
+from arithlens.tasks import prompts
+from arithlens.runner import runs
 from arithlens.classroom import EXERCISE_IDS, ClassroomError, exercise_notebooks
 from arithlens.classroom import build as cbuild
 from arithlens.classroom import checks
 from arithlens.classroom.grade import check_names, format_report, grade_notebook
 from arithlens.cli import main
 
-EXERCISES = runs.project_root() / "exercises"
+EXERCISES = paths.project_root() / "exercises"
 REAL = {"01_prompts"}  # exercises whose checks load SmolLM2 (its tokenizer)
 SMOLLM2_DEMO = {"01_prompts", "02_direct_effect", "03_knockout", "04_logit_lens", "06_attribution_patching"}  # notebooks that load it
 
@@ -193,7 +195,7 @@ def test_attribution_exercise_says_what_is_wrong(edit, expected, says):
 
 def test_a_stored_answer_cannot_pass():
     # a function that returns numbers computed once, on the notebook's prompt, fails on the checks' fresh prompt
-    from arithlens.models import load_model
+    from arithlens.core.models import load_model
 
     honest = _solutions("04_logit_lens")
     model = load_model("tiny:4")

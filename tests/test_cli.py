@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arithlens import runs
+from arithlens.runner import runs
 from arithlens.cli import main
 
 TINY = ["--param", "n_per_cell=1", "--param", "filter_correct=false", "--param", "templates=[eq_spaced, st_is]",
@@ -66,7 +66,7 @@ def test_chapter0_end_to_end_through_the_cli(isolated_runs, tmp_path):
 
     # the book: staged from that run, built offline, charts wired to the bundled vega
     book = tmp_path / "book"
-    shutil.copytree(runs.project_root() / "book", book, ignore=shutil.ignore_patterns("_build", "chapters", "_static"))
+    shutil.copytree(paths.project_root() / "book", book, ignore=shutil.ignore_patterns("_build", "chapters", "_static"))
     env["ARITHLENS_BOOK_DIR"] = str(book)
     built = _cli("book", "--model", "tiny", "--chapters", "00_task", *TINY, env=env)
     assert built.returncode == 0, built.stderr

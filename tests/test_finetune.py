@@ -1,4 +1,4 @@
-"""Precise SFT (arithlens.finetune, arithlens.finetune_data) on the tiny random-init model."""
+"""Precise SFT (arithlens.analyses.sft.trainer, arithlens.analyses.sft.evaluation) on the tiny random-init model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import finetune as ft
-from arithlens import finetune_data as fd
-from arithlens.hooks import Head
+from arithlens.analyses.sft import trainer as ft
+from arithlens.analyses.sft import evaluation as fd
+from arithlens.core.hooks import Head
 
 HEADS = (Head(0, 1), Head(1, 3))  # head 3 of 4 reads KV head 1 (2 KV heads)
 

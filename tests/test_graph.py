@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 import arithlens
-from arithlens import runs, threads
-from arithlens.book import check_consistent
+from arithlens.runner import runs
+from arithlens.core import threads
+from arithlens.runner.book import check_consistent
 from arithlens.record import RunResult
-from arithlens.runs import RunError, execute, gather_overrides, plan_book
+from arithlens.runner.runs import RunError, execute, gather_overrides, plan_book
 
 from test_chapters import HEADS_TINY, MLP_TINY, SFT_TINY, TRANSFER_TINY
 
@@ -177,7 +178,7 @@ def test_run_graph_starts_each_run_once_its_inputs_finished_and_runs_independent
     import threading
     import time as _time
 
-    from arithlens import schedule
+    from arithlens.runner import schedule
 
     plans = plan_book(["00_task", "01_heads", "02_mlp", "03_transfer", "04_precise_sft"], "tiny")
     events, lock = [], threading.Lock()
@@ -246,7 +247,7 @@ def test_the_thread_share_divides_the_cores_among_the_runs_going():
 def test_a_kernel_follows_the_share_before_its_forward_passes(tmp_path):
     import torch
 
-    from arithlens.models import load_model
+    from arithlens.core.models import load_model
 
     model = load_model("tiny:qwen2")
     before = torch.get_num_threads()
@@ -277,7 +278,7 @@ def test_book_refuses_fewer_than_one_job(isolated_runs, capsys):
 def test_dry_run_times_each_run_by_earlier_runs_with_the_same_parameters_and_runs_nothing(isolated_runs, capsys):
     import json
 
-    from arithlens import schedule
+    from arithlens.runner import schedule
     from arithlens.cli import main
 
     plans = plan_book(["01_heads", "02_mlp"], "tiny")
@@ -305,11 +306,12 @@ def test_dry_run_times_each_run_by_earlier_runs_with_the_same_parameters_and_run
 
 
 def test_gguf_weights_are_dequantized_once_before_runs_start_side_by_side(monkeypatch, tmp_path):
-    from arithlens import models, schedule
-    from arithlens.specs import ModelSpec
+    from arithlens.core import models
+    from arithlens.runner import schedule
+    from arithlens.core.specs import ModelSpec
 
     specs = {"a.gguf": ModelSpec("a.gguf", "gguf", str(tmp_path / "a.gguf"), "ab" * 32), "tiny": ModelSpec("tiny", "tiny", "llama:0")}
-    monkeypatch.setattr("arithlens.specs.resolve_spec", lambda name, log=None: specs[name])
+    monkeypatch.setattr("arithlens.core.specs.resolve_spec", lambda name, log=None: specs[name])
     calls, lines = [], []
     monkeypatch.setattr(models, "dequantize_gguf", lambda path, sha: calls.append((path, sha)) or (tmp_path / "cache", False))
     schedule._dequantize_once({"a.gguf", "tiny"}, lines.append)

@@ -7,11 +7,11 @@ import jaxtyping
 import pytest
 import torch
 
-from arithlens import hooks
-from arithlens.hooks import Head
-from arithlens.items import to_tokens
-from arithlens.patching import cache_end
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.core import hooks
+from arithlens.core.hooks import Head
+from arithlens.core.items import to_tokens
+from arithlens.analyses.patching import cache_end
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_kept_crops_back_what_a_block_appended(tiny, items):
     assert kv.get_seq_length() == length
 
 
-# The draws of knockout.random_heads(n_layers, n_heads, k, seed) and finetune.random_heads(cfg, k, seed,
+# The draws of knockout.random_heads(n_layers, n_heads, k, seed) and trainer.random_heads(cfg, k, seed,
 # min_layer, exclude=[Head(1, 0), Head(n_layers - 1, n_heads - 1)]) before the two became one
 # (captured from commit 9c97174 on these seeds): the shared draw must give the same heads.
 KNOCKOUT_BEFORE = {
@@ -86,7 +86,8 @@ FINETUNE_BEFORE = {
 def test_one_random_head_draw_gives_each_caller_its_old_heads():
     from types import SimpleNamespace
 
-    from arithlens import finetune, knockout
+    from arithlens.analyses.sft import trainer
+    from arithlens.analyses import knockout
 
     for (n_layers, n_heads, k, seed), want in KNOCKOUT_BEFORE.items():
         assert [str(h) for h in knockout.random_heads(n_layers, n_heads, k, seed)] == want
@@ -94,7 +95,7 @@ def test_one_random_head_draw_gives_each_caller_its_old_heads():
     for (n_layers, n_heads, k, seed, min_layer), want in FINETUNE_BEFORE.items():
         cfg = SimpleNamespace(n_layers=n_layers, n_heads=n_heads)
         exclude = [Head(1, 0), Head(n_layers - 1, n_heads - 1)]
-        assert [str(h) for h in finetune.random_heads(cfg, k, seed, min_layer, exclude)] == want
+        assert [str(h) for h in trainer.random_heads(cfg, k, seed, min_layer, exclude)] == want
     with pytest.raises(ValueError, match="larger than the number of heads"):
         hooks.random_heads(2, 4, 3, 0, min_layer=1, exclude=[Head(1, 0), Head(1, 3)])
 

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from arithlens import items as I
-from arithlens.prompts import PromptConfig, group_by_length, make_prompts
-from arithlens.suites import make_suite
+from arithlens.core import items as I
+from arithlens.tasks.prompts import PromptConfig, group_by_length, make_prompts
+from arithlens.tasks.suites import make_suite
 
 
 @pytest.fixture(scope="module")

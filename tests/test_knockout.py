@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import knockout as K
-from arithlens import hooks as H
-from arithlens.hooks import Head, end_only_logits, prefix_kv
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.analyses import knockout as K
+from arithlens.core import hooks as H
+from arithlens.core.hooks import Head, end_only_logits, prefix_kv
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Block layouts: what :func:`arithlens.layout.describe` reads for each tiny family, that the fast sweeps
+"""Block layouts: what :func:`arithlens.core.layout.describe` reads for each tiny family, that the fast sweeps
 depend on it (a wrong layout gives wrong numbers), and that a model it cannot describe falls back,
 visibly, to one hooked pass per head.
 
@@ -12,10 +12,11 @@ import dataclasses
 import pytest
 import torch
 
-from arithlens import layout, mlp, patching as P
-from arithlens.models import LoadedModel, build_tiny_tokenizer
-from arithlens.prompts import PromptConfig, make_prompts
-from arithlens.specs import ModelSpec
+from arithlens.core import layout
+from arithlens.analyses import mlp, patching as P
+from arithlens.core.models import LoadedModel, build_tiny_tokenizer
+from arithlens.tasks.prompts import PromptConfig, make_prompts
+from arithlens.core.specs import ModelSpec
 
 EXPECTED = {  # architecture → (norm slots, (1 + w) norms, final soft-cap)
     "LlamaForCausalLM": (("ln1", "ln2"), False, None),
@@ -52,7 +53,7 @@ def test_a_wrong_layout_gives_wrong_numbers(spec, wrong, modes, monkeypatch):
     """The tiny models are built so that every layout field matters: change one and the fast sweeps
     miss the reference by over 10× the tolerance the fast == reference tests allow (1e-4 × the
     logit scale), so fast == reference on them is evidence, not luck."""
-    from arithlens.models import load_model
+    from arithlens.core.models import load_model
 
     model = load_model(spec)
     cache = _cache(model)
@@ -72,7 +73,7 @@ def test_a_wrong_layout_gives_wrong_numbers(spec, wrong, modes, monkeypatch):
 @pytest.fixture(scope="module")
 def granite():
     """A tiny Granite: Llama's two pre-norms, but residual updates, embeddings and logits scaled by
-    constants — a layout :func:`arithlens.layout.describe` does not claim."""
+    constants — a layout :func:`arithlens.core.layout.describe` does not claim."""
     from transformers import GraniteConfig, GraniteForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -130,8 +131,8 @@ def test_undescribed_model_falls_back_to_reference_and_says_so(granite, capsys, 
 @pytest.mark.parametrize("spec", ["tiny:gemma2", "tiny:olmo2"])
 def test_neuron_attribution_refuses_a_post_mlp_norm(spec):
     """Neuron direct attributions are linear only without a post-MLP norm: they refuse rather than mislead."""
-    from arithlens import neurons
-    from arithlens.models import load_model
+    from arithlens.analyses import neurons
+    from arithlens.core.models import load_model
 
     model = load_model(spec)
     ps = make_prompts(model.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=2, shots=1))

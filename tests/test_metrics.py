@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arithlens.metrics import bootstrap_means, select_key_heads, summarize_effects
+from arithlens.core.metrics import bootstrap_means, select_key_heads, summarize_effects
 
 
 def test_bootstrap_matches_a_plain_loop():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens import mlp, patching as P
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.analyses import mlp, patching as P
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 @pytest.fixture(scope="module")

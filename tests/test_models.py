@@ -3,8 +3,8 @@ import struct
 import pytest
 import torch
 
-from arithlens import models
-from arithlens.models import ModelSpecError, load_model, logits_at_end, resolve_spec
+from arithlens.core import models
+from arithlens.core.models import ModelSpecError, load_model, logits_at_end, resolve_spec
 
 
 def test_registry_and_forms(tmp_path):
@@ -91,7 +91,7 @@ def test_smollm2_bridge_matches_hf(smollm2):
     bridge = logits_at_end(smollm2, tokens)
     torch.testing.assert_close(bridge, hf, rtol=1e-4, atol=1e-4)
     assert smollm2.tokenizer.decode([int(bridge.argmax())]) == "7"
-    cached = list((models.cache_dir() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
+    cached = list((paths.cache_dir() / "models").glob("SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
     assert cached, "dequantized weights were not cached"
 
 
@@ -111,7 +111,7 @@ def test_qwen_bridge_matches_hf(request, fixture, shape):
     bridge = logits_at_end(model, tokens)
     torch.testing.assert_close(bridge, hf, rtol=1e-5, atol=1e-5)
     assert model.tokenizer.decode([int(bridge.argmax())]) == "7"
-    from arithlens import patching
+    from arithlens.analyses import patching
 
     assert patching.fast_path_supported(model)
 
@@ -145,7 +145,7 @@ def test_a_cache_another_process_finished_first_is_kept_not_replaced(tmp_path, m
     monkeypatch.setenv("ARITHLENS_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    target = models.cache_dir() / "models" / "m-0123456789abcdef"
+    target = paths.cache_dir() / "models" / "m-0123456789abcdef"
 
     def other_finishes():
         target.mkdir(parents=True)
@@ -162,7 +162,7 @@ def test_an_unfinished_cache_left_by_a_killed_run_is_replaced(tmp_path, monkeypa
     monkeypatch.setenv("ARITHLENS_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    target = models.cache_dir() / "models" / "m-0123456789abcdef"
+    target = paths.cache_dir() / "models" / "m-0123456789abcdef"
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")  # config written, weights never were
     _fake_loaders(monkeypatch, _FakeDequantized())

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import hooks
-from arithlens import neurons as Nn
-from arithlens.prompts import OPERATORS, PromptConfig, make_prompts
+from arithlens.core import hooks
+from arithlens.analyses import neurons as Nn
+from arithlens.tasks.prompts import OPERATORS, PromptConfig, make_prompts
 
 
 def grid(op, pattern, noise=0.1, seed=0):
@@ -181,7 +181,7 @@ def test_activation_change_sees_only_the_perturbed_neuron(tiny, items):
 def test_tuning_change_sees_only_the_tuned_neuron_and_restores_the_weights(tiny, items):
     """A delta that rescales one row of layer 1's up projection moves that neuron at END, and no other;
     the model's weights are as before afterwards; the summary ranks that neuron's group first."""
-    from arithlens.finetune_delta import Delta, Slice, named_weights, slice_view
+    from arithlens.core.deltas import Delta, Slice, named_weights, slice_view
 
     weights = named_weights(tiny)
     param = next(n for n in weights if n.endswith("layers.1.mlp.up_proj.weight"))

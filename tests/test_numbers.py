@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens import numbers as N
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.analyses import numbers as N
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 NUMS = list(range(100))
 
@@ -139,7 +139,7 @@ def test_helix_coordinates_recover_the_planted_circle():
     import numpy as np
     import torch
 
-    from arithlens import numbers as N
+    from arithlens.analyses import numbers as N
 
     n = list(range(100))
     rng = np.random.default_rng(3)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens import layout, patching as P
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.core import layout
+from arithlens.analyses import patching as P
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 def _batch(model, n=6, shots=1, op="+"):
@@ -114,7 +115,7 @@ def test_fast_equals_reference_on_real_model_sample(request, model, mode):
 
 
 def test_tiled_logsumexp_matches_torch_also_where_exp_would_overflow_or_underflow():
-    from arithlens.patching import tiled_lse
+    from arithlens.analyses.patching import tiled_lse
 
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(3, 50, generator=g) * 5

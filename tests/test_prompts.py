@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from arithlens.prompts import (
+from arithlens.tasks.prompts import (
     OPERATORS, TEMPLATES, PromptConfig, accuracy_table, filter_correct, make_prompts, operand_pairs,
     score_prompts, to_tokens, group_by_length,
 )
@@ -46,7 +46,7 @@ def test_deterministic_under_seed(tiny):
 
 
 def test_misaligned_counterfactuals_are_dropped_and_counted(tiny, monkeypatch):
-    import arithlens.prompts as P
+    import arithlens.tasks.prompts as P
 
     monkeypatch.setitem(P.NULL_OPERATORS, "symbol", ("@@",))  # two characters: never the same length
     ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=5))
@@ -110,7 +110,7 @@ class _Chapter1Run:
 
 
 def test_chapter2_takes_chapter1s_scored_prompts_without_a_forward_pass(tiny):
-    from arithlens import findings
+    from arithlens.claims import findings
     from arithlens.record import UpstreamError
 
     params = {"operators": ["+", "-"], "templates": ["eq_spaced", "st_is"], "n_per_cell": 3, "shots": 1, "seed": 2,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from arithlens import registry
+from arithlens.core import registry
 from arithlens.cli import main
-from arithlens.models import ModelSpecError, check_spec, resolve_spec
-from arithlens.registry import ChunkedGGUF, RegistryModel
+from arithlens.core.models import ModelSpecError, check_spec, resolve_spec
+from arithlens.core.registry import ChunkedGGUF, RegistryModel
 
 
 def gguf_header(arch: str = "llama") -> bytes:
@@ -68,7 +68,7 @@ def install(site: Path, prefix="fakechunks", parts=PARTS, records=(None, None)):
 
 
 def gguf_dir() -> Path:
-    return registry.cache_dir() / "gguf"
+    return paths.cache_dir() / "gguf"
 
 
 def test_chunks_assemble_once_into_a_verified_gguf(store, monkeypatch):

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import knockout as K
-from arithlens import robustness as R
-from arithlens.hooks import Head
-from arithlens.items import to_tokens
-from arithlens.prompts import PromptConfig, make_prompts
+from arithlens.analyses import knockout as K
+from arithlens.analyses import robustness as R
+from arithlens.core.hooks import Head
+from arithlens.core.items import to_tokens
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 KEY = [Head(0, 1), Head(2, 0), Head(2, 3)]
 
@@ -133,8 +133,8 @@ def test_suite_null_key_row_is_chapter_3s_key_knockout(tiny):
     """On every suite the key set's accuracy is what chapter 3's knockout transfer measures for the key
     heads (same scorer, same ablation values); the random rows are the layer-matched sets, scored the
     same way; the null test places the key drop among them."""
-    from arithlens import suites as S
-    from arithlens.transfer import knockout_transfer
+    from arithlens.tasks import suites as S
+    from arithlens.analyses.transfer import knockout_transfer
 
     made = {n: S.make_suite(n, tiny.tokenizer, n=6, seed=0) for n in ("multidigit", "capitals")}
     arith = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), templates=("eq_spaced",), n_per_cell=2))

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from arithlens import runs
-from arithlens.runs import RunError, resolve_parameters, run_chapter
+from arithlens.runner import runs
+from arithlens.runner.runs import RunError, resolve_parameters, run_chapter
 
 TINY = ["n_per_cell=1", "filter_correct=false", "templates=[eq_spaced, qa_what]", "shots=[0, 1]",
         "analysis_shots=1"]
@@ -75,11 +75,11 @@ def test_reuse_reexecute_and_failure(isolated_runs, monkeypatch):
 
 
 def test_code_hash_covers_exactly_the_modules_a_chapter_reaches():
-    from arithlens import runs
+    from arithlens.runner import runs
     names = lambda ch: {p.stem for p in runs.chapter_modules(ch)}
     assert {"transfer", "suites", "patching", "knockout", "prompts", "models"} <= names("03_transfer")
     assert "patching" in names("02_mlp") and "mlp" in names("02_mlp")  # mlp imports patching: followed
     assert not names("00_task") & {"finetune", "transfer", "suites", "book", "cli", "classroom"}
-    assert runs._arithlens_imports("from arithlens import charts, models\n%matplotlib inline\nimport arithlens.mlp") == {
+    assert runs._arithlens_imports("from arithlens import charts, models\n%matplotlib inline\nimport arithlens.analyses.mlp") == {
         "charts", "models", "mlp"}
-    assert runs._arithlens_imports("from .patching import Head\nfrom arithlens.prompts import x") == {"patching", "prompts"}
+    assert runs._arithlens_imports("from .patching import Head\nfrom arithlens.tasks.prompts import x") == {"patching", "prompts"}

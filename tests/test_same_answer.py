@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import patching as P
-from arithlens import same_answer as S
-from arithlens.items import encode
-from arithlens.prompts import OPERATORS, PromptConfig, make_item, make_prompts
+from arithlens.analyses import patching as P
+from arithlens.analyses import same_answer as S
+from arithlens.core.items import encode
+from arithlens.tasks.prompts import OPERATORS, PromptConfig, make_item, make_prompts
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_surviving_heads_by_hand():
 def test_key_head_survival_is_the_share_of_the_null_effect_kept():
     import pandas as pd
 
-    from arithlens.hooks import Head
-    from arithlens.same_answer import key_head_survival
+    from arithlens.core.hooks import Head
+    from arithlens.analyses.same_answer import key_head_survival
 
     null = pd.DataFrame([{"mode": "path", "metric": "d_prob", "layer": 0, "head": h, "mean": m}
                          for h, m in ((0, -0.2), (1, -0.1))])

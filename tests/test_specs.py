@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from arithlens import specs
+from arithlens.core import specs
 from arithlens.cli import main
-from arithlens.models import ModelSpecError, check_spec, resolve_spec
+from arithlens.core.models import ModelSpecError, check_spec, resolve_spec
 
 
 def _string(s: str) -> bytes:

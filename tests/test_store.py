@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from arithlens import runs, store
+from arithlens.runner import runs, store
 from arithlens.cli import main
 
 

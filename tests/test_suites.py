@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from arithlens import knockout, transfer
-from arithlens.hooks import Head
-from arithlens.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, load_controls, make_suite
+from arithlens.analyses import knockout, transfer
+from arithlens.core.hooks import Head
+from arithlens.tasks.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, load_controls, make_suite
 
 
 def _query(item: SuiteItem) -> str:

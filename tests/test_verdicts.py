@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arithlens import verdicts
-from arithlens.verdicts import FAILS, HOLDS, PARTLY, UNTESTABLE
+from arithlens.claims import verdicts
+from arithlens.claims.verdicts import FAILS, HOLDS, PARTLY, UNTESTABLE
 
 
 @dataclass

@@ -6,5 +6,5 @@ import warnings
 __version__ = "0.1.0"
 
 # transformers imports tqdm.auto; in a kernel without ipywidgets that warns into every executed
-# notebook. Our progress bars go to the terminal (arithlens.progress), so the warning is noise.
+# notebook. Our progress bars go to the terminal (arithlens.core.progress), so the warning is noise.
 warnings.filterwarnings("ignore", message="IProgress not found")

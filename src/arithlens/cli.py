@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arithlens.runs import (RunError, chapter_inputs, find_chapter, gather_overrides, list_chapters, notebook_parameters,
+from arithlens.runner.runs import (RunError, chapter_inputs, find_chapter, gather_overrides, list_chapters, notebook_parameters,
                             run_chapter)
 
 
 def _model_key(spec: str) -> str:
     """Check the spec early — in seconds, before a kernel starts (one-line error) — and normalise
     paths so the run key is stable."""
-    from arithlens.models import REGISTRY, check_spec
+    from arithlens.core.models import REGISTRY, check_spec
 
     resolved = check_spec(spec, log=_log)
     return resolved.source if resolved.kind in ("gguf", "local") and spec not in REGISTRY else spec
@@ -35,8 +35,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_book(args) -> int:
-    from arithlens.book import build_book, toc_chapters
-    from arithlens.schedule import estimate, execute_plans, plan_models
+    from arithlens.runner.book import build_book, toc_chapters
+    from arithlens.runner.schedule import estimate, execute_plans, plan_models
 
     if args.jobs < 1:
         raise RunError(f"--jobs must be at least 1, got {args.jobs}")
@@ -69,8 +69,8 @@ def _model_list(text: str) -> list[str]:
 
 
 def cmd_compare(args) -> int:
-    from arithlens import verdicts
-    from arithlens.schedule import compared_runs, stored_models
+    from arithlens.claims import verdicts
+    from arithlens.runner.schedule import compared_runs, stored_models
 
     models = [_model_key(m) for m in _model_list(args.models)] if args.models else stored_models()
     if not models:
@@ -103,8 +103,8 @@ def cmd_chapters(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from arithlens import store
-    from arithlens.book import used_runs
+    from arithlens.runner import store
+    from arithlens.runner.book import used_runs
 
     rows = store.scan()
     if args.model:
@@ -123,8 +123,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from arithlens.registry import models_table
-    from arithlens.specs import ACCEPTED_FORMS
+    from arithlens.core.registry import models_table
+    from arithlens.core.specs import ACCEPTED_FORMS
 
     if getattr(args, "models_command", None) == "fetch":
         return cmd_models_fetch(args)
@@ -135,7 +135,7 @@ def cmd_models(args) -> int:
 def cmd_models_fetch(args) -> int:
     import time
 
-    from arithlens.registry import fetch
+    from arithlens.core.registry import fetch
 
     for name in args.names:
         start = time.perf_counter()
@@ -185,8 +185,8 @@ def cmd_benchmark(args) -> int:
     """Read a benchmark file, say what it is; with ``--model``, score it (accuracy and items/s)."""
     import time
 
-    from arithlens.benchmark_scoring import BenchmarkScorer
-    from arithlens.benchmarks import BenchmarkFileError, make_benchmark_suite, read_benchmark
+    from arithlens.tasks.benchmarks.scoring import BenchmarkScorer
+    from arithlens.tasks.benchmarks.reader import BenchmarkFileError, make_benchmark_suite, read_benchmark
 
     try:
         bench = read_benchmark(args.file, strict=args.strict)
@@ -196,8 +196,8 @@ def cmd_benchmark(args) -> int:
         print(f"rows: {bench.describe()}")
         if not args.model:
             return 0
-        from arithlens.models import load_model
-        from arithlens.progress import progress
+        from arithlens.core.models import load_model
+        from arithlens.core.progress import progress
 
         model = load_model(_model_key(args.model))
         suite = make_benchmark_suite(bench, model.tokenizer, n=args.n, shots=args.shots, seed=args.seed)
@@ -245,7 +245,7 @@ def add_benchmark_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from arithlens.models import DEFAULT_MODEL
+    from arithlens.core.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="arithlens", description="Re-run the arithlens book's analyses.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,12 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from arithlens.classroom import ClassroomError
-    from arithlens.models import ModelSpecError
+    from arithlens.core.models import ModelSpecError
+    from arithlens.paths import ProjectError
     from arithlens.record import UpstreamError
 
     try:
         return args.func(args)
-    except (RunError, ModelSpecError, ClassroomError, UpstreamError) as exc:
+    except (RunError, ProjectError, ModelSpecError, ClassroomError, UpstreamError) as exc:
         print(f"arithlens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """What a chapter notebook records into its run, and how it reads the runs it takes results from.
 
 Publishing wing, ground floor (paper: none — this is how every number in the book is traced). The
-runner (:mod:`arithlens.runs`) executes a notebook with two parameters it sets itself:
+runner (:mod:`arithlens.runner.runs`) executes a notebook with two parameters it sets itself:
 
 * ``output_dir`` — the run's working directory; :func:`save_tables` and :func:`record_info` write
   there (both are no-ops when it is empty, i.e. when a notebook is opened by hand);

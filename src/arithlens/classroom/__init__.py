@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from arithlens.paths import project_root
+
 #: Cell tags: a solution cell becomes a stub for students; a check cell is the student's own feedback
 #: (the grader drops it and runs its own copy of the checks).
 SOLUTION_TAG = "solution"
@@ -29,7 +31,6 @@ class ClassroomError(RuntimeError):
 
 def exercises_dir() -> Path:
     """The instructor notebooks (``$ARITHLENS_EXERCISES``, default ``<checkout>/exercises``)."""
-    from arithlens.runs import project_root
 
     return Path(os.environ.get("ARITHLENS_EXERCISES", project_root() / "exercises")).resolve()
 

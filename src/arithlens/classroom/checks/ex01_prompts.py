@@ -1,6 +1,6 @@
 """Checks for exercise 1 — a prompt pair with its counterfactual and asserted token positions.
 
-Compared with :func:`arithlens.prompts.make_item` on cases the notebook never shows, with two
+Compared with :func:`arithlens.tasks.prompts.make_item` on cases the notebook never shows, with two
 tokenizers: SmolLM2's (BPE; digits one token each) and the tiny model's character-level one, on
 which many word operators cannot be replaced by a null word of the same token length.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
-from arithlens import models, prompts
+from arithlens.core import models
+from arithlens.tasks import prompts
 
 FUNCTIONS = ("build_pair",)
 KEYS = ("clean", "counterfactual", "clean_tokens", "cf_tokens", "answer_token", "a_pos", "b_pos", "op_pos", "end_pos")

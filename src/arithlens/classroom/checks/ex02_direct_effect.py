@@ -1,9 +1,9 @@
 """Checks for exercise 2 — one head's direct effect on the answer logit, from two cached runs.
 
 The references are the library's: a hooked forward pass that patches the head's ``hook_z`` at END
-(what the head really adds to ``hook_attn_out``), :func:`arithlens.patching.reference_effect` in
+(what the head really adds to ``hook_attn_out``), :func:`arithlens.analyses.patching.reference_effect` in
 ``direct`` mode (one hooked pass per head, everything else frozen), and the fast
-:func:`arithlens.patching.sweep_many` over all heads. Inputs: a tiny random-init model with a seed
+:func:`arithlens.analyses.patching.sweep_many` over all heads. Inputs: a tiny random-init model with a seed
 the notebook never uses, and prompts generated with a fresh seed.
 """
 
@@ -13,7 +13,9 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import hooks, models, patching, prompts
+from arithlens.core import hooks, models
+from arithlens.analyses import patching
+from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("head_output_change", "direct_effect")

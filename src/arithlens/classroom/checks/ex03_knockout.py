@@ -1,7 +1,7 @@
 """Checks for exercise 3 — mean-ablate heads at END and read the logits (the knockout experiment).
 
-References: :func:`arithlens.knockout.mean_z` for the means and the library's own ablation hooks
-(the ones :class:`arithlens.knockout.KnockoutEvaluator` uses) for the ablated logits. These are
+References: :func:`arithlens.analyses.knockout.mean_z` for the means and the library's own ablation hooks
+(the ones :class:`arithlens.analyses.knockout.KnockoutEvaluator` uses) for the ablated logits. These are
 mechanics, so a tiny random-init model with an unseen seed is enough; the notebook's demo runs the
 top-k vs random-k comparison on SmolLM2, where it means something.
 """
@@ -12,7 +12,9 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import knockout, models, patching, prompts
+from arithlens.analyses import knockout, patching
+from arithlens.core import models
+from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("mean_head_outputs", "knockout_logits")

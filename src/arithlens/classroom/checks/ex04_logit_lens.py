@@ -1,6 +1,6 @@
 """Checks for exercise 4 — a logit lens over layers for one prompt.
 
-Reference: :func:`arithlens.mlp.logit_lens` (each layer's ``resid_post`` at END through the final
+Reference: :func:`arithlens.analyses.mlp.logit_lens` (each layer's ``resid_post`` at END through the final
 norm and the unembedding; rank = how many vocabulary entries score strictly higher). Fresh prompt
 and tokens on a tiny random-init model with an unseen seed.
 """
@@ -11,7 +11,9 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import hooks, mlp, models, prompts
+from arithlens.core import hooks, models
+from arithlens.analyses import mlp
+from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("layer_logits", "token_ranks")

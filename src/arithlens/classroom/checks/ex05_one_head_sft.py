@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import models, prompts
+from arithlens.core import models
+from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff
 
 FUNCTIONS = ("head_masks", "train_head")

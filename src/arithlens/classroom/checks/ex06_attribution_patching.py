@@ -1,15 +1,15 @@
 """Checks for exercise 6 — attribution patching of one head at END, against the library's.
 
 The quantity: est = ∂(answer logit at END)/∂z · (z_cf − z_clean), where z is the head's ``hook_z``
-at END in the clean run and nothing else is frozen — :mod:`arithlens.attribution`'s ``ATTRIBUTION``
+at END in the clean run and nothing else is frozen — :mod:`arithlens.analyses.attribution`'s ``ATTRIBUTION``
 in ``total`` mode, column ``d_logit``. References, all the library's:
 
-* the gradient itself, read off :func:`arithlens.attribution.attribution_scores` (``total``,
+* the gradient itself, read off :func:`arithlens.analyses.attribution.attribution_scores` (``total``,
   ``ATTRIBUTION``): with each prompt repeated ``d_head`` times and copy k given the counterfactual
   z_clean + e_k, the estimate of copy k *is* the gradient's k-th component, for every head at once;
-* the exact effect, :func:`arithlens.patching.reference_effect` (``total``, one hooked pass): the
+* the exact effect, :func:`arithlens.analyses.patching.reference_effect` (``total``, one hooked pass): the
   gradient · Δz must be the slope of exact patching at the clean run (central difference, ε = 0.1);
-* the estimate for every head, :func:`arithlens.attribution.attribute_heads` (its ``rel_logit`` ×
+* the estimate for every head, :func:`arithlens.analyses.attribution.attribute_heads` (its ``rel_logit`` ×
   the clean answer logit).
 
 Tolerances. The student's functions run the whole prompt with gradients; the library reruns END
@@ -29,7 +29,9 @@ from functools import lru_cache
 
 import torch
 
-from arithlens import attribution, models, patching, prompts
+from arithlens.analyses import attribution, patching
+from arithlens.core import models
+from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("z_and_grad", "attribution_patch")

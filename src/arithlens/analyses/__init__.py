@@ -1,0 +1,8 @@
+"""The analyses: a loaded model and an item set in, tidy DataFrames out.
+
+Head localization (``patching``: path patching of every head; ``attribution``: attribution patching
+and EAP-IG), ``knockout``, MLP tracing (``mlp``), ``transfer`` to other suites, chapter 7's
+``agreement``, ``robustness`` and ``same_answer``, chapter 6's ``numbers`` and ``neurons``, and Precise
+SFT (``sft/``). Fast paths and their one-pass-per-head references sit side by side. Imports ``tasks``
+and ``core``.
+"""

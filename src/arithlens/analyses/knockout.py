@@ -1,0 +1,194 @@
+"""Knockout: mean-ablate heads and measure accuracy; END-token attention roles of heads.
+
+Science wing (paper § "Knockout" and "Attention analysis"). A knocked-out head's ``hook_z`` is
+replaced by its mean over the counterfactual prompts — at END only (``positions="end"``: the clean
+prefix's keys and values are reused and only the last position recomputed, see
+:func:`arithlens.core.hooks.end_only_logits`) or at every position (``"all"``: a full forward pass, with
+the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
+are compared with the same number of random heads drawn uniformly from all heads, over several seeds
+(:func:`arithlens.core.hooks.random_heads`, re-exported here).
+
+Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from arithlens.core import hooks
+from arithlens.core.hooks import Head, Hook, correct_at_end, random_heads
+from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
+from arithlens.core.models import LoadedModel, last_position_only
+from arithlens.tasks.prompts import PromptSet
+
+Positions = Literal["end", "all"]
+
+
+class _LastLayerRead(Exception):
+    """Raised by :func:`mean_z`'s hook on the last layer's ``hook_z``: nothing after it is needed."""
+
+
+@torch.no_grad()
+def mean_z(model: LoadedModel, prompts: ItemSet, positions: Positions = "end", batch_size: int = 32,
+           which: Literal["clean", "counterfactual"] = "counterfactual") -> Float[Tensor, "layer head d_head"]:
+    """Mean of every head's ``hook_z`` over the counterfactual prompts (at END, or over all positions);
+    ``which="clean"`` averages the clean prompts instead (for sets without a counterfactual, such as
+    a transfer suite).
+
+    Each layer's hook adds its batch sum as the pass goes, and the last layer's stops the pass: the
+    last MLP, the final norm and the full-vocabulary logits at every position (for a batch of 32
+    three-shot prompts on SmolLM2, ~0.4 GB) are never computed.
+    """
+    n = model.n_layers
+    total = torch.zeros(n, model.n_heads, model.cfg.d_head, device=model.device)
+
+    def add(z, hook=None, layer=0):
+        total[layer] += (z[:, -1:] if positions == "end" else z).float().sum((0, 1))
+        if layer == n - 1:
+            raise _LastLayerRead
+        return z
+    fwd = [(hooks.hook_z(l), functools.partial(add, layer=l)) for l in range(n)]
+    count = 0
+    for batch in length_batches(prompts.items, batch_size):
+        tokens = to_tokens([prompts.items[i] for i in batch], which).to(model.device)
+        try:
+            model.bridge.run_with_hooks(tokens, fwd_hooks=fwd)
+        except _LastLayerRead:
+            pass
+        count += tokens.shape[0] * (1 if positions == "end" else tokens.shape[1])
+    return total / count
+
+
+def ablation_hooks(heads: Sequence[Head], means: Float[Tensor, "layer head d_head"],
+                   positions: Positions) -> list[Hook]:
+    """Hooks that mean-ablate ``heads`` (replace their ``hook_z`` by ``means``) at END or at every position."""
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        by_layer.setdefault(h.layer, []).append(h.head)
+    fwd = []
+    for layer, hs in by_layer.items():
+        def hook(z, hook=None, layer=layer, hs=hs):  # bind per layer: hook.name is the internal name
+            z = z.clone()
+            value = means[layer, hs].to(z.dtype)
+            if positions == "end":
+                z[:, -1, hs] = value
+            else:
+                z[:, :, hs] = value
+            return z
+        fwd.append((hooks.hook_z(layer), hook))
+    return fwd
+
+
+class KnockoutEvaluator:
+    """Accuracy under ablation of head sets, many sets at once (:meth:`correct_many`): at END, each
+    batch's clean prefix KV cache is made once for every set and dropped before the next batch."""
+
+    def __init__(self, model: LoadedModel, prompts: ItemSet, means: Float[Tensor, "layer head d_head"],
+                 positions: Positions = "end", batch_size: int = 64):
+        if positions not in ("end", "all"):
+            raise ValueError(f"positions must be 'end' or 'all', got {positions!r}")
+        self.model, self.prompts, self.means, self.positions = model, prompts, means, positions
+        self.batches = answer_batches(prompts.items, batch_size, model.device)
+
+    def correct_many(self, head_sets: Sequence[Sequence[Head]], progress=None) -> np.ndarray:
+        """Per-item greedy correctness with each of ``head_sets`` mean-ablated: ``sets × items`` bools."""
+        fwds = [ablation_hooks(heads, self.means, self.positions) for heads in head_sets]
+        return correct_at_end(self.model, self.batches, len(self.prompts), [lambda b, f=f: f for f in fwds],
+                              end_only=self.positions == "end", progress=progress, desc=f"knockout ({self.positions})")
+
+    def correct(self, heads: Sequence[Head]) -> np.ndarray:
+        """Per-item greedy correctness with ``heads`` mean-ablated."""
+        return self.correct_many([heads])[0]
+
+    def accuracy(self, heads: Sequence[Head]) -> float:
+        return float(self.correct(heads).mean())
+
+
+def knockout_curve(evaluator: KnockoutEvaluator, ranking: Sequence[Head], k_values, n_seeds: int = 5,
+                   seed: int = 0, progress=None) -> pd.DataFrame:
+    """Accuracy with the top-k ranked heads vs k random heads (``n_seeds`` draws) ablated, per k.
+
+    One row per (condition, k, seed); condition ``none`` (k = 0) is the unablated accuracy. Every
+    condition runs in one batch-major pass (:meth:`KnockoutEvaluator.correct_many`).
+    """
+    model = evaluator.model
+    k_values = list(k_values)
+    if k_values and max(k_values) > len(ranking):
+        raise ValueError(f"k={max(k_values)} exceeds the {len(ranking)} ranked heads")
+    jobs = ([("none", 0, -1)] + [("top", k, -1) for k in k_values]
+            + [("random", k, seed + s) for k in k_values for s in range(n_seeds)])
+    head_sets = [[] if cond == "none" else ranking[:k] if cond == "top"
+                 else random_heads(model.n_layers, model.n_heads, k, s * 1000 + k) for cond, k, s in jobs]
+    accuracy = evaluator.correct_many(head_sets, progress).mean(1)
+    rows = [{"condition": cond, "k": k, "seed": s, "accuracy": float(a)} for (cond, k, s), a in zip(jobs, accuracy)]
+    return pd.DataFrame(rows).assign(positions=evaluator.positions, n_prompts=len(evaluator.prompts))
+
+
+def summarize_curve(curve: pd.DataFrame) -> pd.DataFrame:
+    """One row per ablation site at its largest k: accuracy without ablation, with the top-k heads,
+    and with k random heads (mean, min and max over seeds)."""
+    rows = []
+    for pos, part in curve.groupby("positions", sort=False):
+        kmax = int(part["k"].max())
+        rnd = part[(part["condition"] == "random") & (part["k"] == kmax)]["accuracy"]
+        rows.append({"ablated at": pos, "k": kmax,
+                     "no ablation": part[part["condition"] == "none"]["accuracy"].mean(),
+                     "top-k": part[(part["condition"] == "top") & (part["k"] == kmax)]["accuracy"].mean(),
+                     "random-k (mean)": rnd.mean(), "random-k (min)": rnd.min(), "random-k (max)": rnd.max()})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def end_attention_groups(model: LoadedModel, prompts: ItemSet, heads: Sequence[Head],
+                         groups: Callable[[Item], dict[str, list[int]]], batch_size: int = 32) -> pd.DataFrame:
+    """END-token attention of each head onto named groups of positions, the rest as ``other``.
+
+    ``groups(item) -> {name: [positions]}`` (same names for every item); ``prompts`` is anything with
+    ``.items`` of equal-length-batchable items (a :class:`PromptSet` or a transfer suite). One row per
+    (prompt, layer, head) with one column per group and ``other`` (summing to 1).
+    """
+    layers = sorted({h.layer for h in heads})
+    names = [hooks.hook_pattern(l) for l in layers]
+    rows = []
+    for b in length_batches(prompts.items, batch_size):
+        items = [prompts.items[i] for i in b]
+        _, cache = model.bridge.run_with_cache(to_tokens(items).to(model.device), names_filter=lambda n: n in names,
+                                               **last_position_only(model))
+        for h in heads:
+            pat = cache[hooks.hook_pattern(h.layer)][:, h.head, -1].float().cpu()  # [batch, key]
+            for j, it in enumerate(items):
+                shares = {g: float(pat[j, list(pos)].sum()) if len(pos) else 0.0 for g, pos in groups(it).items()}
+                rows.append({"prompt": b[j], "operator": it.operator, "layer": h.layer, "head": h.head,
+                             **shares, "other": 1.0 - sum(shares.values())})
+    return pd.DataFrame(rows)
+
+
+def end_attention(model: LoadedModel, prompts: PromptSet, heads: Sequence[Head], batch_size: int = 32) -> pd.DataFrame:
+    """END-token attention of each head onto operand A, operand B, the operator and everything else.
+
+    One row per (prompt, layer, head) with columns ``A``, ``B``, ``operator_token``, ``other`` (summing to 1).
+    """
+    return end_attention_groups(model, prompts, heads, lambda it: {"A": [it.a_pos], "B": [it.b_pos],
+                                                                  "operator_token": [it.op_pos]}, batch_size)
+
+
+def label_heads(attention: pd.DataFrame, min_share: float = 0.2) -> pd.DataFrame:
+    """Label each head by its mean END attention (the stated rule).
+
+    ``operand``: attention to A + B ≥ ``min_share`` and more than to the operator;
+    ``operator``: attention to the operator ≥ ``min_share`` and more than to A + B; else ``other``.
+    """
+    mean = attention.groupby(["layer", "head"])[["A", "B", "operator_token", "other"]].mean().reset_index()
+    operands = mean["A"] + mean["B"]
+    mean["role"] = np.where((operands >= min_share) & (operands > mean["operator_token"]), "operand",
+                            np.where((mean["operator_token"] >= min_share) & (mean["operator_token"] > operands),
+                                     "operator", "other"))
+    return mean

@@ -1,0 +1,394 @@
+"""Precise SFT: fine-tune only chosen heads' slices of W_Q, W_K, W_V, W_O (and, optionally, MLP layers).
+
+Science wing (paper § "Precise SFT"). Exactness is by construction: the tuned slices are copied out
+into their own leaf tensors, and those tensors are the *only* thing the optimizer (torch AdamW) ever
+sees. Each forward pass rebuilds the touched weight matrices as ``frozen base with the slices pasted
+in`` and runs the model's own modules on them (``torch.func.functional_call``), so AdamW's momentum
+and weight decay cannot reach a frozen weight — they never hold one. After training, the slices form
+a :class:`Delta` that is written into the model (:func:`applied`, :func:`apply_delta`), saved as a
+small safetensors file plus a JSON manifest (:func:`save_delta`) and loaded back exactly
+(:func:`load_delta`) — those live in :mod:`arithlens.core.deltas` and are re-exported here.
+
+* Slices: head ``h`` of a layer owns rows ``h·d_head … (h+1)·d_head`` of ``q_proj.weight`` and the
+  same columns of ``o_proj.weight`` — and, in a model whose projections have biases (Qwen2), the same
+  entries of ``q_proj.bias`` (and of ``k_proj.bias``/``v_proj.bias`` with the K/V rows below). With grouped-query attention (SmolLM2: 9 query heads share 3
+  KV heads) K and V belong to a *group* of query heads, so the policy is a parameter
+  (:data:`KVPolicy`): ``"shared"`` tunes the K/V rows of the head's KV group (which the group's other
+  query heads also read), ``"frozen"`` tunes only Q and O (strictly head-local).
+* The paper's gradient rescale by H/h (heads per layer ÷ heads tuned in that layer) is an option.
+  Under Adam(W) it is almost a no-op: Adam divides each gradient by a running estimate of its own
+  scale, so multiplying a tensor's gradient by a constant changes the update only through ε. (Under
+  plain SGD it would be a per-layer learning-rate boost.)
+* Cost scales with what is tuned: the loss uses the logits at the answer (last) position only, and
+  the residual stream entering the lowest tuned layer is computed once per batch before training
+  (nothing below it can change), so each step runs only the layers above.
+* Training runs on a plain Hugging Face "twin" of the model that *shares* the bridge's weight
+  tensors (no copy; nothing writes to them during training), so TransformerLens hooks cost nothing.
+
+Baselines: :func:`full_sft` (every parameter, same engine) and :func:`lora_sft` (peft LoRA on the
+attention projections; its merged update ``B·A·scale`` becomes a delta of whole matrices). All three
+train in one loop (:func:`_optimize`): same batches, prefix cache, last-position loss and AdamW.
+Written by hand: slice bookkeeping and the prefix-cached layer loop; the
+optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from arithlens.core.deltas import (  # noqa: F401  (re-exported: the Precise SFT API in one place)
+    Delta, Slice, apply_delta, applied, hf_model, jsonable, load_delta, named_weights, save_delta, slice_view,
+    tensor_digest)
+from arithlens.core import hooks
+from arithlens.core.hooks import Head
+from arithlens.core.models import LoadedModel
+
+KVPolicy = Literal["shared", "frozen"]
+MethodKind = Literal["precise", "full", "lora"]
+Batch = tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch"]]
+
+
+@dataclass(frozen=True)
+class PreciseSFTConfig:
+    """What Precise SFT tunes: heads' attention slices, optionally whole MLP layers."""
+
+    heads: tuple[Head, ...]
+    mlp_layers: tuple[int, ...] = ()
+    kv: KVPolicy = "shared"
+    rescale: bool = False  # the paper's H/h gradient rescale (≈ no-op under AdamW, see module doc)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer settings shared by every method (AdamW, constant learning rate)."""
+
+    steps: int = 40
+    batch_size: int = 32  # what the batches were made with (finetune_data.make_batches); kept for the record
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    seed: int = 0  # seeds peft's LoRA initialisation (nothing else here is random)
+    prefix_cache: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: what is trained, under which label and group."""
+
+    name: str
+    kind: MethodKind
+    precise: PreciseSFTConfig | None = None
+    lora_rank: int = 0
+    lora_layers: tuple[int, ...] | None = None  # None: every layer
+    lr: float | None = None  # None: the shared TrainConfig's
+    seed: int = 0
+    group: str = "main"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained delta with its loss curve and timings."""
+
+    delta: Delta
+    n_trainable: int
+    losses: list[float]
+    step_seconds: list[float]
+    prefix_seconds: float
+
+
+# --- names and slices ----------------------------------------------------------------------------
+
+def head_slices(cfg, heads, kv: KVPolicy = "shared", bias: bool = False) -> list[Slice]:
+    """The Q, O (and, with ``kv="shared"``, K, V) slices of ``heads``; K/V slices deduplicated. With
+    ``bias`` (q/k/v projections that have biases) the same rows of each bias too: they are the head's
+    as much as its weights are."""
+    d_head, n_heads = int(cfg.d_head), int(cfg.n_heads)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    out: list[Slice] = []
+    for h in heads:
+        if not (0 <= h.layer < cfg.n_layers and 0 <= h.head < n_heads):
+            raise ValueError(f"head {h} is outside the model ({cfg.n_layers} layers × {n_heads} heads)")
+        attn = f"model.layers.{h.layer}.self_attn"
+        q = (h.head * d_head, (h.head + 1) * d_head)
+        out += [Slice(f"{attn}.q_proj.weight", 0, *q), Slice(f"{attn}.o_proj.weight", 1, *q)]
+        out += [Slice(f"{attn}.q_proj.bias", 0, *q)] if bias else []
+        if kv == "shared":
+            g = h.head // (n_heads // n_kv)
+            kvr = (g * d_head, (g + 1) * d_head)
+            out += [Slice(f"{attn}.{proj}.{kind}", 0, *kvr) for proj in ("k_proj", "v_proj")
+                    for kind in (("weight", "bias") if bias else ("weight",))]
+        elif kv != "frozen":
+            raise ValueError(f"unknown kv policy {kv!r}: choose 'shared' or 'frozen'")
+    return sorted(set(out))
+
+
+def whole_slices(model: LoadedModel | torch.nn.Module, predicate=lambda name: True) -> list[Slice]:
+    """Every parameter whose name satisfies ``predicate``, as whole-tensor slices."""
+    return [Slice(n, 0, 0, p.shape[0]) for n, p in named_weights(model).items() if predicate(n)]
+
+
+def mlp_slices(model: LoadedModel | torch.nn.Module, layers: Iterable[int]) -> list[Slice]:
+    """All MLP weights (gate, up, down) of ``layers``."""
+    wanted = {f"model.layers.{l}.mlp." for l in layers}
+    return whole_slices(model, lambda n: any(n.startswith(w) for w in wanted))
+
+
+def precise_slices(model: LoadedModel, config: PreciseSFTConfig) -> list[Slice]:
+    """Everything ``config`` tunes: its heads' attention slices (their q/k/v bias entries too, where the
+    model has them) and its MLP layers' weights."""
+    bias = any(n.endswith("self_attn.q_proj.bias") for n in named_weights(model))
+    return head_slices(model.cfg, config.heads, config.kv, bias=bias) + mlp_slices(model, config.mlp_layers)
+
+
+def random_heads(cfg, k: int, seed: int, min_layer: int = 0, exclude: Iterable[Head] = ()) -> tuple[Head, ...]:
+    """``k`` distinct heads drawn uniformly (:func:`arithlens.core.hooks.random_heads`, a local seeded
+    generator) from layers ≥ ``min_layer``, never one of ``exclude`` (the key heads), sorted."""
+    return tuple(sorted(hooks.random_heads(cfg.n_layers, cfg.n_heads, k, seed, min_layer, exclude)))
+
+
+def count_params(model: LoadedModel | torch.nn.Module, slices: list[Slice]) -> int:
+    """Number of weights in ``slices`` (trainable parameters, before training)."""
+    weights = named_weights(model)
+    return sum(slice_view(weights, s).numel() for s in slices)
+
+
+def rescale_factors(cfg, config: PreciseSFTConfig, slices: list[Slice]) -> dict[Slice, float]:
+    """The paper's H/h per slice: H heads per layer ÷ h heads tuned in that layer (MLP slices: 1)."""
+    per_layer = defaultdict(int)
+    for h in set(config.heads):
+        per_layer[h.layer] += 1
+    return {s: (cfg.n_heads / per_layer[s.layer] if ".self_attn." in s.param else 1.0) for s in slices}
+
+
+# --- the forward pass above a cached prefix --------------------------------------------------------
+
+def make_twin(model: LoadedModel, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A plain HF model of the same class whose parameters *are* the bridge model's tensors.
+
+    It uses PyTorch's fused attention (``sdpa``) by default: on CPU its backward pass is several
+    times faster than the eager attention the bridge runs; logits agree to float rounding.
+    """
+    hf = hf_model(model)
+    config = copy.deepcopy(hf.config)  # never touch the bridge's own config
+    config._attn_implementation = attn_implementation
+    twin = type(hf)(config).to(device=next(hf.parameters()).device, dtype=next(hf.parameters()).dtype)
+    missing, unexpected = twin.load_state_dict(named_weights(model), strict=False, assign=True)
+    tied = hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert not unexpected and missing == (["lm_head.weight"] if tied else []), (missing, unexpected)
+    if tied:
+        twin.lm_head.weight = twin.model.embed_tokens.weight
+    return twin.eval().requires_grad_(False)
+
+
+def _start_layer(slices: list[Slice], n_layers: int) -> int:
+    """The first layer whose input depends on a tuned slice; -1 when the embedding is tuned."""
+    layers = [s.layer if s.layer is not None else (-1 if "embed_tokens" in s.param else n_layers) for s in slices]
+    return min(layers)
+
+
+def _context(twin: torch.nn.Module, hidden: Tensor) -> dict:
+    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(config=twin.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=None, position_ids=pos)
+    return {"attention_mask": mask, "position_ids": pos, "position_embeddings": twin.model.rotary_emb(hidden, pos)}
+
+
+def _local(eff: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {n[len(prefix):]: t for n, t in eff.items() if n.startswith(prefix)}
+
+
+def run_layers(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"], start: int, stop: int,
+               eff: dict[str, Tensor] | None = None) -> Float[Tensor, "batch pos d_model"]:
+    """Residual stream entering layer ``start`` → entering layer ``stop``, weights overridden by ``eff``."""
+    eff, ctx = eff or {}, _context(twin, hidden)
+    for i in range(max(start, 0), stop):
+        layer = twin.model.layers[i]
+        hidden = torch.func.functional_call(layer, _local(eff, f"model.layers.{i}."), (hidden,), ctx)
+    return hidden
+
+
+def embed(twin: torch.nn.Module, tokens: Int[Tensor, "batch pos"], eff: dict[str, Tensor] | None = None) -> Tensor:
+    w = (eff or {}).get("model.embed_tokens.weight", twin.model.embed_tokens.weight)
+    return F.embedding(tokens, w)
+
+
+def end_logits(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"], start: int,
+               eff: dict[str, Tensor] | None = None) -> Float[Tensor, "batch d_vocab"]:
+    """Run layers ``start…`` on ``hidden``, then the final norm and unembedding at the last position only."""
+    eff = eff or {}
+    hidden = run_layers(twin, hidden, start, len(twin.model.layers), eff)
+    normed = torch.func.functional_call(twin.model.norm, _local(eff, "model.norm."), (hidden[:, -1],))
+    tied = twin.lm_head.weight is twin.model.embed_tokens.weight
+    w_u = eff.get("lm_head.weight", eff.get("model.embed_tokens.weight") if tied else None)
+    return F.linear(normed, twin.lm_head.weight if w_u is None else w_u)
+
+
+def effective_weights(weights: dict[str, Tensor], trainable: dict[Slice, Tensor]) -> dict[str, Tensor]:
+    """Each touched weight rebuilt as the frozen base with the trainable slices pasted in (autograd
+    flows into the slices only); a slice covering a whole tensor is used as is."""
+    by_param: dict[str, list[Slice]] = defaultdict(list)
+    for s in trainable:
+        by_param[s.param].append(s)
+    out = {}
+    for name, slices in by_param.items():
+        base = weights[name]
+        if len(slices) == 1 and slices[0].start == 0 and slices[0].stop == base.shape[slices[0].dim]:
+            out[name] = trainable[slices[0]]
+            continue
+        w = base.detach().clone()
+        for s in slices:
+            w.narrow(s.dim, s.start, s.stop - s.start).copy_(trainable[s])
+        out[name] = w
+    return out
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+def step_loss(twin: torch.nn.Module, batch: Batch, start: int, eff: dict[str, Tensor],
+              prefix: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the answer token at the last position; ``prefix`` = cached residual entering ``start``."""
+    tokens, answers = batch
+    hidden = prefix
+    if hidden is None and start > 0:  # nothing below ``start`` is tuned: no graph needed there
+        with torch.no_grad():
+            hidden = run_layers(twin, embed(twin, tokens), 0, start)
+    elif hidden is None:
+        hidden = embed(twin, tokens, eff)
+    return F.cross_entropy(end_logits(twin, hidden, start, eff).float(), answers)
+
+
+def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], train: TrainConfig, start: int,
+              lr: float, desc: str, effective: Callable[[], dict[str, Tensor]] = dict,
+              after_backward: Callable[[], None] | None = None,
+              progress=None) -> tuple[list[float], list[float], float]:
+    """The training loop every method shares: AdamW on ``params``, one step per batch (``train.steps``,
+    cycling), the answer's cross-entropy at the last position (:func:`step_loss`) with the weights
+    ``effective()`` returns, the residual stream entering layer ``start`` cached per batch beforehand
+    (``train.prefix_cache``). Returns (losses, seconds per step, seconds spent on the prefix cache)."""
+    dev = next(net.parameters()).device
+    t0 = time.perf_counter()
+    prefixes: dict[int, Tensor] = {}
+    if train.prefix_cache and start > 0:
+        with torch.no_grad():
+            for i, (tokens, _) in enumerate(batches[: train.steps]):
+                prefixes[i] = run_layers(net, embed(net, tokens.to(dev)), 0, start)
+    prefix_s = time.perf_counter() - t0
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    losses, times = [], []
+    steps = range(train.steps)
+    for step in (progress(steps, desc=desc) if progress else steps):
+        tokens, answers = batches[step % len(batches)]
+        t = time.perf_counter()
+        loss = step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(), prefixes.get(step % len(batches)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss.detach()))
+    return losses, times, prefix_s
+
+
+def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], train: TrainConfig,
+                 grad_scale: dict[Slice, float] | None = None, progress=None,
+                 twin: torch.nn.Module | None = None) -> TrainResult:
+    """AdamW on exactly ``slices`` over ``batches`` (one step each, ``train.steps`` of them, cycling)."""
+    if not slices:
+        raise ValueError("nothing to train: no slices")
+    twin = twin or make_twin(model)
+    weights = named_weights(twin)
+    trainable = {s: slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
+
+    def rescale() -> None:
+        for s, tensor in trainable.items():
+            tensor.grad.mul_(grad_scale.get(s, 1.0))
+
+    losses, times, prefix_s = _optimize(
+        twin, list(trainable.values()), batches, train, _start_layer(slices, len(twin.model.layers)), train.lr,
+        f"training {len(slices)} slices", lambda: effective_weights(weights, trainable),
+        rescale if grad_scale else None, progress)
+    base = {s: slice_view(weights, s) for s in slices}
+    delta = Delta({s: t.detach().clone() for s, t in trainable.items()}, {s: tensor_digest(base[s]) for s in slices})
+    return TrainResult(delta, sum(t.numel() for t in trainable.values()), losses, times, prefix_s)
+
+
+def precise_sft(model: LoadedModel, batches: list[Batch], config: PreciseSFTConfig, train: TrainConfig = TrainConfig(),
+                progress=None, twin: torch.nn.Module | None = None) -> TrainResult:
+    """Paper § "Precise SFT": tune only ``config``'s head slices (and MLP layers)."""
+    slices = precise_slices(model, config)
+    scale = rescale_factors(model.cfg, config, slices) if config.rescale else None
+    result = train_slices(model, slices, batches, train, scale, progress, twin)
+    meta = {"method": "precise", "heads": [str(h) for h in config.heads], "config": jsonable(asdict(config))}
+    return replace(result, delta=replace(result.delta, meta=meta))
+
+
+def full_sft(model: LoadedModel, batches: list[Batch], train: TrainConfig = TrainConfig(), progress=None,
+             twin: torch.nn.Module | None = None) -> TrainResult:
+    """The paper's baseline: every parameter trainable, same optimizer, same last-position loss."""
+    result = train_slices(model, whole_slices(model), batches, train, None, progress, twin)
+    return replace(result, delta=replace(result.delta, meta={"method": "full"}))
+
+
+def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainConfig = TrainConfig(), layers=None,
+             alpha: float | None = None, lr: float | None = None, progress=None) -> TrainResult:
+    """peft LoRA on q/k/v/o of ``layers`` (default all); its merged update becomes a whole-matrix delta."""
+    from peft import LoraConfig, get_peft_model
+
+    twin = make_twin(model)
+    layers = list(range(model.n_layers)) if layers is None else sorted(layers)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, layers_to_transform=layers,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_pattern="layers")
+    torch.manual_seed(train.seed)  # peft initialises A from the global generator
+    with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing via a deprecated name
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(twin, cfg)
+    inner = peft_model.base_model.model
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    losses, times, prefix_s = _optimize(inner, params, batches, train, min(layers), lr or train.lr,
+                                        f"LoRA r={rank}", progress=progress)
+    weights = named_weights(model)
+    values, digest = {}, {}
+    for name, module in inner.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            pname = name + ".weight"
+            s = Slice(pname, 0, 0, weights[pname].shape[0])
+            with torch.no_grad():
+                values[s] = (weights[pname] + module.get_delta_weight("default")).detach().clone()
+            digest[s] = tensor_digest(weights[pname])
+    delta = Delta(values, digest, {"method": "lora", "rank": rank, "layers": layers})
+    return TrainResult(delta, sum(p.numel() for p in params), losses, times, prefix_s)
+
+
+def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:
+    """The LoRA rank on q/k/v/o of ``layers`` whose trainable-parameter count is closest to ``n_params``."""
+    cfg = model.cfg
+    d, kv = int(cfg.d_model), int(cfg.d_head) * int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    per_rank = (d + d) * 2 + (d + kv) * 2  # q and o: d→d; k and v: d→kv; A and B of each
+    n_layers = model.n_layers if layers is None else len(layers)
+    return max(1, round(n_params / (per_rank * n_layers)))
+
+
+def train_method(model: LoadedModel, batches: list[Batch], method: Method, train: TrainConfig = TrainConfig(),
+                 progress=None, twin: torch.nn.Module | None = None) -> TrainResult:
+    """Dispatch one :class:`Method` to :func:`precise_sft`, :func:`full_sft` or :func:`lora_sft`."""
+    train = replace(train, lr=method.lr or train.lr, seed=method.seed)
+    if method.kind == "precise":
+        return precise_sft(model, batches, method.precise, train, progress, twin)
+    if method.kind == "full":
+        return full_sft(model, batches, train, progress, twin)
+    if method.kind == "lora":
+        return lora_sft(model, batches, method.lora_rank, train, method.lora_layers, progress=progress)
+    raise ValueError(f"unknown method kind {method.kind!r}")

@@ -1,0 +1,263 @@
+"""Hooks at END: heads, hook points, prefix-cached reruns and answer scores, shared by every analysis.
+
+Ground floor of the science wing, under every analysis that intervenes on the model: path patching
+(paper § "Path patching"), knockout (§ "Knockout"), MLP tracing (§ "MLP tracing"), transfer
+(§ "Transfer") and the random-head controls of Precise SFT (§ "Precise SFT"). The name is the field's:
+in TransformerLens an analysis *hooks* a named activation (``blocks.3.attn.hook_z``) and reads or
+replaces it. What those analyses share is here, under public names, and nowhere else:
+
+* :class:`Head` — one attention head, the unit that is patched, ablated and fine-tuned — and
+  :func:`random_heads`, the seeded draw every random-head control uses;
+* hook-point names, built in one place (:func:`hook_z`, :func:`hook_pattern`, :func:`resid_mid`,
+  :func:`mlp_out`, :func:`attn_pre_norm`, …), and :func:`set_at_end`, a hook that overwrites an activation at END;
+* :func:`head_deltas` — what a change of heads' ``hook_z`` writes into the residual stream;
+* the prefix KV cache (:func:`prefix_kv`) and reruns of only the last position(s) on top of it
+  (:func:`run_after_prefix`, :func:`end_only_logits`; a full hooked pass read at END is
+  :func:`arithlens.core.models.logits_at_end`). An intervention confined to the positions
+  rerun leaves every earlier position unchanged, so the prefix runs once for every condition; the
+  cache is given back as it was found even when a hook raises (:func:`kept`); greedy correctness
+  at END under many conditions, one batch's prefix cache held at a time (:func:`correct_at_end`);
+* answer scores at END (:class:`EndScores`) over the digit tokens (:func:`digit_tokens`).
+
+What the analyses feed the model — items, their tokens, batches of one length — is the other half
+of the ground floor, :mod:`arithlens.core.items`. Every ``model`` here and above is an :class:`arithlens.core.models.LoadedModel` (the bridge, its tokenizer
+and device), the one thing of arithlens this module imports. Written by hand on TransformerLens hook
+names and Hugging Face ``past_key_values``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from arithlens.core.items import AnswerBatch
+from arithlens.core.models import LoadedModel, last_position_only, logits_at_end
+
+#: A TransformerLens forward hook: (hook-point name, fn(activation, hook) -> activation or None).
+Hook = tuple[str, Callable[..., Any]]
+
+
+# --- heads -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, order=True)
+class Head:
+    """One attention head."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.head}"
+
+
+def heads_from_frame(frame: pd.DataFrame) -> list[Head]:
+    """The heads named by a table's ``layer`` and ``head`` columns, in row order."""
+    return [Head(int(l), int(h)) for l, h in zip(frame["layer"], frame["head"])]
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, seed: int, min_layer: int = 0,
+                 exclude: Iterable[Head] = ()) -> list[Head]:
+    """``k`` distinct heads drawn uniformly (a local ``random.Random(seed)``) from layers ≥
+    ``min_layer``, never one of ``exclude``; in the order drawn. The pool is layer-major, so a given
+    seed always draws the same heads."""
+    excluded = set(exclude)
+    pool = [Head(l, h) for l in range(min_layer, n_layers) for h in range(n_heads) if Head(l, h) not in excluded]
+    if k > len(pool):
+        raise ValueError(f"k={k} is larger than the number of heads to draw from ({len(pool)})")
+    return random.Random(seed).sample(pool, k)
+
+
+# --- hook points -------------------------------------------------------------------------------------
+
+def hook_z(layer: int) -> str:
+    """Every head's output before W_O, ``[batch, pos, head, d_head]``."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def hook_pattern(layer: int) -> str:
+    """Attention pattern after the softmax, ``[batch, head, query_pos, key_pos]``."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def hook_attn_out(layer: int) -> str:
+    """The attention block's update to the residual stream (all heads through W_O, then any
+    post-attention norm), ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def attn_pre_norm(layer: int) -> str:
+    """The attention block's output before any post-attention norm (Gemma 2, OLMo 2; on a pre-norm
+    model the same tensor as :func:`hook_attn_out`), ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.attn.hook_out"
+
+
+def resid_mid(layer: int) -> str:
+    """The residual stream between attention and MLP: the MLP's input, ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_resid_mid"
+
+
+def resid_post(layer: int) -> str:
+    """The residual stream after the layer, ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def mlp_out(layer: int) -> str:
+    """The MLP's output (its update to the residual stream), ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def ln2_in(layer: int) -> str:
+    """What the MLP's normalization receives (``resid_mid`` on a pre-norm model), ``[batch, pos, d_model]``.
+    A model without a pre-MLP norm (OLMo 2) has no such hook; :func:`resid_mid` names the MLP
+    branch's input on every layout."""
+    return f"blocks.{layer}.ln2.hook_in"
+
+
+#: The final normalization's scale (RMS), ``[batch, pos, 1]``.
+FINAL_SCALE = "ln_final.hook_scale"
+
+
+def set_at_end(value: Tensor, heads=None) -> Callable[..., Tensor]:
+    """A hook that replaces an activation at END (for ``hook_z``, optionally only ``heads``) by ``value``."""
+    def hook(act, hook=None):
+        act = act.clone()
+        if heads is None:
+            act[:, -1] = value.to(act.dtype)
+        else:
+            act[:, -1, heads] = value.to(act.dtype)
+        return act
+    return hook
+
+
+def head_deltas(model: LoadedModel,
+                dz: Float[Tensor, "batch layer head d_head"]) -> Float[Tensor, "batch layer head d_model"]:
+    """Each head's change to the attention output when its ``hook_z`` changes by ``dz`` (through W_O):
+    the change to the residual stream on a layout without a post-attention norm (see
+    :func:`arithlens.core.layout.attn_update` for the others)."""
+    W_O = model.bridge.W_O.float()  # [layer, head, d_head, d_model]; o_proj has no bias on checked archs
+    return torch.einsum("blhe,lhed->blhd", dz, W_O)
+
+
+def digit_tokens(tokenizer) -> Int[Tensor, "10"]:
+    """Token ids of the digits 0..9 (each must be one token)."""
+    ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError("this tokenizer has no single token for every digit")
+    return torch.tensor(ids)
+
+
+# --- the prefix KV cache and reruns on top of it ---------------------------------------------------
+
+@torch.no_grad()
+def prefix_kv(model: LoadedModel, tokens: Int[Tensor, "batch pos"]):
+    """The KV cache of ``tokens`` (HF ``past_key_values``); logits only for the last position."""
+    return model.bridge.original_model(tokens, use_cache=True, logits_to_keep=1).past_key_values
+
+
+@contextmanager
+def kept(kv) -> Iterator[Any]:
+    """Within the block, runs may append to the cache ``kv``; afterwards it is cropped back to the
+    length it had on entry — also when the block raises — so the next condition finds the prefix."""
+    if kv is None:
+        yield kv
+        return
+    length = kv.get_seq_length()
+    try:
+        yield kv
+    finally:
+        grown = kv.get_seq_length() - length
+        if grown:
+            kv.crop(-grown)
+
+
+@torch.no_grad()
+def run_after_prefix(model: LoadedModel, tail: Int[Tensor, "batch tail"], fwd_hooks: Iterable[Hook] = (),
+                     kv=None) -> Float[Tensor, "batch tail d_vocab"]:
+    """Logits of ``tail`` run after the prefix whose KV cache is ``kv`` (None: no prefix), with
+    ``fwd_hooks`` acting on the tail's positions only; the cache is given back unchanged."""
+    kw = {"past_key_values": kv} if kv is not None else {}
+    with kept(kv):
+        return model.bridge.run_with_hooks(tail, fwd_hooks=list(fwd_hooks), **kw)
+
+
+@torch.no_grad()
+def end_only_logits(model: LoadedModel, tokens: Int[Tensor, "batch pos"], hooks: list[Hook],
+                    kv=None) -> Float[Tensor, "batch d_vocab"]:
+    """Logits at END when only END changes: re-run the last position on the clean prefix's KV cache."""
+    if kv is None:
+        kv = prefix_kv(model, tokens[:, :-1])
+    return run_after_prefix(model, tokens[:, -1:], hooks, kv)[:, -1].float()
+
+
+@torch.no_grad()
+def correct_at_end(model: LoadedModel, batches: Sequence[AnswerBatch], n_items: int,
+                   conditions: Sequence[Callable[[np.ndarray], list[Hook]]], end_only: bool = True,
+                   progress=None, desc: str = "conditions") -> np.ndarray:
+    """Greedy correctness at END of every item under every condition: a ``conditions × n_items`` bool array.
+
+    A condition maps a batch's item indices to the hooks it runs with. The loop is batch-major: with
+    ``end_only`` (every hook acts at END only), a batch's clean prefix KV cache is made once, serves
+    every condition, and is dropped before the next batch, so memory holds one batch's cache, never the
+    whole set's (on SmolLM2, 256 three-shot prompts' caches are ~0.35 GB). Without ``end_only`` each
+    condition is a full hooked pass. ``progress`` (tqdm-like) counts batches.
+    """
+    out = np.zeros((len(conditions), n_items), dtype=bool)
+    todo = progress(batches, desc=f"{desc} ({len(conditions)} per batch)") if progress else batches
+    for b, tokens, answers in todo:
+        kv = prefix_kv(model, tokens[:, :-1]) if end_only and conditions else None
+        for c, hooks_for in enumerate(conditions):
+            fwd = hooks_for(b)
+            logits = end_only_logits(model, tokens, fwd, kv) if end_only else logits_at_end(model, tokens, fwd)
+            out[c, b] = (logits.argmax(-1) == answers).cpu().numpy()
+        del kv
+    return out
+
+
+# --- scores at END -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EndScores:
+    """Answer logit, log p(answer) and logit difference answer − best other digit, any leading shape."""
+
+    logit: Tensor
+    logprob: Tensor | None
+    logit_diff: Tensor
+
+
+def scores_from_columns(answer_logit: Float[Tensor, "*shape"], digit_logits: Float[Tensor, "*shape 10"],
+                        answers_digit_mask: Bool[Tensor, "*shape 10"],
+                        lse: Float[Tensor, "*shape"] | None) -> EndScores:
+    """Scores from the answer's logit, the ten digits' logits (the mask marks the answer among them)
+    and, when p(answer) is wanted, the logsumexp over the vocabulary."""
+    other = digit_logits.masked_fill(answers_digit_mask, float("-inf")).amax(-1)
+    return EndScores(answer_logit, None if lse is None else answer_logit - lse, answer_logit - other)
+
+
+def scores_from_logits(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tensor, "batch"], digits: Int[Tensor, "10"],
+                       with_prob: bool) -> EndScores:
+    """Scores [batch] from full logits at END."""
+    ans = logits.gather(1, answers[:, None])[:, 0]
+    mask = digits[None] == answers[:, None]
+    return scores_from_columns(ans, logits[:, digits], mask, torch.logsumexp(logits, -1) if with_prob else None)
+
+
+def stack_scores(parts: list[EndScores]) -> EndScores:
+    """Per-unit scores ``[batch]`` (one head, one layer) stacked into ``[batch, unit]``."""
+    stack = lambda xs: None if xs[0] is None else torch.stack(xs, 1)
+    return EndScores(stack([p.logit for p in parts]), stack([p.logprob for p in parts]),
+                     stack([p.logit_diff for p in parts]))
+
+
+def cat_scores(parts: list[EndScores], dim: int) -> EndScores:
+    """Scores of several batches (``dim=0``) or unit groups (``dim=1``) joined."""
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim)
+    return EndScores(cat([p.logit for p in parts]), cat([p.logprob for p in parts]), cat([p.logit_diff for p in parts]))

@@ -1,0 +1,307 @@
+"""Scoring a benchmark file's suite: greedy generation, the first answer token, or the choice letters.
+
+Science wing, beside :mod:`arithlens.tasks.benchmarks.reader` (paper § "Transfer" and § "Precise SFT" report
+accuracy on public benchmarks). Three modes (:data:`MODES`), one engine (:class:`BenchmarkScorer`):
+
+* ``generate`` — greedy decoding of at most ``max_new_tokens`` (default 16) new tokens, stopping at a
+  newline or end-of-sequence; the *last number* of the text is the prediction, compared as a number
+  (``3.50 == 3.5``). Text answers (a generic file) compare the text before the newline, case-folded.
+  The direct answer only: 16 tokens leave no room for a chain of thought.
+* ``first_token`` — teacher-forced, the cheap variant: ``correct`` when greedy decoding would write the
+  whole answer, ``first_correct`` its first token (what :class:`arithlens.tasks.suites.SuiteScorer` computes;
+  the tests check the two agree).
+* ``choice`` — multiple choice: the option letters' log-probabilities at END, renormalised among
+  themselves; the most likely letter is the prediction.
+
+Every mode returns one row per item with :class:`SuiteScorer`'s columns (``correct``,
+``first_correct``, ``p_answer``, ``score``), so :func:`arithlens.analyses.transfer.knockout_transfer` takes a
+:class:`BenchmarkScorer` (its ``scorer`` argument) as it takes a ``SuiteScorer``.
+
+How the work is shared. The longest token prefix all prompts share (the few-shot demonstrations) runs
+once per scorer. Each batch (items sorted by length) runs the rest of its prompts, left-padded *after*
+the shared prefix — the attention mask hides the padding and position ids count real tokens only, so
+an item sees exactly its own prompt — but for the last token, without hooks (HF ``past_key_values``).
+END, then the teacher-forced answer or each generated token, runs through the bridge with
+``fwd_hooks``: a knockout hook acts at every predicting position and nowhere else, as in
+``SuiteScorer``.
+
+Written by hand: the batched, cached decoding loop (HF ``generate`` does not run TransformerLens hooks
+on a bridge, nor share one prefix across a batch); the model is the bridge's, the cache is HF's.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from arithlens.tasks.benchmarks.reader import LETTERS, format_number
+from arithlens.analyses.patching import prefix_kv
+from arithlens.tasks.suites import Suite
+
+Mode = Literal["generate", "first_token", "choice"]
+MODES: tuple[Mode, ...] = ("generate", "first_token", "choice")
+_IN_TEXT = re.compile(r"(?:(?<![\w.])(-))?[$€£]?(\d[\d,]*(?:\.\d+)?)")
+
+
+def extract_last_number(text: str) -> Decimal | None:
+    """The last number in generated text (``"It is 1,234 apples."`` → 1234; ``"5-3"`` → 3, the hyphen
+    after a digit is not a minus sign); None when there is none."""
+    found = _IN_TEXT.findall(text.replace("\u2212", "-"))
+    if not found:
+        return None
+    sign, digits = found[-1]
+    digits = digits.rstrip(",")
+    if "," in digits and not re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", digits):
+        digits, sign = digits.rsplit(",", 1)[1], ""  # "1,2,3": the last of a list
+    return Decimal(sign + digits.replace(",", ""))
+
+
+def answers_match(predicted: Decimal | None, answer: str) -> bool:
+    """Numeric equality (``3.50 == 3.5``); False when nothing was predicted."""
+    try:
+        return predicted is not None and predicted == Decimal(answer)
+    except InvalidOperation:
+        return False
+
+
+def normalize_text(text: str) -> str:
+    """How text answers are compared: stripped, case-folded, trailing ``.!?`` dropped."""
+    return text.strip().rstrip(".!?").strip().casefold()
+
+
+def default_mode(suite: Suite) -> Mode:
+    """``choice`` for a multiple-choice suite, else ``generate``."""
+    return "choice" if suite.scoring == "choice" else "generate"
+
+
+def shared_prefix_length(token_lists) -> int:
+    """Length of the token prefix every list shares, leaving at least one token of each (its END)."""
+    lists = list(token_lists)
+    limit = min(len(t) for t in lists) - 1
+    n = 0
+    while n < limit and all(t[n] == lists[0][n] for t in lists):
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Equal-width prompts after the shared prefix: left-padded tokens and their mask (1 = real)."""
+
+    index: np.ndarray
+    tokens: Int[Tensor, "batch pos"]
+    mask: Int[Tensor, "batch pos"]
+
+
+class BenchmarkScorer:
+    """Score ``suite`` in ``mode`` (default: :func:`default_mode`), any number of conditions.
+
+    ``max_new_tokens`` is the generation budget; ``batch_size`` prompts run together. The shared
+    prefix's cache is kept; each :meth:`score` call re-runs the rest of the prompts.
+    """
+
+    def __init__(self, model, suite: Suite, mode: Mode | None = None, max_new_tokens: int = 16,
+                 batch_size: int = 16):
+        mode = mode or default_mode(suite)
+        if mode not in MODES:
+            raise ValueError(f"unknown scoring {mode!r}: choose from {list(MODES)}")
+        fits = {"exact": ("generate", "first_token"), "choice": ("choice", "first_token")}.get(suite.scoring, ())
+        if mode not in fits:
+            hint = f"use one of {list(fits)}" if fits else "score it with suites.SuiteScorer"
+            raise ValueError(f"scoring {mode!r} does not fit suite {suite.name!r} ({suite.scoring} scoring): {hint}")
+        if not len(suite):
+            raise ValueError(f"suite {suite.name!r} has no items to score")
+        self.model, self.suite, self.mode = model, suite, mode
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        items = suite.items
+        self.shared = shared_prefix_length(it.clean_tokens for it in items)
+        head = torch.tensor([items[0].clean_tokens[: self.shared]], device=model.device)
+        self.prefix = prefix_kv(model, head) if self.shared else None
+        order = sorted(range(len(items)), key=lambda i: len(items[i].clean_tokens))
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        self.batches = []
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            rest = [items[i].clean_tokens[self.shared:] for i in idx]
+            width = max(map(len, rest))
+            tokens = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rest], device=model.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=model.device)
+            self.batches.append(PromptBatch(np.asarray(idx), tokens, mask))
+        self._stops: dict[int, bool] = {}
+
+    # --- the engine --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prompt_cache(self, batch: PromptBatch):
+        """Run every prompt token but the last (no hooks); return the cache, the mask over prefix +
+        prompt (END included) and END's position id."""
+        from transformers import DynamicCache
+
+        n = len(batch.index)
+        kv = copy.deepcopy(self.prefix) if self.prefix is not None else DynamicCache()
+        if self.prefix is not None:
+            kv.batch_repeat_interleave(n)
+        mask = torch.cat([torch.ones(n, self.shared, dtype=batch.mask.dtype, device=batch.mask.device), batch.mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if batch.tokens.shape[1] > 1:
+            self.model.bridge.original_model(input_ids=batch.tokens[:, :-1], attention_mask=mask[:, :-1],
+                                             position_ids=positions[:, self.shared: -1], past_key_values=kv,
+                                             use_cache=True, logits_to_keep=1)
+        return kv, mask, positions[:, -1:]
+
+    def _run(self, tokens: Tensor, kv, mask: Tensor, positions: Tensor, fwd_hooks) -> Tensor:
+        """The hooked part: ``tokens`` [batch, t] after the cache; logits [batch, t, d_vocab] (fp32)."""
+        return self.model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), past_key_values=kv,
+                                                attention_mask=mask, position_ids=positions).float()
+
+    def _is_stop(self, token: int) -> bool:
+        if token not in self._stops:
+            tok = self.model.tokenizer
+            self._stops[token] = token == tok.eos_token_id or "\n" in tok.decode([token])
+        return self._stops[token]
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, fwd_hooks=()) -> tuple[Tensor, list[list[int]]]:
+        """Greedy tokens for one batch: (END logits [batch, d_vocab], new tokens per item, stop included)."""
+        kv, mask, pos = self._prompt_cache(batch)
+        current = batch.tokens[:, -1:]
+        new: list[list[int]] = [[] for _ in batch.index]
+        done = [False] * len(batch.index)
+        end_logits = None
+        for step in range(self.max_new_tokens):
+            logits = self._run(current, kv, mask, pos, fwd_hooks)[:, -1]
+            end_logits = logits if end_logits is None else end_logits
+            nxt = logits.argmax(-1)
+            for j, t in enumerate(nxt.tolist()):
+                if not done[j]:
+                    new[j].append(t)
+                    done[j] = self._is_stop(t)
+            if all(done):
+                break
+            current, pos = nxt[:, None], pos + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        return end_logits, new
+
+    # --- the modes ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, fwd_hooks=(), progress=None) -> pd.DataFrame:
+        """One row per item (file order): ``row``, ``answer``, ``prediction``, ``correct``,
+        ``first_correct``, ``p_answer`` (first answer token; choice: its share among the options),
+        ``score`` (log p of the whole answer / first token / option); ``generate`` adds ``generated``
+        (text up to the stop), ``n_new_tokens`` and ``hit_budget`` (no newline within the budget)."""
+        items, n = self.suite.items, len(self.suite)
+        out = {k: [None] * n for k in ("prediction", "correct", "first_correct", "p_answer", "score",
+                                        "generated", "n_new_tokens", "hit_budget")}
+        batches = progress(self.batches, desc=f"{self.suite.name} ({self.mode})") if progress else self.batches
+        for batch in batches:
+            its = [items[i] for i in batch.index]
+            if self.mode == "generate":
+                end, new = self.generate(batch, fwd_hooks)
+            elif self.mode == "choice":
+                kv, mask, pos = self._prompt_cache(batch)
+                end = self._run(batch.tokens[:, -1:], kv, mask, pos, fwd_hooks)[:, -1]
+            else:
+                rows = self._teacher_forced(batch, its, fwd_hooks)
+            for j, (i, it) in enumerate(zip(batch.index, its)):
+                if self.mode == "generate":
+                    row = self._judge_generation(it, end[j], new[j])
+                elif self.mode == "choice":
+                    row = self._judge_choice(it, end[j])
+                else:
+                    row = rows[j]
+                for k, v in row.items():
+                    out[k][i] = v
+        frame = pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "mode": self.mode,
+                              "item": np.arange(n), "row": [dict(it.meta).get("row", -1) for it in items],
+                              "operator": [it.operator for it in items],
+                              "answer": [dict(it.meta).get("value", it.answer.strip()) for it in items],
+                              **{k: v for k, v in out.items()}})
+        if self.mode != "generate":
+            frame = frame.drop(columns=["generated", "n_new_tokens", "hit_budget"])
+        return frame.astype({"correct": bool, "first_correct": bool, "p_answer": float, "score": float})
+
+    def _teacher_forced(self, batch: PromptBatch, its, fwd_hooks) -> list[dict]:
+        kv, mask, pos = self._prompt_cache(batch)
+        width = max(len(it.answer_tokens) for it in its)
+        end = batch.tokens[:, -1].tolist()
+        tail = torch.tensor([[e, *it.answer_tokens[:-1]] + [e] * (width - len(it.answer_tokens))
+                             for e, it in zip(end, its)], device=batch.tokens.device)
+        mask = torch.cat([mask, torch.ones(len(its), width - 1, dtype=mask.dtype, device=mask.device)], 1)
+        positions = pos + torch.arange(width, device=pos.device)
+        logp = self._run(tail, kv, mask, positions, fwd_hooks).log_softmax(-1)
+        rows = []
+        for j, it in enumerate(its):
+            k = len(it.answer_tokens)
+            target = torch.tensor(it.answer_tokens, device=logp.device)
+            hits = logp[j, :k].argmax(-1) == target
+            lp = logp[j, :k].gather(-1, target[:, None])[:, 0]
+            rows.append({"prediction": self.model.tokenizer.decode(logp[j, :k].argmax(-1).tolist()),
+                         "correct": bool(hits.all()), "first_correct": bool(hits[0]),
+                         "p_answer": float(lp[0].exp()), "score": float(lp.sum())})
+        return rows
+
+    def _judge_choice(self, it, end: Tensor) -> dict:
+        options = end.log_softmax(-1)[list(it.choice_tokens)].log_softmax(-1)
+        gold = it.choice_tokens.index(it.answer_tokens[0])
+        pick = int(options.argmax())
+        return {"prediction": LETTERS[pick], "correct": pick == gold, "first_correct": pick == gold,
+                "p_answer": float(options[gold].exp()), "score": float(options[gold])}
+
+    def _judge_generation(self, it, end: Tensor, new: list[int]) -> dict:
+        tok = self.model.tokenizer
+        text = tok.decode(new, skip_special_tokens=True).split("\n")[0]
+        hit_budget = not (new and self._is_stop(new[-1]))
+        lp = end.log_softmax(-1)[it.answer_tokens[0]]
+        answer = dict(it.meta).get("value", it.answer.strip())
+        if dict(it.meta).get("answer_kind", "numeric") == "text":
+            prediction, correct = text.strip(), normalize_text(text) == normalize_text(answer)
+        else:
+            number = extract_last_number(text)
+            prediction, correct = (format_number(number) if number is not None else ""), answers_match(number, answer)
+        return {"prediction": prediction, "correct": correct, "first_correct": bool(new) and new[0] == it.answer_tokens[0],
+                "p_answer": float(lp.exp()), "score": float(lp), "generated": text, "n_new_tokens": len(new),
+                "hit_budget": hit_budget}
+
+
+def score_benchmark(model, suite: Suite, mode: Mode | None = None, fwd_hooks=(), max_new_tokens: int = 16,
+                    batch_size: int = 16, progress=None) -> pd.DataFrame:
+    """:meth:`BenchmarkScorer.score` once (build a :class:`BenchmarkScorer` to score several conditions)."""
+    return BenchmarkScorer(model, suite, mode, max_new_tokens, batch_size).score(fwd_hooks, progress)
+
+
+def timed_score(model, suite: Suite, mode: Mode | None = None, **kwargs) -> tuple[pd.DataFrame, float]:
+    """:func:`score_benchmark` and its wall-clock seconds (prefix cache included)."""
+    start = time.perf_counter()
+    frame = score_benchmark(model, suite, mode, **kwargs)
+    return frame, time.perf_counter() - start
+
+
+def evaluate_benchmarks(model, delta, suites, mode: Mode | None = None, batch_size: int = 16,
+                        progress=None) -> pd.DataFrame:
+    """Chapter 4's evaluation on benchmark suites with ``delta`` applied (``None`` = the base model).
+
+    Rows as :func:`arithlens.analyses.sft.evaluation.evaluate` (``set``, ``kind``, ``item``, ``correct``,
+    ``p_answer``) plus ``mode``, so the two concatenate before :func:`finetune_data.compare_to_base`.
+    """
+    from arithlens.analyses.sft.trainer import applied
+
+    frames = []
+    with (applied(model, delta) if delta is not None else nullcontext()):
+        for suite in suites:
+            scores = score_benchmark(model, suite, mode, batch_size=batch_size, progress=progress)
+            frames.append(pd.DataFrame({"set": suite.name, "kind": suite.kind, "item": scores["item"],
+                                        "correct": scores["correct"], "p_answer": scores["p_answer"],
+                                        "mode": scores["mode"]}))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,322 @@
+"""Transfer suites: other arithmetic tasks and non-math controls, generated under a seed.
+
+Science wing, ground floor (paper § "Transfer"). Each suite is a list of :class:`SuiteItem` — a clean
+prompt, its answer (one or more tokens), the token positions of the numbers and of the operation
+word, and, where the suite has one, a counterfactual that replaces only the operation (the paper's
+null-operator idea, stated per suite below). Items follow :class:`arithlens.core.items.Item` (``clean_tokens``,
+``cf_tokens``, ``answer_token``, ``operator``, ``end_pos``), like chapter 0's prompts, so chapter 1's
+patching and knockout code runs on them unchanged; the counterfactual is aligned by the same
+:func:`arithlens.core.items.align_counterfactual`.
+
+Suites (``SUITES``):
+
+- ``multidigit`` / ``multidigit3``: ``28 + 35 = 63`` / ``281 + 135 = 416`` (2- or 3-digit operands, + and
+  −); counterfactual: operator → a null symbol (``@``, ``<``, …). Scored by greedy decoding of the whole
+  answer and by its first token.
+- ``decimals``: ``4.2 plus 2.5 equals 6.7``; counterfactual: operator word → a null word.
+- ``years``: "The war lasted from the year 1723 to the year 172" → any digit larger than 3 ends a
+  later year (the greater-than task). Scored by the probability mass on valid digits minus the mass on
+  the others; correct when the top token is a valid digit. No counterfactual.
+- ``word_problems``: "Tom has 3 apples. Tom gets 4 apples. Now Tom has 7"; counterfactual: the
+  operation verb → a neutral verb ("sees", "likes", …).
+- ``power``: ``2 ^ 3 = 8`` (bases 2–9, exponents 0–3); counterfactual: ``^`` → a null symbol.
+- ``capitals``, ``antonyms``, ``sequences``: non-math controls shipped as hand-checked data
+  (``data/controls.json``); no counterfactual.
+
+Every suite uses a few fixed demonstrations (same format, never the query). Answers are computed by
+the generator (Python arithmetic or the data file) and checked in the tests independently.
+
+The task generators themselves (templates, word lists, answers) are in :mod:`arithlens.tasks.generators`.
+
+Written by hand: alignment checks and the teacher-forced scorer (no library generates or scores these
+tasks on a TransformerLens bridge).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from arithlens.core.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
+from arithlens.core.items import align_counterfactual, continuation, encode, length_batches, tokens_over
+from arithlens.core.models import LoadedModel
+from arithlens.tasks.generators import (  # noqa: F401  (load_controls re-exported: the suites' data in one place)
+    NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, load_controls, multidigit_source, pairs_source,
+    power_source, sequences_source, word_problems_source, years_source,
+)
+
+Kind = Literal["math", "control"]
+Scoring = Literal["exact", "mass", "choice"]
+
+
+@dataclass(frozen=True)
+class SuiteItem:
+    """One prompt of a suite with its answer tokens and asserted positions."""
+
+    suite: str
+    operator: str                       # operation label ("+", "^", "capital", …) — groups items
+    clean: str
+    answer: str                         # the answer text right after the prompt (display and checks)
+    counterfactual: str | None
+    clean_tokens: tuple[int, ...]
+    cf_tokens: tuple[int, ...] | None
+    answer_tokens: tuple[int, ...]      # teacher-forced targets ("exact" scoring)
+    valid_tokens: tuple[int, ...] = ()  # tokens counted correct at END ("mass" scoring)
+    number_pos: tuple[int, ...] = ()    # every token of every number in the query
+    op_pos: int | None = None           # last token of the operation (symbol/word/verb)
+    end_pos: int = -1
+    meta: tuple = ()                    # (key, value) pairs: operands, template, …
+    choice_tokens: tuple[int, ...] = ()  # the option letters at END ("choice" scoring; the answer is one of them)
+
+    @property
+    def answer_token(self) -> int:
+        return self.answer_tokens[0] if self.answer_tokens else self.valid_tokens[0]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    kind: Kind
+    scoring: Scoring
+    description: str
+    counterfactual: str | None          # how the counterfactual is made, or None
+    items: tuple[SuiteItem, ...]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_counterfactual(self) -> bool:
+        return self.counterfactual is not None
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of guessing uniformly among the valid-looking options (digits for years, the options of
+        a multiple-choice item, else 0)."""
+        if self.scoring == "choice":
+            return float(np.mean([1 / len(it.choice_tokens) for it in self.items])) if self.items else 0.0
+        if self.scoring == "mass":
+            return float(np.mean([len(it.valid_tokens) / 10 for it in self.items])) if self.items else 0.0
+        return 0.0
+
+    def subset(self, keep) -> "Suite":
+        keep = list(keep)
+        assert len(keep) == len(self.items)
+        return Suite(self.name, self.kind, self.scoring, self.description, self.counterfactual,
+                     tuple(it for it, k in zip(self.items, keep) if k), dict(self.dropped))
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"suite": it.suite, "operator": it.operator, "prompt": it.clean, "answer": it.answer,
+                              "counterfactual": it.counterfactual, "n_tokens": len(it.clean_tokens),
+                              **dict(it.meta)} for it in self.items])
+
+
+# --- building one item ---------------------------------------------------------------------------
+
+def build_item(tokenizer, suite: str, label: str, prefix: str, parts: list[tuple[str, str]], answer: str,
+           nulls: tuple[str, ...] | None, rng: random.Random, valid_answers: tuple[str, ...] = (),
+           meta: tuple = ()) -> tuple[SuiteItem | None, str]:
+    """Assemble ``prefix + parts`` (each part tagged ``text``/``num``/``op``), align and check.
+
+    The answer must tokenize as a continuation of the prompt (prompt tokens unchanged). The
+    counterfactual replaces the ``op`` part with one of ``nulls`` that keeps every other token.
+    """
+    clean, spans = prefix, {"num": [], "op": None}
+    for kind, text in parts:
+        if kind == "num":
+            spans["num"].append((len(clean), len(clean) + len(text)))
+        elif kind == "op":
+            spans["op"] = (len(clean), len(clean) + len(text))
+        clean += text
+    ids, offsets = encode(tokenizer, clean)
+    answer_tokens: tuple[int, ...] = ()
+    valid: tuple[int, ...] = ()
+    if valid_answers:
+        conts = [continuation(tokenizer, clean, v, ids) for v in valid_answers]
+        if any(c is None or len(c) != 1 for c in conts):
+            return None, "valid answer not one token"
+        valid = tuple(c[0] for c in conts)
+    else:
+        cont = continuation(tokenizer, clean, answer, ids)
+        if cont is None:
+            return None, "answer does not continue the prompt's tokens"
+        answer_tokens = cont
+    number_pos = tuple(sorted({i for s, e in spans["num"] for i in tokens_over(offsets, s, e)}))
+    op_pos = tokens_over(offsets, *spans["op"])[-1] if spans["op"] else None
+    cf, cf_tokens = None, None
+    if nulls is not None:
+        aligned = align_counterfactual(tokenizer, clean, ids, offsets, spans["op"], rng.sample(list(nulls), len(nulls)),
+                                       fixed=number_pos)
+        if aligned is None:
+            return None, "no counterfactual keeps the other tokens"
+        cf, cf_tokens = aligned
+    return SuiteItem(suite, label, clean, answer, cf, tuple(ids), cf_tokens, answer_tokens, valid, number_pos,
+                     op_pos, len(ids) - 1, meta), ""
+
+
+def _generate(tokenizer, suite: str, candidates: list, render: Callable, n: int, shots: int, seed: int,
+              nulls: tuple[str, ...] | None, per_label: bool = True) -> tuple[list[SuiteItem], Counter]:
+    """Pick up to ``n`` candidates (seeded, split evenly over labels) with ``shots`` fixed demonstrations.
+
+    ``render(candidate) -> (label, parts, answer, valid_answers, meta)``. With ``per_label`` the
+    demonstrations share the query's label (operator), as in chapter 0's "same template and operator";
+    otherwise they are drawn from the whole suite. Demonstrations are never queries.
+    """
+    rng = random.Random(f"{seed}|{suite}")
+    pool = list(candidates)
+    rng.shuffle(pool)
+    groups: dict[str, list] = {}
+    for c in pool:
+        groups.setdefault(render(c)[0] if per_label else "", []).append(c)
+
+    def line(c) -> str:
+        _, parts, ans, valid, _ = render(c)
+        return "".join(t for _, t in parts) + (ans if not valid else valid[-1]) + "\n"
+
+    items, dropped = [], Counter()
+    quota = -(-n // len(groups))
+    for group in groups.values():
+        demos, queries = group[:shots], group[shots:]
+        prefix = "".join(line(d) for d in demos)
+        kept = 0
+        for cand in queries:
+            if kept == quota or len(items) == n:
+                break
+            label, parts, ans, valid, meta = render(cand)
+            item, reason = build_item(tokenizer, suite, label, prefix, parts, ans, nulls, rng, valid, meta)
+            if item is None:
+                dropped[reason] += 1
+            else:
+                items.append(item)
+                kept += 1
+    return items, dropped
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    kind: Kind
+    scoring: Scoring
+    description: str
+    counterfactual: str | None
+    nulls: tuple[str, ...] | None
+    source: Callable[[int], tuple[list, Callable]]
+    shots: int = 3
+    per_label: bool = True
+
+
+SUITES: dict[str, SuiteSpec] = {
+    "multidigit": SuiteSpec("math", "exact", "2-digit + and − (`28 + 35 = 63`)", "operator → null symbol",
+                            NULL_SYMBOLS, multidigit_source),
+    "multidigit3": SuiteSpec("math", "exact", "3-digit + and − (`281 + 135 = 416`, the paper's example)",
+                             "operator → null symbol", NULL_SYMBOLS, lambda s: multidigit_source(s, 3)),
+    "decimals": SuiteSpec("math", "exact", "one-decimal plus/minus (`4.2 plus 2.5 equals 6.7`)",
+                          "operator word → null word", NULL_WORDS, decimals_source),
+    "years": SuiteSpec("math", "mass", "year spans (`from the year 1723 to the year 172_`: a digit > 3)",
+                       None, None, years_source, shots=0),
+    "word_problems": SuiteSpec("math", "exact", "one-step word problems, answer 0–9", "operation verb → neutral verb",
+                               NEUTRAL_VERBS, word_problems_source),
+    "power": SuiteSpec("math", "exact", "exponentiation (`2 ^ 3 = 8`, bases 2–9, exponents 0–3)",
+                       "`^` → null symbol", NULL_SYMBOLS, power_source),
+    "capitals": SuiteSpec("control", "exact", "capital cities (`The capital of France is Paris`)", None, None,
+                          lambda s: pairs_source("capitals")),
+    "antonyms": SuiteSpec("control", "exact", "antonyms (`The opposite of hot is cold`)", None, None,
+                          lambda s: pairs_source("antonyms")),
+    "sequences": SuiteSpec("control", "exact", "next item of days, months, letters (`March, April, May, June`)",
+                           None, None, sequences_source, per_label=False),
+}
+SUITE_NAMES = list(SUITES)
+
+
+def make_suite(name: str, tokenizer, n: int = 64, seed: int = 0, shots: int | None = None) -> Suite:
+    """Generate suite ``name`` with up to ``n`` items (seeded; the same seed gives the same items)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}: choose from {SUITE_NAMES}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    spec = SUITES[name]
+    cands, render = spec.source(seed)
+    items, dropped = _generate(tokenizer, name, cands, render, n, spec.shots if shots is None else shots, seed,
+                               spec.nulls, spec.per_label)
+    return Suite(name, spec.kind, spec.scoring, spec.description, spec.counterfactual, tuple(items), dict(dropped))
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+
+class SuiteScorer:
+    """Teacher-forced scoring of a suite, with the prompts' KV caches computed once for every condition.
+
+    Input = prompt + answer tokens but the last; the positions that predict answer tokens are END and
+    the answer tokens themselves (greedy decoding yields the answer iff each of them predicts the next
+    answer token). The prompt before END runs once (HF ``past_key_values``); each condition re-runs
+    only END and the answer positions, so a hook applied there (``fwd_hooks``) acts at every
+    predicting position and nowhere else. A ``choice`` suite (multiple choice, e.g. a benchmark file
+    read by :mod:`arithlens.tasks.benchmarks.reader`) is scored at END among its items' option letters only.
+    """
+
+    def __init__(self, model: LoadedModel, suite: Suite, batch_size: int = 32):
+        self.model, self.suite = model, suite
+        self.batches = []
+        with torch.no_grad():
+            for b in length_batches(suite.items, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
+                its = [suite.items[i] for i in b]
+                seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1] for it in its], device=model.device)
+                n_prompt = len(its[0].clean_tokens)
+                kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
+                self.batches.append((np.asarray(b), seq, n_prompt, kv))
+
+    @torch.no_grad()
+    def score(self, fwd_hooks: Iterable[Hook] = ()) -> pd.DataFrame:
+        """One row per item: ``correct``, ``first_correct``, ``p_answer`` (first token, or valid mass, or
+        the answer's share among the options), ``score`` (exact: log p of the full answer; mass: p(valid) −
+        p(other digits); choice: log of that share)."""
+        items = self.suite.items
+        n = len(items)
+        correct, first, p_ans, score = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n))
+        for b, seq, n_prompt, kv in self.batches:
+            logits = run_after_prefix(self.model, seq[:, n_prompt - 1:], fwd_hooks, kv).float()
+            logp = logits.log_softmax(-1)
+            if self.suite.scoring == "mass":
+                valid = [items[i].valid_tokens for i in b]
+                digits = self._digits()
+                end = logp[:, -1].exp()
+                top = logits[:, -1].argmax(-1)
+                for j, v in enumerate(valid):
+                    vm = end[j, list(v)].sum()
+                    other = end[j, digits].sum() - vm
+                    correct[b[j]] = first[b[j]] = int(top[j]) in v
+                    p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
+            elif self.suite.scoring == "choice":
+                for j, i in enumerate(b):  # the options' log-probabilities renormalised among themselves
+                    options = logp[j, -1, list(items[i].choice_tokens)].log_softmax(-1)
+                    gold = items[i].choice_tokens.index(items[i].answer_tokens[0])
+                    correct[i] = first[i] = int(options.argmax()) == gold
+                    p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
+            else:
+                targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
+                hits = logits.argmax(-1) == targets
+                lp = logp.gather(-1, targets[..., None])[..., 0]
+                correct[b] = hits.all(-1).cpu().numpy()
+                first[b] = hits[:, 0].cpu().numpy()
+                p_ans[b] = lp[:, 0].exp().cpu().numpy()
+                score[b] = lp.sum(-1).cpu().numpy()
+        return pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "item": np.arange(n),
+                             "operator": [it.operator for it in items], "correct": correct,
+                             "first_correct": first, "p_answer": p_ans, "score": score})
+
+    def _digits(self) -> list[int]:
+        if not hasattr(self, "_digit_ids"):
+            self._digit_ids = digit_tokens(self.model.tokenizer).tolist()
+        return self._digit_ids
+
+
+def score_suite(model: LoadedModel, suite: Suite, fwd_hooks: Iterable[Hook] = (), batch_size: int = 32) -> pd.DataFrame:
+    """:meth:`SuiteScorer.score` once (build a :class:`SuiteScorer` to score several conditions)."""
+    return SuiteScorer(model, suite, batch_size).score(fwd_hooks)

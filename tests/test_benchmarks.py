@@ -16,7 +16,7 @@ from arithlens.tasks.benchmarks.scoring import BenchmarkScorer, answers_match, e
 from arithlens.tasks.benchmarks.reader import (BenchmarkFileError, format_number, load_benchmark, load_benchmarks,
                                   make_benchmark_suite, parse_number, read_benchmark)
 from arithlens.cli import main
-from arithlens.analyses.patching import Head
+from arithlens.core.hooks import Head
 from arithlens.tasks.suites import SuiteScorer
 
 DATA = Path(__file__).parent / "data" / "benchmarks"
@@ -217,7 +217,7 @@ def test_batched_cached_generation_equals_a_plain_greedy_loop(tiny, name, shots)
 def test_generation_reuses_the_prompt_cache(tiny, monkeypatch):
     suite = load_benchmark(DATA / "gsm8k_style.jsonl", tiny.tokenizer, shots=2)
     calls = []
-    monkeypatch.setattr(benchmark_scoring, "prefix_kv", lambda m, t: calls.append(t.shape) or _prefix(m, t))
+    monkeypatch.setattr(scoring, "prefix_kv", lambda m, t: calls.append(t.shape) or _prefix(m, t))
     scorer = BenchmarkScorer(tiny, suite, "generate", max_new_tokens=4, batch_size=2)
     widths = []
     real = tiny.bridge.run_with_hooks
@@ -230,7 +230,7 @@ def test_generation_reuses_the_prompt_cache(tiny, monkeypatch):
 
 
 def _prefix(model, tokens):
-    from arithlens.analyses.patching import prefix_kv
+    from arithlens.core.hooks import prefix_kv
 
     return prefix_kv(model, tokens)
 

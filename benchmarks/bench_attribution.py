@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
 from arithlens.analyses import agreement, attribution
-from arithlens import patching  # noqa: E402
+from arithlens.analyses import end_cache, patching  # noqa: E402
 from arithlens.core.models import load_model  # noqa: E402
 from arithlens.tasks.prompts import PromptConfig, make_prompts  # noqa: E402
 
@@ -42,13 +42,13 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     two = attribution.two_forward_seconds(model, prompts)
     start = time.perf_counter()
-    caches = patching.cache_prompt_set(model, prompts)
+    caches = end_cache.cache_prompt_set(model, prompts)
     exact = patching.patch_heads(model, prompts, caches, modes=(args.mode,))
     seconds = {"exact": time.perf_counter() - start}
     parts = [exact.assign(method="exact")]
     for method in (attribution.ATTRIBUTION, attribution.eap_ig(args.steps)):
         start = time.perf_counter()
-        caches = patching.cache_prompt_set(model, prompts)
+        caches = end_cache.cache_prompt_set(model, prompts)
         parts.append(attribution.attribute_heads(model, prompts, caches, (args.mode,), (method,)))
         seconds[method.name] = time.perf_counter() - start
     table = pd.concat([p[["method", *exact.columns]] for p in parts], ignore_index=True)

@@ -26,7 +26,8 @@ import torch
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
 from arithlens.analyses import knockout
-from arithlens import patching  # noqa: E402
+from arithlens.analyses import end_cache, patching  # noqa: E402
+from arithlens.core import hooks  # noqa: E402
 from arithlens.core.items import length_batches, to_tokens  # noqa: E402
 from arithlens.core.models import load_model  # noqa: E402
 from arithlens.tasks.prompts import PromptConfig, make_prompts  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
     full = make_prompts(model.tokenizer, PromptConfig(n_per_cell=max(8, args.n // 40 + 2), shots=3, seed=0))
     prompts = full.subset([i < args.n for i in range(len(full))])
     batches = length_batches(prompts.items, 16)
-    digits = patching.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     print(f"model {args.model}: {len(prompts)} prompts, {len(batches)} batches, {model.n_layers}×{model.n_heads} heads, "
           f"threads {torch.get_num_threads()}")
 
@@ -68,7 +69,7 @@ def main() -> None:
     two = t_clean + t_cf
     print(f"two plain forward passes: {two:.1f} s (peak RSS so far {peak_gb():.2f} GB)")
 
-    caches, t_cache = timed(lambda: patching.cache_prompt_set(model, prompts))
+    caches, t_cache = timed(lambda: end_cache.cache_prompt_set(model, prompts))
     results = {}
     for mode in ("direct", "path"):
         for with_prob in (True, False):
@@ -77,7 +78,7 @@ def main() -> None:
             print(f"{mode:6s} sweep ({'all metrics' if with_prob else 'logit + logit diff only'}): cache {t_cache:.1f} s + "
                   f"sweep {t:.1f} s (peak RSS so far {peak_gb():.2f} GB)")
 
-    heads = [patching.Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    heads = [hooks.Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
     step = max(1, len(heads) // args.ref_heads)
     sample = heads[::step][: args.ref_heads]
     _, t_ref = timed(lambda: [patching.reference_effect(model, c, h, "path", digits) for c in caches for h in sample])

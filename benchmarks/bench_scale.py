@@ -8,7 +8,7 @@ and every random-init shape ``LAYERSxHEADSxD_MODEL[xKV_HEADS]`` (a Llama built f
 with the tiny models' character tokenizer, intermediate size 8/3 × d_model rounded to 64; 2 or 3 KV
 heads unless given: ``32x32x4096x32`` is LLaMA-2-7B's multi-head shape), it
 times two plain forward passes over the same ``--n`` three-shot prompts (clean and counterfactual),
-then the cached direct and path sweeps of every head (``patching.cache_prompt_set`` +
+then the cached direct and path sweeps of every head (``end_cache.cache_prompt_set`` +
 ``patching.sweep_many``), and prints one row per model:
 
     model  layers×heads  d_model  params  prompts  heads×prompts  two forwards (s)  direct ÷ 2 fwd  path ÷ 2 fwd
@@ -41,11 +41,14 @@ import torch
 
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
-from arithlens import patching  # noqa: E402
+from arithlens.analyses import end_cache, patching  # noqa: E402
+from arithlens.core import hooks  # noqa: E402
 from arithlens.analyses.attribution import two_forward_seconds  # noqa: E402
-from arithlens.core.models import (LoadedModel, ModelSpec, ModelSpecError, build_tiny_tokenizer,  # noqa: E402
-                              default_dtype, load_model, pick_device)
-from arithlens.core.items import length_batches, to_tokens  # noqa: E402
+from arithlens.core.models import (LoadedModel, build_tiny_tokenizer, default_dtype, load_model,  # noqa: E402
+                                   pick_device)
+from arithlens.core.registry import ModelSpecError  # noqa: E402
+from arithlens.core.specs import ModelSpec  # noqa: E402
+from arithlens.core.items import length_batches  # noqa: E402
 from arithlens.tasks.prompts import PromptConfig, make_prompts  # noqa: E402
 
 
@@ -129,8 +132,7 @@ def path_floor(model: LoadedModel, prompts) -> float:
     suffix = 0  # tokens run twice (after the prefix clean and counterfactual share), as cache_end runs them
     for batch in length_batches(prompts.items, 16):  # cache_prompt_set's batches
         items = [prompts.items[i] for i in batch]
-        clean = to_tokens(items)
-        suffix += (clean.shape[1] - patching._shared_prefix(clean, to_tokens(items, "counterfactual"))) * len(items)
+        suffix += (len(items[0].clean_tokens) - end_cache.counterfactual_prefix_length(items)) * len(items)
     forward = (body + unembed) * tokens
     cache = body * (tokens - suffix) + (body + unembed) * 2 * suffix
     rows = model.n_heads * sum(range(1, model.n_layers + 1))  # (head, later MLP) pairs
@@ -141,9 +143,9 @@ def path_floor(model: LoadedModel, prompts) -> float:
 def measure(name: str, model: LoadedModel, n: int) -> dict:
     full = make_prompts(model.tokenizer, PromptConfig(n_per_cell=max(2, n // 40 + 2), shots=3, seed=0))
     prompts = full.subset([i < n for i in range(len(full))])
-    digits = patching.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     two = two_forward_seconds(model, prompts)  # clean + counterfactual, after a warm-up pass
-    caches, t_cache = timed(lambda: patching.cache_prompt_set(model, prompts))
+    caches, t_cache = timed(lambda: end_cache.cache_prompt_set(model, prompts))
     row = {"model": name, "layers×heads": f"{model.n_layers}×{model.n_heads}", "d_model": int(model.cfg.d_model),
            "params (M)": round(model.n_params / 1e6, 1), "prompts": len(prompts),
            "heads×prompts": model.n_layers * model.n_heads * len(prompts), "two forwards (s)": round(two, 2),

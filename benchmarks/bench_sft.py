@@ -56,12 +56,12 @@ def setup(args):
     from arithlens.analyses.sft.evaluation import make_sft_data
     from arithlens.core.models import load_model
     from arithlens.core.hooks import Head
-    from arithlens.tasks.prompts import group_by_length, to_tokens
+    from arithlens.core.items import length_groups, to_tokens
 
     model = load_model(args.model)
     heads = tuple(Head(*map(int, h.split("."))) for h in args.heads.split(","))
     data = make_sft_data(model.tokenizer, shots=args.shots)
-    groups = group_by_length(data.train)
+    groups = length_groups(data.train.items)
     length = min(groups, key=lambda n: (abs(n - args.length), -len(groups[n])))
     items = [data.train.items[i] for i in (groups[length] * args.batch)[: args.batch]]
     batches = [(to_tokens(items), torch.tensor([it.answer_token for it in items]))]

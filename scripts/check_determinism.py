@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from arithlens import paths
 from arithlens.runner import runs, store
+from arithlens.runner.chapters import find_chapter
 from arithlens.runner.book import toc_chapters
-from arithlens.core.models import DEFAULT_MODEL
+from arithlens.core.registry import DEFAULT_MODEL
 
 
 def _execute_all(root: Path, chapters: list[str], model: str, given: dict) -> dict[str, Path]:
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--against", help="the first run store (default: the project's runs/)")
     parser.add_argument("--store", help="the second run store (default: a fresh temporary one)")
     args = parser.parse_args()
-    chapters = [runs.find_chapter(c) for c in (args.chapters or toc_chapters())]
+    chapters = [find_chapter(c) for c in (args.chapters or toc_chapters())]
     given = runs.gather_overrides(args.param)
     first_root = Path(args.against).expanduser().resolve() if args.against else paths.runs_root()
     print(f"model {args.model}, torch {torch.__version__} with {torch.get_num_threads()} threads "

@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arithlens.runner.runs import (RunError, chapter_inputs, find_chapter, gather_overrides, list_chapters, notebook_parameters,
-                            run_chapter)
+from arithlens.runner.chapters import RunError, chapter_inputs, find_chapter, list_chapters, notebook_parameters
+from arithlens.runner.runs import gather_overrides, run_chapter
 
 
 def _model_key(spec: str) -> str:
     """Check the spec early — in seconds, before a kernel starts (one-line error) — and normalise
-    paths so the run key is stable."""
-    from arithlens.core.models import REGISTRY, check_spec
+    paths so the run key is stable. A path names where the model is; the run key adds what it holds
+    (:func:`arithlens.core.specs.content_digest`), so a new file at the same path is a new model."""
+    from arithlens.core.registry import REGISTRY
+    from arithlens.core.specs import check_spec
 
     resolved = check_spec(spec, log=_log)
     return resolved.source if resolved.kind in ("gguf", "local") and spec not in REGISTRY else spec
@@ -123,12 +125,12 @@ def cmd_runs(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from arithlens.core.registry import models_table
+    from arithlens.core.registry import format_registry
     from arithlens.core.specs import ACCEPTED_FORMS
 
     if getattr(args, "models_command", None) == "fetch":
         return cmd_models_fetch(args)
-    print(models_table(accepted_forms=ACCEPTED_FORMS))
+    print(format_registry(accepted_forms=ACCEPTED_FORMS))
     return 0
 
 
@@ -245,7 +247,7 @@ def add_benchmark_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from arithlens.core.models import DEFAULT_MODEL
+    from arithlens.core.registry import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="arithlens", description="Re-run the arithlens book's analyses.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from arithlens.classroom import ClassroomError
-    from arithlens.core.models import ModelSpecError
+    from arithlens.core.registry import ModelSpecError
     from arithlens.paths import ProjectError
     from arithlens.record import UpstreamError
 

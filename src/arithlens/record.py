@@ -10,6 +10,11 @@ runner (:mod:`arithlens.runner.runs`) executes a notebook with two parameters it
   fills in the run it keyed on; :func:`upstream_run` opens it. A notebook never searches the store
   for "the latest" run of another chapter.
 
+A page that states a verdict decides it while its own run is still being made: :func:`page_run`
+wraps the tables the page is about to save in the interface of a finished run, so the rule that
+decides the claim on the book's first page (:mod:`arithlens.claims.verdicts`) decides it on the page
+from the very same tables.
+
 This module imports nothing else of arithlens, so editing the runner does not invalidate finished
 runs (a run's code hash covers the modules its notebook imports). Written by hand: all of it (a
 manifest and a folder of parquet files; no library does this).
@@ -18,6 +23,7 @@ manifest and a folder of parquet files; no library does this).
 from __future__ import annotations
 
 import html
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +67,44 @@ class RunResult:
 
     def table(self, name: str) -> pd.DataFrame:
         return load_table(self.path, name)
+
+
+class PageParameters(dict):
+    """The parameters a page hands to a rule. A stored run carries all of its parameters and a rule may
+    read one with a default (``parameters.get("lead_mode", "path")``, for runs made before it existed);
+    on a page that default would silently stand in for a value the page forgot to pass, so here asking
+    for a parameter the page did not hand over is an error."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name not in self:
+            raise KeyError(f"the page did not hand the rule its parameter {name!r}: add it to page_run(...)")
+        return self[name]
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """The run a chapter notebook is making, seen from inside it: the tables it will save and the
+    parameters the rules read, behind the interface of a finished run (``key``, ``parameters``,
+    ``table(name)``). ``table`` returns a table as :func:`load_table` will read it back from the run's
+    folder (written to parquet and read again), so a rule applied here and to the stored run sees
+    identical frames."""
+
+    chapter: str
+    parameters: PageParameters
+    tables: dict[str, pd.DataFrame]
+    key: str = "(this page's run)"
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in self.tables:
+            raise UpstreamError(f"this page's run of {self.chapter} has no table {name!r} (has: {', '.join(self.tables)})")
+        return pd.read_parquet(io.BytesIO(self.tables[name].to_parquet(index=False)))
+
+
+def page_run(chapter: str, parameters: dict[str, Any] | None = None, **tables: pd.DataFrame) -> PageRun:
+    """The page's own run for a rule to decide on: ``tables`` are the frames the page saves (save them
+    with ``save_tables(output_dir, **page.tables, ...)``, so what was decided on is what is stored),
+    ``parameters`` the chapter parameters the rules read (e.g. ``{"lead_mode": lead_mode}``)."""
+    return PageRun(chapter, PageParameters(parameters or {}), dict(tables))
 
 
 def open_run(path: str | Path) -> RunResult:

@@ -38,7 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens.core.hooks import Head, digit_tokens, end_only_logits, prefix_kv, scores_from_logits
-from arithlens.core.items import ItemSet, length_batches, to_tokens
+from arithlens.core.items import ItemSet, answer_batches
 from arithlens.analyses.knockout import ablation_hooks
 from arithlens.core.models import LoadedModel
 
@@ -109,28 +109,35 @@ def rank_agreement(table: pd.DataFrame, metric: str = "rel_logit", reference: st
 
 
 class LogitDiffEvaluator:
-    """Mean logit difference at END with heads mean-ablated at END; prefix KV caches computed once."""
+    """Mean logit difference at END with heads mean-ablated at END, many head sets at once
+    (:meth:`logit_diffs`): batch-major, so each batch's clean prefix KV cache is made once for every
+    set and dropped before the next batch (as :func:`arithlens.core.hooks.correct_at_end`)."""
 
     def __init__(self, model: LoadedModel, prompts: ItemSet, means: Float[Tensor, "layer head d_head"],
                  batch_size: int = 64):
         self.model, self.prompts, self.means = model, prompts, means
         self.digits = digit_tokens(model.tokenizer).to(model.device)
-        self.batches = []
-        for b in length_batches(prompts.items, batch_size):
-            tokens = to_tokens([prompts.items[i] for i in b]).to(model.device)
-            answers = torch.tensor([prompts.items[i].answer_token for i in b], device=model.device)
-            self.batches.append((tokens, answers, prefix_kv(model, tokens[:, :-1])))
+        self.batches = answer_batches(prompts.items, batch_size, model.device)
 
     @torch.no_grad()
+    def logit_diffs(self, ablated_sets: Sequence[Sequence[Head]], progress=None) -> list[float]:
+        """For each head set, the mean over prompts of answer − best other digit at END with those heads
+        mean-ablated at END. ``progress`` (tqdm-like) counts batches."""
+        fwds = [ablation_hooks(list(heads), self.means, "end") for heads in ablated_sets]
+        totals, n = [0.0] * len(fwds), 0
+        todo = progress(self.batches, desc=f"logit difference ({len(fwds)} head sets per batch)") if progress else self.batches
+        for _, tokens, answers in todo:
+            kv = prefix_kv(self.model, tokens[:, :-1]) if fwds else None
+            for c, fwd in enumerate(fwds):
+                logits = end_only_logits(self.model, tokens, fwd, kv)
+                totals[c] += float(scores_from_logits(logits, answers, self.digits, False).logit_diff.sum())
+            n += len(answers)
+            del kv
+        return [total / n for total in totals]
+
     def logit_diff(self, ablated: Sequence[Head]) -> float:
         """Mean over prompts of answer − best other digit at END with ``ablated`` mean-ablated at END."""
-        fwd = ablation_hooks(ablated, self.means, "end")
-        total, n = 0.0, 0
-        for tokens, answers, kv in self.batches:
-            logits = end_only_logits(self.model, tokens, fwd, kv)
-            total += float(scores_from_logits(logits, answers, self.digits, False).logit_diff.sum())
-            n += len(answers)
-        return total / n
+        return self.logit_diffs([ablated])[0]
 
 
 def faithfulness_curve(evaluator: LogitDiffEvaluator, rankings: Mapping[str, Sequence[Head]],
@@ -139,7 +146,8 @@ def faithfulness_curve(evaluator: LogitDiffEvaluator, rankings: Mapping[str, Seq
 
     Tidy: one row per (ranking, n) with ``n_heads`` (all heads), ``logit_diff`` m(keep top-n),
     ``m_clean``, ``m_ablated`` and ``fraction_recovered``. Every ranking must order the same,
-    complete set of heads; ``n_values`` defaults to 0 … n_heads.
+    complete set of heads; ``n_values`` defaults to 0 … n_heads. Every head set is evaluated in one
+    batch-major pass (:meth:`LogitDiffEvaluator.logit_diffs`; ``progress`` counts its batches).
     """
     model = evaluator.model
     everything = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
@@ -149,16 +157,13 @@ def faithfulness_curve(evaluator: LogitDiffEvaluator, rankings: Mapping[str, Seq
     n_values = list(range(len(everything) + 1)) if n_values is None else sorted(set(n_values))
     if n_values and (n_values[0] < 0 or n_values[-1] > len(everything)):
         raise ValueError(f"n must lie in 0..{len(everything)}")
-    m_clean, m_ablated = evaluator.logit_diff([]), evaluator.logit_diff(everything)
     jobs = [(name, n) for name in rankings for n in n_values]
+    ablated = [[], everything] + [list(rankings[name][n:]) for name, n in jobs if 0 < n < len(everything)]
+    m_clean, m_ablated, *rest = evaluator.logit_diffs(ablated, progress)
+    kept = iter(rest)
     rows = []
-    for name, n in (progress(jobs, desc="faithfulness curve") if progress else jobs):
-        if n == 0:
-            m = m_ablated
-        elif n == len(everything):
-            m = m_clean
-        else:
-            m = evaluator.logit_diff(list(rankings[name][n:]))
+    for name, n in jobs:
+        m = m_ablated if n == 0 else m_clean if n == len(everything) else next(kept)
         rows.append({"ranking": name, "n": n, "n_heads": len(everything), "logit_diff": m, "m_clean": m_clean,
                      "m_ablated": m_ablated,
                      "fraction_recovered": (m - m_ablated) / (m_clean - m_ablated)})

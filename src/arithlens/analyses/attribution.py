@@ -8,7 +8,7 @@ how much does a score at END change when head (layer, head)'s ``hook_z`` at END 
 counterfactual value Δz = z_cf − z_clean away — in the same three modes (``direct``, ``path``,
 ``total``: what else is frozen, see :mod:`arithlens.analyses.patching`) and for the same scores (answer logit,
 logit difference answer − best other digit, p(answer); columns ``rel_logit``, ``d_logit_diff``,
-``d_prob`` as in :func:`arithlens.analyses.patching.effects_table`).
+``d_prob`` as in :func:`arithlens.analyses.end_cache.effects_table`).
 
 * **Attribution** (``steps=1``): est = Σ_d_head ∂score/∂z[END, head] · Δz at the clean run.
 * **EAP-IG** (``interpolate="all_heads"``): the gradient averaged over ``steps`` points of the straight
@@ -59,7 +59,8 @@ from arithlens.analyses import patching
 from arithlens.core.hooks import digit_tokens, kept, prefix_kv, scores_from_logits
 from arithlens.core.items import ItemSet, length_batches, to_tokens
 from arithlens.core.models import LoadedModel
-from arithlens.analyses.patching import EndCache, Mode
+from arithlens.analyses.end_cache import EndCache, clean_scores
+from arithlens.analyses.patching import Mode
 
 Interpolate = Literal["all_heads", "one_head"]
 #: The estimated scores, in the order :class:`AttributionScores` holds them.
@@ -199,7 +200,7 @@ def attribution_scores(model: LoadedModel, cache: EndCache, digits: Int[Tensor, 
 
 def estimates_table(cache: EndCache, scores: AttributionScores, clean_logit: Float[Tensor, "batch"],
                     **labels) -> pd.DataFrame:
-    """Per-prompt estimates as :func:`arithlens.analyses.patching.effects_table` lays out exact effects: one row
+    """Per-prompt estimates as :func:`arithlens.analyses.end_cache.effects_table` lays out exact effects: one row
     per (prompt, layer, head), columns ``rel_logit`` (estimated Δlogit / clean logit), ``d_logit_diff``,
     ``d_prob``; ``labels`` become constant columns."""
     B, L, H = scores.d_logit.shape
@@ -219,7 +220,7 @@ def attribute_heads(model: LoadedModel, prompts: ItemSet, caches: list[EndCache]
     frames = []
     for method, mode in (progress(jobs, desc="attribution (method, mode)") if progress else jobs):
         for cache in caches:
-            clean = patching.clean_scores(model, cache, digits)
+            clean = clean_scores(model, cache, digits)
             est = attribution_scores(model, cache, digits, mode, method)
             frames.append(estimates_table(cache, est, clean.logit, method=method.name, mode=mode))
     out = pd.concat(frames, ignore_index=True)

@@ -6,7 +6,7 @@ prefix's keys and values are reused and only the last position recomputed, see
 :func:`arithlens.core.hooks.end_only_logits`) or at every position (``"all"``: a full forward pass, with
 the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
 are compared with the same number of random heads drawn uniformly from all heads, over several seeds
-(:func:`arithlens.core.hooks.random_heads`, re-exported here).
+(:func:`arithlens.core.hooks.control_heads`).
 
 Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
 """
@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens.core import hooks
-from arithlens.core.hooks import Head, Hook, correct_at_end, random_heads
+from arithlens.core.hooks import Head, Hook, control_heads, correct_at_end
 from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only
 from arithlens.tasks.prompts import PromptSet
@@ -126,7 +126,7 @@ def knockout_curve(evaluator: KnockoutEvaluator, ranking: Sequence[Head], k_valu
     jobs = ([("none", 0, -1)] + [("top", k, -1) for k in k_values]
             + [("random", k, seed + s) for k in k_values for s in range(n_seeds)])
     head_sets = [[] if cond == "none" else ranking[:k] if cond == "top"
-                 else random_heads(model.n_layers, model.n_heads, k, s * 1000 + k) for cond, k, s in jobs]
+                 else control_heads(model.n_layers, model.n_heads, k, s) for cond, k, s in jobs]
     accuracy = evaluator.correct_many(head_sets, progress).mean(1)
     rows = [{"condition": cond, "k": k, "seed": s, "accuracy": float(a)} for (cond, k, s), a in zip(jobs, accuracy)]
     return pd.DataFrame(rows).assign(positions=evaluator.positions, n_prompts=len(evaluator.prompts))

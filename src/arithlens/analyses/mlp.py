@@ -31,7 +31,8 @@ from arithlens.core.hooks import (EndScores, Head, digit_tokens, head_deltas, sc
                              set_at_end, stack_scores)
 from arithlens.core.items import Item, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only, logits_at_end
-from arithlens.analyses.patching import EndCache, clean_scores, effects_table, run_references, unembed_scores
+from arithlens.analyses.end_cache import EndCache, clean_scores, effects_table, unembed_scores
+from arithlens.analyses.patching import run_references
 
 
 def _frozen_scale_scores(model: LoadedModel, cache: EndCache, change: Float[Tensor, "batch n d_model"],
@@ -84,7 +85,7 @@ def reference_mlp_effect(model: LoadedModel, cache: EndCache, layer: int, digits
 
 
 def patch_mlps(model: LoadedModel, caches: list[EndCache], senders: Sequence[Head] | None = None) -> pd.DataFrame:
-    """Per-prompt, per-layer effects (:func:`arithlens.analyses.patching.effects_table`): each MLP's direct
+    """Per-prompt, per-layer effects (:func:`arithlens.analyses.end_cache.effects_table`): each MLP's direct
     effect, or with ``senders`` (heads) their effect routed through each MLP."""
     digits = digit_tokens(model.tokenizer)
     units = {"layer": np.arange(model.n_layers)}

@@ -1,7 +1,7 @@
 """Number representations: residual-stream vectors of numbers, their Fourier power, a helix fit, a causal check.
 
-Science wing, issue #17 (extends the paper's § "MLP tracing": *what* do the operand positions carry
-into the MLPs that write the answer?). Reproduces, on our models, the representation analyses of
+Science wing (extends the paper's § "MLP tracing": *what* do the operand positions carry into the
+MLPs that write the answer?). Reproduces, on our models, the representation analyses of
 Zhou et al. (2024, "Pre-trained LLMs use Fourier features to compute addition": periods 2, 5, 10)
 and Kantamneni & Tegmark (2025, "Language models use trigonometry to do addition": the *generalized
 helix* n ↦ [n, cos(2πn/T), sin(2πn/T) for each T], fitted linearly and checked by patching).
@@ -38,7 +38,7 @@ from torch import Tensor
 from arithlens.core import hooks
 from arithlens.core.hooks import digit_tokens, scores_from_logits
 from arithlens.core.items import Item, encode, length_groups, tokens_over
-from arithlens.core.models import LoadedModel, last_position_only, logits_at_end
+from arithlens.core.models import LoadedModel, logits_at_end
 
 Site = Literal["resid_pre", "resid_post"]
 Operand = Literal["a", "b"]
@@ -88,22 +88,11 @@ class NumberActs:
         return pd.DataFrame({"number": list(seen), "single_token": list(seen.values())})
 
 
-@torch.no_grad()
 def _gather(model: LoadedModel, seqs: Sequence[tuple[int, ...]], positions: Sequence[int], names: list[str]
             ) -> Float[Tensor, "layer number d_model"]:
     """Activations at ``names`` of each sequence at its position, in input order (no padding)."""
-    out = torch.zeros(len(names), len(seqs), int(model.cfg.d_model), dtype=torch.float64)
-    groups: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(len(s), []).append(i)
-    for idx in groups.values():
-        tokens = torch.tensor([seqs[i] for i in idx], device=model.device)
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
-        pos = torch.tensor([positions[i] for i in idx], device=model.device)
-        rows = torch.arange(len(idx), device=model.device)
-        for j, name in enumerate(names):
-            out[j, idx] = cache[name][rows, pos].double().cpu()
-    return out
+    acts = hooks.activations_at(model, seqs, names, positions)
+    return torch.stack([acts[name] for name in names]).double()
 
 
 def number_activations(model: LoadedModel, numbers: Sequence[int], layers: Sequence[int], template: str = "{n}",

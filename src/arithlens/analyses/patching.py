@@ -24,9 +24,9 @@ they fall back to the references and say so first: one line ``no checked fast pa
 passes, ≈ M min`` (timed on the first passes), then a progress bar per pass (:func:`run_references`).
 ``total`` needs no layout.
 
-Heads, hook names, the prefix KV cache, END-only reruns and the score records are
-:mod:`arithlens.core.hooks`'s (``Head``, ``digit_tokens``, ``heads_from_frame`` and ``set_at_end`` are
-re-exported here, where the chapters and exercises first meet them).
+What every sweep reads — one cached clean/counterfactual run per batch — and how patched scores are
+read off the unembedding and laid out as a table are :mod:`arithlens.analyses.end_cache`'s; heads, hook
+names, the prefix KV cache, END-only reruns and the score records are :mod:`arithlens.core.hooks`'s.
 
 Written by hand (no library does exact END-only path patching over all heads at once); hooks and
 weights come from TransformerLens, the MLP / norm modules are the model's own (applied where
@@ -36,10 +36,8 @@ weights come from TransformerLens, the MLP / norm modules are the model's own (a
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -48,13 +46,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from arithlens.analyses.end_cache import EndCache, clean_scores, effects_table, slice_cache, tiled_lse, unembed_scores
 from arithlens.core import hooks, layout
-from arithlens.core.hooks import (  # noqa: F401  (Head, digit_tokens, heads_from_frame, set_at_end: re-exported)
-    EndScores, Head, cat_scores, digit_tokens, end_only_logits, head_deltas, heads_from_frame, kept,
-    prefix_kv, scores_from_columns, scores_from_logits, set_at_end, stack_scores)
-from arithlens.core.items import Item, ItemSet, length_batches, to_tokens
+from arithlens.core.hooks import (EndScores, Head, cat_scores, digit_tokens, end_only_logits, head_deltas, prefix_kv,
+                                  scores_from_columns, scores_from_logits, set_at_end, stack_scores)
+from arithlens.core.items import ItemSet
 from arithlens.core.layout import BlockLayout
-from arithlens.core.models import LoadedModel, last_position_only, logits_at_end
+from arithlens.core.models import LoadedModel, logits_at_end
 from arithlens.core.progress import progress as progress_bar
 
 Mode = Literal["direct", "path", "total"]
@@ -63,154 +61,6 @@ MODES: tuple[Mode, ...] = ("direct", "path", "total")
 #: (checked fast == reference on each family's tiny model). Informational: the sweeps ask
 #: :func:`arithlens.core.layout.describe`, which also checks the loaded model's norms against the table.
 FAST_ARCHITECTURES = frozenset(layout.CHECKED)
-
-
-@dataclass(frozen=True)
-class EndCache:
-    """Clean and counterfactual activations at END for one batch of equal-length prompts."""
-
-    index: np.ndarray  # positions of these items in the prompt set
-    tokens: Int[Tensor, "batch pos"]
-    answers: Int[Tensor, "batch"]
-    z_clean: Float[Tensor, "batch layer head d_head"]
-    z_cf: Float[Tensor, "batch layer head d_head"]
-    resid_mid: Float[Tensor, "batch layer d_model"]
-    mlp_out: Float[Tensor, "batch layer d_model"]
-    mlp_out_cf: Float[Tensor, "batch layer d_model"]
-    resid_final: Float[Tensor, "batch d_model"]
-    final_scale: Float[Tensor, "batch 1"]
-    clean_logits: Float[Tensor, "batch d_vocab"]
-    #: each layer's attention output at END before its post-attention norm (clean run); only for
-    #: layouts with that norm (Gemma 2, OLMo 2), else None
-    attn_pre: Float[Tensor, "batch layer d_model"] | None = None
-
-
-#: Vocabulary entries per tile of :func:`tiled_lse`: a tile of ~500–1,000 rows stays in the CPU's
-#: cache through its product, shift, exp and sum (measured on SmolLM2's and Qwen's unembedding:
-#: 16–25 % faster than one product over the whole vocabulary followed by those passes over it).
-VOCAB_TILE = 1024
-
-
-def tiled_lse(block: Callable[[slice], Tensor], n_vocab: int, shift: Tensor, tile: int = VOCAB_TILE) -> Tensor:
-    """log Σ_v exp(block(v)) + ``shift``, one vocabulary tile at a time.
-
-    ``block(sl)`` returns a fresh tensor ``[..., len(sl)]``: the logits of vocabulary slice ``sl``
-    less ``shift`` (the clean logits' max, so that patched logits near the clean ones exp safely);
-    it is exponentiated in place. The full ``[..., d_vocab]`` logits never exist at once. Where the
-    sum is not finite — a patched logit more than ~88 above ``shift`` overflowed exp, or every one
-    underflowed — those rows are recomputed with :func:`torch.logsumexp` over all tiles (the stable
-    two-pass form), so the result is exact either way.
-    """
-    total = None
-    for start in range(0, n_vocab, tile):
-        part = block(slice(start, start + tile)).exp_().sum(-1)
-        total = part if total is None else total.add_(part)
-    out = total.log_() + shift
-    if not torch.isfinite(out).all():
-        full = torch.cat([block(slice(start, start + tile)) for start in range(0, n_vocab, tile)], -1)
-        out = torch.where(torch.isfinite(out), out, torch.logsumexp(full, -1) + shift)
-    return out
-
-
-def _names(n_layers: int, post_attn_norm: bool = False) -> list[str]:
-    return ([hooks.hook_z(l) for l in range(n_layers)] + [hooks.resid_mid(l) for l in range(n_layers)]
-            + [hooks.mlp_out(l) for l in range(n_layers)] + [hooks.resid_post(n_layers - 1), hooks.FINAL_SCALE]
-            + ([hooks.attn_pre_norm(l) for l in range(n_layers)] if post_attn_norm else []))
-
-
-def _shared_prefix(tokens: Int[Tensor, "batch pos"], cf_tokens: Int[Tensor, "batch pos"]) -> int:
-    """Length of the prefix every clean/counterfactual pair in the batch shares (at least 1 token kept)."""
-    differ = (tokens != cf_tokens).any(0).nonzero()
-    first = int(differ[0]) if len(differ) else tokens.shape[1] - 1
-    return max(0, min(first, tokens.shape[1] - 1))
-
-
-@torch.no_grad()
-def cache_end(model: LoadedModel, items: Sequence[Item], index=None) -> EndCache:
-    """Run clean and counterfactual prompts once and keep what the sweeps need at END.
-
-    The clean and counterfactual prompts share every token before the operator, so that prefix runs
-    once (HF ``past_key_values``) and only the suffix runs twice.
-    """
-    bridge, n_layers = model.bridge, model.n_layers
-    tokens = to_tokens(items).to(model.device)
-    cf = to_tokens(items, "counterfactual").to(model.device)
-    keep = _shared_prefix(tokens, cf)
-    kv = prefix_kv(model, tokens[:, :keep]) if keep else None
-    lay = layout.describe(model)
-    post_attn_norm = lay is not None and lay.post_attn_norm
-    names = _names(n_layers, post_attn_norm)
-    with kept(kv):  # the counterfactual suffix runs on the same prefix
-        logits, clean = bridge.run_with_cache(tokens[:, keep:], past_key_values=kv, names_filter=lambda n: n in names,
-                                              **last_position_only(model))
-    cf_names = [hooks.hook_z(l) for l in range(n_layers)] + [hooks.mlp_out(l) for l in range(n_layers)]
-    _, counter = bridge.run_with_cache(cf[:, keep:], past_key_values=kv, names_filter=lambda n: n in cf_names,
-                                       **last_position_only(model))
-    end = lambda cache, name: torch.stack([cache[name(l)][:, -1] for l in range(n_layers)], 1).float()
-    return EndCache(
-        index=np.asarray(index if index is not None else range(len(items))),
-        tokens=tokens,
-        answers=torch.tensor([it.answer_token for it in items], device=model.device),
-        z_clean=end(clean, hooks.hook_z),
-        z_cf=end(counter, hooks.hook_z),
-        resid_mid=end(clean, hooks.resid_mid),
-        mlp_out=end(clean, hooks.mlp_out),
-        mlp_out_cf=end(counter, hooks.mlp_out),
-        resid_final=clean[hooks.resid_post(n_layers - 1)][:, -1].float(),
-        final_scale=clean[hooks.FINAL_SCALE][:, -1].float(),
-        clean_logits=logits[:, -1].float(),
-        attn_pre=end(clean, hooks.attn_pre_norm) if post_attn_norm else None,
-    )
-
-
-def cache_prompt_set(model: LoadedModel, prompts: ItemSet, batch_size: int = 16, progress=None) -> list[EndCache]:
-    """:func:`cache_end` over a whole prompt set (or transfer suite), in equal-length batches."""
-    batches = length_batches(prompts.items, batch_size)
-    it = progress(batches, desc="caching clean/counterfactual runs") if progress else batches
-    return [cache_end(model, [prompts.items[i] for i in b], b) for b in it]
-
-
-# --- metrics at END ----------------------------------------------------------------------------
-
-def unembed_scores(model: LoadedModel, final_normed: Float[Tensor, "batch n d_model"], answers: Tensor, digits: Tensor,
-                    with_prob: bool, clean_logits: Tensor, chunk: int = 768) -> EndScores:
-    """Scores from normalized final residuals; full-vocab logsumexp only when ``with_prob``.
-
-    The clean logits' max stabilizes the logsumexp (patched logits stay near the clean ones), taken
-    over vocabulary tiles of about ``chunk`` rows (whole prompts) at a time (:func:`tiled_lse`). The
-    layout's unembedding bias and final soft-capping are applied (the plain layout has neither).
-    """
-    lay = layout.describe(model)
-    bias = layout.unembed_bias(model, lay)
-    W_U = model.bridge.unembed.original_component.weight  # [d_vocab, d_model]
-    cols = torch.cat([answers[:, None], digits[None].expand(len(answers), -1)], 1)  # [batch, 11]
-    picked = torch.einsum("bnd,bkd->bnk", final_normed, W_U[cols].float())
-    if bias is not None:
-        picked = picked + bias[cols][:, None]
-    picked = layout.softcap(lay, picked)
-    mask = (digits[None] == answers[:, None])[:, None].expand(-1, final_normed.shape[1], -1)
-    lse = None
-    if with_prob:
-        W_T = W_U.T.float()  # [d_model, d_vocab], a view where the weights are fp32
-        shift = clean_logits.amax(-1, keepdim=True)  # [batch, 1]
-        n = final_normed.shape[1]
-
-        def block(sl, rows, sh):  # the vocabulary slice's logits, less the clean max: [rows, len(sl)]
-            out = rows @ W_T[:, sl]
-            if bias is not None:
-                out += bias[sl]
-            return layout.softcap(lay, out).sub_(sh)
-        step = max(1, chunk // n)  # prompts per product: ~``chunk`` rows
-        lse = torch.cat([tiled_lse(functools.partial(block, rows=final_normed[i: i + step].flatten(0, 1),
-                                                     sh=shift[i: i + step].repeat_interleave(n, 0)),
-                                   W_T.shape[1], shift[i: i + step].repeat_interleave(n, 0)[:, 0]).view(-1, n)
-                         for i in range(0, len(final_normed), step)])
-    return scores_from_columns(picked[..., 0], picked[..., 1:], mask, lse)
-
-
-def clean_scores(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"]) -> EndScores:
-    """The clean run's scores at END, shape [batch]."""
-    return scores_from_logits(cache.clean_logits, cache.answers, digits.to(cache.clean_logits.device), True)
 
 
 # --- fast sweeps -------------------------------------------------------------------------------
@@ -297,7 +147,7 @@ def _direct_general(model: LoadedModel, lay: BlockLayout, cache: EndCache, digit
     parts = []
     for s in range(0, cache.tokens.shape[0], chunk):
         sl = slice(s, s + chunk)
-        part = _slice(cache, sl)
+        part = slice_cache(cache, sl)
         change = _head_updates(model, lay, part)  # [b, layer, head, d]
         final = (part.resid_final[:, None] + change.flatten(1, 2)) / part.final_scale[:, :, None] * w
         parts.append(unembed_scores(model, final, part.answers, digits.to(final.device), with_prob, part.clean_logits))
@@ -325,7 +175,7 @@ def sweep_path(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], w
     parts = []
     for s in range(0, cache.tokens.shape[0], chunk):
         sl = slice(s, s + chunk)
-        part = _slice(cache, sl)
+        part = slice_cache(cache, sl)
         delta = _head_updates(model, lay, part)  # [b, layer, head, d]
         D = delta.new_zeros(delta.shape[0], 0, delta.shape[-1])
         for layer in range(model.n_layers):
@@ -364,10 +214,6 @@ def sweep_total(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], 
         s = scores_from_logits(logits, answers, digits.to(logits.device), with_prob)
         parts.append(EndScores(*(None if t is None else t.view(B, H) for t in (s.logit, s.logprob, s.logit_diff))))
     return cat_scores(parts, 1)
-
-
-def _slice(cache: EndCache, sl: slice) -> EndCache:
-    return EndCache(**{k: (v[sl] if isinstance(v, (Tensor, np.ndarray)) else v) for k, v in cache.__dict__.items()})
 
 
 # --- plain references: one hooked forward pass per head ------------------------------------------
@@ -461,21 +307,3 @@ def patch_heads(model: LoadedModel, prompts: ItemSet, caches: list[EndCache], mo
     ops = np.array([it.operator for it in prompts.items])
     out.insert(2, "operator", ops[out["prompt"].to_numpy()])
     return out
-
-
-def effects_table(cache: EndCache, patched: EndScores, clean: EndScores, units: dict[str, np.ndarray],
-                  **labels) -> pd.DataFrame:
-    """Per-prompt effects of patched units (heads, MLP layers, …): one row per (prompt, unit).
-
-    ``patched`` has scores [batch, n_units]; ``units`` names each unit (e.g. ``{"layer": …, "head": …}``,
-    arrays of length n_units). Columns ``rel_logit``, ``d_logit_diff`` and, when p(answer) was
-    computed, ``d_prob``; ``labels`` become constant columns (e.g. ``mode``).
-    """
-    B, U = patched.logit.shape
-    cols = {"rel_logit": (patched.logit - clean.logit[:, None]) / clean.logit[:, None],
-            "d_logit_diff": patched.logit_diff - clean.logit_diff[:, None]}
-    if patched.logprob is not None:
-        cols["d_prob"] = patched.logprob.exp() - clean.logprob.exp()[:, None]
-    return pd.DataFrame({**labels, "prompt": np.repeat(cache.index, U),
-                         **{k: np.tile(np.asarray(v), B) for k, v in units.items()},
-                         **{k: v.cpu().numpy().ravel() for k, v in cols.items()}})

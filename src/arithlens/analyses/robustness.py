@@ -13,9 +13,10 @@ the paper in four ways:
   its percentile (percent of null drops strictly below it) and a one-sided empirical p-value for
   "the key drop is larger": p = (1 + #{null drop ≥ key drop}) / (1 + n_sets) — ties count against
   the key heads, which matters for accuracy drops on few prompts.
-* **Selectivity** (:func:`selectivity`): per control suite, (drop on the target suite) − (drop on
-  the control), each drop = accuracy without ablation − accuracy with it on the same items; a
-  percentile bootstrap CI resamples items within each suite independently.
+* **Selectivity** (:func:`selectivity`, :func:`suite_selectivity` on chapter 3's suites): per control
+  suite, (drop on the target suite) − (drop on the control), each drop = accuracy without ablation −
+  accuracy with it on the same items; a percentile bootstrap CI resamples items within each suite
+  independently.
 * **Rule sensitivity** (:func:`threshold_sensitivity`): the key-head set under the paper's −5 %
   relative-logit threshold and looser / other rules (−1 %, Δp(answer), Δlogit-difference), with the
   Jaccard overlap of each set with a reference rule's.
@@ -307,19 +308,17 @@ def ablation_sensitivity(evaluator: AblationEvaluator, key_heads: Sequence[Head]
     return pd.DataFrame(rows).assign(base_accuracy=base)
 
 
-def suite_selectivity(transfer_scores: pd.DataFrame, usability: pd.DataFrame, n_boot: int = 1000,
-                      seed: int = 0) -> pd.DataFrame:
-    """:func:`selectivity` of chapter 3's key-head knockout for every usable math suite (first answer
-    token) over every usable non-math control (whole answer), from chapter 3's saved tables: one row per
-    (math suite, control). Drops are absolute (accuracy points), per item."""
-    metric = {"math": "first_correct", "control": "correct"}
+def suite_selectivity(items: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """:func:`selectivity` of chapter 3's key-head knockout for every math suite over every non-math
+    control: one row per (math suite, control). Drops are absolute (accuracy points), per item.
+
+    ``items``: one row per (suite, item) with ``suite``, ``kind`` (``math`` or ``control``) and the
+    item's correctness with no ablation (``none``) and with the key heads knocked out (``key``) — chapter
+    3's usable suites as :func:`arithlens.claims.findings.transfer_items` reads them from its run (math:
+    first answer token; controls: whole answer). Suites in name order within each kind."""
     correct: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"math": {}, "control": {}}
-    for kind, col in metric.items():
-        ok = set(usability[(usability["kind"] == kind) & (usability["metric"] == col) & usability["usable"]]["suite"])
-        for suite, part in transfer_scores[(transfer_scores["kind"] == kind) & transfer_scores["suite"].isin(ok)].groupby("suite"):
-            per_item = part.pivot_table(index="item", columns="condition", values=col, aggfunc="mean")
-            if "key" in per_item:
-                correct[kind][suite] = (per_item["none"].to_numpy() > 0.5, per_item["key"].to_numpy() > 0.5)
+    for (kind, suite), part in items.groupby(["kind", "suite"], sort=True):
+        correct[kind][suite] = (part["none"].to_numpy() > 0.5, part["key"].to_numpy() > 0.5)
     frames = [selectivity({target: pair, **correct["control"]}, target, n_boot, seed)
               for target, pair in correct["math"].items()] if correct["control"] else []
     return (pd.concat(frames, ignore_index=True).rename(columns={"ci_low": "low", "ci_high": "high"})

@@ -13,7 +13,7 @@ the clean text with only the query re-rendered (few-shot demonstrations, which u
 operator, are kept verbatim). A pair is kept only if both texts tokenize to the same length and the
 tokens are equal at every position outside the tokens of the query's three slots (A, operator, B)
 in either text, END included; otherwise the next candidate is tried, and items with none are
-counted as dropped. They follow :class:`arithlens.core.items.Item`, so :func:`arithlens.analyses.patching.cache_end`
+counted as dropped. They follow :class:`arithlens.core.items.Item`, so :func:`arithlens.analyses.end_cache.cache_end`
 and :func:`arithlens.analyses.patching.patch_heads` run on them unchanged.
 
 Written by hand (no library builds these pairs).
@@ -30,7 +30,7 @@ from typing import Literal
 
 import pandas as pd
 
-from arithlens.analyses import patching
+from arithlens.analyses import end_cache, patching
 from arithlens.core.hooks import Head
 from arithlens.core.items import encode, tokens_over
 from arithlens.core.models import LoadedModel
@@ -157,7 +157,7 @@ def same_answer_patching(model: LoadedModel, same: SameAnswerSet, modes: Sequenc
                          batch_size: int = 16) -> pd.DataFrame:
     """Exact patching of every head at END with the same-answer counterfactuals: the table of
     :func:`arithlens.analyses.patching.patch_heads` plus the item's ``change``."""
-    caches = patching.cache_prompt_set(model, same, batch_size)
+    caches = end_cache.cache_prompt_set(model, same, batch_size)
     table = patching.patch_heads(model, same, caches, modes=tuple(modes))
     changes = pd.Series([it.change for it in same.items])
     table.insert(3, "change", changes.to_numpy()[table["prompt"].to_numpy()])

@@ -25,9 +25,9 @@ import pandas as pd
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.analyses import knockout, patching
+from arithlens.analyses import end_cache, knockout, patching
 from arithlens.core import metrics
-from arithlens.core.hooks import Head, heads_from_frame, random_heads
+from arithlens.core.hooks import Head, control_heads, heads_from_frame
 from arithlens.core.models import LoadedModel
 from arithlens.tasks.suites import Suite, SuiteScorer
 
@@ -74,8 +74,7 @@ def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Seque
 
     A suite gets the ablations only if :func:`usability` (``margin``, ``min_correct``) passes for at
     least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
-    every suite. Random heads are drawn like chapter 1's (:func:`arithlens.core.hooks.random_heads`,
-    seed ``s * 1000 + k``).
+    every suite. Random heads are drawn like chapter 1's (:func:`arithlens.core.hooks.control_heads`).
 
     ``scorer(model, suite)`` builds what scores a suite under each condition (``.score(fwd_hooks)``
     returning :class:`SuiteScorer`'s columns): teacher-forced by default; for a benchmark file read by
@@ -91,7 +90,7 @@ def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Seque
         if not k or (margin is not None and not usability(suites[name], base, margin, min_correct)["usable"].any()):
             continue
         conditions = [("key", -1, heads)] + [
-            ("random", seed + s, random_heads(model.n_layers, model.n_heads, k, (seed + s) * 1000 + k))
+            ("random", seed + s, control_heads(model.n_layers, model.n_heads, k, seed + s))
             for s in range(n_seeds)]
         variants = [("", means)]
         if own_means:
@@ -142,7 +141,7 @@ def localize_suite(model: LoadedModel, suite: Suite, n_boot: int = 1000, seed: i
     """
     if not suite.has_counterfactual:
         raise ValueError(f"suite {suite.name!r} has no counterfactual to localize with")
-    caches = patching.cache_prompt_set(model, suite, progress=progress)
+    caches = end_cache.cache_prompt_set(model, suite, progress=progress)
     effects = patching.patch_heads(model, suite, caches, modes=("path",))
     return metrics.summarize_effects(effects, metrics=("d_prob", "rel_logit"), by=("mode", "layer", "head"),
                                      n_boot=n_boot, seed=seed).assign(suite=suite.name)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from arithlens.analyses.sft.methods import PRECISE, method_family
 from arithlens.claims.findings import Run
 from arithlens.record import open_run
 from arithlens.claims.verdicts import (depth, knockout_intervals, model_shape, relative_logit_effects, table_or_none,
@@ -41,7 +42,7 @@ def shape(runs: Mapping[str, Run]) -> tuple[int, int]:
     return model_shape(runs["01_heads"])
 
 
-def models_table(runs: Runs) -> pd.DataFrame:
+def model_summary(runs: Runs) -> pd.DataFrame:
     """Per model: layers, heads, and the run key of each chapter it is read from."""
     rows = []
     for model, chapters in runs.items():
@@ -154,7 +155,8 @@ def transfer_summary(runs: Runs, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
 
 def sft_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 4 per model, long form: each method's mean change on held-out math and on non-math
-    controls with its 95 % CI. Methods are named by kind (Precise SFT, random heads, LoRA, full SFT)."""
+    controls with its 95 % CI. Methods are named by family (:func:`arithlens.analyses.sft.methods.method_family`:
+    Precise SFT, random heads, LoRA, full SFT)."""
     rows = []
     for model, chapters in having(runs, "04_precise_sft"):
         for r in chapters["04_precise_sft"].table("math_vs_control").to_dict("records"):
@@ -162,15 +164,6 @@ def sft_summary(runs: Runs) -> pd.DataFrame:
                 rows.append({"model": model, "method": r["method"], "family": method_family(r["method"]), "kind": kind,
                              "change": r[f"{kind} change"], "low": r[f"{kind} low"], "high": r[f"{kind} high"]})
     return pd.DataFrame(rows)
-
-
-def method_family(name: str) -> str:
-    """"Precise SFT (10 key heads)" → "Precise SFT"; "random 10 heads" → "random heads"; "LoRA r=9" → "LoRA"."""
-    for prefix, family in (("Precise SFT", "Precise SFT"), ("random", "random heads"), ("LoRA", "LoRA"),
-                           ("full SFT", "full SFT"), ("base", "base")):
-        if name.startswith(prefix):
-            return family
-    return name
 
 
 #: The paper's LLaMA2-7B numbers the charts draw as reference marks (from :mod:`arithlens.paper`).
@@ -247,7 +240,7 @@ def _tuning_measures(numbers_run) -> dict:
     pairs = table_or_none(numbers_run, "tuning_pairs")
     if pairs is not None and len(pairs):
         iou = next(c for c in pairs.columns if c.startswith("IoU"))
-        for r in pairs[pairs["method"].str.startswith("Precise SFT")].to_dict("records"):
+        for r in pairs[pairs["method"].map(method_family) == PRECISE].to_dict("records"):
             family = method_family(r["other"])
             out[f"vs {family}: ρ |change|"] = float(r["ρ |change|"])
             out[f"vs {family}: {iou}"] = float(r[iou])

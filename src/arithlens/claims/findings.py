@@ -1,22 +1,27 @@
 """Results one chapter hands to another: read from the upstream run's tables, in one place.
 
-Science wing (paper § 3.2 key heads, § 4 MLPs). Chapter 2 consumes chapter 1's scored prompts and
-key heads; chapter 3 the key heads; chapter 4 chapter 1's whole head ranking and chapter 2's MLP
-ranking. Each of those is one function here, taking the upstream *run* (anything with
-``table(name)``, ``parameters`` and ``key``, e.g. ``record.RunResult``), so no notebook re-derives or
-recomputes another chapter's result, and the run graph (``arithlens.runner.runs``) guarantees which run it is.
+Science wing (paper § 3.2 key heads, § 4 MLPs, § 5 transfer and Precise SFT). Chapter 2 consumes
+chapter 1's scored prompts and key heads; chapter 3 the key heads; chapter 4 chapter 1's whole head
+ranking and chapter 2's MLP ranking; chapter 6 the deltas chapter 4 kept; chapters 5 and 7 chapter 3's
+per-item results (chapter 7 also its suites: :mod:`arithlens.claims.transfer_suites`). Each of those is one function here, taking the upstream *run* (anything
+with ``table(name)``, ``parameters`` and ``key``, e.g. ``record.RunResult``), so no notebook re-derives
+or recomputes another chapter's result, and the run graph (``arithlens.runner.runs``) guarantees which
+run it is.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
+from arithlens.analyses.sft.methods import DELTA_FOLDERS
+from arithlens.core.deltas import Delta, load_delta
 from arithlens.core.hooks import Head, heads_from_frame
 from arithlens.core.metrics import select_key_heads
+from arithlens.record import RunResult, UpstreamError
 from arithlens.tasks.prompts import PromptConfig, PromptSet, filter_correct, make_prompts
-from arithlens.record import UpstreamError
 
 
 @runtime_checkable
@@ -77,3 +82,52 @@ def mlp_ranking(mlp_run: Run, from_layer: int = 0, metric: str = "d_prob") -> li
     effects = mlp_run.table("mlp_effects")
     effects = effects[(effects["metric"] == metric) & (effects["layer"] >= from_layer)]
     return effects.assign(size=effects["mean"].abs()).sort_values("size", ascending=False)["layer"].astype(int).tolist()
+
+
+# --- chapter 3: the per-item results of the knockout transfer -----------------------------------------
+
+#: The scoring that stands for a suite of each kind in every statistic read from chapter 3: math by
+#: its first answer token (the computation shows there even when later digits go wrong), non-math
+#: controls by the whole answer.
+TRANSFER_METRIC = {"math": "first_correct", "control": "correct"}
+
+
+def transfer_items(transfer_run: Run) -> pd.DataFrame:
+    """Chapter 3's per-item results on the suites it judged usable and knocked the key heads out on.
+
+    One row per (suite, item), math suites first, suites in name order within a kind: ``suite``,
+    ``kind``, ``metric`` (:data:`TRANSFER_METRIC` of the kind), ``item``, and one column per condition
+    chapter 3 ran — ``none``, ``key``, ``random``, and with its ``own_means`` ``key (own mean)`` and
+    ``random (own mean)`` — holding the item's correctness under ``metric``, averaged over seeds
+    (``random``: the share of random draws under which it was right; the others are 0 or 1). A suite
+    enters when chapter 3's usability rule passed it under its kind's metric.
+    """
+    scores, usable = transfer_run.table("transfer_scores"), transfer_run.table("usability")
+    frames = []
+    for kind, metric in TRANSFER_METRIC.items():
+        ok = set(usable[(usable["kind"] == kind) & (usable["metric"] == metric) & usable["usable"]]["suite"])
+        part = scores[(scores["kind"] == kind) & scores["suite"].isin(ok)]
+        part = part[part["suite"].isin(part[part["condition"] == "key"]["suite"].unique())]
+        if len(part):
+            wide = part.pivot_table(index=["suite", "item"], columns="condition", values=metric, aggfunc="mean")
+            frames.append(wide.reset_index().assign(kind=kind, metric=metric))
+    if not frames:
+        return pd.DataFrame(columns=["suite", "kind", "metric", "item", "none", "key", "random"])
+    out = pd.concat(frames, ignore_index=True)
+    conditions = [c for c in out.columns if c not in ("suite", "kind", "metric", "item")]
+    return out[["suite", "kind", "metric", "item", *conditions]].rename_axis(columns=None)
+
+
+# --- chapter 4: the deltas it kept ---------------------------------------------------------------------
+
+def tuned_deltas(sft_run: RunResult) -> dict[str, Delta]:
+    """The deltas chapter 4 kept, by the name of the row that trained them, in
+    :data:`arithlens.analyses.sft.methods.DELTA_FOLDERS` order (Precise SFT first, then the first
+    random-head draw and the first LoRA row where the run kept them), loaded exactly."""
+    out = {}
+    for folder in DELTA_FOLDERS.values():
+        path = Path(sft_run.path) / folder
+        if (path / "manifest.json").exists():
+            delta = load_delta(path)
+            out[delta.meta["method_name"]] = delta
+    return out

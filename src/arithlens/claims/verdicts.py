@@ -8,21 +8,25 @@ that rule to the chapter runs the run graph handed over (``{chapter: run}``, a r
 numbers that decided it, so a cell of the table can be checked against its chapter.
 
 Used by the "Across models" chapter (which saves the table), by the book's first page (rendered from
-that chapter's saved table) and by ``arithlens compare`` (terminal). Intervals: Wilson score intervals
+that chapter's saved table), by ``arithlens compare`` (terminal) and by every chapter page that states
+a verdict: the page decides its claims with :func:`page_verdicts` on its own run — the tables it saves,
+wrapped by :func:`arithlens.record.page_run` — and shows them with :func:`verdict_markdown`, so a page
+and the first page can never read the same run differently. Intervals: Wilson score intervals
 for knockout accuracies (statsmodels); a paired percentile bootstrap over items for the transfer
 drops (written here: the statistic pools several suites, each resampled within itself).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 from statsmodels.stats.proportion import proportion_confint
 
-from arithlens.claims.findings import Run
+from arithlens.analyses.sft.methods import FULL, PRECISE, RANDOM, method_family
+from arithlens.claims.findings import TRANSFER_METRIC, Run, transfer_items
 
 HOLDS, PARTLY, FAILS, UNTESTABLE = "holds", "partly", "does not hold", "not testable"
 VERDICTS = (HOLDS, PARTLY, FAILS, UNTESTABLE)
@@ -210,24 +214,20 @@ def transfer_contrast(transfer_run: Run, n_boot: int = 1000, seed: int = 0) -> p
     """Chapter 3's pooled relative change per kind (math: first answer token; control: whole answer) under
     key and random heads, key − random on math and the selectivity (control change − math change under
     the key heads), each with a paired bootstrap 95 % CI over items (suites resampled within
-    themselves). Only suites chapter 3 judged usable and ablated. None when a kind has none."""
-    scores = transfer_run.table("transfer_scores")
-    usable = transfer_run.table("usability")
-    metric = {"math": "first_correct", "control": "correct"}
+    themselves). Only suites chapter 3 judged usable and ablated (:func:`arithlens.claims.findings.transfer_items`).
+    None when a kind has none."""
+    items = transfer_items(transfer_run)
     data: dict[str, dict[str, list]] = {}
-    for kind, col in metric.items():
-        ok = set(usable[(usable["kind"] == kind) & (usable["metric"] == col) & usable["usable"]]["suite"])
-        part = scores[(scores["kind"] == kind) & scores["suite"].isin(ok)]
-        part = part[part["suite"].isin(part[part["condition"] == "key"]["suite"].unique())]
+    for kind in TRANSFER_METRIC:
+        part = items[items["kind"] == kind]
         if not len(part):
             return None
         data[kind] = {"key": [], "random": []}
         for _, suite in part.groupby("suite", sort=True):
-            per_item = suite.pivot_table(index="item", columns="condition", values=col, aggfunc="mean")
-            if per_item["none"].mean() == 0:  # a relative change from zero is undefined: the suite cannot count
+            if suite["none"].mean() == 0:  # a relative change from zero is undefined: the suite cannot count
                 continue
             for cond in data[kind]:
-                data[kind][cond].append((per_item[cond].to_numpy(float), per_item["none"].to_numpy(float)))
+                data[kind][cond].append((suite[cond].to_numpy(float), suite["none"].to_numpy(float)))
         if not data[kind]["key"]:
             return None
 
@@ -261,17 +261,17 @@ def claim_c5(runs: Mapping[str, Run]) -> Verdict:
 
 def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     table = runs["04_precise_sft"].table("math_vs_control").set_index("method")
-    precise = next((m for m in table.index if m.startswith("Precise SFT")), None)
-    if precise is None or "full SFT" not in table.index:
+    precise = next((m for m in table.index if method_family(m) == PRECISE), None)  # the main row comes first
+    if precise is None or FULL not in table.index:
         return Verdict("C6", UNTESTABLE, "chapter 4 trained no Precise SFT or no full SFT", "04_precise_sft")
-    p, f = table.loc[precise], table.loc["full SFT"]
+    p, f = table.loc[precise], table.loc[FULL]
     training = table_or_none(runs["04_precise_sft"], "training")  # older runs lack it: nothing to check
-    full = pd.DataFrame(columns=["first loss", "last loss"]) if training is None else training[training["method"] == "full SFT"]
+    full = pd.DataFrame(columns=["first loss", "last loss"]) if training is None else training[training["method"] == FULL]
     diverged = bool((full["last loss"] > full["first loss"]).any())
     improves, beats, keeps = p["math low"] > 0, p["math low"] > f["math high"] and not diverged, p["control high"] >= 0
     verdict = _grade(improves, beats, keeps)
     fmt = lambda r, kind: f"{r[f'{kind} change']:+.0%} [{r[f'{kind} low']:+.0%}, {r[f'{kind} high']:+.0%}]"
-    rnd = next((m for m in table.index if m.startswith("random")), None)
+    rnd = next((m for m in table.index if method_family(m) == RANDOM), None)
     extra = f"; {rnd} math {fmt(table.loc[rnd], 'math')}" if rnd else ""
     if diverged:
         first, last = full["first loss"].iloc[0], full["last loss"].iloc[0]
@@ -347,16 +347,34 @@ def decide(claim: str, runs: Mapping[str, Run | None]) -> Verdict:
     return DECIDERS[claim](runs)
 
 
+def page_verdicts(claims: Sequence[str], runs: Mapping[str, Run | None]) -> pd.DataFrame:
+    """``claims`` decided by :func:`decide` on ``runs`` — the rows a page states and saves as its
+    ``verdicts`` table: claim, statement, verdict, numbers, chapter. On a chapter page ``runs`` holds
+    the page's own run (:func:`arithlens.record.page_run`) and the stored runs it read; chapter 5's
+    :func:`verdict_table` is the same rows for every claim and every model, from stored runs."""
+    return pd.DataFrame([{"claim": c, "statement": CLAIMS[c][0], **asdict(decide(c, runs))} for c in claims],
+                        columns=["claim", "statement", "verdict", "numbers", "chapter"])
+
+
+def verdict_markdown(table: pd.DataFrame) -> str:
+    """A page's :func:`page_verdicts` as Markdown: per claim its statement and verdict in bold, the
+    numbers that decided it, and the rule (:data:`RULES`) — the cell and the rule of the first page."""
+    lines = ["**Verdict on this model**, by the rule the book's first page applies "
+             "(`arithlens.claims.verdicts`), decided on this run's tables:", ""]
+    for r in table.itertuples():
+        lines += [f"- **{r.claim} · {r.statement}: {r.verdict}.** {r.numbers}.", f"  *Rule:* {RULES[r.claim]}"]
+    return "\n".join(lines)
+
+
 def verdict_table(runs_by_model: Mapping[str, Mapping[str, Run | None]]) -> pd.DataFrame:
     """Claims × models, long form: claim, statement, model, verdict, numbers, chapter, run key."""
-    rows = []
+    frames = []
     for model, runs in runs_by_model.items():
-        for claim, (statement, _) in CLAIMS.items():
-            v = decide(claim, runs)
-            run = runs.get(v.chapter)
-            rows.append({"claim": claim, "statement": statement, "model": model, "verdict": v.verdict,
-                         "numbers": v.numbers, "chapter": v.chapter, "run_key": run.key if run is not None else None})
-    return pd.DataFrame(rows)
+        rows = page_verdicts(list(CLAIMS), runs)
+        keys = [runs[c].key if runs.get(c) is not None else None for c in rows["chapter"]]
+        frames.append(rows.assign(model=model, run_key=keys))
+    columns = ["claim", "statement", "model", "verdict", "numbers", "chapter", "run_key"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def wide(table: pd.DataFrame, cell: Callable[[pd.Series], str] | None = None) -> pd.DataFrame:

@@ -7,10 +7,12 @@ in TransformerLens an analysis *hooks* a named activation (``blocks.3.attn.hook_
 replaces it. What those analyses share is here, under public names, and nowhere else:
 
 * :class:`Head` — one attention head, the unit that is patched, ablated and fine-tuned — and
-  :func:`random_heads`, the seeded draw every random-head control uses;
+  :func:`random_heads`, the seeded draw every random-head control uses (:func:`control_heads`: the
+  knockout controls' seed for each k);
 * hook-point names, built in one place (:func:`hook_z`, :func:`hook_pattern`, :func:`resid_mid`,
   :func:`mlp_out`, :func:`attn_pre_norm`, …), and :func:`set_at_end`, a hook that overwrites an activation at END;
 * :func:`head_deltas` — what a change of heads' ``hook_z`` writes into the residual stream;
+* :func:`activations_at` — named activations of token sequences at one position each, batched by length;
 * the prefix KV cache (:func:`prefix_kv`) and reruns of only the last position(s) on top of it
   (:func:`run_after_prefix`, :func:`end_only_logits`; a full hooked pass read at END is
   :func:`arithlens.core.models.logits_at_end`). An intervention confined to the positions
@@ -39,7 +41,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from arithlens.core.items import AnswerBatch
+from arithlens.core.items import AnswerBatch, length_batches
 from arithlens.core.models import LoadedModel, last_position_only, logits_at_end
 
 #: A TransformerLens forward hook: (hook-point name, fn(activation, hook) -> activation or None).
@@ -65,15 +67,22 @@ def heads_from_frame(frame: pd.DataFrame) -> list[Head]:
 
 
 def random_heads(n_layers: int, n_heads: int, k: int, seed: int, min_layer: int = 0,
-                 exclude: Iterable[Head] = ()) -> list[Head]:
+                 exclude: Iterable[Head] = ()) -> tuple[Head, ...]:
     """``k`` distinct heads drawn uniformly (a local ``random.Random(seed)``) from layers ≥
-    ``min_layer``, never one of ``exclude``; in the order drawn. The pool is layer-major, so a given
-    seed always draws the same heads."""
+    ``min_layer``, never one of ``exclude``; sorted by (layer, head). The pool is layer-major, so a
+    given seed always draws the same heads."""
     excluded = set(exclude)
     pool = [Head(l, h) for l in range(min_layer, n_layers) for h in range(n_heads) if Head(l, h) not in excluded]
     if k > len(pool):
         raise ValueError(f"k={k} is larger than the number of heads to draw from ({len(pool)})")
-    return random.Random(seed).sample(pool, k)
+    return tuple(sorted(random.Random(seed).sample(pool, k)))
+
+
+def control_heads(n_layers: int, n_heads: int, k: int, seed: int) -> tuple[Head, ...]:
+    """The ``k`` random heads of a random-head control's draw ``seed``: :func:`random_heads` from
+    every layer under the seed ``seed · 1000 + k``, so each k gets its own draw and chapter 1's
+    knockout curve and chapter 3's transfer control ablate the same heads for the same (seed, k)."""
+    return random_heads(n_layers, n_heads, k, seed * 1000 + k)
 
 
 # --- hook points -------------------------------------------------------------------------------------
@@ -153,6 +162,32 @@ def digit_tokens(tokenizer) -> Int[Tensor, "10"]:
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
         raise ValueError("this tokenizer has no single token for every digit")
     return torch.tensor(ids)
+
+
+# --- activations read at one position ------------------------------------------------------------
+
+@torch.no_grad()
+def activations_at(model: LoadedModel, seqs: Sequence[Sequence[int]], names: Sequence[str],
+                   positions: Sequence[int] | None = None, batch_size: int | None = None) -> dict[str, Tensor]:
+    """The activations ``names`` of each token sequence at one position — ``positions[i]``, or the last
+    (END) — as ``{name: [n, ...]}`` (fp32, CPU), rows in input order.
+
+    Sequences run in batches of one length (:func:`arithlens.core.items.length_batches`: no padding,
+    so every position is exact) of at most ``batch_size`` (None: a whole length group at once).
+    """
+    out: dict[str, Tensor] = {}
+    for part in length_batches(seqs, batch_size or max(1, len(seqs)), key=len):
+        tokens = torch.tensor([list(seqs[i]) for i in part], device=model.device)
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
+        rows = torch.arange(len(part), device=model.device)
+        pos = torch.full_like(rows, tokens.shape[1] - 1) if positions is None else torch.tensor(
+            [positions[i] for i in part], device=model.device)
+        for name in names:
+            at = cache[name][rows, pos].float().cpu()
+            if name not in out:
+                out[name] = torch.zeros(len(seqs), *at.shape[1:])
+            out[name][part] = at
+    return out
 
 
 # --- the prefix KV cache and reruns on top of it ---------------------------------------------------

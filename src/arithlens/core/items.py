@@ -15,7 +15,9 @@ and knockout run on a transfer suite unchanged. What the two makers share is her
   prompt's everywhere outside the operation wins (same length, so operands and END line up);
 * :func:`to_tokens` and :func:`length_batches` — items of one token length stacked without padding,
   and the one iterator that buckets items by length and cuts each bucket into batches;
-  :func:`answer_batches` — those batches with their tokens and answer tokens, ready to score.
+  :func:`answer_batches` — those batches with their tokens and answer tokens, ready to score;
+* :func:`shared_prefix_length` — how many leading tokens some token sequences share, the part a
+  prefix KV cache can run once for all of them.
 
 Imports nothing of arithlens. Written by hand (no library aligns these counterfactuals).
 """
@@ -104,15 +106,16 @@ def clean_length(item: Item) -> int:
     return len(item.clean_tokens)
 
 
-def length_groups(items: Sequence[Item], key: Callable[[Any], Hashable] = clean_length) -> dict[Hashable, list[int]]:
-    """Item indices grouped by ``key`` (default: token length), groups in order of first appearance."""
+def length_groups(items: Sequence[Any], key: Callable[[Any], Hashable] = clean_length) -> dict[Hashable, list[int]]:
+    """Item indices grouped by ``key`` (default: token length), groups in order of first appearance.
+    ``items`` may be anything ``key`` reads (e.g. token sequences with ``key=len``)."""
     groups: dict[Hashable, list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(key(it), []).append(i)
     return groups
 
 
-def length_batches(items: Sequence[Item], batch_size: int, key: Callable[[Any], Hashable] = clean_length,
+def length_batches(items: Sequence[Any], batch_size: int, key: Callable[[Any], Hashable] = clean_length,
                    rng: random.Random | None = None) -> list[list[int]]:
     """Batches of item indices that need no padding, so every position is exact.
 
@@ -127,6 +130,16 @@ def length_batches(items: Sequence[Item], batch_size: int, key: Callable[[Any], 
             rng.shuffle(idx)
         out += [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
     return out
+
+
+def shared_prefix_length(token_lists: Iterable[Sequence[int]]) -> int:
+    """Length of the token prefix every list shares, leaving at least one token of each (its END)."""
+    lists = list(token_lists)
+    limit = min(len(t) for t in lists) - 1
+    n = 0
+    while n < limit and all(t[n] == lists[0][n] for t in lists):
+        n += 1
+    return n
 
 
 AnswerBatch = tuple[np.ndarray, Tensor, Tensor]

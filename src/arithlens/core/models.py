@@ -31,7 +31,6 @@ Loading is transformers (``from_pretrained``, accelerate's ``device_map``); hook
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -42,10 +41,9 @@ from typing import Any
 import torch
 
 from arithlens.core import threads
-from arithlens.core.registry import DEFAULT_MODEL, REGISTRY, ModelSpecError  # noqa: F401 (re-exported)
-from arithlens.paths import cache_dir
-from arithlens.core.specs import (ACCEPTED_FORMS, TINY_ARCHITECTURES, ModelSpec, check_resolved,  # noqa: F401
-                             check_spec, resolve_spec)
+from arithlens.core.registry import DEFAULT_MODEL, ModelSpecError
+from arithlens.paths import cache_dir, stamped_sha256
+from arithlens.core.specs import TINY_ARCHITECTURES, ModelSpec, check_resolved, resolve_spec
 
 
 @dataclass(frozen=True)
@@ -89,14 +87,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards and their index
 
 
@@ -107,7 +97,8 @@ def _finished(target: Path) -> bool:
 def dequantize_gguf(path: Path, sha256: str | None = None) -> tuple[Path, bool]:
     """Dequantize ``path`` once into a safetensors directory; return (directory, was_cached).
 
-    The directory is named by the file's digest: ``sha256`` when already verified, else hashed here.
+    The directory is named by the file's digest: ``sha256`` when already verified, else
+    :func:`arithlens.paths.stamped_sha256` (hashed once per version of the file).
     It is written under a temporary name and renamed into place. Two processes may dequantize the
     same file at once (two notebook kernels of one model): the first to finish publishes its
     directory, and a later one discards its own copy and uses that one, so a finished cache is never
@@ -115,7 +106,7 @@ def dequantize_gguf(path: Path, sha256: str | None = None) -> tuple[Path, bool]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{path.stem}-{sha256[:16] if sha256 else _file_digest(path)}"
+    target = cache_dir() / "models" / f"{path.stem}-{(sha256 or stamped_sha256(path))[:16]}"
     if _finished(target):
         return target, True
     try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
-from arithlens.paths import cache_dir
+from arithlens.paths import cache_dir, file_sha256
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -195,14 +195,6 @@ def _stamp(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_stamp(path: Path, sha256: str) -> None:
     tmp = _stamp(path).with_name(_stamp(path).name + f".tmp-{os.getpid()}")
     tmp.write_text(f"{path.stat().st_size} {sha256}\n")
@@ -212,7 +204,7 @@ def _write_stamp(path: Path, sha256: str) -> None:
 def _bad_chunk(chunks: list[Chunk]) -> str:
     """Name the first chunk that disagrees with its RECORD entry (re-hashes every chunk: failures only)."""
     for c in chunks:
-        if c.sha256 is not None and _sha256(c.path) != c.sha256:
+        if c.sha256 is not None and file_sha256(c.path) != c.sha256:
             return f"; chunk {c.path.parent.parent.name}/{c.path.name} does not match its wheel's RECORD"
     return ""
 
@@ -277,7 +269,7 @@ def verified_gguf(entry: RegistryModel, log: Callable[[str], None] = lambda m: N
             stamp = _stamp(path)
             if stamp.is_file() and stamp.read_text().split() == [str(spec.size), spec.sha256]:
                 return path
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if digest != spec.sha256:
                 _stamp(path).unlink(missing_ok=True)
                 path.unlink()
@@ -340,7 +332,7 @@ def cache_status(entry: RegistryModel) -> str:
     return ", ".join(parts) or "-"
 
 
-def models_table(default: str = DEFAULT_MODEL, accepted_forms: str = "") -> str:
+def format_registry(default: str = DEFAULT_MODEL, accepted_forms: str = "") -> str:
     """The registry as a text table (``arithlens models``): source, size, license, installed, cache;
     ``accepted_forms`` (from :mod:`arithlens.core.specs`, which builds on this module) closes it."""
     header = ("name", "model", "params", "download", "license", "installed", "cache", "source")

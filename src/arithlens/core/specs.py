@@ -12,11 +12,14 @@ only after a notebook kernel has started and spent its time:
 * a GGUF whose ``general.architecture`` transformers cannot read (read from the header alone);
 * a model directory with ``config.json`` but no weights.
 
-Every failure is a :class:`ModelSpecError` with a one-line message.
+Every failure is a :class:`ModelSpecError` with a one-line message. :func:`content_digest` says what a
+path-given model holds (its files' sha256), so the run key can tell two files at one path apart.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import threading
@@ -25,9 +28,11 @@ from pathlib import Path
 from typing import Literal
 
 from arithlens.core.registry import REGISTRY, ModelSpecError, package_file, verified_gguf
+from arithlens.paths import stamped_sha256
 
 SpecKind = Literal["gguf", "local", "hub", "tiny"]
 TINY_ARCHITECTURES = ("llama", "qwen2", "gemma2", "olmo2")
+TINY_SPEC = re.compile(rf"tiny(?::({'|'.join(TINY_ARCHITECTURES)}))?(?::(\d+))?")
 
 ACCEPTED_FORMS = (
     f"a registry name ({', '.join(REGISTRY)}), a path to a .gguf file, a local Hugging Face model "
@@ -72,7 +77,7 @@ def resolve_spec(spec: str, log=None) -> ModelSpec:
         path = package_file(entry)
         _check_gguf(path)
         return ModelSpec(spec, "gguf", str(path))
-    tiny = re.fullmatch(rf"tiny(?::({'|'.join(TINY_ARCHITECTURES)}))?(?::(\d+))?", spec)
+    tiny = TINY_SPEC.fullmatch(spec)
     if tiny:
         return ModelSpec(spec, "tiny", f"{tiny[1] or 'llama'}:{tiny[2] or 0}")
     path = Path(spec).expanduser()
@@ -160,6 +165,9 @@ def check_gguf_architecture(path: Path) -> str:
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+#: What loading a model directory reads, at its top level: weights, configs (``config.json``,
+#: ``generation_config.json``, the shard index), the tokenizer's files and any custom model code.
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
 
 
 def check_local_weights(directory: Path) -> None:
@@ -222,6 +230,33 @@ def check_hub_id(repo_id: str) -> None:
                              f"reached; use a registry name (`arithlens models`), a .gguf file or a local directory")
     if status == 404:
         raise ModelSpecError(f"the hub has no model {repo_id!r}")
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files of a model directory that loading it reads (:data:`MODEL_FILE_PATTERNS`), by name."""
+    return sorted({p for pattern in MODEL_FILE_PATTERNS for p in directory.glob(pattern) if p.is_file()})
+
+
+def content_digest(spec: str) -> str | None:
+    """What a path-given model holds, for the run key: a ``.gguf`` file's sha256, or for a model
+    directory a hash of the name, size and sha256 of each of its :func:`model_files`. So a different
+    file at the same path is a different model. ``None`` for the other forms: a registry model's
+    files are pinned by its name (a wheel of a pinned version, or chunks whose assembly must match
+    the registry's sha256), a tiny model is built from its spec, and a hub id names its repository.
+
+    Each file is hashed once per version (:func:`arithlens.paths.stamped_sha256`); later calls cost a
+    ``stat`` per file. A spec that names no existing path also gives ``None``: the spec check
+    (:func:`check_spec`) reports it."""
+    spec = (spec or "").strip()
+    if spec in REGISTRY or TINY_SPEC.fullmatch(spec):
+        return None
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf") and path.is_file():
+        return stamped_sha256(path)
+    if path.is_dir():
+        listing = [(f.name, f.stat().st_size, stamped_sha256(f)) for f in model_files(path)]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return None
 
 
 def check_resolved(resolved: ModelSpec) -> ModelSpec:

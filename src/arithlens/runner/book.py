@@ -26,7 +26,8 @@ import yaml
 
 from arithlens.record import RunResult
 from arithlens.paths import project_root
-from arithlens.runner.runs import RunError, is_across, model_dirname
+from arithlens.runner.chapters import RunError, is_across
+from arithlens.runner.runs import model_dirname
 
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
 

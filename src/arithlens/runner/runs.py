@@ -1,10 +1,12 @@
 """The run store and the run graph: execute chapter notebooks with papermill into keyed run directories.
 
 Publishing wing (paper: none — this is how every number in the book is reproduced). A run is keyed by
-chapter, model spec, the chapter's full parameter set, a hash of the library code plus the notebook,
-and the keys of the runs it takes results from. A chapter *declares* those inputs: the keys of the
-literal ``upstream = {"01_heads": ""}`` in its ``parameters`` cell. :func:`plan_run` resolves each
-input for the same model — with that chapter's own parameters, its defaults unless the user gives
+everything it reads: chapter, model spec (a model given as a path: its files' contents too), the
+chapter's full parameter set (each value checked by :mod:`arithlens.runner.checks` first), the contents
+of the data files its parameters name, the hash of the notebook and of the library modules and package
+data it reaches, and the keys of the runs it takes results from. A chapter *declares* those inputs:
+the keys of the literal ``upstream = {"01_heads": ""}`` in its ``parameters`` cell. :func:`plan_run`
+resolves each input for the same model — with that chapter's own parameters, its defaults unless the user gives
 ``--param 01_heads.top_k=5`` — and puts the input's key into the downstream key, so re-running an
 upstream chapter with other parameters gives its dependants new keys, and nothing can read a run it
 did not key on. :func:`execute` runs missing inputs first (or refuses, with ``upstream=False``), then
@@ -44,9 +46,11 @@ import yaml
 
 import arithlens
 from arithlens.core import threads
-from arithlens.runner.chapters import (RunError, _arithlens_imports, chapter_inputs, chapter_modules,  # noqa: F401
-                                code_hash, find_chapter, is_across, list_chapters, notebook_parameters)
-from arithlens.paths import project_root, runs_root
+from arithlens.core.specs import content_digest
+from arithlens.runner.chapters import (RunError, chapter_inputs, code_hash, find_chapter, is_across, list_chapters,
+                                       notebook_parameters)
+from arithlens.runner.checks import check_values
+from arithlens.paths import project_root, runs_root, stamped_sha256
 from arithlens.record import RunResult, open_run
 
 #: Parameters the runner sets itself; users give the model with --model.
@@ -136,7 +140,8 @@ def gather_overrides(overrides: list[str] | None = None, params_file: str | None
 
 
 def check_parameters(chapter: str, given: dict[str, Any]) -> dict:
-    """The chapter's defaults updated with ``given``, each checked by name and type."""
+    """The chapter's defaults updated with ``given``, each checked by name and type, then every value
+    by its rule (:mod:`arithlens.runner.checks`)."""
     defaults = notebook_parameters(chapter)
     params = {k: v for k, v in defaults.items() if k not in RESERVED_PARAMS}
     for key, raw in given.items():
@@ -145,23 +150,29 @@ def check_parameters(chapter: str, given: dict[str, Any]) -> dict:
         if key not in defaults:
             raise RunError(f"unknown parameter {key!r} for chapter {chapter}: known are {', '.join(params)}")
         params[key] = _coerce(key, raw, defaults[key])
+    check_values(chapter, params)
     return params
 
 
 def resolve_parameters(chapter: str, overrides: list[str] | None = None, params_file: str | None = None) -> dict:
-    """Defaults, then ``--params-file`` (YAML mapping), then ``--param key=value``; each checked by name and type."""
+    """Defaults, then ``--params-file`` (YAML mapping), then ``--param key=value``; each checked by name,
+    type and value."""
     return check_parameters(chapter, gather_overrides(overrides, params_file, target=chapter).get(chapter, {}))
 
 
 def run_key(chapter: str, model: str, params: dict, code: str, inputs: dict[str, str] | None = None) -> str:
-    """The run's identity: chapter, model, parameters, code hash, the keys of its input runs and the
-    contents of the data files its parameters name (:func:`data_files`)."""
+    """The run's identity: chapter, model, parameters, code hash (modules and package data reached), the
+    keys of its input runs, the contents of the data files its parameters name (:func:`data_files`) and
+    of a path-given model's files (:func:`arithlens.core.specs.content_digest`)."""
     blob = {"chapter": chapter, "model": model, "params": params, "code": code, "version": arithlens.__version__}
     if inputs:
         blob["inputs"] = dict(sorted(inputs.items()))
     files = data_files(params)
     if files:
-        blob["files"] = {str(path): _digest(path) for path in files}
+        blob["files"] = {str(path): stamped_sha256(path) for path in files}
+    weights = content_digest(model)
+    if weights:
+        blob["weights"] = weights
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -179,14 +190,6 @@ def data_files(params: dict) -> list[Path]:
                 raise RunError(f"parameter {name!r}: no such file {raw}")
             found.append(path.resolve())
     return found
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def model_dirname(model: str) -> str:
@@ -350,9 +353,11 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise RunError(f"chapter {chapter} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (kept in {failed})") from None
-    if code_hash(chapter) != plan.code:  # the library or notebook was edited while the kernel ran
-        failed = _mark_failed(work, final, "the chapter's code changed while it ran; its tables match neither version")
-        raise RunError(f"chapter {chapter}: its notebook or library code changed while it ran; run it again (kept in {failed})")
+    changed = "notebook or library code" if code_hash(chapter) != plan.code else "" if _same_key(plan, key) else \
+        "model or data files"
+    if changed:  # the library, notebook, model or a data file was edited while the kernel ran
+        failed = _mark_failed(work, final, f"the chapter's {changed} changed while it ran; its tables match neither version")
+        raise RunError(f"chapter {chapter}: its {changed} changed while it ran; run it again (kept in {failed})")
     info_path = work / "info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     manifest = {
@@ -388,6 +393,13 @@ class _quiet_kernel_logs:
     def __exit__(self, *exc):
         for name, level in self.levels.items():
             logging.getLogger(name).setLevel(level)
+        return False
+
+
+def _same_key(plan: RunPlan, key: str) -> bool:
+    try:  # the key reads the model's and data files' contents now
+        return plan.key == key
+    except RunError:  # a data file it names is gone
         return False
 
 

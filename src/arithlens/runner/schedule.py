@@ -29,8 +29,8 @@ import pandas as pd
 from arithlens.core import threads
 from arithlens.record import RunResult, open_run
 from arithlens.paths import runs_root
-from arithlens.runner.runs import (Overrides, RunError, RunPlan, execute, is_across, model_dirname, plan_book,
-                                   plan_run)
+from arithlens.runner.chapters import RunError, is_across
+from arithlens.runner.runs import Overrides, RunPlan, execute, model_dirname, plan_book, plan_run
 
 Log = Callable[[str], None]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arithlens.paths import runs_root
-from arithlens.runner.runs import RunError, chapter_inputs, code_hash, list_chapters
+from arithlens.runner.chapters import RunError, chapter_inputs, code_hash, list_chapters
 
 
 @dataclass(frozen=True)

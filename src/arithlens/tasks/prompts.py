@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.core.items import (  # to_tokens re-exported: the chapters call prompts.to_tokens
-    align_counterfactual, continuation, encode, length_batches, length_groups, to_tokens, tokens_over)
+from arithlens.core.items import align_counterfactual, continuation, encode, length_batches, to_tokens, tokens_over
 from arithlens.core.models import LoadedModel, logits_at_end
 
 Style = Literal["equation", "statement", "question"]
@@ -275,12 +274,6 @@ def _slot_spans(tpl: Template, prefix: str, a: int, op_text: str, b: int) -> dic
         spans[fname] = (pos, pos + len(values[fname]))
         pos += len(values[fname])
     return spans
-
-
-def group_by_length(prompts: PromptSet) -> dict[int, list[int]]:
-    """Item indices grouped by token length, so batches need no padding (exact positions)
-    (:func:`arithlens.core.items.length_groups`; :func:`arithlens.core.items.length_batches` cuts batches)."""
-    return length_groups(prompts.items)
 
 
 def score_prompts(model: LoadedModel, prompts: PromptSet, batch_size: int = 32, progress=None) -> pd.DataFrame:

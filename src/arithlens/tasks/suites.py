@@ -47,8 +47,8 @@ import torch
 from arithlens.core.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
 from arithlens.core.items import align_counterfactual, continuation, encode, length_batches, tokens_over
 from arithlens.core.models import LoadedModel
-from arithlens.tasks.generators import (  # noqa: F401  (load_controls re-exported: the suites' data in one place)
-    NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, load_controls, multidigit_source, pairs_source,
+from arithlens.tasks.generators import (
+    NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, multidigit_source, pairs_source,
     power_source, sequences_source, word_problems_source, years_source,
 )
 

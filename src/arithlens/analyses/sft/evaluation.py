@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from arithlens.analyses.sft.methods import BASE
 from arithlens.core.items import ItemSet, length_batches, to_tokens
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.models import LoadedModel
@@ -97,7 +98,7 @@ def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: in
     One row per item: ``set``, ``kind`` (``math`` or ``control``), ``item``, ``correct``, ``p_answer``.
     ``suites`` are :class:`arithlens.tasks.suites.Suite` objects, scored by :func:`arithlens.tasks.suites.score_suite`.
     """
-    from arithlens.analyses.sft.trainer import applied
+    from arithlens.core.deltas import applied
 
     frames = []
     with (applied(model, delta) if delta is not None else nullcontext()):
@@ -119,13 +120,13 @@ def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: in
 def compare_to_base(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Accuracy per (method, set) and its change from the base model, with paired bootstrap CIs.
 
-    ``scores``: rows of :func:`evaluate` with ``method`` and ``seed`` columns; ``method == "base"``
-    is the reference. A method's per-item correctness is first averaged over its seeds, then items
-    are resampled (the same resample for the method and the base: a paired CI).
+    ``scores``: rows of :func:`evaluate` with ``method`` and ``seed`` columns; the rows of method
+    :data:`BASE` are the reference. A method's per-item correctness is first averaged over its seeds,
+    then items are resampled (the same resample for the method and the base: a paired CI).
     """
     per_item = scores.groupby(["method", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()
     seeds = scores.groupby("method", sort=False)["seed"].nunique()
-    base = per_item[per_item.method == "base"].set_index(["set", "item"])["correct"]
+    base = per_item[per_item.method == BASE].set_index(["set", "item"])["correct"]
     rows = []
     for (method, kind, name), frame in per_item.groupby(["method", "kind", "set"], sort=False):
         acc = frame["correct"].to_numpy(dtype=float)
@@ -143,7 +144,7 @@ def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     Every evaluation set weighs equally (its items' changes are averaged within the set first).
     """
     per_item = scores.groupby(["method", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()
-    base = per_item[per_item.method == "base"].set_index(["set", "item"])["correct"]
+    base = per_item[per_item.method == BASE].set_index(["set", "item"])["correct"]
     per_item["change"] = per_item["correct"].to_numpy(dtype=float) - base.reindex(
         pd.MultiIndex.from_frame(per_item[["set", "item"]])).to_numpy(dtype=float)
     rng = np.random.default_rng(seed)
@@ -156,13 +157,3 @@ def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
                      "low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))})
     return pd.DataFrame(rows)
 
-
-def verdict(summary: pd.DataFrame, a: str, b: str, kind: str = "math") -> str:
-    """How method ``a`` compares with ``b`` in :func:`math_vs_control`'s ``summary``: ``"better than"``
-    / ``"worse than"`` when their 95 % CIs do not overlap, else ``"not distinguishable from"``."""
-    rows = summary[summary["kind"] == kind].set_index("method")
-    if rows.loc[a, "low"] > rows.loc[b, "high"]:
-        return "better than"
-    if rows.loc[a, "high"] < rows.loc[b, "low"]:
-        return "worse than"
-    return "not distinguishable from"

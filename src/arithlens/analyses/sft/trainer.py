@@ -5,9 +5,9 @@ into their own leaf tensors, and those tensors are the *only* thing the optimize
 sees. Each forward pass rebuilds the touched weight matrices as ``frozen base with the slices pasted
 in`` and runs the model's own modules on them (``torch.func.functional_call``), so AdamW's momentum
 and weight decay cannot reach a frozen weight — they never hold one. After training, the slices form
-a :class:`Delta` that is written into the model (:func:`applied`, :func:`apply_delta`), saved as a
-small safetensors file plus a JSON manifest (:func:`save_delta`) and loaded back exactly
-(:func:`load_delta`) — those live in :mod:`arithlens.core.deltas` and are re-exported here.
+a :class:`arithlens.core.deltas.Delta`, which :mod:`arithlens.core.deltas` writes into the model
+(:func:`arithlens.core.deltas.applied`), saves as a small safetensors file plus a JSON manifest
+(:func:`arithlens.core.deltas.save_delta`) and loads back exactly (:func:`arithlens.core.deltas.load_delta`).
 
 * Slices: head ``h`` of a layer owns rows ``h·d_head … (h+1)·d_head`` of ``q_proj.weight`` and the
   same columns of ``o_proj.weight`` — and, in a model whose projections have biases (Qwen2), the same
@@ -47,10 +47,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from arithlens.core.deltas import (  # noqa: F401  (re-exported: the Precise SFT API in one place)
-    Delta, Slice, apply_delta, applied, hf_model, jsonable, load_delta, named_weights, save_delta, slice_view,
-    tensor_digest)
-from arithlens.core import hooks
+from arithlens.core.deltas import Delta, Slice, hf_model, jsonable, named_weights, slice_view, tensor_digest
 from arithlens.core.hooks import Head
 from arithlens.core.models import LoadedModel
 
@@ -148,12 +145,6 @@ def precise_slices(model: LoadedModel, config: PreciseSFTConfig) -> list[Slice]:
     model has them) and its MLP layers' weights."""
     bias = any(n.endswith("self_attn.q_proj.bias") for n in named_weights(model))
     return head_slices(model.cfg, config.heads, config.kv, bias=bias) + mlp_slices(model, config.mlp_layers)
-
-
-def random_heads(cfg, k: int, seed: int, min_layer: int = 0, exclude: Iterable[Head] = ()) -> tuple[Head, ...]:
-    """``k`` distinct heads drawn uniformly (:func:`arithlens.core.hooks.random_heads`, a local seeded
-    generator) from layers ≥ ``min_layer``, never one of ``exclude`` (the key heads), sorted."""
-    return tuple(sorted(hooks.random_heads(cfg.n_layers, cfg.n_heads, k, seed, min_layer, exclude)))
 
 
 def count_params(model: LoadedModel | torch.nn.Module, slices: list[Slice]) -> int:

@@ -13,14 +13,15 @@ from functools import lru_cache
 
 import torch
 
+from arithlens.analyses import end_cache, patching
 from arithlens.core import hooks, models
-from arithlens.analyses import patching
+from arithlens.core.items import to_tokens
 from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("head_output_change", "direct_effect")
 SPEC = "tiny:3"
-HEADS = (patching.Head(0, 3), patching.Head(1, 0), patching.Head(1, 2))
+HEADS = (hooks.Head(0, 3), hooks.Head(1, 0), hooks.Head(1, 2))
 
 
 @lru_cache(maxsize=None)
@@ -29,15 +30,15 @@ def _setup():
     model = models.load_model(SPEC)
     config = prompts.PromptConfig(operators=("+", "*"), templates=("eq_compute",), n_per_cell=5, seed=11)
     items = list(prompts.make_prompts(model.tokenizer, config).items)
-    end = patching.cache_end(model, items)
+    end = end_cache.cache_end(model, items)
     with torch.no_grad():
         _, clean = model.bridge.run_with_cache(end.tokens)
-        _, cf = model.bridge.run_with_cache(prompts.to_tokens(items, "counterfactual").to(model.device))
+        _, cf = model.bridge.run_with_cache(to_tokens(items, "counterfactual").to(model.device))
     return model, end, clean, cf
 
 
 @torch.no_grad()
-def _true_change(model: models.LoadedModel, end: patching.EndCache, head: hooks.Head) -> torch.Tensor:
+def _true_change(model: models.LoadedModel, end: end_cache.EndCache, head: hooks.Head) -> torch.Tensor:
     """What the head adds to the residual stream at END when its ``hook_z`` there is patched (hooked run)."""
     seen = {}
 
@@ -48,7 +49,7 @@ def _true_change(model: models.LoadedModel, end: patching.EndCache, head: hooks.
     name = hooks.hook_attn_out(head.layer)
     model.bridge.run_with_hooks(end.tokens, fwd_hooks=[(name, record)])
     clean = seen["out"]
-    patch = patching.set_at_end(end.z_cf[:, head.layer, head.head], head.head)
+    patch = hooks.set_at_end(end.z_cf[:, head.layer, head.head], head.head)
     model.bridge.run_with_hooks(end.tokens, fwd_hooks=[(hooks.hook_z(head.layer), patch), (name, record)])
     return (seen["out"] - clean).float()
 
@@ -72,7 +73,7 @@ def head_output_change_matches_library(head_output_change) -> str:
 def direct_effect_matches_library(direct_effect) -> str:
     """Given the true change, the answer-logit change equals the library's hooked direct-effect run."""
     model, end, clean, cf = _setup()
-    digits = patching.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     clean_logit = end.clean_logits.gather(1, end.answers[:, None])[:, 0]
     worst = 0.0
     for head in HEADS:
@@ -101,7 +102,7 @@ def clean_into_clean_is_zero(head_output_change, direct_effect) -> str:
 def every_head_matches_library(head_output_change, direct_effect) -> str:
     """Composed, the two functions reproduce the library's direct-effect sweep for every head."""
     model, end, clean, cf = _setup()
-    digits = patching.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     clean_logit = end.clean_logits.gather(1, end.answers[:, None])[:, 0]
     want = (patching.sweep_many(model, [end], "direct", digits, with_prob=False)[0].logit - clean_logit[:, None]).cpu()
     H = model.n_heads

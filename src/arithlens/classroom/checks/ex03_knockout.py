@@ -12,14 +12,16 @@ from functools import lru_cache
 
 import torch
 
-from arithlens.analyses import knockout, patching
+from arithlens.analyses import knockout
 from arithlens.core import models
+from arithlens.core.hooks import Head
+from arithlens.core.items import length_groups, to_tokens
 from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("mean_head_outputs", "knockout_logits")
 SPEC = "tiny:5"
-H = patching.Head
+H = Head
 HEAD_SETS = ((H(1, 2),), (H(0, 1), H(0, 3)), (H(0, 0), H(1, 1), H(1, 3)))
 
 
@@ -28,16 +30,16 @@ def _setup():
     model = models.load_model(SPEC)
     config = prompts.PromptConfig(operators=("+", "-"), templates=("eq_calculate",), n_per_cell=6, seed=23)
     prompt_set = prompts.make_prompts(model.tokenizer, config)
-    groups = prompts.group_by_length(prompt_set)
+    groups = length_groups(prompt_set.items)
     keep = max(groups.values(), key=len)
     prompt_set = prompt_set.subset([i in keep for i in range(len(prompt_set))])
-    return model, prompt_set, prompts.to_tokens(prompt_set.items).to(model.device)
+    return model, prompt_set, to_tokens(prompt_set.items).to(model.device)
 
 
 def mean_matches_library(mean_head_outputs) -> str:
     """Every head's mean hook_z at END over the counterfactual prompts equals knockout.mean_z."""
     model, prompt_set, _ = _setup()
-    cf = prompts.to_tokens(prompt_set.items, "counterfactual").to(model.device)
+    cf = to_tokens(prompt_set.items, "counterfactual").to(model.device)
     shape = (model.n_layers, model.n_heads, model.cfg.d_head)
     got = tensor(mean_head_outputs(model, cf.clone()), shape, "mean_head_outputs(...)")
     want = knockout.mean_z(model, prompt_set, "end").cpu()

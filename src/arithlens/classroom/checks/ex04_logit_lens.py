@@ -12,6 +12,7 @@ from functools import lru_cache
 import torch
 
 from arithlens.core import hooks, models
+from arithlens.core.items import to_tokens
 from arithlens.analyses import mlp
 from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
@@ -24,7 +25,7 @@ SPEC = "tiny:4"
 def _setup():
     model = models.load_model(SPEC)
     item = prompts.make_item(model.tokenizer, "qa_symbol", "+", 3, 5, shots=1, seed=31)
-    tokens = prompts.to_tokens([item]).to(model.device)
+    tokens = to_tokens([item]).to(model.device)
     ids = [item.answer_token, item.clean_tokens[item.a_pos], item.clean_tokens[item.b_pos],
            int(model.tokenizer.convert_tokens_to_ids("7")), int(model.tokenizer.convert_tokens_to_ids("Q"))]
     lens = mlp.logit_lens(model, [item], {f"t{i}": [t] for i, t in enumerate(ids)})

@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 
 from arithlens.core import models
+from arithlens.core.items import to_tokens
 from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff
 
@@ -63,7 +64,7 @@ def _data():
     config = prompts.PromptConfig(operators=("+", "-"), templates=("eq_spaced",), n_per_cell=8, seed=41)
     items = prompts.make_prompts(tok, config).items
     base = models.build_tiny_hf_model(SEED, vocab_size=len(tok))
-    tokens = prompts.to_tokens(items)
+    tokens = to_tokens(items)
     answers = torch.tensor([it.answer_token for it in items])
     return base, tokens, answers
 

@@ -29,14 +29,15 @@ from functools import lru_cache
 
 import torch
 
-from arithlens.analyses import attribution, patching
-from arithlens.core import models
+from arithlens.analyses import attribution, end_cache, patching
+from arithlens.core import hooks, models
+from arithlens.core.items import length_groups, to_tokens
 from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("z_and_grad", "attribution_patch")
 SPEC = "tiny:6"
-HEADS = (patching.Head(0, 1), patching.Head(1, 0), patching.Head(1, 3))
+HEADS = (hooks.Head(0, 1), hooks.Head(1, 0), hooks.Head(1, 3))
 SAME = 1e-4  # two code paths, one quantity: relative to the largest reference value
 EPS = 0.1  # central difference step, as a fraction of the real Δz
 SLOPE = 1e-2  # central difference vs gradient · Δz: O(ε²) truncation plus rounding, relative
@@ -48,13 +49,13 @@ def _setup():
     model = models.load_model(SPEC)
     config = prompts.PromptConfig(operators=("+", "-"), templates=("eq_spaced",), n_per_cell=6, seed=53)
     generated = prompts.make_prompts(model.tokenizer, config)
-    keep = max(prompts.group_by_length(generated).values(), key=len)
+    keep = max(length_groups(generated.items).values(), key=len)
     prompt_set = generated.subset([i in keep for i in range(len(generated))])
-    cache = patching.cache_end(model, list(prompt_set.items))
+    cache = end_cache.cache_end(model, list(prompt_set.items))
     return model, prompt_set, cache, _library_gradient(model, cache)
 
 
-def _library_gradient(model: models.LoadedModel, cache: patching.EndCache) -> torch.Tensor:
+def _library_gradient(model: models.LoadedModel, cache: end_cache.EndCache) -> torch.Tensor:
     """∂(answer logit at END)/∂z[END] for every prompt and head, [batch, layer, head, d_head], from the
     library's attribution: prompt b's copy k gets the counterfactual z_clean + e_k at every head."""
     d = cache.z_clean.shape[-1]
@@ -62,7 +63,7 @@ def _library_gradient(model: models.LoadedModel, cache: patching.EndCache) -> to
            if isinstance(getattr(cache, f.name), torch.Tensor)}
     unit = torch.eye(d, device=cache.z_clean.device).repeat(len(cache.answers), 1)[:, None, None]  # [b·d, 1, 1, d]
     probe = dataclasses.replace(cache, **{**rep, "z_cf": rep["z_clean"] + unit})
-    digits = patching.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     est = attribution.attribution_scores(model, probe, digits, "total", attribution.ATTRIBUTION).d_logit  # [b·d, L, H]
     B, L, H = cache.z_clean.shape[:3]
     return est.view(B, d, L, H).permute(0, 2, 3, 1).float().cpu()
@@ -77,7 +78,7 @@ def _call(z_and_grad, model, cache, head) -> tuple[torch.Tensor, torch.Tensor]:
             tensor(out[1], shape, f"grad from z_and_grad(..., {head.layer}, {head.head})"))
 
 
-def _gradient_mistake(got: torch.Tensor, head: patching.Head, grads: torch.Tensor, tol: float) -> str:
+def _gradient_mistake(got: torch.Tensor, head: hooks.Head, grads: torch.Tensor, tol: float) -> str:
     """What a wrong gradient is instead, when it is something recognizable (reported first: messages are cut at 160 characters)."""
     want = grads[:, head.layer, head.head]
     if max_diff(got, -want) <= tol:
@@ -113,7 +114,7 @@ def z_and_grad_match_library(z_and_grad) -> str:
 def slope_of_exact_patching(z_and_grad) -> str:
     """grad · Δz is the slope of the library's exact patching at the clean run (central difference)."""
     model, _, cache, _ = _setup()
-    digits = patching.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     worst = 0.0
     for head in HEADS:
         _, grad = _call(z_and_grad, model, cache, head)
@@ -147,7 +148,7 @@ def estimate_matches_library(attribution_patch) -> str:
     """The estimate for every head equals attribution.attribute_heads (ATTRIBUTION, total mode)."""
     model, prompt_set, cache, _ = _setup()
     want = _library_estimates(model, prompt_set, cache)
-    cf = prompts.to_tokens(prompt_set.items, "counterfactual").to(model.device)
+    cf = to_tokens(prompt_set.items, "counterfactual").to(model.device)
     tol = SAME * float(want.abs().max())
     for layer in range(model.n_layers):
         for head in range(model.n_heads):

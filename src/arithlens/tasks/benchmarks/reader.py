@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from arithlens.tasks.benchmarks.formats import (  # noqa: F401  (re-exported: the benchmark API in one place)
+from arithlens.tasks.benchmarks.formats import (
     EXPECTED, FORMATS, LETTERS, AnswerKind, BenchmarkFormat, Unusable, format_number, parse_number)
 from arithlens.core.items import continuation
 from arithlens.tasks.suites import Kind, Suite, SuiteItem, build_item

@@ -45,8 +45,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from arithlens.tasks.benchmarks.reader import LETTERS, format_number
-from arithlens.analyses.patching import prefix_kv
+from arithlens.tasks.benchmarks.formats import LETTERS, format_number
+from arithlens.core.hooks import prefix_kv
+from arithlens.core.items import shared_prefix_length
 from arithlens.tasks.suites import Suite
 
 Mode = Literal["generate", "first_token", "choice"]
@@ -83,16 +84,6 @@ def normalize_text(text: str) -> str:
 def default_mode(suite: Suite) -> Mode:
     """``choice`` for a multiple-choice suite, else ``generate``."""
     return "choice" if suite.scoring == "choice" else "generate"
-
-
-def shared_prefix_length(token_lists) -> int:
-    """Length of the token prefix every list shares, leaving at least one token of each (its END)."""
-    lists = list(token_lists)
-    limit = min(len(t) for t in lists) - 1
-    n = 0
-    while n < limit and all(t[n] == lists[0][n] for t in lists):
-        n += 1
-    return n
 
 
 @dataclass(frozen=True)
@@ -295,7 +286,7 @@ def evaluate_benchmarks(model, delta, suites, mode: Mode | None = None, batch_si
     Rows as :func:`arithlens.analyses.sft.evaluation.evaluate` (``set``, ``kind``, ``item``, ``correct``,
     ``p_answer``) plus ``mode``, so the two concatenate before :func:`finetune_data.compare_to_base`.
     """
-    from arithlens.analyses.sft.trainer import applied
+    from arithlens.core.deltas import applied
 
     frames = []
     with (applied(model, delta) if delta is not None else nullcontext()):

@@ -9,7 +9,8 @@ import torch
 
 from arithlens.analyses.sft import trainer as ft
 from arithlens.analyses.sft import evaluation as fd
-from arithlens.core.hooks import Head
+from arithlens.core import deltas
+from arithlens.core.hooks import Head, random_heads
 
 HEADS = (Head(0, 1), Head(1, 3))  # head 3 of 4 reads KV head 1 (2 KV heads)
 
@@ -23,7 +24,7 @@ def batches(tiny):
 
 
 def _snapshot(model):
-    return {n: p.detach().clone() for n, p in ft.named_weights(model).items()}
+    return {n: p.detach().clone() for n, p in deltas.named_weights(model).items()}
 
 
 def _logits(model, tokens):
@@ -50,8 +51,8 @@ def test_head_slices_take_a_heads_bias_entries_where_the_model_has_biases(tiny_a
     config = ft.PreciseSFTConfig((Head(1, 3),), kv="shared")
     slices = ft.precise_slices(tiny_arch, config)
     biases = {s.param.rsplit(".", 2)[-2]: s for s in slices if s.param.endswith(".bias")}
-    has_bias = "model.layers.1.self_attn.q_proj.bias" in ft.named_weights(tiny_arch)
-    assert has_bias == (type(ft.hf_model(tiny_arch)).__name__ == "Qwen2ForCausalLM")
+    has_bias = "model.layers.1.self_attn.q_proj.bias" in deltas.named_weights(tiny_arch)
+    assert has_bias == (type(deltas.hf_model(tiny_arch)).__name__ == "Qwen2ForCausalLM")
     if not has_bias:
         assert not biases
         return
@@ -68,11 +69,11 @@ def test_precise_sft_moves_only_the_tuned_slices(model_name, request, batches):
     before = _snapshot(tiny)
     config = ft.PreciseSFTConfig(HEADS, mlp_layers=(1,), kv="shared")
     result = ft.precise_sft(tiny, batches, config, ft.TrainConfig(steps=3, lr=1e-2, weight_decay=0.5))
-    assert all(torch.equal(p, before[n]) for n, p in ft.named_weights(tiny).items()), "training wrote to the model"
+    assert all(torch.equal(p, before[n]) for n, p in deltas.named_weights(tiny).items()), "training wrote to the model"
     slices = ft.precise_slices(tiny, config)
     assert set(result.delta.values) == set(slices)
     assert result.n_trainable == sum(t.numel() for t in result.delta.values.values())
-    with ft.applied(tiny, result.delta):
+    with deltas.applied(tiny, result.delta):
         after = _snapshot(tiny)
     for name, value in after.items():
         mask = torch.zeros_like(value, dtype=torch.bool)
@@ -84,7 +85,7 @@ def test_precise_sft_moves_only_the_tuned_slices(model_name, request, batches):
             if s.param == name:
                 changed = (value.narrow(s.dim, s.start, s.stop - s.start) != before[name].narrow(s.dim, s.start, s.stop - s.start))
                 assert changed.float().mean() > 0.9, f"tuned slice {s} barely changed"
-    assert all(torch.equal(p, before[n]) for n, p in ft.named_weights(tiny).items()), "applied() did not restore"
+    assert all(torch.equal(p, before[n]) for n, p in deltas.named_weights(tiny).items()), "applied() did not restore"
     assert result.losses[-1] < result.losses[0]
 
 
@@ -94,30 +95,30 @@ def test_delta_roundtrip_reproduces_logits_exactly(model_name, kv, request, batc
     result = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS, kv=kv), ft.TrainConfig(steps=2, lr=1e-2))
     tokens = batches[0][0]
     base = _logits(tiny, tokens)
-    with ft.applied(tiny, result.delta):
+    with deltas.applied(tiny, result.delta):
         tuned = _logits(tiny, tokens)
-    folder = ft.save_delta(result.delta, tmp_path / "delta", base_model="tiny")
-    loaded = ft.load_delta(folder)
+    folder = deltas.save_delta(result.delta, tmp_path / "delta", base_model="tiny")
+    loaded = deltas.load_delta(folder)
     assert loaded.meta["method"] == "precise" and loaded.n_params == result.delta.n_params
-    with ft.applied(tiny, loaded):
+    with deltas.applied(tiny, loaded):
         again = _logits(tiny, tokens)
     assert not torch.equal(tuned, base)
     assert torch.equal(again, tuned)
     assert torch.equal(_logits(tiny, tokens), base)
     # a delta refuses a base whose touched slices differ from the one it was trained on
-    with ft.applied(tiny, loaded):
+    with deltas.applied(tiny, loaded):
         with pytest.raises(ValueError, match="different base"):
-            ft.apply_delta(tiny, loaded)
+            deltas.apply_delta(tiny, loaded)
 
 
 def test_prefix_cached_step_equals_uncached(tiny, batches):
     slices = ft.precise_slices(tiny, ft.PreciseSFTConfig((Head(1, 0), Head(1, 2))))
     twin = ft.make_twin(tiny)
-    weights = ft.named_weights(twin)
+    weights = deltas.named_weights(twin)
     start = 1
     grads = []
     for cached in (False, True):
-        trainable = {s: ft.slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
+        trainable = {s: deltas.slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
         eff = ft.effective_weights(weights, trainable)
         tokens, answers = batches[0]
         prefix = ft.run_layers(twin, ft.embed(twin, tokens), 0, start).detach() if cached else None
@@ -153,16 +154,16 @@ def test_rescale_is_nearly_a_noop_under_adamw(tiny, batches):
     train = ft.TrainConfig(steps=3, lr=1e-3, weight_decay=0.0)
     plain = ft.precise_sft(tiny, batches, config, train).delta
     scaled = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(config.heads, kv="frozen", rescale=True), train).delta
-    base = ft.named_weights(tiny)
+    base = deltas.named_weights(tiny)
     for s in plain.values:
-        update = plain.values[s] - ft.slice_view(base, s)
+        update = plain.values[s] - deltas.slice_view(base, s)
         # a 2-4x larger gradient changes AdamW's update only through eps: by well under 5 %
         assert (plain.values[s] - scaled.values[s]).norm() < 0.05 * update.norm()
 
 
 def test_full_sft_and_lora(tiny, batches):
     full = ft.full_sft(tiny, batches, ft.TrainConfig(steps=2, lr=1e-3))
-    assert full.n_trainable == sum(p.numel() for p in ft.named_weights(tiny).values())
+    assert full.n_trainable == sum(p.numel() for p in deltas.named_weights(tiny).values())
     rank = 2
     lora = ft.lora_sft(tiny, batches, rank, ft.TrainConfig(steps=2, lr=1e-2))
     assert lora.n_trainable == rank * tiny.n_layers * ((64 + 64) * 2 + (64 + 32) * 2)
@@ -171,7 +172,7 @@ def test_full_sft_and_lora(tiny, batches):
     tokens = batches[0][0]
     base = _logits(tiny, tokens)
     for delta in (full.delta, lora.delta):
-        with ft.applied(tiny, delta):
+        with deltas.applied(tiny, delta):
             assert not torch.equal(_logits(tiny, tokens), base)
     assert torch.equal(_logits(tiny, tokens), base)
 
@@ -209,16 +210,34 @@ def test_compare_to_base_paired_changes():
 
 
 def test_random_heads_are_seeded_and_avoid_the_key_heads(tiny):
-    drawn = ft.random_heads(tiny.cfg, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
-    assert drawn == ft.random_heads(tiny.cfg, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
+    drawn = random_heads(tiny.n_layers, tiny.n_heads, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
+    assert drawn == random_heads(tiny.n_layers, tiny.n_heads, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
     assert all(h.layer >= 1 and h != Head(1, 0) for h in drawn) and len(set(drawn)) == 3
     with pytest.raises(ValueError):
-        ft.random_heads(tiny.cfg, 4, seed=0, min_layer=1, exclude=[Head(1, 0)])
+        random_heads(tiny.n_layers, tiny.n_heads, 4, seed=0, min_layer=1, exclude=[Head(1, 0)])
 
 
-def test_verdict_needs_separated_intervals():
-    summary = pd.DataFrame([{"method": m, "kind": "math", "change": c, "low": c - 0.05, "high": c + 0.05}
-                            for m, c in (("a", 0.3), ("b", 0.1), ("c", 0.28))])
-    assert fd.verdict(summary, "a", "b") == "better than"
-    assert fd.verdict(summary, "b", "a") == "worse than"
-    assert fd.verdict(summary, "a", "c") == "not distinguishable from"
+def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny):
+    from arithlens.analyses.sft import comparison as cmp
+    from arithlens.analyses.sft import naming
+
+    ranking = [Head(1, 2), Head(1, 0), Head(0, 3), Head(0, 1)]
+    config = cmp.GridConfig(key_heads=2, random_seeds=2, lora_lrs=(1e-3, 3e-4), head_counts=(1, 3), mlp_counts=(1,))
+    grid = cmp.method_grid(tiny, ranking, mlp_order=[1, 0], config=config)
+    names = [m.name for m in grid.methods]
+    assert names == ["full SFT", "Precise SFT (2 key heads)", "random 2 heads", "random 2 heads", "LoRA r=%d (lr 0.001)"
+                     % grid.lora_rank, "LoRA r=%d (lr 0.0003)" % grid.lora_rank, "Precise SFT (1 key head)",
+                     "Precise SFT (3 key heads)", "2 key heads + 1 MLP"]
+    assert [naming.method_family(n) for n in names] == [naming.FULL, naming.PRECISE, naming.RANDOM, naming.RANDOM, naming.LORA, naming.LORA,
+                                                      naming.PRECISE, naming.PRECISE, "2 key heads + 1 MLP"]
+    assert grid.precise is grid.methods[1] and grid.precise.precise.heads == (Head(1, 2), Head(1, 0)) and grid.band == 1
+    draws = [m for m in grid.methods if naming.method_family(m.name) == naming.RANDOM]
+    # drawn from the key heads' lowest layer up, never a key head: here only layer 1's other two heads are left
+    assert [m.seed for m in draws] == [0, 1] and all(m.precise.heads == (Head(1, 1), Head(1, 3)) for m in draws)
+    assert grid.lora_layers == (1,) and grid.n_precise == ft.count_params(tiny, ft.precise_slices(tiny, grid.precise.precise))
+    assert grid.methods[-1].precise.mlp_layers == (1,) and grid.methods[-1].group == "MLP ablation"
+    # the deltas kept: the main Precise SFT row, the first random draw, the first LoRA row
+    kept = cmp.kept_deltas(grid.methods)
+    assert list(kept.values()) == ["delta", "delta_random", "delta_lora"]
+    assert list(kept) == [grid.methods[1], draws[0], grid.methods[4]]
+    assert naming.method_family("base") == naming.BASE and naming.lora_name(9) == "LoRA r=9"

@@ -5,6 +5,6 @@ off the unembedding; ``patching``: path patching of every head; ``attribution``:
 and EAP-IG), ``knockout``, MLP tracing (``mlp``), ``transfer`` to other suites, chapter 7's
 ``agreement``, ``robustness`` and ``same_answer``, chapter 6's ``numbers``, ``neurons`` (attribution,
 keep-top-k), ``heuristics`` (what the top neurons respond to) and ``neuron_changes`` (how fine-tuning
-moves them), and Precise SFT (``sft/``). Fast paths and their one-pass-per-head references sit side by side. Imports ``tasks``
-and ``core``.
+moves them), and Precise SFT (``sft/``). Fast paths and their one-pass-per-head references sit side
+by side. Imports ``tasks`` and ``core``.
 """

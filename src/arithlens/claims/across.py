@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from arithlens.analyses.sft.methods import PRECISE, method_family
+from arithlens.analyses.sft.naming import PRECISE, method_family
 from arithlens.claims.findings import Run
 from arithlens.record import open_run
 from arithlens.claims.verdicts import (depth, knockout_intervals, model_shape, relative_logit_effects, table_or_none,
@@ -155,7 +155,7 @@ def transfer_summary(runs: Runs, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
 
 def sft_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 4 per model, long form: each method's mean change on held-out math and on non-math
-    controls with its 95 % CI. Methods are named by family (:func:`arithlens.analyses.sft.methods.method_family`:
+    controls with its 95 % CI. Methods are named by family (:func:`arithlens.analyses.sft.naming.method_family`:
     Precise SFT, random heads, LoRA, full SFT)."""
     rows = []
     for model, chapters in having(runs, "04_precise_sft"):

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
-from arithlens.analyses.sft.methods import DELTA_FOLDERS
+from arithlens.analyses.sft.naming import DELTA_FOLDERS
 from arithlens.core.deltas import Delta, load_delta
 from arithlens.core.hooks import Head, heads_from_frame
 from arithlens.core.metrics import select_key_heads
@@ -122,7 +122,7 @@ def transfer_items(transfer_run: Run) -> pd.DataFrame:
 
 def tuned_deltas(sft_run: RunResult) -> dict[str, Delta]:
     """The deltas chapter 4 kept, by the name of the row that trained them, in
-    :data:`arithlens.analyses.sft.methods.DELTA_FOLDERS` order (Precise SFT first, then the first
+    :data:`arithlens.analyses.sft.naming.DELTA_FOLDERS` order (Precise SFT first, then the first
     random-head draw and the first LoRA row where the run kept them), loaded exactly."""
     out = {}
     for folder in DELTA_FOLDERS.values():

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from statsmodels.stats.proportion import proportion_confint
 
-from arithlens.analyses.sft.methods import FULL, PRECISE, RANDOM, method_family
+from arithlens.analyses.sft.naming import FULL, PRECISE, RANDOM, method_family
 from arithlens.claims.findings import TRANSFER_METRIC, Run, transfer_items
 
 HOLDS, PARTLY, FAILS, UNTESTABLE = "holds", "partly", "does not hold", "not testable"

@@ -1,3 +1,3 @@
 """Precise SFT (paper § 5): ``trainer`` (exact Precise SFT, full SFT, LoRA), ``evaluation`` (the
-training and held-out data, scoring a delta against the base model) and ``comparison`` (chapter 4's
-rows: the method grid, each row's name and family, the deltas kept for chapter 6)."""
+training and held-out data, scoring a delta against the base model), ``naming`` (each row's name and
+family, the deltas kept for chapter 6; imports nothing) and ``comparison`` (chapter 4's method grid)."""

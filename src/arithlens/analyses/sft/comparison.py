@@ -1,5 +1,5 @@
 """The rows of chapter 4's comparison: which methods are trained and which trained deltas are kept
-(the rows' names and families are :mod:`arithlens.analyses.sft.methods`).
+(the rows' names and families are :mod:`arithlens.analyses.sft.naming`).
 
 Science wing (paper § "Precise SFT", and the two baselines the paper does not report). Chapter 4
 trains the grid :func:`method_grid` builds from its parameters: full SFT, Precise SFT on chapter 1's
@@ -7,8 +7,8 @@ key heads, the same number of random heads (several draws), LoRA with a matched 
 and two ablations (fewer or more key heads; key heads plus MLP layers). Its tables name each row
 (``"Precise SFT (10 key heads)"``, ``"random 10 heads"``, ``"LoRA r=9"``, ``"full SFT"``), and later
 readers of those stored tables — the C6 rule (:mod:`arithlens.claims.verdicts`), chapter 5's
-summaries, chapter 6 — tell the rows apart by :func:`arithlens.analyses.sft.methods.method_family`, never by matching strings of
-their own. Chapter 4 keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.methods.DELTA_FOLDERS`,
+summaries, chapter 6 — tell the rows apart by :func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of
+their own. Chapter 4 keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
 :func:`kept_deltas`) for chapter 6 to compare the neurons each moves.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from arithlens.analyses.sft.methods import (DELTA_FOLDERS, FULL, lora_name, method_family, mlp_name, precise_name,
+from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, lora_name, method_family, mlp_name, precise_name,
                                             random_name)
 from arithlens.analyses.sft.trainer import KVPolicy, Method, PreciseSFTConfig, count_params, lora_rank_for, precise_slices
 from arithlens.core.hooks import Head, random_heads

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.analyses.sft.methods import BASE
+from arithlens.analyses.sft.naming import BASE
 from arithlens.core.items import ItemSet, length_batches, to_tokens
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.models import LoadedModel

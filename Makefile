@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install fetch book test clean-runs
+.PHONY: install fetch book test test-fast clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ space := $(empty) $(empty)
 book: $(STAMP) fetch
 	$(BIN)/arithlens book $(if $(MODEL),--model $(MODEL),) $(if $(MODELS),--models $(subst $(space),$(comma),$(strip $(MODELS))) --params-file params/cpu-ladder.yaml,) $(if $(JOBS),--jobs $(JOBS),)
 
+# everything, as CI runs it (.ci/run): the chapter notebooks on the tiny model, the exercise notebooks,
+# the tests that load SmolLM2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the inner loop, under a minute: no notebook kernels (slow) and no real model (real_model)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not real_model"
 
 clean-runs:
 	rm -rf runs book/_build book/chapters

@@ -49,7 +49,8 @@ def tiny_layout(request):
 
 
 def _fetched_or_skip(name: str):
-    from arithlens.core.models import ModelSpecError, resolve_spec
+    from arithlens.core.registry import ModelSpecError
+    from arithlens.core.specs import resolve_spec
 
     try:
         resolve_spec(name)
@@ -77,7 +78,27 @@ def smollm2():
 
 @pytest.fixture()
 def isolated_runs(tmp_path, monkeypatch):
-    """A private run store so tests never touch the user's runs/."""
+    """A private, empty run store so tests never touch the user's runs/. For tests that need the store
+    to themselves: they count runs or executions, check that nothing was written, run into failures or
+    interrupts, edit or delete runs, or compare two stores."""
     monkeypatch.setenv("ARITHLENS_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("ARITHLENS_QUIET", "1")
     return tmp_path / "runs"
+
+
+@pytest.fixture(scope="session")
+def _session_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared") / "runs"
+
+
+@pytest.fixture()
+def shared_runs(_session_store, monkeypatch):
+    """One run store for the whole test session, for notebook tests that only read a chapter's results.
+
+    A run's key is its chapter, model, parameters, inputs' keys and code, so a test asking for a run that
+    an earlier test already made reuses the finished one: each chapter runs once per model and parameter
+    set per suite, in whatever order the tests run. Such a test may find its runs made or not made, so it
+    must not depend on which (use ``isolated_runs`` for that)."""
+    monkeypatch.setenv("ARITHLENS_RUNS", str(_session_store))
+    monkeypatch.setenv("ARITHLENS_QUIET", "1")
+    return _session_store

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from arithlens.runner import book, runs, schedule
+from arithlens import paths
+from arithlens.runner import book, chapters, schedule
 from arithlens.claims import verdicts
 from arithlens.runner.book import check_consistent
 from arithlens.cli import main
 from arithlens.record import RunResult
-from arithlens.runner.runs import RunError, gather_overrides, plan_run
+from arithlens.runner.chapters import RunError
+from arithlens.runner.runs import gather_overrides, plan_run
 
 from test_chapters import NUMBERS_TINY, ROBUST_TINY
 from test_graph import BOOK, _tiny_given
@@ -23,16 +25,15 @@ from test_graph import BOOK, _tiny_given
 ACROSS = "05_across_models"
 BEYOND = ["06_numbers", "07_robustness"]
 INPUTS = BOOK + BEYOND  # what the comparison reads of each model
-#: the tiny parameters of chapters 6 and 7; two key heads (the tiny model has 4 heads a layer, and
-#: chapter 7's layer-matched null needs as many other heads in their layers)
-TINY_BEYOND = [f"06_numbers.{p}" for p in NUMBERS_TINY] + [f"07_robustness.{p}" for p in ROBUST_TINY] + ["01_heads.top_k=2"]
+#: the tiny parameters of chapters 6 and 7 (test_chapters' own: the runs are shared)
+TINY_BEYOND = [f"06_numbers.{p}" for p in NUMBERS_TINY] + [f"07_robustness.{p}" for p in ROBUST_TINY]
 TWO = ["tiny", "tiny:1"]  # two tiny models: the same architecture, different initialisation seeds
 
 
 def test_a_parameter_can_be_given_for_one_model(tmp_path):
     given = gather_overrides(["tiny:1@01_heads.n_per_cell=2", "01_heads.top_k=4"])
     assert plan_run("01_heads", "tiny:1", given).params["n_per_cell"] == 2
-    assert plan_run("01_heads", "tiny", given).params["n_per_cell"] == runs.notebook_parameters("01_heads")["n_per_cell"]
+    assert plan_run("01_heads", "tiny", given).params["n_per_cell"] == chapters.notebook_parameters("01_heads")["n_per_cell"]
     assert plan_run("01_heads", "tiny", given).params["top_k"] == plan_run("01_heads", "tiny:1", given).params["top_k"] == 4
     f = tmp_path / "p.yaml"
     f.write_text("01_heads: {top_k: 4}\nmodels:\n  'tiny:1':\n    01_heads: {n_per_cell: 2}\n")
@@ -51,7 +52,7 @@ def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
     names = {plan.input_name(p) for p in plan.inputs}
     assert "01_heads" in names and "tiny:1/01_heads" in names
     # one model's upstream parameter re-keys the comparison; the other model's runs stay the same
-    other = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", "tiny:1@01_heads.top_k=2"]))
+    other = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", "tiny:1@01_heads.top_k=3"]))
     assert other.key != plan.key
     assert {p.key for p in other.inputs if p.model == "tiny"} == {p.key for p in plan.inputs if p.model == "tiny"}
     # a model may skip chapters: the comparison takes the rest of its runs
@@ -111,7 +112,7 @@ def test_bad_model_lists_are_one_line_errors(isolated_runs, capsys):
 
 
 @pytest.mark.slow
-def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its_verdicts(isolated_runs, tmp_path,
+def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its_verdicts(shared_runs, tmp_path,
                                                                                           monkeypatch, capsys):
     # a model may skip chapters (chapter 6 reads chapter 4's delta, so it goes too)
     given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft, 06_numbers]}}"] + TINY_BEYOND)
@@ -162,6 +163,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
 
 @pytest.mark.slow
 def test_model_chains_run_as_submitit_jobs_on_the_local_executor(isolated_runs, tmp_path):
+    # its own store: the notebooks must execute inside the jobs, not be found finished
     plans = schedule.plan_models(["00_task"], TWO, _tiny_given())
     results = schedule.execute_plans(plans, executor="local", folder=tmp_path / "jobs", log=lambda m: None)
     assert {k: r.manifest["status"] for k, r in results.items()} == {("tiny", "00_task"): "complete",

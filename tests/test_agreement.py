@@ -8,7 +8,7 @@ import torch
 from arithlens.analyses import agreement as G
 from arithlens.analyses import attribution as A
 from arithlens.analyses import knockout as K
-from arithlens.analyses import patching as P
+from arithlens.analyses import end_cache as EC
 from arithlens.core.hooks import Head, digit_tokens, scores_from_logits
 from arithlens.core.items import to_tokens
 from arithlens.tasks.prompts import PromptConfig, make_prompts
@@ -100,7 +100,7 @@ def test_curve_area_on_hand_computed_curves():
 
 def test_attribution_ranks_heads_like_exact_patching_on_tiny(prompt_set):
     model, ps = prompt_set
-    caches = P.cache_prompt_set(model, ps)
+    caches = EC.cache_prompt_set(model, ps)
     table = A.compare_with_exact(model, ps, caches, modes=("total",), methods=(A.ATTRIBUTION, A.eap_ig(4)))
     out = G.rank_agreement(table, "rel_logit").set_index(["method", "measure", "k"])["value"]
     # measured: Spearman 1.0 for both methods and both tiny architectures (8 heads, nearly linear model)

@@ -28,8 +28,9 @@ import pytest
 import torch
 
 from arithlens.analyses import attribution as A
-from arithlens.core import hooks
+from arithlens.analyses import end_cache as EC
 from arithlens.analyses import patching as P
+from arithlens.core import hooks
 from arithlens.core.metrics import summarize_effects
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 
@@ -38,12 +39,12 @@ from arithlens.tasks.prompts import PromptConfig, make_prompts
 def setup(tiny_arch):
     model = tiny_arch
     ps = make_prompts(model.tokenizer, PromptConfig(operators=("+", "*"), templates=("eq_spaced",), n_per_cell=3, shots=1))
-    return model, ps, P.cache_end(model, list(ps.items)), P.digit_tokens(model.tokenizer)
+    return model, ps, EC.cache_end(model, list(ps.items)), hooks.digit_tokens(model.tokenizer)
 
 
 def _exact(model, cache, mode, digits):
     """Exact changes of logit, logit difference and p(answer), [batch, layer, head]."""
-    out, clean = P.sweep_heads(model, cache, mode, digits), P.clean_scores(model, cache, digits)
+    out, clean = P.sweep_heads(model, cache, mode, digits), EC.clean_scores(model, cache, digits)
     shape = cache.z_clean.shape[:3]
     return {"logit": (out.logit - clean.logit[:, None]).view(shape),
             "logit_diff": (out.logit_diff - clean.logit_diff[:, None]).view(shape),
@@ -81,9 +82,9 @@ def test_direct_mode_is_linear_so_attribution_is_exact(setup):
         est = A.attribution_scores(model, cache, digits, "direct", method).d_logit
         torch.testing.assert_close(est, exact, rtol=0, atol=1e-4 * scale)
     # the same holds in the tables: rel_logit estimates equal patch_heads' exact rel_logit
-    clean = P.clean_scores(model, cache, digits)
+    clean = EC.clean_scores(model, cache, digits)
     table = A.estimates_table(cache, A.attribution_scores(model, cache, digits, "direct"), clean.logit)
-    exact_table = P.effects_table(cache, P.sweep_heads(model, cache, "direct", digits), clean,
+    exact_table = EC.effects_table(cache, P.sweep_heads(model, cache, "direct", digits), clean,
                                   {"layer": np.repeat(np.arange(model.n_layers), model.n_heads),
                                    "head": np.tile(np.arange(model.n_heads), model.n_layers)})
     assert (table[["prompt", "layer", "head"]].to_numpy() == exact_table[["prompt", "layer", "head"]].to_numpy()).all()

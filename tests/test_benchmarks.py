@@ -13,8 +13,9 @@ from arithlens.tasks.benchmarks import scoring
 from arithlens.analyses.sft import evaluation
 from arithlens.analyses import knockout, transfer
 from arithlens.tasks.benchmarks.scoring import BenchmarkScorer, answers_match, evaluate_benchmarks, extract_last_number
-from arithlens.tasks.benchmarks.reader import (BenchmarkFileError, format_number, load_benchmark, load_benchmarks,
-                                  make_benchmark_suite, parse_number, read_benchmark)
+from arithlens.tasks.benchmarks.formats import format_number, parse_number
+from arithlens.tasks.benchmarks.reader import (BenchmarkFileError, load_benchmark, load_benchmarks, make_benchmark_suite,
+                                               read_benchmark)
 from arithlens.cli import main
 from arithlens.core.hooks import Head
 from arithlens.tasks.suites import SuiteScorer

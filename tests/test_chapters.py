@@ -1,14 +1,22 @@
-"""Chapter notebooks run end to end on the tiny model with small parameters."""
+"""Chapter notebooks run end to end on the tiny model with small parameters.
+
+Tests that only read a chapter's results share the session's run store (``shared_runs``): every test
+gives a chapter the same tiny parameters, so each run is made once per suite. A test that needs its
+store empty (an upstream run must be missing, nothing may be written, a run fails) keeps its own."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from arithlens.runner.runs import RunError, run_chapter
+from arithlens.runner.chapters import RunError
+from arithlens.runner.runs import run_chapter
 
+#: Chapter 1's tiny parameters, for every test that reads chapter 1 (so they share one run per suite).
+#: Two key heads: the tiny model has 4 heads a layer, and chapter 7's layer-matched null needs as many
+#: other heads in the key heads' layers.
 HEADS_TINY = ["n_per_cell=2", "filter_correct=false", "templates=[eq_spaced, st_is]", "n_total_prompts=3",
-              "n_boot=50", "knockout_seeds=2", "top_k=3", "knockout_k_max=3", "all_positions_k=[2]", "min_correct=1"]
+              "n_boot=50", "knockout_seeds=2", "top_k=2", "knockout_k_max=3", "all_positions_k=[2]", "min_correct=1"]
 
 
 def _markdown_outputs(run):
@@ -18,7 +26,7 @@ def _markdown_outputs(run):
 
 
 @pytest.mark.slow
-def test_heads_chapter_end_to_end(isolated_runs):
+def test_heads_chapter_end_to_end(shared_runs):
     run = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
     tables = set(run.manifest["tables"])
     assert {"effects_summary.parquet", "key_heads.parquet", "knockout.parquet", "head_roles.parquet"} <= tables
@@ -27,11 +35,11 @@ def test_heads_chapter_end_to_end(isolated_runs):
     assert set(summary["metric"]) == {"rel_logit", "d_prob", "d_logit_diff"}
     assert len(summary[(summary["mode"] == "path") & (summary["metric"] == "d_prob")]) == 2 * 4  # every head
     knock = run.table("knockout")
-    assert set(knock["positions"]) == {"end", "all"} and len(run.table("key_heads")) == 3
+    assert set(knock["positions"]) == {"end", "all"} and len(run.table("key_heads")) == 2  # top_k
 
 
 @pytest.mark.slow
-def test_threshold_no_head_passes_still_renders(isolated_runs):
+def test_threshold_no_head_passes_still_renders(shared_runs):
     params = HEADS_TINY + ["selection=threshold", "threshold=-0.99", "lead_metric=rel_logit"]
     run = run_chapter("01_heads", "tiny", params, log=lambda m: None)
     text = _markdown_outputs(run)
@@ -40,7 +48,7 @@ def test_threshold_no_head_passes_still_renders(isolated_runs):
 
 
 @pytest.mark.slow
-def test_k_larger_than_heads_is_a_clear_error(isolated_runs):
+def test_k_larger_than_heads_is_a_clear_error(isolated_runs):  # its own store: a failing run
     with pytest.raises(RunError, match="k=9 is larger than the number of heads \\(8\\)"):
         run_chapter("01_heads", "tiny", [p for p in HEADS_TINY if not p.startswith("top_k")] + ["top_k=9"],
                     log=lambda m: None)
@@ -53,7 +61,7 @@ HEADS_AS_INPUT = [f"01_heads.{p}" for p in HEADS_TINY]
 
 
 @pytest.mark.slow
-def test_mlp_chapter_runs_chapter1_first_and_reads_its_key_heads(isolated_runs):
+def test_mlp_chapter_runs_chapter1_first_and_reads_its_key_heads(isolated_runs):  # its own store: no chapter 1 yet
     logged = []
     run = run_chapter("02_mlp", "tiny", MLP_TINY + HEADS_AS_INPUT, log=logged.append)
     first = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
@@ -67,8 +75,7 @@ def test_mlp_chapter_runs_chapter1_first_and_reads_its_key_heads(isolated_runs):
     assert set(lens["label"]) >= {"A", "B", "answer"} and lens["layer"].max() == 1
 
 
-@pytest.mark.slow
-def test_missing_input_with_no_upstream_is_one_line(isolated_runs):
+def test_missing_input_with_no_upstream_is_one_line(isolated_runs):  # its own store: nothing may be written
     with pytest.raises(RunError, match=r"^02_mlp needs a finished run of 01_heads on tiny \(key [0-9a-f]{12}\): run `arithlens run 01_heads --model tiny") as err:
         run_chapter("02_mlp", "tiny", MLP_TINY + HEADS_AS_INPUT, log=lambda m: None, upstream=False)
     assert "\n" not in str(err.value)
@@ -80,7 +87,7 @@ TRANSFER_TINY = ["n_items=6", "suite_names=[power, multidigit, years, capitals]"
 
 
 @pytest.mark.slow
-def test_transfer_chapter_end_to_end(isolated_runs):
+def test_transfer_chapter_end_to_end(shared_runs):
     run = run_chapter("03_transfer", "tiny", TRANSFER_TINY + HEADS_AS_INPUT, log=lambda m: None)
     heads = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
     assert heads.reused and f"from chapter 1's run `{heads.key}`" in _markdown_outputs(run)
@@ -97,7 +104,7 @@ SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8
 
 
 @pytest.mark.slow
-def test_precise_sft_chapter_end_to_end(isolated_runs):
+def test_precise_sft_chapter_end_to_end(shared_runs):
     run = run_chapter("04_precise_sft", "tiny", SFT_TINY + HEADS_AS_INPUT + MLP_AS_INPUT, log=lambda m: None)
     assert set(run.manifest["inputs"]) == {"01_heads", "02_mlp"}
     tables = set(run.manifest["tables"])
@@ -115,7 +122,7 @@ BENCH = "tests/data/benchmarks"
 
 
 @pytest.mark.slow
-def test_transfer_and_sft_chapters_take_benchmark_files(isolated_runs):
+def test_transfer_and_sft_chapters_take_benchmark_files(shared_runs):
     files = f"benchmark_files=[{BENCH}/gsm8k_style.jsonl, {BENCH}/mmlu_style.csv]"
     run = run_chapter("03_transfer", "tiny", TRANSFER_TINY + HEADS_AS_INPUT + [files], log=lambda m: None)
     scores = run.table("transfer_scores")
@@ -133,7 +140,7 @@ SFT_AS_INPUT = [f"04_precise_sft.{p}" for p in SFT_TINY]
 
 
 @pytest.mark.slow
-def test_numbers_chapter_reads_chapters_1_2_and_4_and_saves_its_tables(isolated_runs):
+def test_numbers_chapter_reads_chapters_1_2_and_4_and_saves_its_tables(shared_runs):
     run = run_chapter("06_numbers", "tiny", NUMBERS_TINY + HEADS_AS_INPUT + MLP_AS_INPUT + SFT_AS_INPUT, log=lambda m: None)
     assert set(run.manifest["inputs"]) == {"01_heads", "02_mlp", "04_precise_sft"}
     assert {"fourier.parquet", "helix.parquet", "helix_causal.parquet", "heuristics.parquet", "keep_top_k.parquet",
@@ -156,10 +163,9 @@ TRANSFER_AS_INPUT = [f"03_transfer.{p}" for p in TRANSFER_TINY]
 
 
 @pytest.mark.slow
-def test_robustness_chapter_reads_chapters_1_and_3_and_saves_its_tables(isolated_runs):
-    # two key heads: the tiny model has 4 heads a layer, and the null needs as many others in their layers
-    run = run_chapter("07_robustness", "tiny", ROBUST_TINY + HEADS_AS_INPUT + ["01_heads.top_k=2"] + TRANSFER_AS_INPUT,
-                      log=lambda m: None)
+def test_robustness_chapter_reads_chapters_1_and_3_and_saves_its_tables(shared_runs):
+    # chapter 1's two key heads (HEADS_TINY): the layer-matched null needs as many other heads in their layers
+    run = run_chapter("07_robustness", "tiny", ROBUST_TINY + HEADS_AS_INPUT + TRANSFER_AS_INPUT, log=lambda m: None)
     assert set(run.manifest["inputs"]) == {"01_heads", "03_transfer"}
     agree = run.table("agreement")
     assert set(agree["method"]) == {"attribution", "eap_ig"} and set(agree["measure"]) == {"spearman", "jaccard"}

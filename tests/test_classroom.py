@@ -16,13 +16,15 @@ import nbformat
 import pytest
 import torch
 
+from arithlens import paths
 from arithlens.analyses import patching
 from arithlens.tasks import prompts
-from arithlens.runner import runs
+from arithlens.runner import chapters
 from arithlens.classroom import EXERCISE_IDS, ClassroomError, exercise_notebooks
 from arithlens.classroom import build as cbuild
 from arithlens.classroom import checks
 from arithlens.classroom.grade import check_names, format_report, grade_notebook
+from arithlens.core.items import to_tokens
 from arithlens.cli import main
 
 EXERCISES = paths.project_root() / "exercises"
@@ -130,7 +132,7 @@ def test_classroom_edits_do_not_invalidate_chapter_runs(monkeypatch):
     read = []
     original = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self) or original(self))
-    runs.code_hash("01_heads")
+    chapters.code_hash("01_heads")
     assert any(p.name == "patching.py" for p in read)
     assert not any("classroom" in p.parts or p.name in ("book.py", "cli.py") for p in read)
 
@@ -200,7 +202,7 @@ def test_a_stored_answer_cannot_pass():
     honest = _solutions("04_logit_lens")
     model = load_model("tiny:4")
     item = prompts.make_item(model.tokenizer, "eq_spaced", "*", 2, 4)
-    stored = honest["layer_logits"](model, prompts.to_tokens([item]))
+    stored = honest["layer_logits"](model, to_tokens([item]))
     results = checks.run_checks("04_logit_lens", {"layer_logits": lambda model, tokens: stored,
                                                   "token_ranks": honest["token_ranks"]})
     assert _failed(results) == {"last_layer_is_the_output", "lens_matches_library"}

@@ -10,7 +10,7 @@ import torch
 from arithlens.core import hooks
 from arithlens.core.hooks import Head
 from arithlens.core.items import to_tokens
-from arithlens.analyses.patching import cache_end
+from arithlens.analyses.end_cache import cache_end
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
@@ -28,6 +28,22 @@ def test_hook_names_are_the_bridges_hook_points(tiny):
             assert build(layer) in points, build(layer)
     assert hooks.FINAL_SCALE in points
     assert hooks.hook_z(3) == "blocks.3.attn.hook_z" and hooks.mlp_out(0) == "blocks.0.hook_mlp_out"
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_activations_at_equal_one_pass_per_sequence(tiny, batch_size):
+    ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), n_per_cell=2, shots=1))
+    seqs = [it.clean_tokens for it in ps.items]  # several token lengths, interleaved
+    assert len({len(s) for s in seqs}) > 1
+    positions = [it.a_pos for it in ps.items]
+    names = [hooks.resid_post(0), hooks.FINAL_SCALE]
+    at_end = hooks.activations_at(tiny, seqs, names, batch_size=batch_size)
+    at_a = hooks.activations_at(tiny, seqs, names, positions, batch_size)
+    for i, (seq, pos) in enumerate(zip(seqs, positions)):
+        _, cache = tiny.bridge.run_with_cache(torch.tensor([seq]), names_filter=lambda n: n in names)
+        for name in names:
+            torch.testing.assert_close(at_end[name][i], cache[name][0, -1].float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(at_a[name][i], cache[name][0, pos].float(), rtol=1e-5, atol=1e-5)
 
 
 def test_end_only_rerun_equals_a_full_hooked_forward(tiny, items):
@@ -71,7 +87,8 @@ def test_kept_crops_back_what_a_block_appended(tiny, items):
 
 # The draws of knockout.random_heads(n_layers, n_heads, k, seed) and trainer.random_heads(cfg, k, seed,
 # min_layer, exclude=[Head(1, 0), Head(n_layers - 1, n_heads - 1)]) before the two became one
-# (captured from commit 9c97174 on these seeds): the shared draw must give the same heads.
+# (captured from commit 9c97174 on these seeds): the shared draw must give the same heads (now
+# sorted by (layer, head), as the Precise SFT draw always was; a set of heads ablated has no order).
 KNOCKOUT_BEFORE = {
     (2, 4, 3, 0): ["1.2", "1.3", "0.3"], (2, 4, 3, 1003): ["1.3", "1.0", "0.2"],
     (2, 4, 5, 7): ["1.1", "0.1", "0.3", "0.0", "1.0"], (2, 4, 5, 2005): ["1.3", "0.0", "1.2", "0.3", "0.1"],
@@ -84,18 +101,15 @@ FINETUNE_BEFORE = {
 
 
 def test_one_random_head_draw_gives_each_caller_its_old_heads():
-    from types import SimpleNamespace
-
-    from arithlens.analyses.sft import trainer
-    from arithlens.analyses import knockout
-
+    by_position = lambda names: sorted(names, key=lambda n: tuple(map(int, n.split("."))))
     for (n_layers, n_heads, k, seed), want in KNOCKOUT_BEFORE.items():
-        assert [str(h) for h in knockout.random_heads(n_layers, n_heads, k, seed)] == want
-        assert hooks.random_heads(n_layers, n_heads, k, seed) == knockout.random_heads(n_layers, n_heads, k, seed)
+        assert [str(h) for h in hooks.random_heads(n_layers, n_heads, k, seed)] == by_position(want)
     for (n_layers, n_heads, k, seed, min_layer), want in FINETUNE_BEFORE.items():
-        cfg = SimpleNamespace(n_layers=n_layers, n_heads=n_heads)
         exclude = [Head(1, 0), Head(n_layers - 1, n_heads - 1)]
-        assert [str(h) for h in trainer.random_heads(cfg, k, seed, min_layer, exclude)] == want
+        assert [str(h) for h in hooks.random_heads(n_layers, n_heads, k, seed, min_layer, exclude)] == want
+    # the random-head controls of the knockout curve and the transfer ablation: seed s · 1000 + k
+    assert hooks.control_heads(2, 4, 3, 1) == hooks.random_heads(2, 4, 3, 1003)
+    assert [str(h) for h in hooks.control_heads(2, 4, 5, 2)] == by_position(KNOCKOUT_BEFORE[2, 4, 5, 2005])
     with pytest.raises(ValueError, match="larger than the number of heads"):
         hooks.random_heads(2, 4, 3, 0, min_layer=1, exclude=[Head(1, 0), Head(1, 3)])
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from arithlens.core import items as I
-from arithlens.tasks.prompts import PromptConfig, group_by_length, make_prompts
+from arithlens.tasks.prompts import PromptConfig, make_prompts
 from arithlens.tasks.suites import make_suite
 
 
@@ -14,7 +14,7 @@ from arithlens.tasks.suites import make_suite
 def mixed(tiny):
     """A prompt set of many token lengths, in an order that interleaves them."""
     ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), n_per_cell=3, shots=1))
-    assert len(group_by_length(ps)) > 3
+    assert len(I.length_groups(ps.items)) > 3
     return ps
 
 
@@ -44,7 +44,8 @@ def test_length_batches_equal_a_plain_loop(mixed, batch_size):
     assert I.length_batches(mixed.items, batch_size, key) == _plain_batches(mixed.items, batch_size, key)
     shuffled = I.length_batches(mixed.items, batch_size, rng=random.Random(5))
     assert shuffled == _plain_batches(mixed.items, batch_size, rng=random.Random(5))
-    assert group_by_length(mixed) == I.length_groups(mixed.items)
+    # any sequence groups by any key: token sequences by their length give the items' groups
+    assert I.length_groups([it.clean_tokens for it in mixed.items], key=len) == I.length_groups(mixed.items)
 
 
 def test_prompts_and_suites_are_items(tiny, mixed):
@@ -66,6 +67,15 @@ def test_alignment_skips_replacements_that_move_tokens(tiny):
     assert [i for i, (x, y) in enumerate(zip(ids, cf_ids)) if x != y] == [2]
     assert I.align_counterfactual(tok, clean, ids, offsets, (2, 3), ["none", "xy"]) is None
     assert I.continuation(tok, clean, "12") == tuple(I.encode(tok, "12")[0]) and I.continuation(tok, clean, "") is None
+
+
+def test_shared_prefix_length_keeps_each_sequences_end(mixed):
+    assert I.shared_prefix_length([(1, 2, 3, 4), (1, 2, 9, 4), (1, 2, 3)]) == 2
+    assert I.shared_prefix_length([(5, 6, 7), (5, 6, 7)]) == 2  # identical: END stays out of the prefix
+    assert I.shared_prefix_length([(5,), (5, 6)]) == 0 and I.shared_prefix_length([(1, 2), (3, 2)]) == 0
+    for it in mixed.items:  # a clean/counterfactual pair shares every token before the operation
+        first = next(i for i, (x, y) in enumerate(zip(it.clean_tokens, it.cf_tokens)) if x != y)
+        assert I.shared_prefix_length((it.clean_tokens, it.cf_tokens)) == first
 
 
 @pytest.mark.real_model

@@ -7,7 +7,7 @@ import torch
 
 from arithlens.analyses import knockout as K
 from arithlens.core import hooks as H
-from arithlens.core.hooks import Head, end_only_logits, prefix_kv
+from arithlens.core.hooks import Head, end_only_logits, prefix_kv, random_heads
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
@@ -97,8 +97,8 @@ def test_knockout_curve_shape_and_errors(tiny, prompt_set):
     with pytest.raises(ValueError, match="exceeds"):
         K.knockout_curve(ev, ranking, [9])
     with pytest.raises(ValueError, match="larger than the number of heads"):
-        K.random_heads(2, 4, 9, 0)
-    assert K.random_heads(2, 4, 3, 5) == K.random_heads(2, 4, 3, 5)
+        random_heads(2, 4, 9, 0)
+    assert random_heads(2, 4, 3, 5) == random_heads(2, 4, 3, 5)
 
 
 def test_attention_labels(tiny, prompt_set):

@@ -12,8 +12,9 @@ import dataclasses
 import pytest
 import torch
 
-from arithlens.core import layout
+from arithlens.analyses import end_cache as EC
 from arithlens.analyses import mlp, patching as P
+from arithlens.core import hooks, layout
 from arithlens.core.models import LoadedModel, build_tiny_tokenizer
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 from arithlens.core.specs import ModelSpec
@@ -28,7 +29,7 @@ EXPECTED = {  # architecture → (norm slots, (1 + w) norms, final soft-cap)
 
 def _cache(model, n=4):
     ps = make_prompts(model.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=n, shots=1))
-    return P.cache_end(model, list(ps.items))
+    return EC.cache_end(model, list(ps.items))
 
 
 def test_layout_of_each_tiny_family(tiny_layout):
@@ -57,13 +58,13 @@ def test_a_wrong_layout_gives_wrong_numbers(spec, wrong, modes, monkeypatch):
 
     model = load_model(spec)
     cache = _cache(model)
-    digits = P.digit_tokens(model.tokenizer)
+    digits = hooks.digit_tokens(model.tokenizer)
     right = layout.describe(model)
     monkeypatch.setattr(layout, "describe", lambda m: dataclasses.replace(right, **wrong))
     scale = float(cache.clean_logits.abs().max())
     for mode in modes:
         out = P.sweep_heads(model, cache, mode, digits)
-        refs = [P.reference_effect(model, cache, P.Head(l, h), mode, digits)
+        refs = [P.reference_effect(model, cache, hooks.Head(l, h), mode, digits)
                 for l in range(model.n_layers) for h in range(model.n_heads)]
         err = max(float((getattr(out, name) - torch.stack([getattr(r, name) for r in refs], 1)).abs().max())
                   for name in ("logit", "logprob", "logit_diff"))
@@ -99,14 +100,14 @@ def test_undescribed_model_falls_back_to_reference_and_says_so(granite, capsys, 
     assert layout.describe(granite) is None and not P.fast_path_supported(granite)
     cache = _cache(granite)
     assert cache.attn_pre is None
-    digits = P.digit_tokens(granite.tokenizer)
+    digits = hooks.digit_tokens(granite.tokenizer)
     capsys.readouterr()
     for mode in ("direct", "path"):
         out = P.sweep_heads(granite, cache, mode, digits)
         line = capsys.readouterr().out
         assert line.startswith("no checked fast path for GraniteForCausalLM: 8 hooked passes, ≈ ")
         assert " min " in line and line.count("\n") == 1
-        for j, hd in enumerate([P.Head(l, h) for l in range(2) for h in range(4)]):
+        for j, hd in enumerate([hooks.Head(l, h) for l in range(2) for h in range(4)]):
             ref = P.reference_effect(granite, cache, hd, mode, digits)
             torch.testing.assert_close(out.logit[:, j], ref.logit, rtol=1e-5, atol=1e-6)
     with pytest.raises(NotImplementedError, match="no checked fast direct patching for GraniteForCausalLM"):
@@ -123,7 +124,7 @@ def test_undescribed_model_falls_back_to_reference_and_says_so(granite, capsys, 
     plain = layout.BlockLayout("GraniteForCausalLM", True, False, True, False, False, False, None)
     monkeypatch.setattr(layout, "describe", lambda m: plain)
     fast = P.sweep_heads(granite, cache, "path", digits)
-    ref = torch.stack([P.reference_effect(granite, cache, P.Head(l, h), "path", digits).logit
+    ref = torch.stack([P.reference_effect(granite, cache, hooks.Head(l, h), "path", digits).logit
                        for l in range(2) for h in range(4)], 1)
     assert float((fast.logit - ref).abs().max()) > 1e-2 * float((ref - cache.clean_logits.gather(1, cache.answers[:, None])).abs().max())
 

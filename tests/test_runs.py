@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from arithlens.runner import runs
-from arithlens.runner.runs import RunError, resolve_parameters, run_chapter
+from arithlens.runner import chapters, runs
+from arithlens.runner.chapters import RunError
+from arithlens.runner.runs import resolve_parameters, run_chapter
 
 TINY = ["n_per_cell=1", "filter_correct=false", "templates=[eq_spaced, qa_what]", "shots=[0, 1]",
         "analysis_shots=1"]
@@ -22,7 +23,7 @@ def test_parameters_are_checked_by_name_and_type(tmp_path):
     with pytest.raises(RunError, match="key=value"):
         resolve_parameters("00_task", ["n_per_cell"])
     f = tmp_path / "p.yaml"
-    f.write_text("seed: 4\nshots: [0, 2]\n")
+    f.write_text("seed: 4\nshots: [0, 2]\nanalysis_shots: 2\n")  # analysis_shots must be one of shots
     assert resolve_parameters("00_task", ["seed=5"], str(f))["seed"] == 5
     assert resolve_parameters("00_task", None, str(f))["shots"] == [0, 2]
     f.write_text("- not a mapping\n")
@@ -31,9 +32,9 @@ def test_parameters_are_checked_by_name_and_type(tmp_path):
 
 
 def test_chapter_names():
-    assert runs.find_chapter("0") == runs.find_chapter("task") == runs.find_chapter("00_task") == "00_task"
+    assert chapters.find_chapter("0") == chapters.find_chapter("task") == chapters.find_chapter("00_task") == "00_task"
     with pytest.raises(RunError, match="unknown chapter"):
-        runs.find_chapter("99")
+        chapters.find_chapter("99")
 
 
 def test_run_key_changes_with_every_input():
@@ -65,21 +66,11 @@ def test_reuse_reexecute_and_failure(isolated_runs, monkeypatch):
     recoded = run_chapter("00_task", "tiny", TINY, log=lambda m: None)
     assert not recoded.reused and recoded.path != first.path
 
-    with pytest.raises(RunError, match=r"chapter 00_task failed: ValueError: unknown operator\(s\) \['%'\]"):
-        run_chapter("00_task", "tiny", TINY + ["operators=['%']"], log=lambda m: None)
+    # the untrained tiny model answers (almost) nothing: the correct-set filter fails inside the kernel
+    with pytest.raises(RunError, match=r"chapter 00_task failed: ValueError: only \d+ of \d+ prompts are answered correctly"):
+        run_chapter("00_task", "tiny", TINY + ["filter_correct=true"], log=lambda m: None)
     finished = [p for p in isolated_runs.rglob("manifest.json")]
     assert len(finished) == 3  # the failed run left no manifest
     failed = list(isolated_runs.rglob("*.failed"))
     assert len(failed) == 1 and (failed[0] / "error.txt").read_text().startswith("ValueError")
     assert not list(isolated_runs.rglob("*.partial-*"))
-
-
-def test_code_hash_covers_exactly_the_modules_a_chapter_reaches():
-    from arithlens.runner import runs
-    names = lambda ch: {p.stem for p in runs.chapter_modules(ch)}
-    assert {"transfer", "suites", "patching", "knockout", "prompts", "models"} <= names("03_transfer")
-    assert "patching" in names("02_mlp") and "mlp" in names("02_mlp")  # mlp imports patching: followed
-    assert not names("00_task") & {"finetune", "transfer", "suites", "book", "cli", "classroom"}
-    assert runs._arithlens_imports("from arithlens import charts, models\n%matplotlib inline\nimport arithlens.analyses.mlp") == {
-        "charts", "models", "mlp"}
-    assert runs._arithlens_imports("from .patching import Head\nfrom arithlens.tasks.prompts import x") == {"patching", "prompts"}

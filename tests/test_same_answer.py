@@ -4,7 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
+from arithlens.analyses import end_cache as EC
 from arithlens.analyses import patching as P
+from arithlens.core import hooks
 from arithlens.analyses import same_answer as S
 from arithlens.core.items import encode
 from arithlens.tasks.prompts import OPERATORS, PromptConfig, make_item, make_prompts
@@ -69,8 +71,8 @@ def test_same_answer_patching_is_exact_patching_with_these_counterfactuals(tiny,
     # spot check one head against a plain hooked forward with that item's counterfactual z at END
     item_i, layer, head = 1, 1, 2
     it = same.items[item_i]
-    cache = P.cache_end(tiny, [it])
-    ref = P.reference_effect(tiny, cache, P.Head(layer, head), "total", P.digit_tokens(tiny.tokenizer))
+    cache = EC.cache_end(tiny, [it])
+    ref = P.reference_effect(tiny, cache, hooks.Head(layer, head), "total", hooks.digit_tokens(tiny.tokenizer))
     clean = cache.clean_logits[0, it.answer_token]
     row = table[(table["prompt"] == item_i) & (table["layer"] == layer) & (table["head"] == head)].iloc[0]
     assert row["rel_logit"] == pytest.approx(float((ref.logit[0] - clean) / clean), abs=1e-4)

@@ -7,7 +7,8 @@ import pytest
 
 from arithlens.core import specs
 from arithlens.cli import main
-from arithlens.core.models import ModelSpecError, check_spec, resolve_spec
+from arithlens.core.registry import ModelSpecError
+from arithlens.core.specs import check_spec, resolve_spec
 
 
 def _string(s: str) -> bytes:

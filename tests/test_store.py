@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from arithlens.runner import runs, store
+from arithlens.runner import chapters, store
 from arithlens.cli import main
 
 
@@ -16,7 +16,7 @@ def _complete(root, chapter, key, code=None, inputs=None, model="tiny"):
     path = root / chapter / model / key
     (path / "tables").mkdir(parents=True)
     (path / "tables" / "t.parquet").write_bytes(b"x" * 100)
-    manifest = {"chapter": chapter, "run_key": key, "model": model, "code_hash": code or runs.code_hash(chapter),
+    manifest = {"chapter": chapter, "run_key": key, "model": model, "code_hash": code or chapters.code_hash(chapter),
                 "inputs": {c: {"run_key": p.name, "path": str(p)} for c, p in (inputs or {}).items()}}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path

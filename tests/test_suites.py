@@ -10,7 +10,8 @@ import torch
 
 from arithlens.analyses import knockout, transfer
 from arithlens.core.hooks import Head
-from arithlens.tasks.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, load_controls, make_suite
+from arithlens.tasks.generators import load_controls
+from arithlens.tasks.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, make_suite
 
 
 def _query(item: SuiteItem) -> str:

@@ -1,13 +1,16 @@
-"""Each claim's rule on small hand-made run tables: every verdict it can give, and the numbers it cites."""
+"""Each claim's rule on small hand-made run tables: every verdict it can give, the numbers it cites, and
+the same verdict on a page (its own tables, ``record.page_run``) as on the first page (the stored run)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from arithlens import record
 from arithlens.claims import verdicts
 from arithlens.claims.verdicts import FAILS, HOLDS, PARTLY, UNTESTABLE
 
@@ -215,3 +218,43 @@ def test_robustness_rows_are_not_testable_without_chapter_7():
     table = verdicts.verdict_table({"a": runs}).set_index("claim")
     assert table.loc["R3", "numbers"] == "no run of 07_robustness" and table.loc["R3", "verdict"] == UNTESTABLE
     assert set(verdicts.PAPER_CLAIMS) == {f"C{i}" for i in range(1, 7)}
+
+
+def _stored(tmp_path, chapter: str, fake: FakeRun):
+    """``fake``'s tables saved as a finished run of ``chapter`` and opened again, as chapter 5 opens runs."""
+    folder = tmp_path / chapter
+    record.save_tables(str(folder), **fake.tables)
+    (folder / "manifest.json").write_text(json.dumps({"chapter": chapter, "run_key": "stored", "parameters": fake.parameters}))
+    return record.open_run(folder)
+
+
+def test_a_page_decides_on_the_tables_it_saves_as_the_first_page_does_on_the_stored_run(tmp_path):
+    ch1 = heads_run({(5, 2): -0.08, (4, 1): -0.06}, MID, ["operand", "operator", "other"], (1.0, 0.3, 0.98), n=40)
+    ch3 = transfer_run(0.3, 0.95, 0.97, n=60)
+    stored = {"01_heads": _stored(tmp_path, "01_heads", ch1), "03_transfer": _stored(tmp_path, "03_transfer", ch3)}
+    first_page = verdicts.verdict_table({"m": stored}).set_index("claim")
+    pages = {"01_heads": record.page_run("01_heads", {"lead_mode": "path"}, **ch1.tables),
+             "03_transfer": record.page_run("03_transfer", **ch3.tables)}
+    claims = {"01_heads": ["C1", "C2", "C3"], "03_transfer": ["C5"]}
+    for chapter, page in pages.items():
+        table = verdicts.page_verdicts(claims[chapter], {chapter: page})
+        assert list(table.columns) == ["claim", "statement", "verdict", "numbers", "chapter"]
+        for row in table.itertuples():
+            assert (row.verdict, row.numbers) == tuple(first_page.loc[row.claim, ["verdict", "numbers"]]), row.claim
+            assert row.verdict != UNTESTABLE
+        text = verdicts.verdict_markdown(table)
+        row = table.iloc[0]
+        assert f"- **{row.claim} · {row.statement}: {row.verdict}.** {row.numbers}." in text
+        assert f"  *Rule:* {verdicts.RULES[row.claim]}" in text
+    # a page run hands over the tables as they read back from disk, not the frames it was given
+    assert pages["01_heads"].table("key_heads").index.equals(pd.RangeIndex(len(MID)))
+
+
+def test_a_page_must_hand_a_rule_every_parameter_it_reads():
+    ch1 = heads_run({(5, 2): -0.08}, MID)
+    with pytest.raises(KeyError, match="did not hand the rule its parameter 'lead_mode'"):
+        verdicts.claim_c1({"01_heads": record.page_run("01_heads", **ch1.tables)})
+    page = record.page_run("04_precise_sft", **sft_run((0.2, 0.15, 0.25, 0.0, -0.02, 0.02),
+                                                     (0.05, 0.0, 0.1, -0.1, -0.15, -0.05)).tables)
+    assert verdicts.table_or_none(page, "training") is None  # a table the page does not save reads as absent
+    assert verdicts.page_verdicts(["C6"], {"04_precise_sft": page}).loc[0, "verdict"] == HOLDS

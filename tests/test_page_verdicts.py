@@ -19,10 +19,12 @@ STATED = {"01_heads": ["C1", "C2", "C3"], "02_mlp": ["C4"], "03_transfer": ["C5"
 
 
 @pytest.mark.slow
-def test_every_page_states_the_verdict_the_first_page_shows(isolated_runs):
+def test_every_page_states_the_verdict_the_first_page_shows(shared_runs):
     given = _tiny_given([f"{ACROSS}.models=[tiny]"] + TINY_BEYOND)
-    runs = {plan.chapter: execute(plan, log=lambda m: None) for plan in plan_book(INPUTS + [ACROSS], "tiny", given)}
-    assert not any(run.reused for run in runs.values())  # one store, each chapter once
+    plans = plan_book(INPUTS + [ACROSS], "tiny", given)
+    runs = {plan.chapter: execute(plan, log=lambda m: None) for plan in plans}
+    # the session's shared store may already hold these runs; each page is the run of its planned key
+    assert all(runs[plan.chapter].key == plan.key for plan in plans)
     first_page = runs[ACROSS].table("verdicts").set_index(["model", "claim"])
     stated = []
     for chapter in INPUTS:

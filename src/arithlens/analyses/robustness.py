@@ -300,7 +300,9 @@ def ablation_sensitivity(evaluator: AblationEvaluator, key_heads: Sequence[Head]
     jobs = [(kind, name, i, heads) for kind in kinds
             for name, i, heads in [("key", -1, list(key_heads))] + [("random", i, s) for i, s in enumerate(sets)]]
     values = {kind: ablation_values(model, evaluator.prompts, kind, seed) for kind in kinds}
-    none = torch.zeros(len(evaluator.prompts.items), 1, 1, 1)
+    # no head is ablated, so these values are never read; they have every condition's shape, as the
+    # signature says (a smaller placeholder failed the shape check whenever beartype sampled it)
+    none = torch.zeros_like(values[kinds[0]])
     accuracy = evaluator.correct_many([([], none)] + [(heads, values[kind]) for kind, _, _, heads in jobs]).mean(1)
     base = float(accuracy[0])
     rows = [{"ablation": kind, "set": name, "index": i, "accuracy": float(acc), "drop": base - float(acc)}

@@ -71,7 +71,7 @@ class TrainConfig:
     """Optimizer settings shared by every method (AdamW, constant learning rate)."""
 
     steps: int = 40
-    batch_size: int = 32  # what the batches were made with (finetune_data.make_batches); kept for the record
+    batch_size: int = 32  # what the batches were made with (evaluation.make_batches); kept for the record
     lr: float = 1e-4
     weight_decay: float = 0.01
     seed: int = 0  # seeds peft's LoRA initialisation (nothing else here is random)

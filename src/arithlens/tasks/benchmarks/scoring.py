@@ -284,7 +284,7 @@ def evaluate_benchmarks(model, delta, suites, mode: Mode | None = None, batch_si
     """Chapter 4's evaluation on benchmark suites with ``delta`` applied (``None`` = the base model).
 
     Rows as :func:`arithlens.analyses.sft.evaluation.evaluate` (``set``, ``kind``, ``item``, ``correct``,
-    ``p_answer``) plus ``mode``, so the two concatenate before :func:`finetune_data.compare_to_base`.
+    ``p_answer``) plus ``mode``, so the two concatenate before :func:`arithlens.analyses.sft.evaluation.compare_to_base`.
     """
     from arithlens.core.deltas import applied
 

@@ -29,11 +29,19 @@ def _markdown_outputs(run):
 def test_heads_chapter_end_to_end(shared_runs):
     run = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
     tables = set(run.manifest["tables"])
-    assert {"effects_summary.parquet", "key_heads.parquet", "knockout.parquet", "head_roles.parquet"} <= tables
+    assert {"effects_summary.parquet", "key_heads.parquet", "knockout.parquet", "head_roles.parquet",
+            "knockout_items.parquet", "layer_roles.parquet", "few_heads_curve.parquet"} <= tables
     summary = run.table("effects_summary")
     assert set(summary["mode"]) == {"direct", "path", "total"}
-    assert set(summary["metric"]) == {"rel_logit", "d_prob", "d_logit_diff"}
-    assert len(summary[(summary["mode"] == "path") & (summary["metric"] == "d_prob")]) == 2 * 4  # every head
+    assert set(summary["metric"]) == {"rel_logit", "d_prob", "d_logit_diff", "d_digit_logprob"}
+    # localization and evaluation use different facts
+    scores = run.table("prompt_scores")
+    halves = {h: set(zip(p["operator"], p["a"], p["b"])) for h, p in scores.groupby("facts")}
+    assert set(halves) == {"localization", "evaluation"} and not halves["localization"] & halves["evaluation"]
+    items = run.table("knockout_items")
+    assert set(items["condition"]) == {"none", "top", "layer_matched"} and items["draw"].max() == 19
+    assert set(run.table("few_heads_curve")["ranking"]) == {"direct", "path"}
+    assert len(summary[(summary["mode"] == "path") & (summary["metric"] == "d_digit_logprob")]) == 2 * 4  # every head
     knock = run.table("knockout")
     assert set(knock["positions"]) == {"end", "all"} and len(run.table("key_heads")) == 2  # top_k
 
@@ -68,7 +76,8 @@ def test_mlp_chapter_runs_chapter1_first_and_reads_its_key_heads(isolated_runs):
     assert first.reused and "02_mlp needs 01_heads: running it first" in logged
     assert run.manifest["inputs"] == {"01_heads": {"run_key": first.key, "path": str(first.path)}}
     assert f"from chapter 1's run `{first.path.name}`" in _markdown_outputs(run)
-    n1 = len(first.table("prompt_scores"))  # chapter 2 traces chapter 1's prompts, scored there once
+    scored = first.table("prompt_scores")  # chapter 2 traces chapter 1's localization prompts, scored there once
+    n1 = int((scored["facts"] == "localization").sum())
     assert f"{n1} correct prompts of {n1} (" in _markdown_outputs(run)  # chapter 1's tiny run keeps all (no filter)
     assert {"mlp_effects.parquet", "heads_to_mlp.parquet", "cosines.parquet", "logit_lens_cases.parquet"} <= set(run.manifest["tables"])
     lens = run.table("logit_lens_cases")

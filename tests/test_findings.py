@@ -20,14 +20,14 @@ def _scores(suite: str, kind: str, none: list[bool], key: list[bool] | None = No
             for i, c in enumerate(none)]
     if key is not None:
         rows += [{"suite": suite, "kind": kind, "item": i, "condition": "key", "seed": -1, "correct": c,
-                  "first_correct": not c if kind == "control" else c} for i, c in enumerate(key)]
+                  "first_correct": not c} for i, c in enumerate(key)]
     rows += [{"suite": suite, "kind": kind, "item": i, "condition": "random", "seed": s, "correct": c, "first_correct": c}
              for s, draw in enumerate(random) for i, c in enumerate(draw)]
     return rows
 
 
 def chapter3(parameters: dict | None = None) -> FakeRun:
-    """power and years (math), capitals and antonyms (controls); years is usable only as a whole answer,
+    """power and years (math), capitals and antonyms (controls); years is usable only by its first token,
     antonyms usable but never ablated (chapter 3 ablates a suite only when the model can do it)."""
     t, f = True, False
     rows = (_scores("power", "math", [t, t, t, f], [f, t, f, f], [[t, t, f, f], [t, f, t, f]])
@@ -36,7 +36,7 @@ def chapter3(parameters: dict | None = None) -> FakeRun:
             + _scores("antonyms", "control", [t, f, t]))
     usable = pd.DataFrame([{"suite": s, "kind": k, "metric": m, "usable": ok} for s, k, m, ok in (
         ("power", "math", "correct", True), ("power", "math", "first_correct", True),
-        ("years", "math", "correct", True), ("years", "math", "first_correct", False),
+        ("years", "math", "correct", False), ("years", "math", "first_correct", True),
         ("capitals", "control", "correct", True), ("capitals", "control", "first_correct", True),
         ("antonyms", "control", "correct", True), ("antonyms", "control", "first_correct", True))])
     return FakeRun({"transfer_scores": pd.DataFrame(rows), "usability": usable}, parameters or {})
@@ -45,13 +45,14 @@ def chapter3(parameters: dict | None = None) -> FakeRun:
 def test_transfer_items_keep_the_usable_ablated_suites_under_their_kinds_metric():
     items = findings.transfer_items(chapter3())
     assert list(items[["suite", "kind", "metric"]].drop_duplicates().itertuples(index=False, name=None)) == [
-        ("power", "math", "first_correct"), ("capitals", "control", "correct")]
+        ("power", "math", "correct"), ("capitals", "control", "correct")]  # both kinds by the whole answer
     assert list(items.columns[:4]) == ["suite", "kind", "metric", "item"]
     power = items[items.suite == "power"]
     assert power["item"].tolist() == [0, 1, 2, 3] and power["none"].tolist() == [1, 1, 1, 0]
     assert power["random"].tolist() == [1.0, 0.5, 0.5, 0.0]  # the share of the two draws that got it right
     capitals = items[items.suite == "capitals"]
     assert capitals["key"].tolist() == [1, 0, 1, 0]  # the whole answer, not the first token (flipped in the fake)
+    assert items[items.suite == "power"]["key"].tolist() == [0, 1, 0, 0]
 
 
 def test_chapter_7s_selectivity_reads_the_same_items():

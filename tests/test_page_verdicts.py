@@ -39,7 +39,7 @@ def test_every_page_states_the_verdict_the_first_page_shows(shared_runs):
             assert (row.verdict, row.numbers) == (cell.verdict, cell.numbers), (chapter, row.claim)
             assert row.chapter == cell.chapter == chapter and cell.run_key == run.key
             assert f"- **{row.claim} · {row.statement}: {row.verdict}.** {row.numbers}." in text  # shown on the page
-            assert f"*Rule:* {verdicts.RULES[row.claim]}" in text
+            assert f"*Rule (version {verdicts.rule_version(row.claim)}):* {verdicts.RULES[row.claim]}" in text
         stated += page["claim"].tolist()
     assert sorted(stated) == sorted(verdicts.CLAIMS)  # every row of the first page is stated on its chapter's page
     decided = first_page.loc["tiny"]

@@ -51,7 +51,6 @@ def test_every_chapter_default_keeps_its_rule():
     (checks.COUNT, [1, 40], [0, -3, True, 2.0]),
     (checks.COUNT0, [0, 7], [-1, False]),
     (checks.FRACTION, [0, 0.5, 1], [-0.1, 1.5, math.nan, math.inf]),
-    (checks.SPLIT, [0.3], [0.0, 1.0]),
     (checks.number(0, open_low=True), [1e-5, 3], [0, -1, math.inf]),
     (checks.OPERATOR, ["+", "/"], ["%", "plus", ""]),
     (checks.each(checks.TEMPLATE), [["eq_spaced"], ["eq_spaced", "st_is"]], [[], ["eq_spaced", "eq_spaced"], ["nope"]]),
@@ -99,7 +98,7 @@ def no_kernel(monkeypatch):
     (["run", "0", "--param", "analysis_shots=5"], "analysis_shots must be one of shots"),
     (["run", "06_numbers", "--param", "top_percent=0"], "parameter 'top_percent' of 06_numbers is 0.0; it must be a number in (0, 100]"),
     (["run", "07_robustness", "--param", "survive_share=1.5"], "it must be a number in [0, 1]"),
-    (["book", "--chapters", "01_heads", "--param", "01_heads.heldout_fraction=1"], "a number in (0, 1)"),
+    (["book", "--chapters", "01_heads", "--param", "01_heads.matched_draws=5"], "a whole number ≥ 20"),
 ])
 def test_a_bad_value_stops_the_command_line_before_any_kernel(args, message, isolated_runs, no_kernel, capsys):
     assert main([*args, "--model", "tiny"]) == 2

@@ -1,4 +1,8 @@
 import dataclasses
+import hashlib
+import re
+
+import pandas as pd
 
 import pytest
 
@@ -116,13 +120,50 @@ def test_chapter2_takes_chapter1s_scored_prompts_without_a_forward_pass(tiny):
 
     params = {"operators": ["+", "-"], "templates": ["eq_spaced", "st_is"], "n_per_cell": 3, "shots": 1, "seed": 2,
               "filter_correct": True, "min_correct": 1}
-    config = PromptConfig(operators=("+", "-"), templates=("eq_spaced", "st_is"), n_per_cell=3, shots=1, seed=2)
-    generated = make_prompts(tiny.tokenizer, config)
-    scores = generated.to_frame().assign(correct=[i % 3 != 0 for i in range(len(generated))])
+    halves = {half: make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "-"), templates=("eq_spaced", "st_is"),
+                                                              n_per_cell=3, shots=1, seed=2, facts=half))
+              for half in ("localization", "evaluation")}
+    generated = halves["localization"]
+    scores = pd.concat([ps.to_frame().assign(correct=[i % 3 != 0 for i in range(len(ps))], facts=half)
+                        for half, ps in halves.items()], ignore_index=True)
     got, got_scores, kept = findings.scored_prompts(_Chapter1Run(params, scores), tiny.tokenizer)
+    held = findings.scored_prompts(_Chapter1Run(params, scores), tiny.tokenizer, "evaluation")[0]
+    assert [it.clean for it in held.items] == [it.clean for it in halves["evaluation"].items]
     assert [it.clean for it in got.items] == [it.clean for it in generated.items]
     assert [it.clean for it in kept.items] == [it.clean for i, it in enumerate(generated.items) if i % 3 != 0]
     everything = findings.scored_prompts(_Chapter1Run({**params, "filter_correct": False}, scores), tiny.tokenizer)[2]
     assert len(everything) == len(generated)
     with pytest.raises(UpstreamError, match="scored other prompts"):  # a run made with other prompts (or tokenizer)
         findings.scored_prompts(_Chapter1Run({**params, "seed": 3}, scores), tiny.tokenizer)
+    with pytest.raises(UpstreamError, match="predates the split"):
+        findings.scored_prompts(_Chapter1Run(params, scores.drop(columns="facts")), tiny.tokenizer)
+
+
+def test_facts_split_in_two_halves_by_the_stated_hash_whatever_the_template():
+    from arithlens.tasks import prompts
+    for op in OPERATORS:
+        facts = operand_pairs(OPERATORS[op], 1, 9)
+        halves = {(a, b): prompts.fact_half(op, a, b) for a, b, _ in facts}
+        n_loc = sum(h == "localization" for h in halves.values())
+        assert n_loc == len(facts) // 2 and set(halves.values()) == {"localization", "evaluation"}
+        # the rule as stated: order by sha256("op|a|b"), first half localizes
+        order = sorted(facts, key=lambda f: hashlib.sha256(f"{op}|{f[0]}|{f[1]}".encode()).hexdigest())
+        assert [halves[(a, b)] for a, b, _ in order] == ["localization"] * n_loc + ["evaluation"] * (len(facts) - n_loc)
+    with pytest.raises(ValueError, match="not a fact"):
+        prompts.fact_half("-", 2, 5)
+
+
+def test_each_half_of_the_prompts_uses_only_its_facts_in_queries_and_demonstrations(tiny):
+    from arithlens.tasks import prompts
+    seen = {}
+    for half in ("localization", "evaluation"):
+        ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), n_per_cell=4, shots=2, facts=half))
+        assert len(ps) and all(prompts.fact_half(it.operator, it.a, it.b) == half for it in ps.items)
+        for it in ps.items:  # every demonstration line "a op b = c" of the prefix is a fact of the same half
+            for line in it.clean.split("\n")[:-1]:
+                nums = [int(x) for x in re.findall(r"\d+", line)]
+                assert prompts.fact_half(it.operator, nums[0], nums[1]) == half, line
+        seen[half] = {(it.operator, it.a, it.b) for it in ps.items}
+    assert not seen["localization"] & seen["evaluation"]
+    with pytest.raises(Exception, match="facts"):  # a ValueError, or the test run's type check before it
+        PromptConfig(facts="train")

@@ -10,6 +10,7 @@ import torch
 
 from arithlens.analyses import knockout as K
 from arithlens.analyses import robustness as R
+from arithlens.core import hooks
 from arithlens.core.hooks import Head
 from arithlens.core.items import to_tokens
 from arithlens.tasks.prompts import PromptConfig, make_prompts
@@ -18,7 +19,7 @@ KEY = [Head(0, 1), Head(2, 0), Head(2, 3)]
 
 
 def test_layer_matched_sets_match_layers_and_exclude_key_heads():
-    sets = R.layer_matched_random_sets(KEY, n_layers=3, n_heads=5, n_sets=200, seed=3)
+    sets = hooks.layer_matched_random_sets(KEY, n_layers=3, n_heads=5, n_sets=200, seed=3)
     assert len(sets) == 200
     for s in sets:
         assert Counter(h.layer for h in s) == Counter({0: 1, 2: 2})
@@ -26,12 +27,12 @@ def test_layer_matched_sets_match_layers_and_exclude_key_heads():
     # every eligible head is drawn sometime, no other is: layer 0 offers 4 heads, layer 2 offers 3
     drawn = Counter(h for s in sets for h in s)
     assert set(drawn) == {Head(0, h) for h in (0, 2, 3, 4)} | {Head(2, h) for h in (1, 2, 4)}
-    assert sets == R.layer_matched_random_sets(KEY, 3, 5, 200, seed=3)
-    assert sets != R.layer_matched_random_sets(KEY, 3, 5, 200, seed=4)
+    assert sets == hooks.layer_matched_random_sets(KEY, 3, 5, 200, seed=3)
+    assert sets != hooks.layer_matched_random_sets(KEY, 3, 5, 200, seed=4)
     with pytest.raises(ValueError, match="only 1 other heads"):
-        R.layer_matched_random_sets([Head(1, 0), Head(1, 1)], n_layers=2, n_heads=3, n_sets=1)
+        hooks.layer_matched_random_sets([Head(1, 0), Head(1, 1)], n_layers=2, n_heads=3, n_sets=1)
     with pytest.raises(ValueError, match="outside"):
-        R.layer_matched_random_sets([Head(5, 0)], 2, 3)
+        hooks.layer_matched_random_sets([Head(5, 0)], 2, 3)
 
 
 def test_null_test_by_hand():
@@ -61,7 +62,7 @@ def test_knockout_null_rows_are_knockout_accuracies(tiny, prompt_set):
     base = ev.accuracy([])
     assert base == 1.0 and frame["drop"].nunique() > 1  # the sets' drops differ: the test can tell them apart
     assert frame["accuracy"].iloc[0] == ev.accuracy(key)
-    for i, heads in enumerate(R.layer_matched_random_sets(key, tiny.n_layers, tiny.n_heads, 6, seed=1)):
+    for i, heads in enumerate(hooks.layer_matched_random_sets(key, tiny.n_layers, tiny.n_heads, 6, seed=1)):
         assert frame["accuracy"].iloc[i + 1] == ev.accuracy(heads)
     np.testing.assert_allclose(frame["drop"], base - frame["accuracy"])
     null = frame["drop"].to_numpy()[1:]
@@ -152,7 +153,7 @@ def test_suite_null_key_row_is_chapter_3s_key_knockout(tiny):
         test = tests.set_index("suite").loc[name]
         null = mine.loc["random", "drop"].to_numpy()
         assert test["p_value"] == pytest.approx((1 + (null >= mine.loc["key", "drop"]).sum()) / 5)
-    sets = R.layer_matched_random_sets(key, tiny.n_layers, tiny.n_heads, 4, seed=3)
+    sets = hooks.layer_matched_random_sets(key, tiny.n_layers, tiny.n_heads, 4, seed=3)
     capitals = S.SuiteScorer(tiny, made["capitals"])
     first = rows[(rows.suite == "capitals") & (rows.set == "random")]["accuracy"].iloc[0]
     assert first == pytest.approx(capitals.score(K.ablation_hooks(sets[0], means, "all"))["correct"].mean())

@@ -10,8 +10,13 @@ import torch
 
 from arithlens.analyses import knockout, transfer
 from arithlens.core.hooks import Head
+from arithlens.core.items import continuation
 from arithlens.tasks.generators import load_controls
-from arithlens.tasks.suites import SUITE_NAMES, Suite, SuiteItem, SuiteScorer, make_suite
+from arithlens.tasks.suites import SUITE_NAMES, SUITES, Suite, SuiteItem, SuiteScorer, make_suite
+
+# [query, answer] controls: every control with a "pairs" section in controls.json (the rest are ordinal)
+PAIR_CONTROLS = [n for n in SUITE_NAMES if SUITES[n].kind == "control" and "pairs" in load_controls().get(n, {})]
+NEW_CONTROLS = ("languages", "plurals", "past_tense", "elements")  # added 2026-12-06: >= 60 pairs, >= 48 items each
 
 
 def _query(item: SuiteItem) -> str:
@@ -37,7 +42,7 @@ def _expected(item: SuiteItem) -> str:
         sign = {"gets": 1, "finds": 1, "buys": 1, "wins": 1, "loses": -1, "sells": -1, "breaks": -1, "gives away": -1}[verb]
         return str(int(a) + sign * int(b))
     data = load_controls()
-    if item.suite in ("capitals", "antonyms"):
+    if item.suite in PAIR_CONTROLS:
         x = re.fullmatch(data[item.suite]["template"].format(x="(.+)"), q).group(1)
         return " " + dict(map(tuple, data[item.suite]["pairs"]))[x]
     if item.suite == "sequences":
@@ -117,11 +122,62 @@ def test_positions_with_the_real_tokenizer(smollm2, name):
             assert tok.decode([it.clean_tokens[it.op_pos]]).strip() in it.clean.rsplit("\n", 1)[-1]
 
 
+def test_control_registry():
+    """At least six non-math controls, at most one of them ordinal (not a [query, answer] lookup); every
+    data section is a registered suite, scored exactly, with no counterfactual, reading its own pairs."""
+    data = load_controls()
+    controls = [n for n, spec in SUITES.items() if spec.kind == "control"]
+    assert len(controls) >= 6 and len(set(controls) - set(PAIR_CONTROLS)) <= 1
+    assert set(NEW_CONTROLS) <= set(PAIR_CONTROLS)
+    assert {k for k in data if not k.startswith("_")} == set(controls)
+    for name in PAIR_CONTROLS:
+        spec = SUITES[name]
+        assert (spec.scoring, spec.counterfactual, spec.nulls) == ("exact", None, None)
+        assert spec.source(0)[0] == [tuple(p) for p in data[name]["pairs"]]
+
+
+@pytest.mark.parametrize("name", PAIR_CONTROLS)
+def test_shipped_control_pairs(tiny, name):
+    """Hand-checked data: unique queries (>= 60 for the new controls), non-empty ASCII answers, none equal to
+    its query nor the start of its query or of another answer (a model copying the query would score)."""
+    spec = load_controls()[name]
+    assert "{x}" in spec["template"] and spec["answer"] == " {y}"
+    pairs = [tuple(p) for p in spec["pairs"]]
+    assert all(len(p) == 2 for p in pairs)
+    queries = [x for x, _ in pairs]
+    assert len(set(queries)) == len(queries), [q for q in set(queries) if queries.count(q) > 1]
+    assert len(queries) >= (60 if name in NEW_CONTROLS else 48)
+    answers = {y for _, y in pairs}
+    for x, y in pairs:
+        assert x and y and x == x.strip() and y == y.strip() and (x + y).isascii(), (x, y)
+        assert x.lower() != y.lower() and not x.startswith(y), (x, y)
+        assert not [a for a in answers if a != y and a.startswith(y)], (x, y)
+    if name in NEW_CONTROLS:
+        assert len(make_suite(name, tiny.tokenizer, n=64)) >= 48
+
+
 def test_unknown_suite_and_bad_n(tiny):
     with pytest.raises(ValueError, match="unknown suite"):
         make_suite("gsm9k", tiny.tokenizer)
     with pytest.raises(ValueError, match="n must be"):
         make_suite("power", tiny.tokenizer, n=0)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", PAIR_CONTROLS)
+def test_controls_with_the_real_tokenizer(smollm2, name):
+    """The new controls keep >= 48 items; no answer's tokens start another answer's, nor the query copied
+    as is or capitalised (" Rh" would score a model saying " Rhodium", tokens " Rh" "odium")."""
+    tok, spec = smollm2.tokenizer, load_controls()[name]
+    if name in NEW_CONTROLS:
+        assert len(make_suite(name, tok, n=64)) >= 48
+    answers = {y for _, y in spec["pairs"]}
+    for x, y in spec["pairs"]:
+        prompt = spec["template"].format(x=x)
+        ans = continuation(tok, prompt, " " + y)
+        for other in (answers | {x, x[:1].upper() + x[1:]}) - {y}:
+            toks = continuation(tok, prompt, " " + other)
+            assert toks is None or len(toks) <= len(ans) or toks[: len(ans)] != ans, (x, y, other)
 
 
 def _greedy_suite(model, prompts: list[str], n_new: int) -> Suite:

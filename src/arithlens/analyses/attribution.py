@@ -232,11 +232,13 @@ def attribute_heads(model: LoadedModel, prompts: ItemSet, caches: list[EndCache]
 def compare_with_exact(model: LoadedModel, prompts: ItemSet, caches: list[EndCache], modes: Sequence[Mode] = ("total",),
                        methods: Sequence[Method] = (ATTRIBUTION, eap_ig()), progress=None) -> pd.DataFrame:
     """Exact patching (:func:`arithlens.analyses.patching.patch_heads`, ``method="exact"``) and the estimates in
-    one long table: one row per (method, mode, prompt, layer, head)."""
+    one long table: one row per (method, mode, prompt, layer, head), with the metrics both report (the
+    estimators do not estimate the digit-only log-probability)."""
     exact = patching.patch_heads(model, prompts, caches, modes=tuple(modes), progress=progress)
     exact.insert(0, "method", "exact")
     est = attribute_heads(model, prompts, caches, modes, methods, progress)
-    return pd.concat([exact, est[exact.columns]], ignore_index=True)
+    shared = [c for c in exact.columns if c in est.columns]
+    return pd.concat([exact[shared], est[shared]], ignore_index=True)
 
 
 @torch.no_grad()

@@ -199,12 +199,14 @@ def effects_table(cache: EndCache, patched: EndScores, clean: EndScores, units: 
     """Per-prompt effects of patched units (heads, MLP layers, …): one row per (prompt, unit).
 
     ``patched`` has scores [batch, n_units]; ``units`` names each unit (e.g. ``{"layer": …, "head": …}``,
-    arrays of length n_units). Columns ``rel_logit``, ``d_logit_diff`` and, when p(answer) was
+    arrays of length n_units). Columns ``rel_logit``, ``d_logit_diff``, ``d_digit_logprob`` (change in log
+    p(answer) among the digits) and, when p(answer) was
     computed, ``d_prob``; ``labels`` become constant columns (e.g. ``mode``).
     """
     B, U = patched.logit.shape
     cols = {"rel_logit": (patched.logit - clean.logit[:, None]) / clean.logit[:, None],
-            "d_logit_diff": patched.logit_diff - clean.logit_diff[:, None]}
+            "d_logit_diff": patched.logit_diff - clean.logit_diff[:, None],
+            "d_digit_logprob": patched.digit_logprob - clean.digit_logprob[:, None]}
     if patched.logprob is not None:
         cols["d_prob"] = patched.logprob.exp() - clean.logprob.exp()[:, None]
     return pd.DataFrame({**labels, "prompt": np.repeat(cache.index, U),

@@ -6,7 +6,8 @@ prefix's keys and values are reused and only the last position recomputed, see
 :func:`arithlens.core.hooks.end_only_logits`) or at every position (``"all"``: a full forward pass, with
 the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
 are compared with the same number of random heads drawn uniformly from all heads, over several seeds
-(:func:`arithlens.core.hooks.control_heads`).
+(:func:`arithlens.core.hooks.control_heads`), and, per prompt, with many layer-matched random sets
+(:func:`matched_knockout`).
 
 Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
 """
@@ -24,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens.core import hooks
-from arithlens.core.hooks import Head, Hook, control_heads, correct_at_end
+from arithlens.core.hooks import Head, Hook, control_heads, correct_at_end, layer_matched_random_sets
 from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only
 from arithlens.tasks.prompts import PromptSet
@@ -130,6 +131,23 @@ def knockout_curve(evaluator: KnockoutEvaluator, ranking: Sequence[Head], k_valu
     accuracy = evaluator.correct_many(head_sets, progress).mean(1)
     rows = [{"condition": cond, "k": k, "seed": s, "accuracy": float(a)} for (cond, k, s), a in zip(jobs, accuracy)]
     return pd.DataFrame(rows).assign(positions=evaluator.positions, n_prompts=len(evaluator.prompts))
+
+
+def matched_knockout(evaluator: KnockoutEvaluator, top_heads: Sequence[Head], n_draws: int = 20, seed: int = 0,
+                     progress=None) -> pd.DataFrame:
+    """Per-prompt correctness with nothing ablated, with ``top_heads`` and with ``n_draws`` layer-matched
+    random sets (:func:`arithlens.core.hooks.layer_matched_random_sets`: as many heads in each layer,
+    never a top head), all in one batch-major pass. Long form: ``condition`` (``none``, ``top``,
+    ``layer_matched``), ``draw`` (−1 for the first two), ``prompt``, ``correct``, ``k``: the rows a paired
+    interval over prompts and draws needs."""
+    model = evaluator.model
+    draws = layer_matched_random_sets(top_heads, model.n_layers, model.n_heads, n_draws, seed)
+    jobs = [("none", -1, [])] + [("top", -1, list(top_heads))] + [("layer_matched", d, s) for d, s in enumerate(draws)]
+    correct = evaluator.correct_many([heads for _, _, heads in jobs], progress)
+    n = correct.shape[1]
+    return pd.DataFrame({"condition": np.repeat([c for c, _, _ in jobs], n), "draw": np.repeat([d for _, d, _ in jobs], n),
+                         "prompt": np.tile(np.arange(n), len(jobs)), "correct": correct.ravel().astype(bool)}
+                        ).assign(k=len(top_heads), positions=evaluator.positions)
 
 
 def summarize_curve(curve: pd.DataFrame) -> pd.DataFrame:

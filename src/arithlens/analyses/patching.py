@@ -118,7 +118,7 @@ def sweep_direct(model: LoadedModel, caches: list[EndCache], digits: Int[Tensor,
     out, start = [], 0
     for c in caches:
         sl = slice(start, start + len(c.answers))
-        out.append(EndScores(scores.logit[sl], None if scores.logprob is None else scores.logprob[sl], scores.logit_diff[sl]))
+        out.append(scores.map(lambda t, sl=sl: t[sl]))
         start = sl.stop
     return out
 
@@ -212,7 +212,7 @@ def sweep_total(model: LoadedModel, cache: EndCache, digits: Int[Tensor, "10"], 
             return z
         logits = end_only_logits(model, tokens, [(hooks.hook_z(layer), hook)], kv_rep)
         s = scores_from_logits(logits, answers, digits.to(logits.device), with_prob)
-        parts.append(EndScores(*(None if t is None else t.view(B, H) for t in (s.logit, s.logprob, s.logit_diff))))
+        parts.append(s.map(lambda t: t.view(B, H)))
     return cat_scores(parts, 1)
 
 

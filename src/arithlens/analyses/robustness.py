@@ -4,7 +4,7 @@ Science wing, after knockout (paper § "Knockout" compares the key heads with ra
 from all layers; § "Transfer" contrasts math suites with non-math controls). This stage goes beyond
 the paper in four ways:
 
-* **A layer-matched null** (:func:`layer_matched_random_sets`, :func:`null_test`,
+* **A layer-matched null** (:func:`arithlens.core.hooks.layer_matched_random_sets`, :func:`null_test`,
   :func:`knockout_null`): random head sets with the key heads' number of heads *in every layer*,
   never a key head, so "the key heads matter more than random heads" is not just "late layers
   matter more than early ones". :func:`suite_null` draws the same null on chapter 3's suites, the
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from arithlens.core import hooks
 from arithlens.analyses.agreement import jaccard
-from arithlens.core.hooks import Head
+from arithlens.core.hooks import Head, layer_matched_random_sets
 from arithlens.core.items import ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.analyses.knockout import KnockoutEvaluator, mean_z
 from arithlens.core.metrics import select_key_heads
@@ -58,26 +58,6 @@ RULES: tuple[tuple[str, float], ...] = (("rel_logit", -0.05), ("rel_logit", -0.0
 
 
 # --- the layer-matched null ------------------------------------------------------------------------
-
-def layer_matched_random_sets(key_heads: Sequence[Head], n_layers: int, n_heads: int, n_sets: int = 100,
-                              seed: int = 0) -> list[list[Head]]:
-    """``n_sets`` random head sets, each with as many heads in every layer as ``key_heads`` has there,
-    drawn uniformly without replacement from that layer's non-key heads (``np.random.default_rng(seed)``).
-    Each set is sorted by (layer, head)."""
-    key = set(key_heads)
-    per_layer: dict[int, int] = {}
-    for h in key:
-        if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads):
-            raise ValueError(f"head {h} is outside a {n_layers} × {n_heads} model")
-        per_layer[h.layer] = per_layer.get(h.layer, 0) + 1
-    pools = {l: [Head(l, h) for h in range(n_heads) if Head(l, h) not in key] for l in per_layer}
-    for l, c in per_layer.items():
-        if c > len(pools[l]):
-            raise ValueError(f"layer {l} has {c} key heads but only {len(pools[l])} other heads to match them")
-    rng = np.random.default_rng(seed)
-    draw = lambda l: [pools[l][i] for i in rng.choice(len(pools[l]), per_layer[l], replace=False)]
-    return [sorted(h for l in sorted(per_layer) for h in draw(l)) for _ in range(n_sets)]
-
 
 @dataclass(frozen=True)
 class NullTest:

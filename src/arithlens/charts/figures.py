@@ -15,6 +15,8 @@ import uuid
 import altair as alt
 import pandas as pd
 
+from arithlens.core import metrics
+
 #: The versions the CDN fallback loads (the book uses the bundled copy).
 CDN_SCRIPTS = (
     f"https://cdn.jsdelivr.net/npm/vega@{alt.VEGA_VERSION}",
@@ -96,15 +98,7 @@ def accuracy_by_style(acc: pd.DataFrame, title: str = "Accuracy by template styl
     ).properties(width=90, height=120, title=title)
 
 
-METRIC_TITLES = {
-    "rel_logit": "relative change of the answer logit (paper's score)",
-    "d_prob": "change in p(answer)",
-    "d_logit_diff": "change in logit(answer) − best other digit",
-}
-
-
-#: Short names for panel titles.
-METRIC_SHORT = {"rel_logit": "relative logit change", "d_prob": "Δ p(answer)", "d_logit_diff": "Δ logit difference"}
+METRIC_TITLES, METRIC_SHORT = metrics.METRIC_TITLES, metrics.METRIC_SHORT
 
 
 def head_heatmap(summary: pd.DataFrame, facet: str | None = None, title: str = "", independent: bool = False) -> alt.Chart:

@@ -6,7 +6,7 @@ runs ``{model: {chapter: run}}`` and returns a long-form DataFrame with a ``mode
 expressed as a fraction of the model's layers, so models of different depth share one axis. Nothing
 is recomputed from a model: these are summaries of tables the chapters saved. Intervals: Wilson
 (statsmodels) for accuracies, the chapters' own bootstrap CIs otherwise, and
-:func:`arithlens.claims.verdicts.transfer_contrast` for the pooled transfer drops.
+:func:`arithlens.claims.intervals.transfer_contrast` for the pooled transfer drops.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pandas as pd
 from arithlens.analyses.sft.naming import PRECISE, method_family
 from arithlens.claims.findings import Run
 from arithlens.record import open_run
-from arithlens.claims.verdicts import (depth, knockout_intervals, model_shape, relative_logit_effects, table_or_none,
-                                transfer_contrast, wilson)
+from arithlens.claims.intervals import knockout_intervals, transfer_contrast, wilson
+from arithlens.claims.verdicts import depth, model_shape, relative_logit_effects, table_or_none
 
 Runs = Mapping[str, Mapping[str, Run]]
 

@@ -21,7 +21,7 @@ from arithlens.core.deltas import Delta, load_delta
 from arithlens.core.hooks import Head, heads_from_frame
 from arithlens.core.metrics import select_key_heads
 from arithlens.record import RunResult, UpstreamError
-from arithlens.tasks.prompts import PromptConfig, PromptSet, filter_correct, make_prompts
+from arithlens.tasks.prompts import Facts, PromptConfig, PromptSet, filter_correct, make_prompts
 
 
 @runtime_checkable
@@ -34,17 +34,21 @@ class Run(Protocol):
     def table(self, name: str) -> pd.DataFrame: ...
 
 
-def scored_prompts(heads_run: Run, tokenizer) -> tuple[PromptSet, pd.DataFrame, PromptSet]:
-    """Chapter 1's prompts as it scored them: ``(generated, scores, kept)``, with no forward pass.
+def scored_prompts(heads_run: Run, tokenizer, facts: Facts = "localization") -> tuple[PromptSet, pd.DataFrame, PromptSet]:
+    """Chapter 1's prompts of one half of the facts (:func:`arithlens.tasks.prompts.fact_half`) as it
+    scored them: ``(generated, scores, kept)``, with no forward pass.
 
     The prompt set is rebuilt from the run's parameters (generation is deterministic given the
-    tokenizer) and checked item by item against the run's ``prompt_scores`` table; ``kept`` is what
-    chapter 1 kept (the correctly answered prompts when its ``filter_correct`` was on).
+    tokenizer) and checked item by item against the run's ``prompt_scores`` rows of that half; ``kept``
+    is what chapter 1 kept (the correctly answered prompts when its ``filter_correct`` was on).
     """
     p = heads_run.parameters
     config = PromptConfig(operators=tuple(p["operators"]), templates=tuple(p["templates"]), n_per_cell=int(p["n_per_cell"]),
-                          shots=int(p["shots"]), seed=int(p["seed"]))
-    generated, scores = make_prompts(tokenizer, config), heads_run.table("prompt_scores")
+                          shots=int(p["shots"]), seed=int(p["seed"]), facts=facts)
+    scores = heads_run.table("prompt_scores")
+    if "facts" not in scores:
+        raise UpstreamError(f"chapter 1's run {heads_run.key} predates the split of the facts: re-run 01_heads")
+    generated, scores = make_prompts(tokenizer, config), scores[scores["facts"] == facts].reset_index(drop=True)
     if (len(scores) != len(generated) or scores["clean"].tolist() != [it.clean for it in generated.items]
             or scores["answer_token"].tolist() != [it.answer_token for it in generated.items]):
         raise UpstreamError(f"chapter 1's run {heads_run.key} scored other prompts than this tokenizer builds from its "
@@ -62,7 +66,7 @@ def lead_effects(heads_run: Run) -> pd.DataFrame:
     """Chapter 1's pooled per-head effects under the metric and patching mode it ranks heads by."""
     p = heads_run.parameters
     lead = heads_run.table("effects_summary")
-    return lead[(lead["mode"] == p.get("lead_mode", "path")) & (lead["metric"] == p.get("lead_metric", "d_prob"))]
+    return lead[(lead["mode"] == p.get("lead_mode", "path")) & (lead["metric"] == p["lead_metric"])]
 
 
 def head_ranking(heads_run: Run, k: int) -> list[Head]:
@@ -86,10 +90,10 @@ def mlp_ranking(mlp_run: Run, from_layer: int = 0, metric: str = "d_prob") -> li
 
 # --- chapter 3: the per-item results of the knockout transfer -----------------------------------------
 
-#: The scoring that stands for a suite of each kind in every statistic read from chapter 3: math by
-#: its first answer token (the computation shows there even when later digits go wrong), non-math
-#: controls by the whole answer.
-TRANSFER_METRIC = {"math": "first_correct", "control": "correct"}
+#: The scoring that stands for a suite of each kind in every statistic read from chapter 3: the whole
+#: answer, for math suites and non-math controls alike (one scoring for both, so a difference between
+#: the kinds is not a difference between scorings).
+TRANSFER_METRIC = {"math": "correct", "control": "correct"}
 
 
 def transfer_items(transfer_run: Run) -> pd.DataFrame:

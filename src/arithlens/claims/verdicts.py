@@ -11,9 +11,9 @@ Used by the "Across models" chapter (which saves the table), by the book's first
 that chapter's saved table), by ``arithlens compare`` (terminal) and by every chapter page that states
 a verdict: the page decides its claims with :func:`page_verdicts` on its own run — the tables it saves,
 wrapped by :func:`arithlens.record.page_run` — and shows them with :func:`verdict_markdown`, so a page
-and the first page can never read the same run differently. Intervals: Wilson score intervals
-for knockout accuracies (statsmodels); a paired percentile bootstrap over items for the transfer
-drops (written here: the statistic pools several suites, each resampled within itself).
+and the first page can never read the same run differently. The intervals are those of
+:mod:`arithlens.claims.intervals` (each says what it resampled); every change to a rule after its first
+version is in :data:`RULE_HISTORY`.
 """
 
 from __future__ import annotations
@@ -23,63 +23,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.proportion import proportion_confint
+from scipy.stats import fisher_exact
 
 from arithlens.analyses.sft.naming import FULL, PRECISE, RANDOM, method_family
-from arithlens.claims.findings import TRANSFER_METRIC, Run, transfer_items
+from arithlens.claims.findings import Run
+from arithlens.claims.intervals import knockout_gap, transfer_contrast, wilson
+from arithlens.claims.rules import CLAIMS, PAPER_CLAIMS, RULE_HISTORY, RULES, rule_history_table, rule_version  # noqa: F401
 
 HOLDS, PARTLY, FAILS, UNTESTABLE = "holds", "partly", "does not hold", "not testable"
 VERDICTS = (HOLDS, PARTLY, FAILS, UNTESTABLE)
-
-#: Claim id → (short statement, the chapter that measures it).
-CLAIMS = {
-    "C1": ("Few heads (< 5 %), in a middle band of layers, carry the arithmetic", "01_heads"),
-    "C2": ("Key heads split into operand heads and operator heads", "01_heads"),
-    "C3": ("Knocking out the top-k heads hurts far more than k random heads", "01_heads"),
-    "C4": ("MLPs after the heads write the answer", "02_mlp"),
-    "C5": ("The key heads serve other math, but not non-math tasks", "03_transfer"),
-    "C6": ("Precise SFT improves math, beats full SFT there, and keeps non-math skills", "04_precise_sft"),
-    # harder tests of C1, C3 and C5 from chapter 7 (beyond the paper)
-    "R1": ("C1's *few* under the other reading of the threshold (−1 %)", "07_robustness"),
-    "R3": ("The key heads beat 100 random sets drawn from their own layers", "07_robustness"),
-    "R5": ("Suite by suite, the key heads beat a layer-matched null on math and not on non-math", "07_robustness"),
-}
-#: The claims the paper makes (C1–C6); the others are chapter 7's harder tests of them.
-PAPER_CLAIMS = tuple(c for c in CLAIMS if c.startswith("C"))
-
-#: The rule each verdict applies, as the book prints it next to the table.
-RULES = {
-    "C1": "Chapter 1's path patching, relative change of the answer logit. *Few*: at least one head and at most 5 % of "
-          "heads pass the paper's −5 % rule. *Middle band*: the median key head sits between 25 % and 75 % of depth. "
-          "Holds: both; partly: one; does not hold: neither.",
-    "C2": "Chapter 1's END-attention roles of the key heads (operand: ≥ 20 % of attention on A + B and more than on the "
-          "operator; operator: the reverse). Holds: at least one operand head and one operator head; partly: only one "
-          "kind; does not hold: no key head has a role.",
-    "C3": "Chapter 1's knockout at END on held-out prompts, k = its largest k: 95 % Wilson intervals of accuracy with the "
-          "top-k heads and with k random heads (all seeds' prompts pooled). Holds: the top-k interval lies wholly below "
-          "the random-k one; partly: lower, but the intervals overlap; does not hold: not lower.",
-    "C4": "Chapter 2's direct MLP patching (mean Δp(answer) per layer, 95 % CI). The three MLPs with the largest |effect| "
-          "are compared with the key heads' median layer. Holds: all three come after it and at least one CI excludes "
-          "zero; partly: one or two come after it; does not hold: none does, or no MLP's CI excludes zero.",
-    "C5": "Chapter 3's knockout transfer, mean relative accuracy change over the usable suites of each kind (math: first "
-          "answer token; controls: whole answer), paired bootstrap 95 % CIs over items. *Math*: key heads drop math more "
-          "than random heads (CI of key − random below 0). *Selective*: controls lose less than math (CI of control − math "
-          "drop above 0). Holds: both; partly: one; does not hold: neither.",
-    "C6": "Chapter 4's mean change on held-out math and on non-math controls, 95 % bootstrap CIs. *Improves*: Precise "
-          "SFT's math CI lies above zero. *Beats*: its math CI lies above full SFT's, and full SFT trained (its loss over "
-          "the last quarter of steps below its first loss; one whose loss rose diverged, and beating it is not counted). "
-          "*Keeps*: its control CI reaches zero or above. Holds: all three; partly: one or two; does not hold: none.",
-    "R1": "Chapter 7's threshold table, chapter 1's heads in chapter 7's patching convention (`mode`), relative change "
-          "of the answer logit at the looser −1 % reading of the paper's threshold. Holds: at least one head and at "
-          "most 5 % of heads pass it; does not hold: none, or more than 5 %.",
-    "R3": "Chapter 7's knockout null: the key heads' accuracy drop at END against layer-matched random sets (as many "
-          "heads in each layer, never a key head), one-sided empirical p = (1 + #{null ≥ key}) / (1 + sets). Holds: "
-          "p ≤ 0.05; partly: the key drop exceeds the null's mean but p > 0.05; does not hold: it does not exceed it.",
-    "R5": "Chapter 7's null on chapter 3's usable suites (math: first answer token; controls: whole answer), the same "
-          "layer-matched sets on every suite, p as in R3. Holds: p ≤ 0.05 on every math suite and on no control; "
-          "partly: on some math suite, but not every one or also on a control; does not hold: on no math suite.",
-}
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -119,68 +71,85 @@ def depth(layer: float, n_layers: int) -> float:
     return (layer + 0.5) / n_layers
 
 
+#: The paper's band of key heads as fraction of depth: layers 12–17 of LLaMA2-7B's 32 (their edges).
+PAPER_BAND = (12 / 32, 18 / 32)
+#: C1's scale-free *few*: the top share of heads kept, and the fraction of the behaviour they must recover.
+FEW_SHARE, FEW_RECOVERED = 0.05, 0.8
+
+
+def few_heads(heads_run: Run) -> pd.DataFrame | None:
+    """Per convention (``ranking``: direct, path): the top-5 % count n, its fraction recovered F(n) and the
+    smallest measured n with F ≥ 0.8 (None when none reaches it) — from chapter 1's ``few_heads_curve``,
+    or None for a run that has none."""
+    curve = table_or_none(heads_run, "few_heads_curve")
+    if curve is None or not len(curve):
+        return None
+    rows = []
+    for ranking, part in curve.groupby("ranking", sort=False):
+        n_heads = int(part["n_heads"].iloc[0])
+        n_few = int(np.floor(FEW_SHARE * n_heads))
+        at = part[part["n"] == n_few]["fraction_recovered"]
+        enough = part[part["fraction_recovered"] >= FEW_RECOVERED]["n"]
+        rows.append({"ranking": ranking, "n_heads": n_heads, "n_few": n_few,
+                     "recovered": float(at.iloc[0]) if len(at) else float("nan"),
+                     "k80": int(enough.min()) if len(enough) else None})
+    return pd.DataFrame(rows)
+
+
 def claim_c1(runs: Mapping[str, Run]) -> Verdict:
     heads = runs["01_heads"]
-    n_layers, per_layer = model_shape(heads)
-    passing = int((relative_logit_effects(heads) <= -0.05).sum())
-    share = passing / (n_layers * per_layer)
+    n_layers, _ = model_shape(heads)
     key = heads.table("key_heads")
-    if not len(key):
-        return Verdict("C1", UNTESTABLE, "chapter 1 selected no key heads", "01_heads")
+    few = few_heads(heads)
+    if not len(key) or few is None:
+        return Verdict("C1", UNTESTABLE, "chapter 1 selected no key heads or measured no few-heads curve", "01_heads")
+    few = few.set_index("ranking")
     band = depth(float(np.median(key["layer"])), n_layers)
-    few, mid = 1 <= passing and share <= 0.05, 0.25 <= band <= 0.75
-    return Verdict("C1", _grade(few, mid),
-                   f"{passing} heads ({share:.1%}) pass −5 %; key heads' median at {band:.2f} of depth "
-                   f"(layers {int(key['layer'].min())}–{int(key['layer'].max())} of {n_layers})", "01_heads")
+    parts = [bool(few.loc[m, "recovered"] >= FEW_RECOVERED) if m in few.index else False for m in ("direct", "path")]
+    mid = PAPER_BAND[0] <= band <= PAPER_BAND[1]
+    k80 = lambda m: (f"80 % needs {few.loc[m, 'k80']} ({few.loc[m, 'k80'] / few.loc[m, 'n_heads']:.0%})"
+                     if few.loc[m, "k80"] is not None and not pd.isna(few.loc[m, "k80"]) else "no measured n reaches 80 %")
+    said = "; ".join(f"{m}: top {few.loc[m, 'n_few']} recover {few.loc[m, 'recovered']:.0%}, {k80(m)}"
+                     for m in ("direct", "path") if m in few.index)
+    return Verdict("C1", _grade(*parts, mid),
+                   f"{said}; key heads' median at {band:.2f} of depth (layers {int(key['layer'].min())}–"
+                   f"{int(key['layer'].max())} of {n_layers}; the paper's band {PAPER_BAND[0]:.2f}–{PAPER_BAND[1]:.2f})",
+                   "01_heads")
 
 
 def claim_c2(runs: Mapping[str, Run]) -> Verdict:
-    roles = runs["01_heads"].table("head_roles")
+    heads = runs["01_heads"]
+    roles = heads.table("head_roles")
     if not len(roles):
         return Verdict("C2", UNTESTABLE, "chapter 1 selected no key heads", "01_heads")
     counts = roles["role"].value_counts()
     operand, operator = int(counts.get("operand", 0)), int(counts.get("operator", 0))
-    verdict = HOLDS if operand and operator else PARTLY if operand or operator else FAILS
-    return Verdict("C2", verdict, f"{operand} operand, {operator} operator, {len(roles) - operand - operator} other "
-                                  f"of {len(roles)} key heads", "01_heads")
-
-
-def wilson(successes: float, trials: int) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (statsmodels)."""
-    low, high = proportion_confint(round(successes), trials, alpha=0.05, method="wilson")
-    return float(low), float(high)
-
-
-def knockout_intervals(heads_run: Run) -> dict | None:
-    """Chapter 1's END knockout at its largest k: accuracy and Wilson CI with no ablation, with the top-k
-    and with k random heads (every seed's prompts pooled), or None when no knockout ran."""
-    curve = heads_run.table("knockout")
-    curve = curve[curve["positions"] == "end"]
-    if not len(curve) or curve["k"].max() == 0:
-        return None
-    k = int(curve["k"].max())
-    top = curve[(curve["condition"] == "top") & (curve["k"] == k)]
-    rnd = curve[(curve["condition"] == "random") & (curve["k"] == k)]
-    n = int(top["n_prompts"].iloc[0])
-    out = {"k": k, "n_prompts": n, "seeds": len(rnd)}
-    for name, part in (("none", curve[curve["condition"] == "none"]), ("top", top), ("random", rnd)):
-        trials = int(part["n_prompts"].sum())
-        acc = float((part["accuracy"] * part["n_prompts"]).sum() / trials)
-        out[name], (out[f"{name}_low"], out[f"{name}_high"]) = acc, wilson(acc * trials, trials)
-    return out
+    said = f"{operand} operand, {operator} operator, {len(roles) - operand - operator} other of {len(roles)} key heads"
+    if not operand and not operator:
+        return Verdict("C2", FAILS, said, "01_heads")
+    layer_roles = table_or_none(heads, "layer_roles")
+    enriched = False
+    if layer_roles is not None and len(layer_roles):
+        others = layer_roles[~layer_roles["key"].astype(bool)]
+        k_role, o_role = operand + operator, int((others["role"] != "other").sum())
+        p = fisher_exact([[k_role, len(roles) - k_role], [o_role, len(others) - o_role]], alternative="greater")[1]
+        enriched = bool(p <= 0.05)
+        said += f"; {o_role} of {len(others)} other heads in their layers have a role (Fisher p = {p:.3f})"
+    return Verdict("C2", _grade(bool(operand and operator), enriched), said, "01_heads")
 
 
 def claim_c3(runs: Mapping[str, Run]) -> Verdict:
-    ko = knockout_intervals(runs["01_heads"])
-    if ko is None:
-        return Verdict("C3", UNTESTABLE, "chapter 1 ran no knockout", "01_heads")
-    if ko["none"] == 0:
-        return Verdict("C3", UNTESTABLE, f"no held-out prompt right even without ablation ({ko['n_prompts']} prompts)",
-                       "01_heads")
-    verdict = HOLDS if ko["top_high"] < ko["random_low"] else PARTLY if ko["top"] < ko["random"] else FAILS
-    return Verdict("C3", verdict, f"top-{ko['k']} {ko['top']:.0%} [{ko['top_low']:.0%}, {ko['top_high']:.0%}] vs "
-                                  f"random-{ko['k']} {ko['random']:.0%} [{ko['random_low']:.0%}, {ko['random_high']:.0%}] "
-                                  f"(no ablation {ko['none']:.0%}, {ko['n_prompts']} prompts)", "01_heads")
+    items = table_or_none(runs["01_heads"], "knockout_items")
+    if items is None or not len(items):
+        return Verdict("C3", UNTESTABLE, "chapter 1 ran no paired knockout", "01_heads")
+    if not items[items["condition"] == "none"]["correct"].any():
+        return Verdict("C3", UNTESTABLE, "no held-out prompt right even without ablation", "01_heads")
+    g = knockout_gap(items)
+    verdict = HOLDS if g["low"] > 0 else PARTLY if g["gap"] > 0 else FAILS
+    return Verdict("C3", verdict, f"top-{g['k']} {g['top']:.0%} vs layer-matched random-{g['k']} {g['random']:.0%} "
+                                  f"(no ablation {g['none']:.0%}): gap {g['gap']:+.0%} [{g['low']:+.0%}, {g['high']:+.0%}] "
+                                  f"resampling {g['n_prompts']} prompts × {g['draws']} draws; rank p = {g['rank_p']:.3f}",
+                   "01_heads")
 
 
 def claim_c4(runs: Mapping[str, Run]) -> Verdict:
@@ -199,64 +168,23 @@ def claim_c4(runs: Mapping[str, Run]) -> Verdict:
                                   f"{after} of {len(top)} after it", "02_mlp")
 
 
-def _pooled_change(frames: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator | None) -> float:
-    """Mean over suites of (mean(ablated) − mean(base)) / mean(base); ``rng`` resamples each suite's items."""
-    out = []
-    for vals, base in frames:
-        idx = rng.integers(0, len(base), len(base)) if rng is not None else slice(None)
-        b = base[idx].mean()
-        if b > 0:  # a resample that drew only wrong items has no relative change; it is left out
-            out.append((vals[idx].mean() - b) / b)
-    return float(np.mean(out)) if out else float("nan")
-
-
-def transfer_contrast(transfer_run: Run, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame | None:
-    """Chapter 3's pooled relative change per kind (math: first answer token; control: whole answer) under
-    key and random heads, key − random on math and the selectivity (control change − math change under
-    the key heads), each with a paired bootstrap 95 % CI over items (suites resampled within
-    themselves). Only suites chapter 3 judged usable and ablated (:func:`arithlens.claims.findings.transfer_items`).
-    None when a kind has none."""
-    items = transfer_items(transfer_run)
-    data: dict[str, dict[str, list]] = {}
-    for kind in TRANSFER_METRIC:
-        part = items[items["kind"] == kind]
-        if not len(part):
-            return None
-        data[kind] = {"key": [], "random": []}
-        for _, suite in part.groupby("suite", sort=True):
-            if suite["none"].mean() == 0:  # a relative change from zero is undefined: the suite cannot count
-                continue
-            for cond in data[kind]:
-                data[kind][cond].append((suite[cond].to_numpy(float), suite["none"].to_numpy(float)))
-        if not data[kind]["key"]:
-            return None
-
-    def stats(rng):
-        s = {f"{kind} {cond}": _pooled_change(data[kind][cond], rng) for kind in data for cond in data[kind]}
-        s["math key − random"] = s["math key"] - s["math random"]
-        s["selectivity"] = s["control key"] - s["math key"]
-        return s
-
-    point = stats(None)
-    rng = np.random.default_rng(seed)
-    boots = pd.DataFrame([stats(rng) for _ in range(n_boot)])
-    return pd.DataFrame([{"quantity": q, "value": v, "low": float(np.nanpercentile(boots[q], 2.5)),
-                          "high": float(np.nanpercentile(boots[q], 97.5)),
-                          "suites": len(data[q.split()[0]]["key"]) if q.split()[0] in data else None}
-                         for q, v in point.items()])
+#: C5's margin: the most the controls may lose (relative) under the key heads for the heads to count as not non-math.
+CONTROL_MARGIN = 0.10
 
 
 def claim_c5(runs: Mapping[str, Run]) -> Verdict:
     table = transfer_contrast(runs["03_transfer"])
     if table is None:
-        return Verdict("C5", UNTESTABLE, "no usable math suite or no usable control the model gets right at all",
-                       "03_transfer")
+        return Verdict("C5", UNTESTABLE, "no usable math suite or no usable control the model gets right at all, or no "
+                                         "ablation with each suite's own mean", "03_transfer")
     t = table.set_index("quantity")
-    math_ok, selective = t.loc["math key − random", "high"] < 0, t.loc["selectivity", "low"] > 0
+    math_ok = t.loc["math key − random", "high"] < 0
+    selective = t.loc["selectivity", "low"] > 0 and t.loc["control key", "low"] > -CONTROL_MARGIN
     fmt = lambda q: f"{t.loc[q, 'value']:+.0%} [{t.loc[q, 'low']:+.0%}, {t.loc[q, 'high']:+.0%}]"
     return Verdict("C5", _grade(math_ok, selective),
                    f"math {fmt('math key')} (random {fmt('math random')}); controls {fmt('control key')}; "
-                   f"selectivity {fmt('selectivity')}", "03_transfer")
+                   f"selectivity {fmt('selectivity')}; {int(t.loc['math key', 'suites'])} math suites, "
+                   f"{int(t.loc['control key', 'suites'])} controls", "03_transfer")
 
 
 def claim_c6(runs: Mapping[str, Run]) -> Verdict:
@@ -362,7 +290,8 @@ def verdict_markdown(table: pd.DataFrame) -> str:
     lines = ["**Verdict on this model**, by the rule the book's first page applies "
              "(`arithlens.claims.verdicts`), decided on this run's tables:", ""]
     for r in table.itertuples():
-        lines += [f"- **{r.claim} · {r.statement}: {r.verdict}.** {r.numbers}.", f"  *Rule:* {RULES[r.claim]}"]
+        lines += [f"- **{r.claim} · {r.statement}: {r.verdict}.** {r.numbers}.",
+                  f"  *Rule (version {rule_version(r.claim)}):* {RULES[r.claim]}"]
     return "\n".join(lines)
 
 

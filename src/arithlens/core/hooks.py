@@ -85,6 +85,26 @@ def control_heads(n_layers: int, n_heads: int, k: int, seed: int) -> tuple[Head,
     return random_heads(n_layers, n_heads, k, seed * 1000 + k)
 
 
+def layer_matched_random_sets(key_heads: Sequence[Head], n_layers: int, n_heads: int, n_sets: int = 100,
+                              seed: int = 0) -> list[list[Head]]:
+    """``n_sets`` random head sets, each with as many heads in every layer as ``key_heads`` has there,
+    drawn uniformly without replacement from that layer's non-key heads (``np.random.default_rng(seed)``).
+    Each set is sorted by (layer, head)."""
+    key = set(key_heads)
+    per_layer: dict[int, int] = {}
+    for h in key:
+        if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads):
+            raise ValueError(f"head {h} is outside a {n_layers} × {n_heads} model")
+        per_layer[h.layer] = per_layer.get(h.layer, 0) + 1
+    pools = {l: [Head(l, h) for h in range(n_heads) if Head(l, h) not in key] for l in per_layer}
+    for l, c in per_layer.items():
+        if c > len(pools[l]):
+            raise ValueError(f"layer {l} has {c} key heads but only {len(pools[l])} other heads to match them")
+    rng = np.random.default_rng(seed)
+    draw = lambda l: [pools[l][i] for i in rng.choice(len(pools[l]), per_layer[l], replace=False)]
+    return [sorted(h for l in sorted(per_layer) for h in draw(l)) for _ in range(n_sets)]
+
+
 # --- hook points -------------------------------------------------------------------------------------
 
 def hook_z(layer: int) -> str:
@@ -261,11 +281,20 @@ def correct_at_end(model: LoadedModel, batches: Sequence[AnswerBatch], n_items: 
 
 @dataclass(frozen=True)
 class EndScores:
-    """Answer logit, log p(answer) and logit difference answer − best other digit, any leading shape."""
+    """Answer logit, log p(answer), logit difference answer − best other digit and log p(answer) among
+    the digits (the answer's log-softmax over itself and the ten digit tokens), any leading shape. The
+    last two are shift-invariant: a constant added to every logit changes neither, and neither needs the
+    full-vocabulary logsumexp."""
 
     logit: Tensor
     logprob: Tensor | None
     logit_diff: Tensor
+    digit_logprob: Tensor
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "EndScores":
+        """The same scores with ``fn`` applied to each tensor (a slice, a reshape)."""
+        return EndScores(*(None if t is None else fn(t) for t in (self.logit, self.logprob, self.logit_diff,
+                                                                  self.digit_logprob)))
 
 
 def scores_from_columns(answer_logit: Float[Tensor, "*shape"], digit_logits: Float[Tensor, "*shape 10"],
@@ -273,8 +302,10 @@ def scores_from_columns(answer_logit: Float[Tensor, "*shape"], digit_logits: Flo
                         lse: Float[Tensor, "*shape"] | None) -> EndScores:
     """Scores from the answer's logit, the ten digits' logits (the mask marks the answer among them)
     and, when p(answer) is wanted, the logsumexp over the vocabulary."""
-    other = digit_logits.masked_fill(answers_digit_mask, float("-inf")).amax(-1)
-    return EndScores(answer_logit, None if lse is None else answer_logit - lse, answer_logit - other)
+    others = digit_logits.masked_fill(answers_digit_mask, float("-inf"))
+    digit_lse = torch.logsumexp(torch.cat([answer_logit[..., None], others], -1), -1)
+    return EndScores(answer_logit, None if lse is None else answer_logit - lse, answer_logit - others.amax(-1),
+                     answer_logit - digit_lse)
 
 
 def scores_from_logits(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tensor, "batch"], digits: Int[Tensor, "10"],
@@ -287,12 +318,15 @@ def scores_from_logits(logits: Float[Tensor, "batch d_vocab"], answers: Int[Tens
 
 def stack_scores(parts: list[EndScores]) -> EndScores:
     """Per-unit scores ``[batch]`` (one head, one layer) stacked into ``[batch, unit]``."""
-    stack = lambda xs: None if xs[0] is None else torch.stack(xs, 1)
-    return EndScores(stack([p.logit for p in parts]), stack([p.logprob for p in parts]),
-                     stack([p.logit_diff for p in parts]))
+    return _join(parts, lambda xs: torch.stack(xs, 1))
 
 
 def cat_scores(parts: list[EndScores], dim: int) -> EndScores:
     """Scores of several batches (``dim=0``) or unit groups (``dim=1``) joined."""
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim)
-    return EndScores(cat([p.logit for p in parts]), cat([p.logprob for p in parts]), cat([p.logit_diff for p in parts]))
+    return _join(parts, lambda xs: torch.cat(xs, dim))
+
+
+def _join(parts: list[EndScores], join: Callable[[list[Tensor]], Tensor]) -> EndScores:
+    fields = ("logit", "logprob", "logit_diff", "digit_logprob")
+    values = {f: [getattr(p, f) for p in parts] for f in fields}
+    return EndScores(**{f: None if xs[0] is None else join(xs) for f, xs in values.items()})

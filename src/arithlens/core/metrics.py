@@ -15,6 +15,19 @@ import pandas as pd
 
 Rule = Literal["threshold", "top_k", "significant"]
 
+#: The per-prompt effect metrics a patching sweep reports (:func:`arithlens.analyses.end_cache.effects_table`),
+#: with the title a page gives each. The last two are shift-invariant (a constant added to every logit
+#: changes neither); the paper's relative logit change is not.
+METRIC_TITLES = {
+    "rel_logit": "relative change of the answer logit (paper's score)",
+    "d_prob": "change in p(answer)",
+    "d_logit_diff": "change in logit(answer) − best other digit",
+    "d_digit_logprob": "change in log p(answer) among the digits",
+}
+#: Short names for panel titles.
+METRIC_SHORT = {"rel_logit": "relative logit change", "d_prob": "Δ p(answer)", "d_logit_diff": "Δ logit difference",
+                "d_digit_logprob": "Δ log p(answer | digits)"}
+
 
 def bootstrap_means(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
     """Mean over axis 0 with a percentile bootstrap CI and bootstrap standard error.
@@ -30,7 +43,7 @@ def bootstrap_means(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha
     return values.mean(0), lo, hi, boots.std(0, ddof=1)
 
 
-def summarize_effects(effects: pd.DataFrame, metrics=("rel_logit", "d_prob", "d_logit_diff"),
+def summarize_effects(effects: pd.DataFrame, metrics=tuple(METRIC_TITLES),
                       by=("mode", "layer", "head"), n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Tidy summary: one row per (``by`` group, metric) with mean, CI, standard error and n prompts.
 

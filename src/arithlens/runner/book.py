@@ -125,7 +125,7 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
     """The first page's verdict table (``book/_generated/verdicts.md``, included by ``intro.md``):
     claims × models from the "Across models" run's saved ``verdicts`` table, each cell linking to the
     page of the chapter that measured it; a line saying why when the book has no such run."""
-    from arithlens.claims.verdicts import PAPER_CLAIMS, RULES
+    from arithlens.claims.rules import PAPER_CLAIMS, rules_markdown
 
     across = [r for r in runs if is_across(r.manifest["chapter"]) and r.manifest["model"] == primary]
     path = book_dir() / "_generated" / "verdicts.md"
@@ -142,7 +142,7 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
                  for r in rows.itertuples()}
         statement = rows["statement"].iloc[0]
         lines.append(f"| **{claim}** {statement} | " + " | ".join(cells.get(m, "—") for m in models) + " |")
-    rules = "\n".join(f"- **{c}** {RULES[c]}" for c in dict.fromkeys(table["claim"]) if c in RULES)
+    rules = rules_markdown(table["claim"])
     robust = [c for c in dict.fromkeys(table["claim"]) if c not in PAPER_CLAIMS]
     harder = (f" Rows {', '.join(robust)} are not the paper's: they are [chapter 7]"
               f"({page(primary, '07_robustness', primary)}.ipynb)'s harder tests of its claims." if robust else "")

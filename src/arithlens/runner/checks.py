@@ -106,8 +106,8 @@ def _suites() -> list[str]:
 
 
 def _metrics() -> list[str]:
-    from arithlens.charts import figures
-    return list(figures.METRIC_TITLES)
+    from arithlens.core import metrics
+    return list(metrics.METRIC_TITLES)
 
 
 def _patching_modes() -> list[str]:
@@ -138,7 +138,6 @@ def _lens_case(v: Any) -> bool:
 COUNT, COUNT0 = count(1), count(0)
 FRACTION = number(0, 1)
 SHARE = number(0, 1, open_low=True)  # a positive share: 0 would keep nothing
-SPLIT = number(0, 1, open_low=True, open_high=True)  # a share held out: both sides of the split keep items
 OPERATOR = name_in(_operators, "an operator")
 TEMPLATE = name_in(_templates, "a template")
 SUITE = name_in(_suites, "a suite")
@@ -163,7 +162,6 @@ RULES: dict[str, Rule] = {
     "min_correct": COUNT0,
     "n_boot": COUNT,  # bootstrap resamples behind every interval
     # chapter 1: heads
-    "heldout_fraction": SPLIT,
     "modes": each(name_in(_patching_modes, "a patching mode")),
     "n_total_prompts": COUNT,
     "lead_mode": name_in(_lead_modes, "a per-head patching mode"),
@@ -175,6 +173,8 @@ RULES: dict[str, Rule] = {
     "knockout_k_max": COUNT,
     "knockout_seeds": COUNT,
     "all_positions_k": each(COUNT),
+    "matched_draws": count(20),  # the knockout verdict's layer-matched draws: fewer cannot reach p < 0.05
+    "few_points": each(COUNT),
     "role_min_share": FRACTION,
     # chapter 2: MLPs and the logit lens
     "lens_template": TEMPLATE,

@@ -17,6 +17,8 @@ Written by hand: the templates and the checks (no library generates these prompt
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import random
 import string
@@ -33,6 +35,7 @@ from arithlens.core.models import LoadedModel, logits_at_end
 
 Style = Literal["equation", "statement", "question"]
 Form = Literal["symbol", "word", "noun"]
+Facts = Literal["all", "localization", "evaluation"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class PromptConfig:
     operand_range: tuple[int, int] = (1, 9)
     shots: int = 0
     seed: int = 0
+    facts: Facts = "all"  # which half of the arithmetic facts (:func:`fact_half`) queries and demonstrations use
 
     def __post_init__(self):
         unknown_ops = [o for o in self.operators if o not in OPERATORS]
@@ -145,6 +149,8 @@ class PromptConfig:
             raise ValueError(f"operand_range must be (lo, hi) with 0 <= lo <= hi, got {self.operand_range}")
         if self.n_per_cell < 1 or self.shots < 0:
             raise ValueError("n_per_cell must be >= 1 and shots >= 0")
+        if self.facts not in ("all", "localization", "evaluation"):
+            raise ValueError(f"facts must be 'all', 'localization' or 'evaluation', got {self.facts!r}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,39 @@ def operand_pairs(op: Operator, lo: int, hi: int) -> list[tuple[int, int, int]]:
     return out
 
 
+#: The stated rule that splits arithmetic facts (a, b, operator) into two halves, shared by every chapter.
+FACT_SPLIT_RULE = ("the facts a ∘ b of each operator in the operand range are ordered by sha256(\"∘|a|b\") "
+                   "(e.g. sha256(\"+|3|4\")); the first half (rounded down) *localizes* the heads, the rest is "
+                   "the *evaluation* half")
+
+
+@functools.lru_cache(maxsize=None)
+def _halves(operator: str, operand_range: tuple[int, int]) -> dict[tuple[int, int], str]:
+    facts = sorted(operand_pairs(OPERATORS[operator], *operand_range),
+                   key=lambda f: hashlib.sha256(f"{operator}|{f[0]}|{f[1]}".encode()).hexdigest())
+    return {(a, b): "localization" if i < len(facts) // 2 else "evaluation" for i, (a, b, _) in enumerate(facts)}
+
+
+def fact_half(operator: str, a: int, b: int, operand_range: tuple[int, int] = (1, 9)) -> str:
+    """``"localization"`` or ``"evaluation"``: the half of the facts (:data:`FACT_SPLIT_RULE`) that
+    ``a operator b`` belongs to, whatever the template, the shots or the model. Heads are localized on
+    the first half; knockouts, transfer, robustness and fine-tuning evaluation use only the second."""
+    half = _halves(operator, tuple(operand_range)).get((a, b))
+    if half is None:
+        raise ValueError(f"{a} {operator} {b} is not a fact in the operand range {operand_range}")
+    return half
+
+
+def fact_split_table(operators=("+", "-", "*", "/"), operand_range: tuple[int, int] = (1, 9)) -> pd.DataFrame:
+    """Per operator: how many facts in range have a natural-number answer, and how many fall in each half."""
+    rows = []
+    for op in operators:
+        halves = Counter(_halves(op, tuple(operand_range)).values())
+        rows.append({"operator": op, "facts": sum(halves.values()), "localization": halves["localization"],
+                     "evaluation": halves["evaluation"]})
+    return pd.DataFrame(rows)
+
+
 def _span_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
     """Index of the last token overlapping characters [start, end)."""
     hits = tokens_over(offsets, start, end)
@@ -209,14 +248,16 @@ def make_prompts(tokenizer, config: PromptConfig = PromptConfig()) -> PromptSet:
     """Generate a seeded prompt set (see module docstring) for ``tokenizer``.
 
     Few-shot demonstrations (``config.shots``) use the same template and operator, are fixed per
-    cell, and are never the query itself. Only the query's operator is replaced in the counterfactual.
+    cell, and are never the query itself; with ``config.facts`` set, queries and demonstrations alike
+    come from that half of the facts (:func:`fact_half`). Only the query's operator is replaced in the counterfactual.
     """
     items: list[PromptItem] = []
     dropped: Counter[str] = Counter()
     lo, hi = config.operand_range
     for op_key in config.operators:
         op = OPERATORS[op_key]
-        pool = operand_pairs(op, lo, hi)
+        pool = [p for p in operand_pairs(op, lo, hi) if config.facts == "all"
+                or fact_half(op_key, p[0], p[1], config.operand_range) == config.facts]
         for t_name in config.templates:
             tpl = TEMPLATES[t_name]
             cell_rng = random.Random(f"{config.seed}|{op_key}|{t_name}")

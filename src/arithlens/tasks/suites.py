@@ -20,8 +20,9 @@ Suites (``SUITES``):
 - ``word_problems``: "Tom has 3 apples. Tom gets 4 apples. Now Tom has 7"; counterfactual: the
   operation verb → a neutral verb ("sees", "likes", …).
 - ``power``: ``2 ^ 3 = 8`` (bases 2–9, exponents 0–3); counterfactual: ``^`` → a null symbol.
-- ``capitals``, ``antonyms``, ``sequences``: non-math controls shipped as hand-checked data
-  (``data/controls.json``); no counterfactual.
+- ``capitals``, ``antonyms``, ``languages`` (country → main language), ``plurals``, ``past_tense``,
+  ``elements`` (chemical symbols), ``sequences``: non-math controls shipped as hand-checked data
+  (``data/controls.json``); no counterfactual. Only ``sequences`` (next day, month, letter) is ordinal.
 
 Every suite uses a few fixed demonstrations (same format, never the query). Answers are computed by
 the generator (Python arithmetic or the data file) and checked in the tests independently.
@@ -229,6 +230,14 @@ SUITES: dict[str, SuiteSpec] = {
                           lambda s: pairs_source("capitals")),
     "antonyms": SuiteSpec("control", "exact", "antonyms (`The opposite of hot is cold`)", None, None,
                           lambda s: pairs_source("antonyms")),
+    "languages": SuiteSpec("control", "exact", "main language (`The main language of Brazil is Portuguese`)", None,
+                           None, lambda s: pairs_source("languages")),
+    "plurals": SuiteSpec("control", "exact", "noun plurals (`The plural of mouse is mice`)", None, None,
+                         lambda s: pairs_source("plurals")),
+    "past_tense": SuiteSpec("control", "exact", "verb past tense (`The past tense of go is went`)", None, None,
+                            lambda s: pairs_source("past_tense")),
+    "elements": SuiteSpec("control", "exact", "chemical symbols (`The chemical symbol for gold is Au`)", None, None,
+                          lambda s: pairs_source("elements")),
     "sequences": SuiteSpec("control", "exact", "next item of days, months, letters (`March, April, May, June`)",
                            None, None, sequences_source, per_label=False),
 }

@@ -167,19 +167,28 @@ def cmd_classroom_grade(args) -> int:
 
     from arithlens.classroom import ClassroomError
     from arithlens.classroom.grade import format_report, grade_notebook
+    from arithlens.classroom.gradebook import report_names, student_name, write_gradebook
 
     paths = [Path(p) for p in args.notebooks]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ClassroomError(f"no such notebook: {missing[0]}")
-    stems = [p.stem for p in paths]
     # the same file name from several students' folders: prefix the folder so reports do not collide
-    names = [p.stem if stems.count(p.stem) == 1 else f"{p.resolve().parent.name}-{p.stem}" for p in paths]
+    names = report_names(paths)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ClassroomError(f"--out {out} is a file, not a folder")
+    if args.timeout < 1 or args.threads < 1:
+        raise ClassroomError("--timeout and --threads must be at least 1")
+    reports = []
     for path, name in zip(paths, names):
         _log(f"grading {path} (timeout {args.timeout} s)")
-        report = grade_notebook(path, out, timeout=args.timeout, name=name, threads=args.threads)
+        report = grade_notebook(path, out, timeout=args.timeout, name=name, threads=args.threads,
+                                student=student_name(path))
+        reports.append(report)
         print(format_report(report, out / f"{name}.json"), flush=True)
+        gradebook = write_gradebook(reports, out)  # after each notebook: an interrupted class keeps its rows
+    print(f"gradebook: {gradebook} ({len(reports)} rows)")
     return 0
 
 
@@ -304,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     cbuild = csub.add_parser("build", help="write student notebooks (solutions → stubs) and instructor copies")
     cbuild.add_argument("--out", help="output folder (default exercises/_build): student/ and instructor/ inside")
     cbuild.set_defaults(func=cmd_classroom_build)
-    cgrade = csub.add_parser("grade", help="execute submitted notebooks on a copy (CPU) and score their checks")
+    cgrade = csub.add_parser("grade", help="execute submitted notebooks on a copy (CPU), score their checks, write a gradebook")
     cgrade.add_argument("notebooks", nargs="+", metavar="NOTEBOOK.ipynb")
-    cgrade.add_argument("--out", default="grades", help="folder for the JSON reports and executed copies (default ./grades)")
+    cgrade.add_argument("--out", default="grades",
+                        help="folder for the JSON reports, executed copies and gradebook.csv (default ./grades)")
     cgrade.add_argument("--timeout", type=int, default=300, help="seconds a notebook's own cells may take (default 300)")
     cgrade.add_argument("--threads", type=int, default=1,
                         help="CPU threads for the notebook's kernel (default 1: robust when the machine is busy)")

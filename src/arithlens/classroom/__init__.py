@@ -5,8 +5,11 @@ Publishing wing. Instructor notebooks live in ``exercises/`` (task text, solutio
 notebooks (each solution replaced by a stub that raises ``NotImplementedError`` with a hint) and into
 the book's copies (solutions behind a toggle); :mod:`~arithlens.classroom.grade` executes a submitted
 notebook on a copy with papermill and runs the checks; :mod:`~arithlens.classroom.checks` holds the
-checks themselves. Only the checks import the science wing — they *are* the library implementation
-the student's functions are compared against — and they run inside the graded notebook's kernel.
+checks themselves. :mod:`~arithlens.classroom.guard` keeps each exercise's reference out of the
+student's functions' reach while they run, :mod:`~arithlens.classroom.static` looks for it in the
+submitted code, and :mod:`~arithlens.classroom.gradebook` writes the class's CSV. Only the checks
+(and the guard, for them) import the science wing — they *are* the library implementation the
+student's functions are compared against — and they run inside the graded notebook's kernel.
 """
 
 from __future__ import annotations

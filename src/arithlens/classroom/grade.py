@@ -8,6 +8,11 @@ functions the notebook defined, writing the results as JSON. Student cells that 
 the run (papermill's ``allow_errors``), so each check is scored on its own; a notebook that runs past
 its time limit or whose kernel dies gets a report that says so, with every check at zero.
 
+While the checks run, the exercise's references are out of the student's functions' reach
+(:mod:`arithlens.classroom.guard`); and before the report is written, the grader looks at the
+submitted code itself (:mod:`arithlens.classroom.static`): a check whose functions' code reaches a
+reference gets no point, and every check lists what was found (``static``).
+
 The kernel runs on the CPU (``CUDA_VISIBLE_DEVICES`` is emptied for it), with one thread unless
 asked otherwise (see :func:`_cpu_only`). papermill and nbclient execute;
 written by hand: the copy, the grading cell and the report.
@@ -28,6 +33,7 @@ from pathlib import Path
 import nbformat
 
 from arithlens.classroom import CHECK_TAG, EXERCISE_IDS as KNOWN, ClassroomError
+from arithlens.classroom.static import apply_static, exercise_facts, static_findings
 
 GRADER_TAG = "arithlens-grader"
 DEFAULT_TIMEOUT = 300  # seconds for the student's cells; the exercises take well under 2 minutes
@@ -42,6 +48,7 @@ class GradeReport:
     sha256: str
     exercise: str | None
     status: str  # graded | timeout | crashed | not-an-exercise | unreadable
+    student: str | None = None
     message: str = ""
     score: int = 0
     max_score: int = 0
@@ -151,11 +158,19 @@ def _stderr_to(log: Path):
             os.close(saved)
 
 
+def submitted_code(nb) -> list[tuple[int, str]]:
+    """(cell number as the student sees it, source) of every code cell but the check cells."""
+    return [(number, cell.source) for number, cell in enumerate(nb.cells, 1)
+            if cell.cell_type == "code" and CHECK_TAG not in cell.get("metadata", {}).get("tags", [])]
+
+
 def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT_TIMEOUT,
-                   checks_timeout: int = CHECKS_TIMEOUT, name: str | None = None, threads: int = 1) -> GradeReport:
+                   checks_timeout: int = CHECKS_TIMEOUT, name: str | None = None, threads: int = 1,
+                   student: str | None = None) -> GradeReport:
     """Grade one notebook; return the report and write it to ``<out_dir>/<name>.json``, with the
     executed copy (``<name>.executed.ipynb``) and the kernel's stderr (``<name>.kernel.log``) beside it.
-    ``name`` defaults to the notebook's file stem.
+    ``name`` defaults to the notebook's file stem; ``student`` is recorded in the report (the gradebook's
+    first column).
 
     Raises :class:`ClassroomError` only when ``path`` is not a file; everything wrong *inside* a
     notebook (unreadable, not an exercise, a crash, a timeout) is a report.
@@ -171,7 +186,7 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or path.stem
-    report = GradeReport(str(path), hashlib.sha256(data).hexdigest(), None, "graded", timeout_s=timeout)
+    report = GradeReport(str(path), hashlib.sha256(data).hexdigest(), None, "graded", student=student, timeout_s=timeout)
     try:
         nb = nbformat.reads(data.decode("utf-8"), as_version=4)
     except Exception as exc:
@@ -229,6 +244,7 @@ def grade_notebook(path: str | Path, out_dir: str | Path, timeout: int = DEFAULT
         if not report.checks:
             report.checks = [{"name": check, "passed": False, "points": 0, "max_points": 1, "reason": "not graded (see above)"}
                              for check in check_names(report.exercise)]
+        report.checks = apply_static(report.exercise, report.checks, static_findings(report.exercise, submitted_code(nb)))
     report.executed_notebook = str(executed) if executed.is_file() else None
     return _finish(report, out_dir, name)
 
@@ -243,25 +259,23 @@ def _finish(report: GradeReport, out_dir: Path, name: str) -> GradeReport:
 def check_names(exercise: str) -> list[str]:
     """The exercise's check names, read from its module's ``CHECKS = [...]`` with ``ast`` (no import:
     the checks load the science wing, which the grader itself never needs)."""
-    import ast
-
-    module = Path(__file__).parent / "checks" / f"ex{exercise}.py"
-    for node in ast.parse(module.read_text()).body if module.is_file() else []:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CHECKS" for t in node.targets):
-            return [elt.id for elt in getattr(node.value, "elts", []) if isinstance(elt, ast.Name)]
-    return []
+    return list(exercise_facts(exercise).checks)
 
 
 def format_report(report: GradeReport, report_path: Path | None = None) -> str:
     """The per-check lines ``arithlens classroom grade`` prints."""
     name = Path(report.notebook).name
-    head = f"{name} — exercise {report.exercise or '?'}: {report.score}/{report.max_score}"
+    who = f"{report.student}: " if report.student and report.student != Path(name).stem else ""
+    head = f"{who}{name} — exercise {report.exercise or '?'}: {report.score}/{report.max_score}"
     lines = [head + (f"  ({report.seconds} s)" if report.seconds else "")]
     if report.status != "graded":
         lines.append(f"  {report.status.upper()}: {report.message}")
     for c in report.checks:
         mark = "PASS" if c["passed"] else "FAIL"
         lines.append(f"  [{mark} {c['points']}/{c['max_points']}] {c['name']}: {c['reason']}")
+    static = sorted({f for c in report.checks for f in c.get("static", [])})
+    for finding in static[:3]:
+        lines.append(f"  static look: {finding}")
     for e in report.cell_errors[:5]:
         lines.append(f"  note: cell {e['cell']} ({e['code']}) raised {e['error']}")
     if len(report.cell_errors) > 5:

@@ -10,6 +10,9 @@ student cannot pass by printing one.
 This module runs inside the exercise notebook's kernel: :func:`check` prints feedback in a check
 cell; :func:`grade` is what the grader appends, and writes the results as JSON. Each check has its
 own time limit; whatever a student function raises is reported in one line, never as a traceback.
+While the checks run, the exercise's ``REFERENCES`` (the library functions it asks the student to
+write) are out of reach of the student's functions (:mod:`arithlens.classroom.guard`): a check whose
+student function called one fails, whatever the function did with the error.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from arithlens.classroom import EXERCISE_IDS
+from arithlens.classroom.guard import ReferenceBlocked, blocked_count, blocked_since, guarded_references, student_running
 
 CHECK_SECONDS = 90  # per check; every check takes a few seconds with a correct solution
 
@@ -80,10 +84,12 @@ def needs(check_fn) -> tuple[str, ...]:
 
 
 def _as_student(name: str, fn):
-    """Call ``fn``, turning what it raises into an error that names the student's function."""
+    """Call ``fn`` with the references guarded, turning what it raises into an error that names the
+    student's function (a blocked reference, a BaseException, passes through)."""
     def call(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with student_running(name):
+                return fn(*args, **kwargs)
         except NotImplementedError as exc:
             raise NotImplementedYet(name, str(exc)) from None
         except Exception as exc:
@@ -122,6 +128,7 @@ def run_check(exercise: str, check_fn, namespace: dict, seconds: float = CHECK_S
         reason = f"`{missing[0]}` is not defined: run its cell, and keep the name the task gives"
     else:
         args = {n: _as_student(n, namespace[n]) for n in needs(check_fn)}
+        blocked = blocked_count()
         try:
             with _time_limit(seconds), torch.random.fork_rng(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # library warnings about hooks are noise in a check's feedback
@@ -133,20 +140,32 @@ def run_check(exercise: str, check_fn, namespace: dict, seconds: float = CHECK_S
             reason = f"`{exc.name}` is not implemented yet (it still raises NotImplementedError)"
         except StudentError as exc:
             reason = f"`{exc.name}` raised {type(exc.error).__name__}: {_one_line(exc.error, 140)}"
+        except ReferenceBlocked as exc:
+            reason = str(exc)
         except CheckTimeout:
             reason = f"gave no result within {seconds:.0f} s"
         except Exception as exc:  # the result had a shape or type the comparison could not use
             reason = f"could not compare the result ({type(exc).__name__}: {_one_line(exc, 120)})"
+        attempts = blocked_since(blocked)
+        if attempts:  # also when the student's code caught the error and went on
+            passed, reason = False, attempts[0]
     return CheckResult(exercise, check_fn.__name__, what, passed, int(passed), 1, str(reason),
                        round(time.perf_counter() - started, 2))
 
 
-def run_checks(exercise: str, namespace: dict, only: set[str] | None = None) -> list[CheckResult]:
-    """Every check of ``exercise`` (or those needing only the functions in ``only``)."""
-    checks = exercise_module(exercise).CHECKS
+def run_checks(exercise: str, namespace: dict, only: set[str] | None = None, guard: bool = True,
+               namespaces: tuple[dict, ...] = ()) -> list[CheckResult]:
+    """Every check of ``exercise`` (or those needing only the functions in ``only``), with the
+    exercise's references out of the student's reach (``guard=False``: within reach, for tests that
+    show what a submission calling them would score unguarded). ``namespaces``: further namespaces of
+    the student's, besides ``namespace``, whose names bound to a reference are guarded too."""
+    module = exercise_module(exercise)
+    checks = module.CHECKS
     if only is not None:
         checks = [c for c in checks if set(needs(c)) <= only]
-    return [run_check(exercise, c, namespace) for c in checks]
+    within = guarded_references(exercise, module.REFERENCES, (namespace, *namespaces)) if guard else nullcontext()
+    with within:
+        return [run_check(exercise, c, namespace) for c in checks]
 
 
 def _print(results: list[CheckResult]) -> None:
@@ -165,7 +184,8 @@ def check(*functions) -> None:
     for exercise in EXERCISE_IDS:
         module = exercise_module(exercise)
         if names <= set(module.FUNCTIONS):
-            _print(run_checks(exercise, {f.__name__: f for f in functions}, only=names))
+            student = tuple({id(f.__globals__): f.__globals__ for f in functions if hasattr(f, "__globals__")}.values())
+            _print(run_checks(exercise, {f.__name__: f for f in functions}, only=names, namespaces=student))
             return
     raise ValueError(f"no exercise has the function(s) {sorted(names)}")
 

@@ -14,6 +14,12 @@ from arithlens.core import models
 from arithlens.tasks import prompts
 
 FUNCTIONS = ("build_pair",)
+#: Out of the student's reach while the checks run (:mod:`arithlens.classroom.guard`): what the
+#: exercise asks for, and what would do the work instead.
+REFERENCES = ("arithlens.tasks.prompts.make_item",
+              "arithlens.tasks.prompts.make_prompts",
+              "arithlens.tasks.prompts._build_item",
+              "arithlens.core.items.align_counterfactual")
 KEYS = ("clean", "counterfactual", "clean_tokens", "cf_tokens", "answer_token", "a_pos", "b_pos", "op_pos", "end_pos")
 
 

@@ -20,6 +20,15 @@ from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("head_output_change", "direct_effect")
+#: Out of the student's reach while the checks run (:mod:`arithlens.classroom.guard`): what the
+#: exercise asks for, and what would do the work instead.
+REFERENCES = ("arithlens.analyses.patching.reference_effect",
+              "arithlens.analyses.patching.sweep_many",
+              "arithlens.analyses.patching.sweep_heads",
+              "arithlens.analyses.patching.sweep_direct",
+              "arithlens.analyses.patching.patch_heads",
+              "arithlens.core.hooks.head_deltas",
+              "arithlens.classroom.checks.ex02_direct_effect._true_change")
 SPEC = "tiny:3"
 HEADS = (hooks.Head(0, 3), hooks.Head(1, 0), hooks.Head(1, 2))
 

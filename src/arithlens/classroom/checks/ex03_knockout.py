@@ -20,6 +20,11 @@ from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("mean_head_outputs", "knockout_logits")
+#: Out of the student's reach while the checks run (:mod:`arithlens.classroom.guard`): what the
+#: exercise asks for, and what would do the work instead.
+REFERENCES = ("arithlens.analyses.knockout.mean_z",
+              "arithlens.analyses.knockout.ablation_hooks",
+              "arithlens.classroom.checks.ex03_knockout._library_logits")
 SPEC = "tiny:5"
 H = Head
 HEAD_SETS = ((H(1, 2),), (H(0, 1), H(0, 3)), (H(0, 0), H(1, 1), H(1, 3)))

@@ -18,6 +18,10 @@ from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("layer_logits", "token_ranks")
+#: Out of the student's reach while the checks run (:mod:`arithlens.classroom.guard`): what the
+#: exercise asks for, and what would do the work instead.
+REFERENCES = ("arithlens.analyses.mlp.logit_lens",
+              "arithlens.core.layout.final_logits")
 SPEC = "tiny:4"
 
 

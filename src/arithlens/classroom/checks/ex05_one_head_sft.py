@@ -19,6 +19,11 @@ from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff
 
 FUNCTIONS = ("head_masks", "train_head")
+#: Out of the student's reach while the checks run (:mod:`arithlens.classroom.guard`): what the
+#: exercise asks for, and what would do the work instead.
+REFERENCES = ("arithlens.classroom.checks.ex05_one_head_sft.reference_masks",
+              "arithlens.classroom.checks.ex05_one_head_sft.reference_train",
+              "arithlens.analyses.sft.trainer.head_slices")
 SEED, STEPS, LR = 21, 3, 0.5
 TARGETS = ((1, 3), (0, 1))  # (layer, head): heads 1 and 3 sit in different key-value groups
 

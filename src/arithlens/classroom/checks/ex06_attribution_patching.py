@@ -36,6 +36,15 @@ from arithlens.tasks import prompts
 from arithlens.classroom.checks import max_diff, tensor
 
 FUNCTIONS = ("z_and_grad", "attribution_patch")
+#: Out of the student's reach while the checks run (:mod:`arithlens.classroom.guard`): what the
+#: exercise asks for, and what would do the work instead.
+REFERENCES = ("arithlens.analyses.attribution.attribute_heads",
+              "arithlens.analyses.attribution.attribution_scores",
+              "arithlens.analyses.attribution.compare_with_exact",
+              "arithlens.analyses.attribution._gradients",
+              "arithlens.analyses.patching.reference_effect",
+              "arithlens.classroom.checks.ex06_attribution_patching._library_gradient",
+              "arithlens.classroom.checks.ex06_attribution_patching._library_estimates")
 SPEC = "tiny:6"
 HEADS = (hooks.Head(0, 1), hooks.Head(1, 0), hooks.Head(1, 3))
 SAME = 1e-4  # two code paths, one quantity: relative to the largest reference value

@@ -56,7 +56,7 @@ def test_transfer_items_keep_the_usable_ablated_suites_under_their_kinds_metric(
 
 
 def test_chapter_7s_selectivity_reads_the_same_items():
-    table = robustness.suite_selectivity(findings.transfer_items(chapter3()), n_boot=200)
+    table = robustness.suite_selectivity(findings.transfer_items(chapter3()), n_boot=200, key="key")
     row = table.iloc[0]
     assert len(table) == 1 and (row.target, row.control) == ("power", "capitals")
     assert row.target_drop == pytest.approx(np.mean([1, 0, 1, 0]))  # none − key per item on power

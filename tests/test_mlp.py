@@ -93,3 +93,29 @@ def test_detect_layers_rule():
     assert mlp.detect_layers(profile) == {"start": 4, "inflection": 5, "end": 6}
     early_bump = pd.DataFrame({"operands": [0.2, 0.0, -0.1, 0.1, 0.3, 0.2], "answer": [0, 0, 0, 0, 0.1, 0.3]})
     assert mlp.detect_layers(early_bump) == {"start": 3, "inflection": 4, "end": 5}
+
+
+def test_joint_effect_of_one_head_is_its_patching_effect_and_direct_effects_add(tiny):
+    """One head patched alone by joint_head_effect is the reference patching of that head (direct and path);
+    in the direct convention (final-norm scale frozen) the answer logit's change of a set is the sum of
+    its heads' changes — and in the path convention it is not (the MLPs are recomputed)."""
+    from arithlens.analyses import mlp as M
+    from arithlens.analyses import patching as P
+    from arithlens.analyses.end_cache import cache_prompt_set
+    from arithlens.core.hooks import Head, digit_tokens
+
+    ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), templates=("eq_spaced",), n_per_cell=4, shots=1))
+    cache = cache_prompt_set(tiny, ps)[0]
+    digits = digit_tokens(tiny.tokenizer)
+    for mode in ("direct", "path"):
+        one = M.joint_head_effect(tiny, cache, [Head(0, 1)], mode, digits)
+        ref = P.reference_effect(tiny, cache, Head(0, 1), mode, digits, with_prob=False)
+        torch.testing.assert_close(one.logit, ref.logit, rtol=1e-4, atol=1e-4)
+    heads = [Head(0, 1), Head(1, 2)]
+    clean = cache.clean_logits.gather(1, cache.answers[:, None])[:, 0]
+    change = lambda hs, mode: M.joint_head_effect(tiny, cache, hs, mode, digits).logit - clean
+    both = change(heads, "direct")
+    torch.testing.assert_close(both, change(heads[:1], "direct") + change(heads[1:], "direct"), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(change(heads, "path"), change(heads[:1], "path") + change(heads[1:], "path"), atol=1e-6)
+    table = M.joint_effects(tiny, [cache], heads)
+    assert set(table["mode"]) == {"direct", "path"} and len(table) == 2 * len(cache.answers)

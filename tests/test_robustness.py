@@ -141,13 +141,13 @@ def test_suite_null_key_row_is_chapter_3s_key_knockout(tiny):
     arith = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), templates=("eq_spaced",), n_per_cell=2))
     means = K.mean_z(tiny, arith, "end")
     key = [Head(0, 1), Head(1, 0), Head(1, 2)]
-    rows, tests = R.suite_null(tiny, made, key, means, n_sets=4, seed=3)
-    ch3 = knockout_transfer(tiny, made, key, means, n_seeds=0, margin=None)
+    own = {n: K.mean_z(tiny, s, "end", which="clean") for n, s in made.items()}
+    rows, tests = R.suite_null(tiny, made, key, own, n_sets=4, seed=3)
+    ch3 = knockout_transfer(tiny, made, key, means, n_seeds=0, margin=None, own_means=True)
     for name, suite in made.items():
-        column = "first_correct" if suite.kind == "math" else "correct"
         mine = rows[rows.suite == name].set_index("set")
-        theirs = ch3[ch3.suite == name].groupby("condition")[column].mean()
-        assert mine.loc["key", "accuracy"] == pytest.approx(theirs["key"])
+        theirs = ch3[ch3.suite == name].groupby("condition")["correct"].mean()  # the whole answer, either kind
+        assert mine.loc["key", "accuracy"] == pytest.approx(theirs["key (own mean)"])
         assert (mine["drop"] == theirs["none"] - mine["accuracy"]).all()
         assert len(mine.loc["random"]) == 4
         test = tests.set_index("suite").loc[name]
@@ -156,4 +156,4 @@ def test_suite_null_key_row_is_chapter_3s_key_knockout(tiny):
     sets = hooks.layer_matched_random_sets(key, tiny.n_layers, tiny.n_heads, 4, seed=3)
     capitals = S.SuiteScorer(tiny, made["capitals"])
     first = rows[(rows.suite == "capitals") & (rows.set == "random")]["accuracy"].iloc[0]
-    assert first == pytest.approx(capitals.score(K.ablation_hooks(sets[0], means, "all"))["correct"].mean())
+    assert first == pytest.approx(capitals.score(K.ablation_hooks(sets[0], own["capitals"], "all"))["correct"].mean())

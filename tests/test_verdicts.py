@@ -88,7 +88,7 @@ def test_c3_pairs_prompts_and_resamples_draws():
     assert decide((1.0, 0.85, 0.90), n=10).verdict == PARTLY or decide((1.0, 0.85, 0.90), n=10, seed=1).verdict == PARTLY
     assert decide((1.0, 0.99, 0.90)).verdict == FAILS
     assert decide((0.0, 0.0, 0.0)).verdict == UNTESTABLE  # the model gets nothing right to begin with
-    low, high = verdicts.wilson(30, 100)
+    low, high = intervals.wilson(30, 100)
     assert low == pytest.approx(0.2189, abs=1e-3) and high == pytest.approx(0.3958, abs=1e-3)  # textbook values
 
 
@@ -110,24 +110,35 @@ def test_knockout_gap_interval_widens_with_the_spread_between_draws():
             assert g["high"] - g["low"] > narrow + 0.05
 
 
-def mlp_run(effects: dict[int, tuple[float, float, float]], layers: int = 10):
-    rows = [{"mode": "direct", "layer": l, "metric": "d_prob", "mean": effects.get(l, (0.0, -0.01, 0.01))[0],
+def mlp_run(effects: dict[int, tuple[float, float, float]], layers: int = 10, routed_share: float = 0.5,
+            n: int = 40, seed: int = 0):
+    """A chapter-2 run: per-layer direct effects (mean, CI) on the digit log-probability, and per prompt a
+    joint path effect of −1 (± noise) of which ``routed_share`` passes through layers 7–9 together."""
+    rows = [{"mode": "direct", "layer": l, "metric": "d_digit_logprob", "mean": effects.get(l, (0.0, -0.01, 0.01))[0],
              "ci_low": effects.get(l, (0.0, -0.01, 0.01))[1], "ci_high": effects.get(l, (0.0, -0.01, 0.01))[2]}
             for l in range(layers)]
-    return FakeRun({"mlp_effects": pd.DataFrame(rows)})
+    rng = np.random.default_rng(seed)
+    joint = [{"mode": m, "prompt": i, "d_digit_logprob": -1.0 + rng.normal(0, 0.1) if m == "path" else -0.2}
+             for m in ("direct", "path") for i in range(n)]
+    routed = [{"prompt": i, "layer": l, "d_digit_logprob": (-routed_share / 3 + rng.normal(0, 0.02)) if l >= 7 else 0.0}
+              for i in range(n) for l in range(layers)]
+    return FakeRun({"mlp_effects": pd.DataFrame(rows), "heads_joint": pd.DataFrame(joint),
+                    "heads_to_mlp_items": pd.DataFrame(routed)})
 
 
-def test_c4_the_largest_mlps_come_after_the_key_heads():
+def test_c4_the_largest_mlps_come_after_the_key_heads_and_carry_their_effect():
     heads = heads_run({}, [(4, 1), (5, 2), (5, 3)])  # median key-head layer 5
     late = {7: (-0.3, -0.4, -0.2), 8: (-0.2, -0.3, -0.1), 9: (-0.1, -0.2, -0.05)}
-    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(late)}).verdict == HOLDS
+    v = verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(late)})
+    assert v.verdict == HOLDS and "they carry 49% [48%, 51%]" in v.numbers and "20% of it direct" in v.numbers
+    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(late, routed_share=0.1)}).verdict == PARTLY  # after, not through
     mixed = {1: (-0.3, -0.4, -0.2), 8: (-0.2, -0.3, -0.1), 9: (-0.1, -0.2, -0.05)}
-    v = verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(mixed)})
-    assert v.verdict == PARTLY and "2 of 3 after it" in v.numbers
-    early = {0: (-0.3, -0.4, -0.2), 1: (-0.2, -0.3, -0.1), 2: (-0.1, -0.2, -0.05)}
-    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(early)}).verdict == FAILS
+    v = verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(mixed, routed_share=0.1)})
+    assert v.verdict == FAILS and "2 of 3 after it" in v.numbers  # neither all after nor a quarter through
     noise = {7: (-0.3, -0.5, 0.1), 8: (-0.2, -0.4, 0.1), 9: (-0.1, -0.3, 0.1)}  # every CI crosses zero
     assert verdicts.claim_c4({"01_heads": heads, "02_mlp": mlp_run(noise)}).verdict == FAILS
+    old = FakeRun({"mlp_effects": mlp_run(late).tables["mlp_effects"]})
+    assert verdicts.claim_c4({"01_heads": heads, "02_mlp": old}).verdict == UNTESTABLE
 
 
 def transfer_run(math_key: float, math_random: float, control_key: float, n: int = 200, seed: int = 0,
@@ -219,7 +230,7 @@ def robust_run(rel_1: int = 2, null: tuple[float, float, float] = (0.5, 0.07, 0.
               "null_test": pd.DataFrame([{"key": null[0], "null_mean": null[1], "null_sd": 0.02, "percentile": 99.0,
                                           "p_value": null[2], "n_sets": 100}])}
     if suites is not None:
-        tables["suite_null_test"] = pd.DataFrame([{"suite": s, "kind": k, "p_value": p, "n_sets": 20}
+        tables["suite_null_test"] = pd.DataFrame([{"suite": s, "kind": k, "p_value": p, "n_sets": 200}
                                                   for s, (k, p) in suites.items()])
     return FakeRun(tables, {"mode": "path"})
 
@@ -241,10 +252,15 @@ def test_r3_places_the_key_drop_in_the_layer_matched_null():
 
 def test_r5_math_suites_beyond_the_null_and_controls_not():
     r5 = lambda suites: verdicts.claim_r5({"07_robustness": robust_run(suites=suites)})
-    math2 = {"multidigit": ("math", 0.01), "years": ("math", 0.04)}
+    math2 = {"multidigit": ("math", 0.01), "years": ("math", 0.02)}
     assert r5({**math2, "capitals": ("control", 0.5)}).verdict == HOLDS
     v = r5({**math2, "capitals": ("control", 0.02)})
     assert v.verdict == PARTLY and "1 of 1 controls (capitals)" in v.numbers
+    # Holm across the math suites: 0.04 alone would pass, but not as the larger of two (0.04 × 1 after 0.03 × 2)
+    v = r5({"multidigit": ("math", 0.03), "years": ("math", 0.04), "capitals": ("control", 0.5)})
+    assert v.verdict == FAILS and "Holm-adjusted p ≤ 0.05 on 0 of 2 math suites" in v.numbers
+    # controls are not corrected: a control at p = 0.04 counts against the claim
+    assert r5({**math2, "capitals": ("control", 0.04), "antonyms": ("control", 0.5)}).verdict == PARTLY
     assert r5({"multidigit": ("math", 0.01), "years": ("math", 0.3), "capitals": ("control", 0.5)}).verdict == PARTLY
     assert r5({"multidigit": ("math", 0.2), "capitals": ("control", 0.01)}).verdict == FAILS
     assert r5({"multidigit": ("math", 0.01)}).verdict == UNTESTABLE  # no control

@@ -9,6 +9,8 @@ Science wing (paper § "MLP tracing"). Builds on :mod:`arithlens.analyses.patchi
   :func:`reference_mlp_effect`, one hooked forward pass per layer.
 * :func:`unembed_cosines` — cos(MLP input, W_U[A]), cos(MLP input, W_U[B]) and cos(MLP update,
   W_U[C]) at END across layers (MLP input = ``resid_mid``, update = ``mlp_out``).
+* :func:`heads_to_mlp_effects` and :func:`joint_effects` — how much of the key heads' joint effect passes
+  through each MLP (the heads' change routed into that MLP's input only), against the joint effect itself.
 * :func:`logit_lens` — the residual stream after each layer through the final norm, unembedding and any
   final soft-capping:
   rank and logit of chosen tokens per layer.
@@ -214,6 +216,43 @@ def reference_heads_to_mlp(model: LoadedModel, cache: EndCache, senders: Sequenc
     fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
     logits = logits_at_end(model, cache.tokens, fwd)
     return scores_from_logits(logits, cache.answers, digits.to(logits.device), with_prob)
+
+
+@torch.no_grad()
+def joint_head_effect(model: LoadedModel, cache: EndCache, heads: Sequence[Head], mode: str, digits: Int[Tensor, "10"]) -> EndScores:
+    """Every head of ``heads`` at END patched with its counterfactual value at once, in one hooked forward
+    pass: ``path`` freezes every other head after the first of them at END (MLPs recomputed), ``direct``
+    also freezes every MLP from that layer on and the final-norm scale. Scores [batch] — what the heads do
+    together, against which :func:`heads_to_mlp_effects` measures the part that passes through each MLP."""
+    if mode not in ("direct", "path"):
+        raise ValueError(f"mode must be 'direct' or 'path', got {mode!r}")
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        by_layer.setdefault(h.layer, []).append(h.head)
+    first = min(by_layer)
+
+    def z_end(l):  # the set's heads take their counterfactual value; every other head its clean one
+        value = cache.z_clean[:, l].clone()
+        value[:, by_layer.get(l, [])] = cache.z_cf[:, l, by_layer.get(l, [])]
+        return value
+    fwd = [(hooks.hook_z(l), set_at_end(z_end(l))) for l in range(first, model.n_layers)]
+    if mode == "direct":
+        fwd += [(hooks.mlp_out(l), set_at_end(cache.mlp_out[:, l])) for l in range(first, model.n_layers)]
+        fwd += [(hooks.FINAL_SCALE, set_at_end(cache.final_scale))]
+    logits = logits_at_end(model, cache.tokens, fwd)
+    return scores_from_logits(logits, cache.answers, digits.to(logits.device), False)
+
+
+def joint_effects(model: LoadedModel, caches: list[EndCache], heads: Sequence[Head]) -> pd.DataFrame:
+    """:func:`joint_head_effect` in the direct and path conventions, per prompt: ``mode``, ``prompt`` and
+    the columns of :func:`arithlens.analyses.end_cache.effects_table` (no p(answer))."""
+    digits = digit_tokens(model.tokenizer)
+    frames = []
+    for mode in ("direct", "path"):
+        for cache in caches:
+            patched = joint_head_effect(model, cache, heads, mode, digits).map(lambda t: t[:, None])
+            frames.append(effects_table(cache, patched, clean_scores(model, cache, digits), {}, mode=mode))
+    return pd.concat(frames, ignore_index=True)
 
 
 def detect_layers(profile: pd.DataFrame, rise: float = 0.2) -> dict[str, int]:

@@ -102,13 +102,14 @@ def knockout_null(evaluator: KnockoutEvaluator, key_heads: Sequence[Head], n_set
 
 
 def suite_null(model: LoadedModel, suites: Mapping[str, "Suite"], key_heads: Sequence[Head],
-               means: Float[Tensor, "layer head d_head"], n_sets: int = 20, seed: int = 0,
+               means: Mapping[str, Float[Tensor, "layer head d_head"]], n_sets: int = 200, seed: int = 0,
                progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The layer-matched null on other tasks: every suite scored as chapter 3 scores it
-    (:class:`arithlens.tasks.suites.SuiteScorer`, the heads' ``hook_z`` replaced by ``means`` at every
-    predicting position), unablated, with the key heads knocked out and with each of ``n_sets``
-    layer-matched random sets (:func:`layer_matched_random_sets`, the same sets for every suite).
-    Accuracy is the first answer token's for ``math`` suites and the whole answer's otherwise.
+    (:class:`arithlens.tasks.suites.SuiteScorer`: the prompt's KV cache made once, the heads' ``hook_z``
+    replaced by ``means[suite]`` — that suite's own mean — at every predicting position), unablated,
+    with the key heads knocked out and with each of ``n_sets`` layer-matched random sets
+    (:func:`arithlens.core.hooks.layer_matched_random_sets`, the same sets for every suite). Accuracy is
+    the whole answer's, for math suites and controls alike.
 
     Returns one row per (suite, set) — ``suite``, ``kind``, ``set``, ``index``, ``accuracy``, ``drop`` —
     and one :class:`NullTest` row per suite (with ``suite``, ``kind``, ``n_items``, ``base_accuracy``).
@@ -122,12 +123,11 @@ def suite_null(model: LoadedModel, suites: Mapping[str, "Suite"], key_heads: Seq
     names = list(suites)
     for name in (progress(names, desc="layer-matched null (suites)") if progress else names):
         suite = suites[name]
-        column = "first_correct" if suite.kind == "math" else "correct"
         scorer = SuiteScorer(model, suite)
-        base = float(scorer.score()[column].mean())
+        base = float(scorer.score()["correct"].mean())
         part = []
         for kind, i, heads in jobs:
-            acc = float(scorer.score(ablation_hooks(heads, means, "all"))[column].mean())
+            acc = float(scorer.score(ablation_hooks(heads, means[name], "all"))["correct"].mean())
             part.append({"suite": name, "kind": suite.kind, "set": kind, "index": i, "accuracy": acc,
                          "drop": base - acc})
         rows += part
@@ -290,17 +290,18 @@ def ablation_sensitivity(evaluator: AblationEvaluator, key_heads: Sequence[Head]
     return pd.DataFrame(rows).assign(base_accuracy=base)
 
 
-def suite_selectivity(items: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def suite_selectivity(items: pd.DataFrame, n_boot: int = 1000, seed: int = 0, key: str = "key (own mean)") -> pd.DataFrame:
     """:func:`selectivity` of chapter 3's key-head knockout for every math suite over every non-math
     control: one row per (math suite, control). Drops are absolute (accuracy points), per item.
 
     ``items``: one row per (suite, item) with ``suite``, ``kind`` (``math`` or ``control``) and the
-    item's correctness with no ablation (``none``) and with the key heads knocked out (``key``) — chapter
-    3's usable suites as :func:`arithlens.claims.findings.transfer_items` reads them from its run (math:
-    first answer token; controls: whole answer). Suites in name order within each kind."""
+    item's correctness with no ablation (``none``) and with the key heads knocked out (column ``key``:
+    by default each suite's own mean, as chapter 3's verdict reads it) — chapter 3's usable suites as
+    :func:`arithlens.claims.findings.transfer_items` reads them from its run (the whole answer). Suites
+    in name order within each kind."""
     correct: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"math": {}, "control": {}}
     for (kind, suite), part in items.groupby(["kind", "suite"], sort=True):
-        correct[kind][suite] = (part["none"].to_numpy() > 0.5, part["key"].to_numpy() > 0.5)
+        correct[kind][suite] = (part["none"].to_numpy() > 0.5, part[key].to_numpy() > 0.5)
     frames = [selectivity({target: pair, **correct["control"]}, target, n_boot, seed)
               for target, pair in correct["math"].items()] if correct["control"] else []
     return (pd.concat(frames, ignore_index=True).rename(columns={"ci_low": "low", "ci_high": "high"})

@@ -8,6 +8,8 @@ Science wing, claims floor: used by :mod:`arithlens.claims.verdicts` (and nothin
   head sets (the main source of variance) is in the interval and no prompt counts twice.
 - :func:`transfer_contrast` — chapter 3's pooled relative change per kind of suite, a paired bootstrap
   over items within each suite.
+- :func:`routed_share` — chapter 2's share of the key heads' joint effect that passes through given MLPs,
+  a ratio of means bootstrapped over prompts.
 - :func:`holm` — Holm's step-down adjustment of several p-values (statsmodels ``multipletests``).
 
 Written by hand: the two bootstraps (their statistics pool several conditions, which scipy's
@@ -48,6 +50,26 @@ def knockout_intervals(heads_run: Run) -> dict | None:
         acc = float((part["accuracy"] * part["n_prompts"]).sum() / trials)
         out[name], (out[f"{name}_low"], out[f"{name}_high"]) = acc, wilson(acc * trials, trials)
     return out
+
+
+def routed_share(routed: pd.DataFrame, joint: pd.DataFrame, layers, metric: str = "d_digit_logprob",
+                 n_boot: int = 2000, seed: int = 0) -> dict:
+    """The share of the key heads' joint path effect that passes through the MLPs ``layers``: mean over
+    prompts of the effect routed through them (chapter 2's per-prompt heads → MLP rows, summed over
+    ``layers``) over the mean joint path effect (its ``heads_joint`` rows), a ratio of means with a 95 %
+    percentile interval from a bootstrap over prompts (both terms resampled together, paired). Also the
+    share of the joint effect that is direct (every MLP frozen)."""
+    part = routed[routed["layer"].isin(list(layers))].groupby("prompt")[metric].sum()
+    path = joint[joint["mode"] == "path"].set_index("prompt")[metric]
+    direct = joint[joint["mode"] == "direct"].set_index("prompt")[metric]
+    prompts = path.index.intersection(part.index)
+    r, t = part.loc[prompts].to_numpy(float), path.loc[prompts].to_numpy(float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(t), (n_boot, len(t)))
+    boots = r[idx].mean(1) / t[idx].mean(1)
+    return {"share": float(r.mean() / t.mean()), "low": float(np.percentile(boots, 2.5)),
+            "high": float(np.percentile(boots, 97.5)), "joint": float(t.mean()),
+            "direct_share": float(direct.loc[prompts].mean() / t.mean()), "n_prompts": len(t)}
 
 
 def holm(p_values) -> np.ndarray:

@@ -44,9 +44,11 @@ RULES = {
           "minus accuracy with the top-k heads, paired by prompt; 95 % interval from a bootstrap over prompts and "
           "draws together. Holds: the interval lies above 0; partly: the gap is above 0 but the interval reaches 0; "
           "does not hold: the gap is not above 0.",
-    "C4": "Chapter 2's direct MLP patching (mean Δp(answer) per layer, 95 % CI). The three MLPs with the largest |effect| "
-          "are compared with the key heads' median layer. Holds: all three come after it and at least one CI excludes "
-          "zero; partly: one or two come after it; does not hold: none does, or no MLP's CI excludes zero.",
+    "C4": "Chapter 2, on chapter 1's localization prompts: the three MLPs with the largest direct effect (mean change in "
+          "log p(answer) among the digits, 95 % CI). *After*: all three come after the key heads' median layer. "
+          "*Through*: those three MLPs carry at least 25 % of the key heads' joint path effect (the heads' change routed "
+          "into each MLP's input alone, summed, over all key heads patched together; lower end of a 95 % bootstrap "
+          "interval over prompts). Holds: both; partly: one; does not hold: neither, or no MLP's CI excludes zero.",
     "C5": "Chapter 3's knockout transfer, every suite scored by its whole answer and ablated with its own mean (the "
           "heads' mean output on that suite's prompts); mean relative accuracy change over the usable suites of each "
           "kind, paired bootstrap 95 % CIs over items. *Math*: key heads drop math more than random heads (CI of key − "
@@ -62,9 +64,11 @@ RULES = {
     "R3": "Chapter 7's knockout null: the key heads' accuracy drop at END against layer-matched random sets (as many "
           "heads in each layer, never a key head), one-sided empirical p = (1 + #{null ≥ key}) / (1 + sets). Holds: "
           "p ≤ 0.05; partly: the key drop exceeds the null's mean but p > 0.05; does not hold: it does not exceed it.",
-    "R5": "Chapter 7's null on chapter 3's usable suites (math: first answer token; controls: whole answer), the same "
-          "layer-matched sets on every suite, p as in R3. Holds: p ≤ 0.05 on every math suite and on no control; "
-          "partly: on some math suite, but not every one or also on a control; does not hold: on no math suite.",
+    "R5": "Chapter 7's null on chapter 3's usable suites, each scored by its whole answer and ablated with its own mean, "
+          "the same layer-matched sets on every suite, p as in R3. Holds: p ≤ 0.05 after Holm's correction across the "
+          "math suites on every math suite, and uncorrected p > 0.05 on every control (no correction there: it would "
+          "make *not on controls* easier); partly: on some math suite, but not every one or also on a control; does "
+          "not hold: on no math suite.",
 }
 
 
@@ -89,10 +93,17 @@ RULE_HISTORY = (
                "bootstrap over prompts and draws, on the evaluation half of the facts", "reason": "pooling prompts × "
                "draws as independent trials ignored the variance between head sets, and the held-out prompts "
                "shared their facts with localization", "after results": True},
+    {"claim": "C4", "date": "2026-12-06", "change": "*through* added: the top MLPs must carry a quarter of the key "
+               "heads' joint effect; the MLPs ranked by the digit log-probability instead of p(answer); *after* needs "
+               "all three", "reason": "MLPs after the heads are nearly automatic for a next-token task; the claim is "
+               "that the heads' effect goes through them", "after results": True},
     {"claim": "C5", "date": "2026-12-06", "change": "math suites scored by the whole answer like the controls; every "
                "suite ablated with its own mean; *selective* also needs the controls to lose less than 10 %",
      "reason": "math and controls were scored and ablated differently, and *selective* asked only that controls "
                "lose less than math", "after results": True},
+    {"claim": "R5", "date": "2026-12-06", "change": "whole answer and each suite's own mean as in C5; Holm's correction "
+               "across the math suites; 200 sets per suite instead of 20", "reason": "20 sets could not give p below "
+               "0.048, and nine suites were tested with no correction", "after results": True},
 )
 
 

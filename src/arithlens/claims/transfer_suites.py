@@ -1,9 +1,8 @@
-"""Chapter 3's suites and ablation prompts, rebuilt from its run for chapter 7.
+"""Chapter 3's suites, rebuilt from its run for chapter 7.
 
 Science wing (paper § 5, transfer). Chapter 7 runs a layer-matched null on every suite chapter 3
 judged usable: it needs the very items chapter 3 scored (:func:`transfer_suites`, checked against
-chapter 3's stored item counts) and the prompts chapter 3 took its ablation means over
-(:func:`transfer_mean_prompts`). Kept apart from :mod:`arithlens.claims.findings` because building
+chapter 3's stored item counts), and ablates each with its own mean as chapter 3's verdict does. Kept apart from :mod:`arithlens.claims.findings` because building
 suites reads the task generators and their shipped data (``controls.json``): only the chapter that
 rebuilds the suites reaches them, so editing that data re-keys the chapters that score it and no other.
 """
@@ -13,7 +12,6 @@ from __future__ import annotations
 from arithlens.claims.findings import Run, transfer_items
 from arithlens.record import UpstreamError
 from arithlens.tasks.benchmarks.reader import load_benchmarks
-from arithlens.tasks.prompts import PromptConfig, PromptSet, make_prompts
 from arithlens.tasks.suites import Suite, make_suite
 
 
@@ -35,11 +33,3 @@ def transfer_suites(transfer_run: Run, tokenizer) -> dict[str, Suite]:
             raise UpstreamError(f"chapter 3's run {transfer_run.key} scored other items of {name} than its parameters "
                                 "build with this tokenizer: re-run 03_transfer with this model")
     return {name: made[name] for name in order}
-
-
-def transfer_mean_prompts(transfer_run: Run, tokenizer) -> PromptSet:
-    """The arithmetic prompts over whose counterfactuals chapter 3 took its ablation values (each
-    head's mean ``hook_z`` at END), rebuilt from its parameters."""
-    p = transfer_run.parameters
-    return make_prompts(tokenizer, PromptConfig(n_per_cell=int(p["mean_per_cell"]), shots=int(p["shots"]),
-                                                seed=int(p["seed"])))

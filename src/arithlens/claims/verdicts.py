@@ -27,7 +27,7 @@ from scipy.stats import fisher_exact
 
 from arithlens.analyses.sft.naming import FULL, PRECISE, RANDOM, method_family
 from arithlens.claims.findings import Run
-from arithlens.claims.intervals import knockout_gap, transfer_contrast, wilson
+from arithlens.claims.intervals import holm, knockout_gap, routed_share, transfer_contrast
 from arithlens.claims.rules import CLAIMS, PAPER_CLAIMS, RULE_HISTORY, RULES, rule_history_table, rule_version  # noqa: F401
 
 HOLDS, PARTLY, FAILS, UNTESTABLE = "holds", "partly", "does not hold", "not testable"
@@ -152,20 +152,34 @@ def claim_c3(runs: Mapping[str, Run]) -> Verdict:
                    "01_heads")
 
 
+#: C4's *through*: the least share of the key heads' joint path effect the top three MLPs must carry (the
+#: lower end of its interval).
+THROUGH_SHARE = 0.25
+
+
 def claim_c4(runs: Mapping[str, Run]) -> Verdict:
     key = runs["01_heads"].table("key_heads")
     if not len(key):
         return Verdict("C4", UNTESTABLE, "chapter 1 selected no key heads", "02_mlp")
-    eff = runs["02_mlp"].table("mlp_effects")
-    eff = eff[(eff["mode"] == "direct") & (eff["metric"] == "d_prob")]
+    mlp = runs["02_mlp"]
+    eff = mlp.table("mlp_effects")
+    eff = eff[(eff["mode"] == "direct") & (eff["metric"] == "d_digit_logprob")]
+    routed, joint = table_or_none(mlp, "heads_to_mlp_items"), table_or_none(mlp, "heads_joint")
+    if not len(eff) or routed is None or joint is None:
+        return Verdict("C4", UNTESTABLE, "chapter 2's run has no digit log-probability effects or no heads → MLP rows",
+                       "02_mlp")
     top = eff.assign(size=eff["mean"].abs()).sort_values("size", ascending=False).head(3)
     median = float(np.median(key["layer"]))
     after = int((top["layer"] > median).sum())
     clear = bool(((top["ci_low"] > 0) | (top["ci_high"] < 0)).any())
-    verdict = FAILS if not clear or not after else HOLDS if after == len(top) else PARTLY
+    share = routed_share(routed, joint, top["layer"].astype(int).tolist())
+    through = share["low"] >= THROUGH_SHARE
+    verdict = FAILS if not clear else _grade(after == len(top), through)
     layers = ", ".join(f"{int(r.layer)} ({r.mean:+.3f})" for r in top.itertuples())
-    return Verdict("C4", verdict, f"largest MLPs {layers}; key heads' median layer {median:g}; "
-                                  f"{after} of {len(top)} after it", "02_mlp")
+    return Verdict("C4", verdict, f"largest MLPs {layers}; key heads' median layer {median:g}; {after} of {len(top)} "
+                                  f"after it; they carry {share['share']:.0%} [{share['low']:.0%}, {share['high']:.0%}] "
+                                  f"of the key heads' joint effect ({share['direct_share']:.0%} of it direct; "
+                                  f"{share['n_prompts']} prompts resampled)", "02_mlp")
 
 
 #: C5's margin: the most the controls may lose (relative) under the key heads for the heads to count as not non-math.
@@ -249,12 +263,13 @@ def claim_r5(runs: Mapping[str, Run]) -> Verdict:
     math, control = tests[tests["kind"] == "math"], tests[tests["kind"] != "math"]
     if not len(math) or not len(control):
         return Verdict("R5", UNTESTABLE, "no usable math suite or no usable control in chapter 3", "07_robustness")
-    hit = lambda t: t[t["p_value"] <= 0.05]["suite"].tolist()
-    m, c = hit(math), hit(control)
+    m = math[holm(math["p_value"]) <= 0.05]["suite"].tolist()
+    c = control[control["p_value"] <= 0.05]["suite"].tolist()
     verdict = HOLDS if len(m) == len(math) and not c else PARTLY if m else FAILS
-    return Verdict("R5", verdict, f"p ≤ 0.05 on {len(m)} of {len(math)} math suites and {len(c)} of {len(control)} controls"
-                                  + (f" ({', '.join(c)})" if c else "")
-                                  + f"; {int(tests['n_sets'].iloc[0])} sets per suite", "07_robustness")
+    n_sets = int(tests["n_sets"].iloc[0])
+    return Verdict("R5", verdict, f"Holm-adjusted p ≤ 0.05 on {len(m)} of {len(math)} math suites; p ≤ 0.05 on {len(c)} "
+                                  f"of {len(control)} controls" + (f" ({', '.join(c)})" if c else "")
+                                  + f"; {n_sets} sets per suite (smallest possible p {1 / (1 + n_sets):.3f})", "07_robustness")
 
 
 DECIDERS: dict[str, Callable[[Mapping[str, Run]], Verdict]] = {

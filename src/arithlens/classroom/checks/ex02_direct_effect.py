@@ -111,15 +111,17 @@ def clean_into_clean_is_zero(head_output_change, direct_effect) -> str:
 def every_head_matches_library(head_output_change, direct_effect) -> str:
     """Composed, the two functions reproduce the library's direct-effect sweep for every head."""
     model, end, clean, cf = _setup()
+    H = model.n_heads
+    got = {(layer, head): tensor(direct_effect(model, clean, head_output_change(model, clean, cf, layer, head),
+                                               end.answers.clone()), (len(end.answers),), "direct_effect(head_output_change(...))")
+           for layer in range(model.n_layers) for head in range(H)}
+    # the expected values are computed only after the student's code has run: nothing to read off this frame
     digits = hooks.digit_tokens(model.tokenizer)
     clean_logit = end.clean_logits.gather(1, end.answers[:, None])[:, 0]
     want = (patching.sweep_many(model, [end], "direct", digits, with_prob=False)[0].logit - clean_logit[:, None]).cpu()
-    H = model.n_heads
     for layer in range(model.n_layers):
         for head in range(H):
-            got = tensor(direct_effect(model, clean, head_output_change(model, clean, cf, layer, head), end.answers.clone()),
-                         (len(end.answers),), "direct_effect(head_output_change(...))")
-            diff = max_diff(got, want[:, layer * H + head])
+            diff = max_diff(got[(layer, head)], want[:, layer * H + head])
             assert diff <= 1e-4 * (1 + float(want.abs().max())), f"head {layer}.{head}: off by {diff:.3g} from patching.sweep_many"
     return f"all {model.n_layers * H} heads match the library's sweep"
 

@@ -41,6 +41,8 @@ def test_heads_chapter_end_to_end(shared_runs):
     items = run.table("knockout_items")
     assert set(items["condition"]) == {"none", "top", "layer_matched"} and items["draw"].max() == 19
     assert set(run.table("few_heads_curve")["ranking"]) == {"direct", "path"}
+    cf = run.table("counterfactual_heads")  # every head in a top set, and the sets it is in
+    assert {"null", "swap", "operand", "found by"} <= set(cf.columns) and cf["null"].sum() == 2
     assert len(summary[(summary["mode"] == "path") & (summary["metric"] == "d_digit_logprob")]) == 2 * 4  # every head
     knock = run.table("knockout")
     assert set(knock["positions"]) == {"end", "all"} and len(run.table("key_heads")) == 2  # top_k

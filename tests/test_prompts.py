@@ -140,30 +140,56 @@ def test_chapter2_takes_chapter1s_scored_prompts_without_a_forward_pass(tiny):
 
 
 def test_facts_split_in_two_halves_by_the_stated_hash_whatever_the_template():
-    from arithlens.tasks import prompts
+    from arithlens.tasks import facts
     for op in OPERATORS:
-        facts = operand_pairs(OPERATORS[op], 1, 9)
-        halves = {(a, b): prompts.fact_half(op, a, b) for a, b, _ in facts}
+        pairs = operand_pairs(OPERATORS[op], 1, 9)
+        halves = {(a, b): facts.fact_half(op, a, b) for a, b, _ in pairs}
         n_loc = sum(h == "localization" for h in halves.values())
-        assert n_loc == len(facts) // 2 and set(halves.values()) == {"localization", "evaluation"}
+        assert n_loc == len(pairs) // 2 and set(halves.values()) == {"localization", "evaluation"}
         # the rule as stated: order by sha256("op|a|b"), first half localizes
-        order = sorted(facts, key=lambda f: hashlib.sha256(f"{op}|{f[0]}|{f[1]}".encode()).hexdigest())
-        assert [halves[(a, b)] for a, b, _ in order] == ["localization"] * n_loc + ["evaluation"] * (len(facts) - n_loc)
+        order = sorted(pairs, key=lambda f: hashlib.sha256(f"{op}|{f[0]}|{f[1]}".encode()).hexdigest())
+        assert [halves[(a, b)] for a, b, _ in order] == ["localization"] * n_loc + ["evaluation"] * (len(pairs) - n_loc)
     with pytest.raises(ValueError, match="not a fact"):
-        prompts.fact_half("-", 2, 5)
+        facts.fact_half("-", 2, 5)
 
 
 def test_each_half_of_the_prompts_uses_only_its_facts_in_queries_and_demonstrations(tiny):
-    from arithlens.tasks import prompts
+    from arithlens.tasks import facts
     seen = {}
     for half in ("localization", "evaluation"):
         ps = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), n_per_cell=4, shots=2, facts=half))
-        assert len(ps) and all(prompts.fact_half(it.operator, it.a, it.b) == half for it in ps.items)
+        assert len(ps) and all(facts.fact_half(it.operator, it.a, it.b) == half for it in ps.items)
         for it in ps.items:  # every demonstration line "a op b = c" of the prefix is a fact of the same half
             for line in it.clean.split("\n")[:-1]:
                 nums = [int(x) for x in re.findall(r"\d+", line)]
-                assert prompts.fact_half(it.operator, nums[0], nums[1]) == half, line
+                assert facts.fact_half(it.operator, nums[0], nums[1]) == half, line
         seen[half] = {(it.operator, it.a, it.b) for it in ps.items}
     assert not seen["localization"] & seen["evaluation"]
     with pytest.raises(Exception, match="facts"):  # a ValueError, or the test run's type check before it
         PromptConfig(facts="train")
+
+
+def test_three_counterfactuals_change_only_what_they_name_and_keep_the_clean_prompts(tiny):
+    from arithlens.tasks.facts import OPERATORS as OPS, SWAPPED
+    config = PromptConfig(operators=("+", "-", "*"), templates=("eq_spaced", "st_is"), n_per_cell=4, shots=1)
+    made = {cf: make_prompts(tiny.tokenizer, dataclasses.replace(config, counterfactual=cf))
+            for cf in ("null", "swap", "operand")}
+    null_clean = {it.clean for it in made["null"].items}
+    for cf, ps in made.items():
+        assert len(ps) and {it.clean for it in ps.items} <= null_clean | {it.clean for it in ps.items}
+        for it in ps.items:
+            cf_text = it.counterfactual.rsplit("\n", 1)[-1]
+            query = it.clean.rsplit("\n", 1)[-1]
+            assert len(it.cf_tokens) == len(it.clean_tokens) and it.cf_tokens[it.a_pos] == it.clean_tokens[it.a_pos]
+            if cf == "operand":  # B changes, the operator stays
+                assert it.cf_tokens[it.b_pos] != it.clean_tokens[it.b_pos]
+                assert it.cf_tokens[it.op_pos] == it.clean_tokens[it.op_pos]
+            else:  # the operator changes, B stays
+                assert it.cf_tokens[it.b_pos] == it.clean_tokens[it.b_pos] and cf_text != query
+            if cf == "swap":
+                partner = OPS[SWAPPED[it.operator]]
+                assert any(partner.render(f) in cf_text for f in ("symbol", "word", "noun"))
+    # the clean prompts do not depend on the counterfactual chosen (items that cannot be aligned aside)
+    by_key = {cf: {(it.operator, it.template, it.a, it.b): it.clean for it in ps.items} for cf, ps in made.items()}
+    for cf in ("swap", "operand"):
+        assert all(by_key["null"][k] == v for k, v in by_key[cf].items() if k in by_key["null"])

@@ -35,7 +35,7 @@ class Run(Protocol):
 
 
 def scored_prompts(heads_run: Run, tokenizer, facts: Facts = "localization") -> tuple[PromptSet, pd.DataFrame, PromptSet]:
-    """Chapter 1's prompts of one half of the facts (:func:`arithlens.tasks.prompts.fact_half`) as it
+    """Chapter 1's prompts of one half of the facts (:func:`arithlens.tasks.facts.fact_half`) as it
     scored them: ``(generated, scores, kept)``, with no forward pass.
 
     The prompt set is rebuilt from the run's parameters (generation is deterministic given the

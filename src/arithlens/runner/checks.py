@@ -100,6 +100,13 @@ def _templates() -> list[str]:
     return list(prompts.TEMPLATES)
 
 
+def _counterfactuals() -> list[str]:
+    import typing
+
+    from arithlens.tasks import prompts
+    return list(typing.get_args(prompts.Counterfactual))
+
+
 def _suites() -> list[str]:
     from arithlens.tasks import suites
     return list(suites.SUITES)
@@ -175,6 +182,8 @@ RULES: dict[str, Rule] = {
     "all_positions_k": each(COUNT),
     "matched_draws": count(20),  # the knockout verdict's layer-matched draws: fewer cannot reach p < 0.05
     "few_points": each(COUNT),
+    "counterfactuals": each(name_in(_counterfactuals, "a counterfactual")),
+    "n_counterfactual_prompts": COUNT,
     "role_min_share": FRACTION,
     # chapter 2: MLPs and the logit lens
     "lens_template": TEMPLATE,

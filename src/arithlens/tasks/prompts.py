@@ -3,8 +3,11 @@
 Ground floor of the science wing (paper § "Setup", "Data" and "Counterfactual input"). Two operands
 A, B in a range (default 1..9), an operator (+ - * /), an answer C that must be a *single token*
 right after the prompt, written in one of the shipped templates (three styles: equation, statement,
-question-answer). The counterfactual is the same text with the operator replaced by a null word
-("nothing", "none") or a meaningless symbol ("@", "<"); operands and template unchanged.
+question-answer), over the facts and operators of :mod:`arithlens.tasks.facts` (one half of the facts,
+or all). The counterfactual is the same text with the operator replaced by a null word ("nothing",
+"none") or a meaningless symbol ("@", "<") — the paper's; operands and template unchanged — or, as
+checks of what the heads detect, by its partner operation (``swap``: + ↔ −, × ↔ ÷, answer format
+kept) or with operand B replaced by another digit (``operand``).
 
 Every position the analyses use (operand A, operand B, operator, END) is found from the tokenizer's
 character offsets and asserted; a clean/counterfactual pair that does not tokenize to the same length
@@ -17,9 +20,6 @@ Written by hand: the templates and the checks (no library generates these prompt
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import itertools
 import random
 import string
 from collections import Counter
@@ -32,47 +32,11 @@ import torch
 
 from arithlens.core.items import align_counterfactual, continuation, encode, length_batches, to_tokens, tokens_over
 from arithlens.core.models import LoadedModel, logits_at_end
+from arithlens.tasks.facts import NULL_OPERATORS, OPERATORS, SWAPPED, Form, Operator, fact_half, operand_pairs
 
 Style = Literal["equation", "statement", "question"]
-Form = Literal["symbol", "word", "noun"]
 Facts = Literal["all", "localization", "evaluation"]
-
-
-@dataclass(frozen=True)
-class Operator:
-    """An arithmetic operator and the ways templates write it."""
-
-    symbol: str
-    word: str
-    noun: str
-
-    def render(self, form: Form) -> str:
-        return {"symbol": self.symbol, "word": self.word, "noun": self.noun}[form]
-
-    def apply(self, a: int, b: int) -> int | None:
-        """The exact integer answer, or None where it is not a natural number."""
-        if self.symbol == "+":
-            return a + b
-        if self.symbol == "-":
-            return a - b if a >= b else None
-        if self.symbol == "*":
-            return a * b
-        return a // b if b != 0 and a % b == 0 else None
-
-
-OPERATORS: dict[str, Operator] = {
-    "+": Operator("+", "plus", "sum"),
-    "-": Operator("-", "minus", "difference"),
-    "*": Operator("*", "times", "product"),
-    "/": Operator("/", "divided by", "quotient"),
-}
-
-#: Replacements for the operator, per form: the paper's null words and meaningless symbols.
-NULL_OPERATORS: dict[Form, tuple[str, ...]] = {
-    "symbol": ("@", "<", "#", "&", "~"),
-    "word": ("nothing", "none", "nothing at", "none of"),
-    "noun": ("nothing", "none", "null", "nothing at", "none of"),
-}
+Counterfactual = Literal["null", "swap", "operand"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +100,7 @@ class PromptConfig:
     shots: int = 0
     seed: int = 0
     facts: Facts = "all"  # which half of the arithmetic facts (:func:`fact_half`) queries and demonstrations use
+    counterfactual: Counterfactual = "null"  # the paper's null operator, an operator swap, or another operand B
 
     def __post_init__(self):
         unknown_ops = [o for o in self.operators if o not in OPERATORS]
@@ -151,6 +116,8 @@ class PromptConfig:
             raise ValueError("n_per_cell must be >= 1 and shots >= 0")
         if self.facts not in ("all", "localization", "evaluation"):
             raise ValueError(f"facts must be 'all', 'localization' or 'evaluation', got {self.facts!r}")
+        if self.counterfactual not in ("null", "swap", "operand"):
+            raise ValueError(f"counterfactual must be 'null', 'swap' or 'operand', got {self.counterfactual!r}")
 
 
 @dataclass(frozen=True)
@@ -176,49 +143,6 @@ class PromptSet:
         keep = list(keep)
         assert len(keep) == len(self.items)
         return PromptSet(self.config, tuple(it for it, k in zip(self.items, keep) if k), dict(self.dropped))
-
-
-def operand_pairs(op: Operator, lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """All (a, b, answer) in range whose answer is a natural number."""
-    out = []
-    for a, b in itertools.product(range(lo, hi + 1), repeat=2):
-        c = op.apply(a, b)
-        if c is not None:
-            out.append((a, b, c))
-    return out
-
-
-#: The stated rule that splits arithmetic facts (a, b, operator) into two halves, shared by every chapter.
-FACT_SPLIT_RULE = ("the facts a ∘ b of each operator in the operand range are ordered by sha256(\"∘|a|b\") "
-                   "(e.g. sha256(\"+|3|4\")); the first half (rounded down) *localizes* the heads, the rest is "
-                   "the *evaluation* half")
-
-
-@functools.lru_cache(maxsize=None)
-def _halves(operator: str, operand_range: tuple[int, int]) -> dict[tuple[int, int], str]:
-    facts = sorted(operand_pairs(OPERATORS[operator], *operand_range),
-                   key=lambda f: hashlib.sha256(f"{operator}|{f[0]}|{f[1]}".encode()).hexdigest())
-    return {(a, b): "localization" if i < len(facts) // 2 else "evaluation" for i, (a, b, _) in enumerate(facts)}
-
-
-def fact_half(operator: str, a: int, b: int, operand_range: tuple[int, int] = (1, 9)) -> str:
-    """``"localization"`` or ``"evaluation"``: the half of the facts (:data:`FACT_SPLIT_RULE`) that
-    ``a operator b`` belongs to, whatever the template, the shots or the model. Heads are localized on
-    the first half; knockouts, transfer, robustness and fine-tuning evaluation use only the second."""
-    half = _halves(operator, tuple(operand_range)).get((a, b))
-    if half is None:
-        raise ValueError(f"{a} {operator} {b} is not a fact in the operand range {operand_range}")
-    return half
-
-
-def fact_split_table(operators=("+", "-", "*", "/"), operand_range: tuple[int, int] = (1, 9)) -> pd.DataFrame:
-    """Per operator: how many facts in range have a natural-number answer, and how many fall in each half."""
-    rows = []
-    for op in operators:
-        halves = Counter(_halves(op, tuple(operand_range)).values())
-        rows.append({"operator": op, "facts": sum(halves.values()), "localization": halves["localization"],
-                     "evaluation": halves["evaluation"]})
-    return pd.DataFrame(rows)
 
 
 def _span_token(offsets: list[tuple[int, int]], start: int, end: int) -> int:
@@ -268,7 +192,8 @@ def make_prompts(tokenizer, config: PromptConfig = PromptConfig()) -> PromptSet:
             for a, b, c in chosen:
                 others = [p for p in eligible if p != (a, b, c)]
                 prefix = _few_shot_prefix(tpl, op, others, config.shots, cell_rng) if config.shots else ""
-                item, reason = _build_item(tokenizer, tpl, op, a, b, c, prefix, cell_rng)
+                item, reason = _build_item(tokenizer, tpl, op, a, b, c, prefix,
+                                           random.Random(f"{config.seed}|{op_key}|{t_name}|{a}|{b}"), config.counterfactual)
                 if item is None:
                     dropped[reason] += 1
                 else:
@@ -277,7 +202,7 @@ def make_prompts(tokenizer, config: PromptConfig = PromptConfig()) -> PromptSet:
 
 
 def _build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, prefix: str,
-                rng: random.Random) -> tuple[PromptItem | None, str]:
+                rng: random.Random, counterfactual: Counterfactual = "null") -> tuple[PromptItem | None, str]:
     op_text = op.render(tpl.form)
     clean = prefix + tpl.render(a, op_text, b)
     ids, offsets = encode(tokenizer, clean)
@@ -293,10 +218,16 @@ def _build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, 
     # this check catches a tokenizer whose offsets are not what we assume.
     assert tokenizer.decode([ids[a_pos]]).strip().endswith(str(a)[-1]), f"operand A misplaced in {clean!r}"
     assert tokenizer.decode([ids[b_pos]]).strip().endswith(str(b)[-1]), f"operand B misplaced in {clean!r}"
-    candidates = list(NULL_OPERATORS[tpl.form])
+    if counterfactual == "operand":  # another B in the range: the same operation on other numbers
+        candidates = [str(x) for x in range(1, 10) if x != b]
+        span, fixed = spans["b"], (a_pos, op_pos)
+    else:  # the paper's null operator, or the partner operation written the same way
+        candidates = ([OPERATORS[SWAPPED[op.symbol]].render(tpl.form)] if counterfactual == "swap"
+                      else list(NULL_OPERATORS[tpl.form]))
+        span, fixed = spans["op"], (a_pos, b_pos)
     rng.shuffle(candidates)
-    # Equal length and equal tokens outside the operator: A, B and END sit at the same positions.
-    aligned = align_counterfactual(tokenizer, clean, ids, offsets, spans["op"], candidates, fixed=(a_pos, b_pos))
+    # Equal length and equal tokens outside the replaced span: A, B, the operator and END stay in place.
+    aligned = align_counterfactual(tokenizer, clean, ids, offsets, span, candidates, fixed=fixed)
     if aligned is None:
         return None, "no counterfactual tokenizes to the same length"
     cf, cf_ids = aligned

@@ -88,6 +88,13 @@ def test_faithfulness_curve_matches_plain_loop(prompt_set):
         assert row["fraction_recovered"] == pytest.approx((m - m_ablated) / (m_clean - m_ablated), rel=1e-3)
     with pytest.raises(ValueError, match="every head exactly once"):
         G.faithfulness_curve(ev, {"short": ranking[:-1]})
+    # chapter 1's per-prompt rows at one n give the curve's F(n) as a ratio of means, with an interval around it
+    from arithlens.claims.intervals import recovered
+    items = G.kept_items(ev, {"r": ranking, "other": ranking[::-1]}, 3)
+    assert len(items) == 2 * 3 * len(ps) and set(items["condition"]) == {"clean", "ablated", "kept"}
+    got = recovered(items, n_boot=200).set_index("ranking")
+    assert got.loc["r", "recovered"] == pytest.approx(curve[curve["n"] == 3]["fraction_recovered"].iloc[0], rel=1e-6)
+    assert got.loc["r", "low"] <= got.loc["r", "recovered"] <= got.loc["r", "high"] and got.loc["r", "n"] == 3
 
 
 def test_curve_area_on_hand_computed_curves():

@@ -120,20 +120,24 @@ class LogitDiffEvaluator:
         self.batches = answer_batches(prompts.items, batch_size, model.device)
 
     @torch.no_grad()
-    def logit_diffs(self, ablated_sets: Sequence[Sequence[Head]], progress=None) -> list[float]:
-        """For each head set, the mean over prompts of answer − best other digit at END with those heads
-        mean-ablated at END. ``progress`` (tqdm-like) counts batches."""
+    def per_prompt(self, ablated_sets: Sequence[Sequence[Head]], progress=None) -> np.ndarray:
+        """For each head set, answer − best other digit at END of every prompt with those heads
+        mean-ablated at END: ``sets × prompts`` (prompts in the set's order). ``progress`` (tqdm-like)
+        counts batches."""
         fwds = [ablation_hooks(list(heads), self.means, "end") for heads in ablated_sets]
-        totals, n = [0.0] * len(fwds), 0
+        out = np.zeros((len(fwds), len(self.prompts)))
         todo = progress(self.batches, desc=f"logit difference ({len(fwds)} head sets per batch)") if progress else self.batches
-        for _, tokens, answers in todo:
+        for b, tokens, answers in todo:
             kv = prefix_kv(self.model, tokens[:, :-1]) if fwds else None
             for c, fwd in enumerate(fwds):
                 logits = end_only_logits(self.model, tokens, fwd, kv)
-                totals[c] += float(scores_from_logits(logits, answers, self.digits, False).logit_diff.sum())
-            n += len(answers)
+                out[c, b] = scores_from_logits(logits, answers, self.digits, False).logit_diff.double().cpu().numpy()
             del kv
-        return [total / n for total in totals]
+        return out
+
+    def logit_diffs(self, ablated_sets: Sequence[Sequence[Head]], progress=None) -> list[float]:
+        """For each head set, the mean over prompts of :meth:`per_prompt`."""
+        return [float(m) for m in self.per_prompt(ablated_sets, progress).mean(1)]
 
     def logit_diff(self, ablated: Sequence[Head]) -> float:
         """Mean over prompts of answer − best other digit at END with ``ablated`` mean-ablated at END."""
@@ -167,6 +171,23 @@ def faithfulness_curve(evaluator: LogitDiffEvaluator, rankings: Mapping[str, Seq
         rows.append({"ranking": name, "n": n, "n_heads": len(everything), "logit_diff": m, "m_clean": m_clean,
                      "m_ablated": m_ablated,
                      "fraction_recovered": (m - m_ablated) / (m_clean - m_ablated)})
+    return pd.DataFrame(rows)
+
+
+def kept_items(evaluator: LogitDiffEvaluator, rankings: Mapping[str, Sequence[Head]], n: int,
+               progress=None) -> pd.DataFrame:
+    """Per prompt, the logit difference with nothing ablated (``clean``), with every head ablated
+    (``ablated``) and with only each ranking's top-``n`` heads kept (``kept``): the rows an interval on
+    the fraction recovered F(n) needs (long form: ``ranking``, ``condition``, ``prompt``, ``logit_diff``)."""
+    model = evaluator.model
+    everything = [Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    names = list(rankings)
+    values = evaluator.per_prompt([[], everything] + [list(rankings[r][n:]) for r in names], progress)
+    rows = []
+    for i, name in enumerate(names):
+        for cond, row in (("clean", values[0]), ("ablated", values[1]), ("kept", values[2 + i])):
+            rows += [{"ranking": name, "condition": cond, "prompt": p, "logit_diff": float(v), "n": n}
+                     for p, v in enumerate(row)]
     return pd.DataFrame(rows)
 
 

@@ -8,6 +8,8 @@ Science wing, claims floor: used by :mod:`arithlens.claims.verdicts` (and nothin
   head sets (the main source of variance) is in the interval and no prompt counts twice.
 - :func:`transfer_contrast` — chapter 3's pooled relative change per kind of suite, a paired bootstrap
   over items within each suite.
+- :func:`recovered` — chapter 1's fraction of the logit difference the top 5 % of heads recover alone,
+  bootstrapped over prompts.
 - :func:`routed_share` — chapter 2's share of the key heads' joint effect that passes through given MLPs,
   a ratio of means bootstrapped over prompts.
 - :func:`holm` — Holm's step-down adjustment of several p-values (statsmodels ``multipletests``).
@@ -70,6 +72,23 @@ def routed_share(routed: pd.DataFrame, joint: pd.DataFrame, layers, metric: str 
     return {"share": float(r.mean() / t.mean()), "low": float(np.percentile(boots, 2.5)),
             "high": float(np.percentile(boots, 97.5)), "joint": float(t.mean()),
             "direct_share": float(direct.loc[prompts].mean() / t.mean()), "n_prompts": len(t)}
+
+
+def recovered(items: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per ranking, the fraction of the logit difference the top-n heads recover alone, F(n) = (kept −
+    ablated) / (clean − ablated) as a ratio of means over prompts (chapter 1's ``few_heads_items``:
+    :func:`arithlens.analyses.agreement.kept_items`), with a 95 % percentile interval from a bootstrap over
+    prompts (the three conditions resampled together)."""
+    rows = []
+    rng = np.random.default_rng(seed)
+    for ranking, part in items.groupby("ranking", sort=False):
+        wide = part.pivot(index="prompt", columns="condition", values="logit_diff")
+        c, a, k = (wide[x].to_numpy(float) for x in ("clean", "ablated", "kept"))
+        idx = rng.integers(0, len(c), (n_boot, len(c)))
+        boots = (k[idx].mean(1) - a[idx].mean(1)) / (c[idx].mean(1) - a[idx].mean(1))
+        rows.append({"ranking": ranking, "n": int(part["n"].iloc[0]), "recovered": (k.mean() - a.mean()) / (c.mean() - a.mean()),
+                     "low": float(np.percentile(boots, 2.5)), "high": float(np.percentile(boots, 97.5)), "n_prompts": len(c)})
+    return pd.DataFrame(rows)
 
 
 def holm(p_values) -> np.ndarray:

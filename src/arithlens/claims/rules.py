@@ -30,7 +30,7 @@ PAPER_CLAIMS = tuple(c for c in CLAIMS if c.startswith("C"))
 RULES = {
     "C1": "Chapter 1, on the evaluation half of the facts. *Few*: keeping only the top 5 % of heads (⌊0.05 × heads⌋, "
           "every other head mean-ablated at END) recovers at least 80 % of the clean logit difference answer − best "
-          "other digit, for the ranking of the paper's direct convention and for that of the path convention (each "
+          "other digit (ratio of means over prompts; its 95 % interval from a bootstrap over prompts is shown), for the ranking of the paper's direct convention and for that of the path convention (each "
           "ranked by the change in log p(answer) among the digits, on the localization half). *Middle band*: the "
           "median key head sits inside the paper's band, 0.375–0.5625 of depth (layers 12–17 of 32). Holds: all "
           "three; partly: one or two; does not hold: none.",

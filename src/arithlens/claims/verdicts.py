@@ -27,7 +27,7 @@ from scipy.stats import fisher_exact
 
 from arithlens.analyses.sft.naming import FULL, PRECISE, RANDOM, method_family
 from arithlens.claims.findings import Run
-from arithlens.claims.intervals import holm, knockout_gap, routed_share, transfer_contrast
+from arithlens.claims.intervals import holm, knockout_gap, recovered, routed_share, transfer_contrast
 from arithlens.claims.rules import CLAIMS, PAPER_CLAIMS, RULE_HISTORY, RULES, rule_history_table, rule_version  # noqa: F401
 
 HOLDS, PARTLY, FAILS, UNTESTABLE = "holds", "partly", "does not hold", "not testable"
@@ -78,20 +78,19 @@ FEW_SHARE, FEW_RECOVERED = 0.05, 0.8
 
 
 def few_heads(heads_run: Run) -> pd.DataFrame | None:
-    """Per convention (``ranking``: direct, path): the top-5 % count n, its fraction recovered F(n) and the
-    smallest measured n with F ≥ 0.8 (None when none reaches it) — from chapter 1's ``few_heads_curve``,
-    or None for a run that has none."""
-    curve = table_or_none(heads_run, "few_heads_curve")
-    if curve is None or not len(curve):
+    """Per convention (``ranking``: direct, path): the top-5 % count n, the fraction F(n) its heads recover
+    alone with a 95 % interval over prompts (:func:`arithlens.claims.intervals.recovered` on chapter 1's
+    ``few_heads_items``), and the smallest n measured on the ``few_heads_curve`` with F ≥ 0.8 (None when
+    none reaches it); None for a run that has neither."""
+    curve, items = table_or_none(heads_run, "few_heads_curve"), table_or_none(heads_run, "few_heads_items")
+    if curve is None or items is None or not len(curve) or not len(items):
         return None
     rows = []
-    for ranking, part in curve.groupby("ranking", sort=False):
-        n_heads = int(part["n_heads"].iloc[0])
-        n_few = int(np.floor(FEW_SHARE * n_heads))
-        at = part[part["n"] == n_few]["fraction_recovered"]
+    for r in recovered(items).itertuples():
+        part = curve[curve["ranking"] == r.ranking]
         enough = part[part["fraction_recovered"] >= FEW_RECOVERED]["n"]
-        rows.append({"ranking": ranking, "n_heads": n_heads, "n_few": n_few,
-                     "recovered": float(at.iloc[0]) if len(at) else float("nan"),
+        rows.append({"ranking": r.ranking, "n_heads": int(part["n_heads"].iloc[0]), "n_few": r.n,
+                     "recovered": float(r.recovered), "low": float(r.low), "high": float(r.high), "n_prompts": r.n_prompts,
                      "k80": int(enough.min()) if len(enough) else None})
     return pd.DataFrame(rows)
 
@@ -109,8 +108,9 @@ def claim_c1(runs: Mapping[str, Run]) -> Verdict:
     mid = PAPER_BAND[0] <= band <= PAPER_BAND[1]
     k80 = lambda m: (f"80 % needs {few.loc[m, 'k80']} ({few.loc[m, 'k80'] / few.loc[m, 'n_heads']:.0%})"
                      if few.loc[m, "k80"] is not None and not pd.isna(few.loc[m, "k80"]) else "no measured n reaches 80 %")
-    said = "; ".join(f"{m}: top {few.loc[m, 'n_few']} recover {few.loc[m, 'recovered']:.0%}, {k80(m)}"
-                     for m in ("direct", "path") if m in few.index)
+    said = "; ".join(f"{m}: top {few.loc[m, 'n_few']} recover {few.loc[m, 'recovered']:.0%} [{few.loc[m, 'low']:.0%}, "
+                     f"{few.loc[m, 'high']:.0%}], {k80(m)}" for m in ("direct", "path") if m in few.index)
+    said += f" ({int(few['n_prompts'].iloc[0])} evaluation prompts resampled)"
     return Verdict("C1", _grade(*parts, mid),
                    f"{said}; key heads' median at {band:.2f} of depth (layers {int(key['layer'].min())}–"
                    f"{int(key['layer'].max())} of {n_layers}; the paper's band {PAPER_BAND[0]:.2f}–{PAPER_BAND[1]:.2f})",

@@ -152,7 +152,8 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     index = book.build_book(list(results.values()), primary="tiny")
     verdicts_md = (tmp_path / "_generated" / "verdicts.md").read_text()
     assert "| claim | tiny | tiny:1 |" in verdicts_md and "(models/tiny_1/01_heads.ipynb)" in verdicts_md
-    assert "Rows R1, R3, R5 are not the paper's" in verdicts_md and "(chapters/07_robustness.ipynb)" in verdicts_md
+    assert "Rows R1, R3, R5, R6 are not the paper's" in verdicts_md and "[chapter 7](chapters/07_robustness.ipynb) (R1, R3, R5)" in verdicts_md
+    assert "[chapter 4](chapters/04_precise_sft.ipynb) (R6)" in verdicts_md
     intro = (index.parent / "intro.html").read_text()
     assert "tiny:1" in intro and 'href="models/tiny_1/01_heads.html"' in intro
     page = (index.parent / "models" / "tiny_1" / "01_heads.html").read_text()

@@ -110,8 +110,9 @@ def test_transfer_chapter_end_to_end(shared_runs):
 
 
 MLP_AS_INPUT = [f"02_mlp.{p}" for p in MLP_TINY]
-SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "random_seeds=1", "head_counts=[1]",
-            "mlp_counts=[1]", "suites=[power, capitals]", "n_suite=4", "n_boot=20"]
+SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "training_seeds=2", "random_draws=10",
+            "all_layer_draws=1", "lr_grid=[0.001, 0.01]", "lora_lr_grid=[0.01]", "head_counts=[1]", "mlp_counts=[1]",
+            "suites=[power, capitals]", "n_suite=4", "n_control=4", "n_boot=20"]
 
 
 @pytest.mark.slow
@@ -119,7 +120,17 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
     run = run_chapter("04_precise_sft", "tiny", SFT_TINY + HEADS_AS_INPUT + MLP_AS_INPUT, log=lambda m: None)
     assert set(run.manifest["inputs"]) == {"01_heads", "02_mlp"}
     tables = set(run.manifest["tables"])
-    assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet"} <= tables
+    assert {"scores.parquet", "comparison.parquet", "math_vs_control.parquet", "training.parquet", "random_draws.parquet",
+            "lr_selection.parquet"} <= tables
+    selection = run.table("lr_selection")  # one row per family and rate, one chosen per family
+    assert set(selection["family"]) == {"full SFT", "Precise SFT", "random heads", "LoRA"}
+    assert selection.groupby("family")["chosen"].sum().eq(1).all()
+    chosen = selection[selection["chosen"]].set_index("family")["lr"]
+    training = run.table("training")
+    assert (training[training["method"] == "full SFT"]["lr"] == chosen["full SFT"]).all()
+    assert training[training["method"] == "full SFT"]["seed"].nunique() == 2  # training seeds
+    draws = run.table("random_draws")
+    assert (draws["arm"] == "random").sum() == 10 and (draws["arm"] == "key").sum() == 1
     methods = set(run.table("training")["method"])
     assert {"full SFT", "LoRA"} & {m.split(" r=")[0] for m in methods} and any(m.startswith("random") for m in methods)
     from arithlens.core.deltas import load_delta

@@ -183,6 +183,14 @@ def test_sft_data_split_and_batches(tiny):
     assert not train_pairs & {(it.operator, it.a, it.b) for it in data.evals["held-out pairs"].items}
     assert not {it.template for it in data.train.items} & set(fd.HELDOUT_TEMPLATES)
     assert {it.template for it in data.evals["held-out templates"].items} <= set(fd.HELDOUT_TEMPLATES)
+    # three parts of the facts: train, validation (for the learning rates), evaluation (both evaluation sets)
+    from arithlens.tasks.facts import fact_half, fact_part
+    facts = lambda ps: {(it.operator, it.a, it.b) for it in ps.items}
+    evaluated = facts(data.evals["held-out pairs"]) | facts(data.evals["held-out templates"])
+    assert len(data.validation) and not facts(data.validation) & (train_pairs | evaluated)
+    assert all(fact_part(*f[:1], *f[1:]) == "train" for f in train_pairs)
+    assert all(fact_half(op, a, b) == "evaluation" for op, a, b in evaluated)
+    assert not {it.template for it in data.validation.items} & set(fd.HELDOUT_TEMPLATES)
     batches = fd.make_batches(data.train, batch_size=16, n_batches=200, seed=0)
     epoch, count = [], 0
     for tokens, answers in batches:
@@ -209,6 +217,26 @@ def test_compare_to_base_paired_changes():
     assert np.isclose(summary.loc["tuned", "change"], 0.5) and summary.loc["tuned", "low"] <= 0.5 <= summary.loc["tuned", "high"]
 
 
+def test_math_vs_control_resamples_seeds_with_items():
+    """Two methods with the same mean change on the same items: one whose seeds agree, one whose seeds
+    disagree. Resampling seeds and items together gives the second a wider interval; per_seed_changes
+    gives each seed's own change."""
+    n, rows = 40, []
+    rows += [{"method": "base", "seed": 0, "kind": "math", "set": "s", "item": i, "correct": i % 2 == 0} for i in range(n)]
+    for seed in range(4):
+        rows += [{"method": "steady", "seed": seed, "kind": "math", "set": "s", "item": i, "correct": i % 4 != 3}
+                 for i in range(n)]  # every seed: 75 %
+        rows += [{"method": "erratic", "seed": seed, "kind": "math", "set": "s", "item": i,
+                  "correct": (i % 2 == 0) or seed % 2 == 0} for i in range(n)]  # seeds alternate 100 % / 50 %
+    scores = pd.DataFrame(rows).assign(p_answer=0.5)
+    summary = fd.math_vs_control(scores, n_boot=400).set_index("method")
+    width = summary["high"] - summary["low"]
+    assert np.isclose(summary.loc["steady", "change"], 0.25) and np.isclose(summary.loc["erratic", "change"], 0.25)
+    assert width["erratic"] > width["steady"] + 0.05 and summary.loc["erratic", "seeds"] == 4
+    per_seed = fd.per_seed_changes(scores).set_index(["method", "seed"])["math change"]
+    assert per_seed.loc[("erratic", 0)] == 0.5 and per_seed.loc[("erratic", 1)] == 0.0 and per_seed.loc[("steady", 2)] == 0.25
+
+
 def test_random_heads_are_seeded_and_avoid_the_key_heads(tiny):
     drawn = random_heads(tiny.n_layers, tiny.n_heads, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
     assert drawn == random_heads(tiny.n_layers, tiny.n_heads, 3, seed=1, min_layer=1, exclude=[Head(1, 0)])
@@ -221,23 +249,40 @@ def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny
     from arithlens.analyses.sft import comparison as cmp
     from arithlens.analyses.sft import naming
 
-    ranking = [Head(1, 2), Head(1, 0), Head(0, 3), Head(0, 1)]
-    config = cmp.GridConfig(key_heads=2, random_seeds=2, lora_lrs=(1e-3, 3e-4), head_counts=(1, 3), mlp_counts=(1,))
-    grid = cmp.method_grid(tiny, ranking, mlp_order=[1, 0], config=config)
+    # the full ranking, strongest first: the key heads are the first two, the anti-key heads the last of layer ≥ 1
+    ranking = [Head(1, 2), Head(1, 0), Head(0, 3), Head(1, 3), Head(0, 1), Head(0, 0), Head(0, 2), Head(1, 1)]
+    config = cmp.GridConfig(key_heads=2, lr_grid=(1e-3, 1e-2), lora_lr_grid=(3e-2,), training_seeds=2, random_draws=3,
+                            all_layer_draws=1, head_counts=(1, 3), mlp_counts=(1,))
+    selection = cmp.selection_methods(tiny, ranking, config)
+    assert [(naming.method_family(m.name), m.lr) for m in selection] == [
+        (naming.FULL, 1e-3), (naming.PRECISE, 1e-3), (naming.RANDOM, 1e-3), (naming.FULL, 1e-2), (naming.PRECISE, 1e-2),
+        (naming.RANDOM, 1e-2), (naming.LORA, 3e-2)]
+    val = pd.DataFrame({"method": [m.name for m in selection], "lr": [m.lr for m in selection],
+                        "accuracy": [0.5, 0.6, 0.4, 0.5, 0.7, 0.4, 0.3]})
+    rates = cmp.choose_rates(val)  # best validation accuracy; a tie goes to the smaller rate
+    assert rates == {naming.FULL: 1e-3, naming.PRECISE: 1e-2, naming.RANDOM: 1e-3, naming.LORA: 3e-2}
+    grid = cmp.method_grid(tiny, ranking, mlp_order=[1, 0], config=config, rates=rates)
     names = [m.name for m in grid.methods]
-    assert names == ["full SFT", "Precise SFT (2 key heads)", "random 2 heads", "random 2 heads", "LoRA r=%d (lr 0.001)"
-                     % grid.lora_rank, "LoRA r=%d (lr 0.0003)" % grid.lora_rank, "Precise SFT (1 key head)",
-                     "Precise SFT (3 key heads)", "2 key heads + 1 MLP"]
-    assert [naming.method_family(n) for n in names] == [naming.FULL, naming.PRECISE, naming.RANDOM, naming.RANDOM, naming.LORA, naming.LORA,
-                                                      naming.PRECISE, naming.PRECISE, "2 key heads + 1 MLP"]
-    assert grid.precise is grid.methods[1] and grid.precise.precise.heads == (Head(1, 2), Head(1, 0)) and grid.band == 1
+    r = grid.lora_rank
+    assert names == (["full SFT"] * 2 + ["Precise SFT (2 key heads)"] * 2 + ["random 2 heads"] * 3
+                     + ["random 2 heads (all layers)"] + [f"LoRA r={r}"] * 2 + ["anti-key 2 heads", "Precise SFT (1 key head)",
+                                                                                  "Precise SFT (3 key heads)", "2 key heads + 1 MLP"])
+    families = [naming.method_family(n) for n in names]
+    assert families[:4] == [naming.FULL] * 2 + [naming.PRECISE] * 2 and families[4:7] == [naming.RANDOM] * 3
+    assert families[7] == "random 2 heads (all layers)" and families[10] == naming.ANTI
+    assert [m.lr for m in grid.methods] == [1e-3] * 2 + [1e-2] * 2 + [1e-3] * 4 + [3e-2] * 2 + [1e-2] * 4
+    assert [m.batch_seed for m in grid.methods[:4]] == [0, 1, 0, 1]  # each training seed its own batch order
+    assert grid.precise is grid.methods[2] and grid.precise.precise.heads == (Head(1, 2), Head(1, 0)) and grid.band == 1
     draws = [m for m in grid.methods if naming.method_family(m.name) == naming.RANDOM]
-    # drawn from the key heads' lowest layer up, never a key head: here only layer 1's other two heads are left
-    assert [m.seed for m in draws] == [0, 1] and all(m.precise.heads == (Head(1, 1), Head(1, 3)) for m in draws)
+    # layer-matched: both key heads sit in layer 1, so each draw is two other heads of layer 1
+    assert [m.seed for m in draws] == [0, 1, 2]
+    assert all(len(m.precise.heads) == 2 and {h.layer for h in m.precise.heads} == {1}
+               and not set(m.precise.heads) & {Head(1, 2), Head(1, 0)} for m in draws)
+    assert grid.methods[10].precise.heads == (Head(1, 3), Head(1, 1))  # anti-key: the last of layer ≥ 1 in the ranking
     assert grid.lora_layers == (1,) and grid.n_precise == ft.count_params(tiny, ft.precise_slices(tiny, grid.precise.precise))
     assert grid.methods[-1].precise.mlp_layers == (1,) and grid.methods[-1].group == "MLP ablation"
     # the deltas kept: the main Precise SFT row, the first random draw, the first LoRA row
     kept = cmp.kept_deltas(grid.methods)
     assert list(kept.values()) == ["delta", "delta_random", "delta_lora"]
-    assert list(kept) == [grid.methods[1], draws[0], grid.methods[4]]
+    assert list(kept) == [grid.methods[2], draws[0], grid.methods[8]]
     assert naming.method_family("base") == naming.BASE and naming.lora_name(9) == "LoRA r=9"

@@ -14,7 +14,7 @@ from test_chapters import _markdown_outputs
 from test_graph import _tiny_given
 
 #: The claims each chapter page decides; chapters 0 (the task) and 6 (numbers and neurons) decide none.
-STATED = {"01_heads": ["C1", "C2", "C3"], "02_mlp": ["C4"], "03_transfer": ["C5"], "04_precise_sft": ["C6"],
+STATED = {"01_heads": ["C1", "C2", "C3"], "02_mlp": ["C4"], "03_transfer": ["C5"], "04_precise_sft": ["C6", "R6"],
           "07_robustness": ["R1", "R3", "R5"]}
 
 

@@ -198,23 +198,38 @@ def sft_run(precise: tuple[float, float, float, float, float, float], full: tupl
     return FakeRun(tables)
 
 
-def test_c6_beats_full_sft_and_keeps_controls():
+def test_c6_improves_matches_tuned_full_sft_with_less_forgetting_and_keeps_controls_within_the_margin():
     decide = lambda p, f: verdicts.claim_c6({"04_precise_sft": sft_run(p, f)}).verdict
     kept, hurt = (0.0, -0.02, 0.02), (-0.10, -0.15, -0.05)
     assert decide((0.2, 0.15, 0.25) + kept, (0.05, 0.0, 0.1) + hurt) == HOLDS
-    assert decide((0.2, 0.15, 0.25) + hurt, (0.05, 0.0, 0.1) + hurt) == PARTLY  # beats, but hurts controls
-    assert decide((0.1, 0.05, 0.15) + kept, (0.1, 0.05, 0.15) + hurt) == PARTLY  # improves and keeps, ties full SFT
-    assert decide((0.02, -0.04, 0.08) + kept, (-0.6, -0.7, -0.5) + hurt) == PARTLY  # beats a collapsed full SFT only
+    assert decide((0.1, 0.05, 0.15) + kept, (0.12, 0.08, 0.16) + hurt) == HOLDS  # matches: its interval reaches full's
+    assert decide((0.2, 0.15, 0.25) + hurt, (0.05, 0.0, 0.1) + hurt) == PARTLY  # hurts controls beyond the 5-point margin
+    assert decide((0.1, 0.05, 0.12) + kept, (0.3, 0.25, 0.35) + kept) == PARTLY  # improves and keeps; full SFT does better
+    assert decide((0.2, 0.15, 0.25) + (-0.03, -0.049, -0.01), (0.05, 0.0, 0.1) + kept) == PARTLY  # more forgetting than full
     assert decide((0.0, -0.05, 0.05) + hurt, (0.2, 0.15, 0.25) + kept) == FAILS  # none of the three
 
 
-def test_c6_does_not_count_beating_a_full_sft_that_diverged():
+def test_c6_does_not_count_matching_a_full_sft_that_diverged():
     better, kept, hurt = (0.2, 0.15, 0.25), (0.0, -0.02, 0.02), (-0.6, -0.7, -0.5)
     trained = verdicts.claim_c6({"04_precise_sft": sft_run(better + kept, hurt + hurt, full_loss=(2.5, 2.37))})
     assert trained.verdict == HOLDS and "diverged" not in trained.numbers
     diverged = verdicts.claim_c6({"04_precise_sft": sft_run(better + kept, hurt + hurt, full_loss=(0.08, 3.57))})
-    assert diverged.verdict == PARTLY  # improves and keeps; *beats* a diverged baseline is not counted
-    assert diverged.numbers.endswith("; full SFT diverged (loss 0.08 → 3.57): *beats* not counted")
+    assert diverged.verdict == PARTLY  # improves and keeps; *matches* a diverged baseline is not counted
+    assert diverged.numbers.endswith("; full SFT diverged at its chosen rate (loss 0.08 → 3.57): *matches* not counted")
+
+
+def test_r6_places_the_key_heads_among_the_random_draws():
+    def r6(key, draws):
+        rows = [{"arm": "key", "method": "Precise SFT (10 key heads)", "seed": 0, "math change": key}]
+        rows += [{"arm": "random", "method": "random 10 heads", "seed": d, "math change": v} for d, v in enumerate(draws)]
+        return verdicts.claim_r6({"04_precise_sft": FakeRun({"random_draws": pd.DataFrame(rows)})})
+    draws = [0.01 * i for i in range(10)]  # 0 … 9 points
+    v = r6(0.095, draws)
+    assert v.verdict == HOLDS and "percentile 100, p = 0.091" in v.numbers
+    assert r6(0.085, draws).verdict == HOLDS  # above 9 of 10: percentile 90
+    assert r6(0.05, draws).verdict == PARTLY  # above the median (0.045)
+    assert r6(0.02, draws).verdict == FAILS
+    assert r6(0.5, draws[:9]).verdict == UNTESTABLE  # fewer than ten draws
 
 
 def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_models():

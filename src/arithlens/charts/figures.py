@@ -251,3 +251,31 @@ def heads_curve_chart(curve: pd.DataFrame, title: str = "Math accuracy vs number
                                                  color="selection:N")
     return (line + ci).properties(width=200, height=160).facet(
         facet=alt.Facet("set:N", title=None), columns=2).properties(title=title)
+
+
+def lr_curve_chart(selection: pd.DataFrame, base: float, title: str = "Validation accuracy by learning rate") -> alt.Chart:
+    """Chapter 4's learning-rate selection: validation accuracy per family (``family``) and rate (``lr``,
+    log scale), with the base model's accuracy as a dashed rule and each family's chosen rate marked."""
+    line = alt.Chart(selection).mark_line(point=True).encode(
+        x=alt.X("lr:Q", scale=alt.Scale(type="log"), title="learning rate (log scale)"),
+        y=alt.Y("accuracy:Q", axis=alt.Axis(format="%"), title="validation accuracy"),
+        color=alt.Color("family:N", title=None),
+        tooltip=["method", alt.Tooltip("lr:Q", format="g"), alt.Tooltip("accuracy:Q", format=".1%"),
+                 alt.Tooltip("last loss:Q", format=".2f")])
+    chosen = alt.Chart(selection[selection["chosen"]]).mark_point(size=160, shape="diamond", filled=True).encode(
+        x="lr:Q", y="accuracy:Q", color=alt.Color("family:N", title=None))
+    rule = alt.Chart(pd.DataFrame({"base": [base]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="base:Q")
+    return (line + chosen + rule).properties(width=420, height=240, title=title)
+
+
+def method_draws_chart(draws: pd.DataFrame, title: str = "Math change: the key heads among random heads") -> alt.Chart:
+    """Chapter 4's R6: each random draw's (and the anti-key and all-layer rows') math change from the base
+    model as a point on one axis, the key heads' as a rule. ``draws``: ``arm``, ``method``, ``seed``,
+    ``math change``, ``control change``."""
+    points = alt.Chart(draws[draws["arm"] != "key"]).mark_circle(size=70, opacity=0.8).encode(
+        x=alt.X("math change:Q", axis=alt.Axis(format="+%"), title="math change from the base model"),
+        y=alt.Y("arm:N", title=None), color=alt.Color("arm:N", legend=None),
+        tooltip=["method", "seed", alt.Tooltip("math change:Q", format="+.1%"), alt.Tooltip("control change:Q", format="+.1%")])
+    key = alt.Chart(draws[draws["arm"] == "key"]).mark_rule(color="black", strokeWidth=2).encode(
+        x="math change:Q", tooltip=["method", alt.Tooltip("math change:Q", format="+.1%")])
+    return (points + key).properties(width=420, height=120, title=title)

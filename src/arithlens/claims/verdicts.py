@@ -1,5 +1,5 @@
 """The paper's six claims, each decided on one model by a stated rule applied to that model's run tables,
-and chapter 7's three harder tests of C1, C3 and C5 (R1, R3, R5).
+chapter 7's three harder tests of C1, C3 and C5 (R1, R3, R5) and chapter 4's of C6 (R6).
 
 Science wing (paper § 3–5). A *verdict* is one of ``holds`` / ``partly`` / ``does not hold`` /
 ``not testable``; :data:`RULES` states each rule in words, and the function beside it applies exactly
@@ -201,6 +201,12 @@ def claim_c5(runs: Mapping[str, Run]) -> Verdict:
                    f"{int(t.loc['control key', 'suites'])} controls", "03_transfer")
 
 
+#: C6's non-inferiority margin on the controls: the most (absolute accuracy) their interval may reach below zero.
+SFT_CONTROL_MARGIN = 0.05
+#: R6 needs at least this many random draws, and the key heads above this share of them to hold.
+R6_DRAWS, R6_PERCENTILE = 10, 90.0
+
+
 def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     table = runs["04_precise_sft"].table("math_vs_control").set_index("method")
     precise = next((m for m in table.index if method_family(m) == PRECISE), None)  # the main row comes first
@@ -210,16 +216,33 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     training = table_or_none(runs["04_precise_sft"], "training")  # older runs lack it: nothing to check
     full = pd.DataFrame(columns=["first loss", "last loss"]) if training is None else training[training["method"] == FULL]
     diverged = bool((full["last loss"] > full["first loss"]).any())
-    improves, beats, keeps = p["math low"] > 0, p["math low"] > f["math high"] and not diverged, p["control high"] >= 0
-    verdict = _grade(improves, beats, keeps)
+    improves = p["math low"] > 0
+    matches = p["math high"] >= f["math change"] and p["control change"] >= f["control change"] and not diverged
+    keeps = p["control low"] > -SFT_CONTROL_MARGIN
     fmt = lambda r, kind: f"{r[f'{kind} change']:+.0%} [{r[f'{kind} low']:+.0%}, {r[f'{kind} high']:+.0%}]"
-    rnd = next((m for m in table.index if method_family(m) == RANDOM), None)
-    extra = f"; {rnd} math {fmt(table.loc[rnd], 'math')}" if rnd else ""
+    seeds = f" ({int(p['seeds'])} seeds × items resampled)" if "seeds" in table.columns and not pd.isna(p["seeds"]) else ""
+    extra = ""
     if diverged:
         first, last = full["first loss"].iloc[0], full["last loss"].iloc[0]
-        extra += f"; full SFT diverged (loss {first:.2f} → {last:.2f}): *beats* not counted"
-    return Verdict("C6", verdict, f"math: Precise {fmt(p, 'math')} vs full {fmt(f, 'math')}; controls: Precise "
-                                  f"{fmt(p, 'control')} vs full {fmt(f, 'control')}{extra}", "04_precise_sft")
+        extra = f"; full SFT diverged at its chosen rate (loss {first:.2f} → {last:.2f}): *matches* not counted"
+    return Verdict("C6", _grade(improves, matches, keeps),
+                   f"math: Precise {fmt(p, 'math')} vs full {fmt(f, 'math')}; controls: Precise {fmt(p, 'control')} vs "
+                   f"full {fmt(f, 'control')}{seeds}{extra}", "04_precise_sft")
+
+
+def claim_r6(runs: Mapping[str, Run]) -> Verdict:
+    draws = table_or_none(runs["04_precise_sft"], "random_draws")
+    if draws is None or (draws["arm"] == "random").sum() < R6_DRAWS:
+        return Verdict("R6", UNTESTABLE, f"chapter 4 trained fewer than {R6_DRAWS} layer-matched random draws",
+                       "04_precise_sft")
+    key = float(draws[draws["arm"] == "key"]["math change"].iloc[0])
+    null = draws[draws["arm"] == "random"]["math change"].to_numpy(float)
+    percentile = 100.0 * float(np.mean(null < key))
+    p_value = (1 + int(np.sum(null >= key))) / (1 + len(null))
+    verdict = HOLDS if percentile >= R6_PERCENTILE else PARTLY if key > np.median(null) else FAILS
+    return Verdict("R6", verdict, f"key heads' math change {key:+.1%} vs {len(null)} layer-matched draws (median "
+                                  f"{np.median(null):+.1%}, range {null.min():+.1%} to {null.max():+.1%}): percentile "
+                                  f"{percentile:.0f}, p = {p_value:.3f}", "04_precise_sft")
 
 
 def table_or_none(run: Run, name: str) -> pd.DataFrame | None:
@@ -274,7 +297,7 @@ def claim_r5(runs: Mapping[str, Run]) -> Verdict:
 
 DECIDERS: dict[str, Callable[[Mapping[str, Run]], Verdict]] = {
     "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6,
-    "R1": claim_r1, "R3": claim_r3, "R5": claim_r5}
+    "R1": claim_r1, "R3": claim_r3, "R5": claim_r5, "R6": claim_r6}
 
 
 def needs(claim: str) -> set[str]:

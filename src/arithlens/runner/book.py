@@ -125,7 +125,7 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
     """The first page's verdict table (``book/_generated/verdicts.md``, included by ``intro.md``):
     claims × models from the "Across models" run's saved ``verdicts`` table, each cell linking to the
     page of the chapter that measured it; a line saying why when the book has no such run."""
-    from arithlens.claims.rules import PAPER_CLAIMS, rules_markdown
+    from arithlens.claims.rules import CLAIMS, PAPER_CLAIMS, rules_markdown
 
     across = [r for r in runs if is_across(r.manifest["chapter"]) and r.manifest["model"] == primary]
     path = book_dir() / "_generated" / "verdicts.md"
@@ -144,8 +144,12 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
         lines.append(f"| **{claim}** {statement} | " + " | ".join(cells.get(m, "—") for m in models) + " |")
     rules = rules_markdown(table["claim"])
     robust = [c for c in dict.fromkeys(table["claim"]) if c not in PAPER_CLAIMS]
-    harder = (f" Rows {', '.join(robust)} are not the paper's: they are [chapter 7]"
-              f"({page(primary, '07_robustness', primary)}.ipynb)'s harder tests of its claims." if robust else "")
+    by_chapter: dict[str, list[str]] = {}
+    for c in robust:
+        by_chapter.setdefault(CLAIMS[c][1], []).append(c)
+    harder = (f" Rows {', '.join(robust)} are not the paper's: they are harder tests of its claims, from "
+              + " and ".join(f"[chapter {int(ch[:2])}]({page(primary, ch, primary)}.ipynb) ({', '.join(cs)})"
+                             for ch, cs in by_chapter.items()) + "." if robust else "")
     path.write_text("\n".join(lines) + f"\n\nComputed by the [Across models](chapters/{chapter}.ipynb) chapter "
                     f"(run `{across[0].key}`) from the runs it names. Each cell: the verdict (linking to the chapter "
                     "that measured it) and the numbers that decided it." + harder + "\n\n"

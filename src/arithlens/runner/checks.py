@@ -149,7 +149,6 @@ OPERATOR = name_in(_operators, "an operator")
 TEMPLATE = name_in(_templates, "a template")
 SUITE = name_in(_suites, "a suite")
 #: Chapter 4 trains random heads and LoRA from the key heads' lowest layer up ("band") or anywhere ("all").
-SCOPE = name_in(lambda: ("band", "all"), "a scope")
 FILE = Rule(lambda v: isinstance(v, str) and Path(v).expanduser().is_file(), "a file that exists")
 #: The files' contents are keyed too (:func:`arithlens.runner.runs.data_files`).
 FILES = each(FILE, empty=True)
@@ -204,16 +203,17 @@ RULES: dict[str, Rule] = {
     "kv_policy": name_in(_kv_policies, "a key/value policy"),
     "steps": COUNT,
     "batch_size": COUNT,
-    "lr": number(0, open_low=True),
+    "lr_grid": each(number(0, open_low=True)),
+    "lora_lr_grid": each(number(0, open_low=True)),
     "weight_decay": number(0),
-    "random_seeds": COUNT0,  # 0: no random-head rows
-    "random_scope": SCOPE,
+    "training_seeds": COUNT,
+    "random_draws": COUNT,
+    "all_layer_draws": COUNT0,
     "head_counts": each(COUNT, empty=True),
     "mlp_counts": each(COUNT, empty=True),
-    "lora_scope": SCOPE,
-    "lora_lrs": each(number(0, open_low=True), empty=True),
     "suites": each(SUITE, empty=True),
     "n_suite": COUNT,
+    "n_control": COUNT,
     "n_benchmark": COUNT,
     "train_file": Rule(lambda v: v == "" or FILE.holds(v), 'a file that exists, or "" for the generated arithmetic'),
     # chapter 5: across models (the specs themselves are checked when a model is planned)
@@ -272,6 +272,7 @@ RELATIONS: dict[str, tuple[Relation, ...]] = {
 #: Parameters whose type is the whole rule, and why.
 FREE_FORM: dict[str, str] = {
     "filter_correct": "a flag", "own_means": "a flag", "localize_correct_only": "a flag", "rescale": "a flag",
+    "anti_key": "a flag",
 }
 
 

@@ -76,14 +76,22 @@ def operand_pairs(op: Operator, lo: int, hi: int) -> list[tuple[int, int, int]]:
 #: The stated rule that splits arithmetic facts (a, b, operator) into two halves, shared by every chapter.
 FACT_SPLIT_RULE = ("the facts a ∘ b of each operator in the operand range are ordered by sha256(\"∘|a|b\") "
                    "(e.g. sha256(\"+|3|4\")); the first half (rounded down) *localizes* the heads, the rest is "
-                   "the *evaluation* half")
+                   "the *evaluation* half; fine-tuning trains on the localization half's first three quarters and "
+                   "chooses its learning rates on the last quarter (*validation*)")
+
+
+@functools.lru_cache(maxsize=None)
+def _order(operator: str, operand_range: tuple[int, int]) -> list[tuple[int, int]]:
+    """The facts (a, b) of ``operator`` in range, in the stated hash order."""
+    facts = sorted(operand_pairs(OPERATORS[operator], *operand_range),
+                   key=lambda f: hashlib.sha256(f"{operator}|{f[0]}|{f[1]}".encode()).hexdigest())
+    return [(a, b) for a, b, _ in facts]
 
 
 @functools.lru_cache(maxsize=None)
 def _halves(operator: str, operand_range: tuple[int, int]) -> dict[tuple[int, int], str]:
-    facts = sorted(operand_pairs(OPERATORS[operator], *operand_range),
-                   key=lambda f: hashlib.sha256(f"{operator}|{f[0]}|{f[1]}".encode()).hexdigest())
-    return {(a, b): "localization" if i < len(facts) // 2 else "evaluation" for i, (a, b, _) in enumerate(facts)}
+    order = _order(operator, operand_range)
+    return {f: "localization" if i < len(order) // 2 else "evaluation" for i, f in enumerate(order)}
 
 
 def fact_half(operator: str, a: int, b: int, operand_range: tuple[int, int] = (1, 9)) -> str:
@@ -94,6 +102,19 @@ def fact_half(operator: str, a: int, b: int, operand_range: tuple[int, int] = (1
     if half is None:
         raise ValueError(f"{a} {operator} {b} is not a fact in the operand range {operand_range}")
     return half
+
+
+def fact_part(operator: str, a: int, b: int, operand_range: tuple[int, int] = (1, 9)) -> str:
+    """``"train"``, ``"validation"`` or ``"evaluation"``: fine-tuning's three parts of the facts
+    (:data:`FACT_SPLIT_RULE`). The evaluation half is :func:`fact_half`'s; the localization half is cut in
+    the same hash order, its last quarter (rounded down) kept for choosing learning rates."""
+    order = _order(operator, tuple(operand_range))
+    n_loc = len(order) // 2
+    n_train = n_loc - n_loc // 4
+    i = order.index((a, b)) if (a, b) in order else None
+    if i is None:
+        raise ValueError(f"{a} {operator} {b} is not a fact in the operand range {operand_range}")
+    return "train" if i < n_train else "validation" if i < n_loc else "evaluation"
 
 
 def fact_split_table(operators=("+", "-", "*", "/"), operand_range: tuple[int, int] = (1, 9)) -> pd.DataFrame:

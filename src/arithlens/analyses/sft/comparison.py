@@ -1,51 +1,70 @@
-"""The rows of chapter 4's comparison: which methods are trained and which trained deltas are kept
-(the rows' names and families are :mod:`arithlens.analyses.sft.naming`).
+"""The rows of chapter 4's comparison: which methods are trained, at which learning rate, and which
+trained deltas are kept (the rows' names and families are :mod:`arithlens.analyses.sft.naming`).
 
-Science wing (paper § "Precise SFT", and the two baselines the paper does not report). Chapter 4
-trains the grid :func:`method_grid` builds from its parameters: full SFT, Precise SFT on chapter 1's
-key heads, the same number of random heads (several draws), LoRA with a matched parameter budget,
-and two ablations (fewer or more key heads; key heads plus MLP layers). Its tables name each row
-(``"Precise SFT (10 key heads)"``, ``"random 10 heads"``, ``"LoRA r=9"``, ``"full SFT"``), and later
-readers of those stored tables — the C6 rule (:mod:`arithlens.claims.verdicts`), chapter 5's
-summaries, chapter 6 — tell the rows apart by :func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of
-their own. Chapter 4 keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
+Science wing (paper § "Precise SFT", and the baselines the paper does not report). Chapter 4 first
+chooses a learning rate for each family on validation (:func:`selection_methods`: one row per family
+and rate of its grid — full SFT, Precise SFT on chapter 1's key heads, one layer-matched random draw,
+LoRA with a matched parameter budget — trained with the first training seed), then trains the grid
+:func:`method_grid` builds at those rates: full SFT, Precise SFT and LoRA over several training seeds;
+as many random heads as key heads, in many layer-matched draws (the distribution the key heads are
+placed in, verdict R6) and a few from every layer as a check; the *anti-key* heads (the key heads'
+layers and above, smallest effect in chapter 1); and two ablations (fewer or more key heads; key heads
+plus MLP layers). Its tables name each row (``"Precise SFT (10 key heads)"``, ``"random 10 heads"``,
+``"LoRA r=9"``, ``"full SFT"``), and later readers of those stored tables — the C6 and R6 rules
+(:mod:`arithlens.claims.verdicts`), chapter 5's summaries, chapter 6 — tell the rows apart by
+:func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of their own. Chapter 4
+keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
 :func:`kept_deltas`) for chapter 6 to compare the neurons each moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, lora_name, method_family, mlp_name, precise_name,
-                                            random_name)
+import pandas as pd
+
+from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, RANDOM, anti_name, lora_name,
+                                            method_family, mlp_name, precise_name, random_all_name, random_name)
 from arithlens.analyses.sft.trainer import KVPolicy, Method, PreciseSFTConfig, count_params, lora_rank_for, precise_slices
-from arithlens.core.hooks import Head, random_heads
+from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
 from arithlens.core.models import LoadedModel
-
-Scope = Literal["band", "all"]
 
 
 @dataclass(frozen=True)
 class GridConfig:
     """Chapter 4's choices of rows (its parameters of the same names).
 
-    ``random_scope`` / ``lora_scope``: ``"band"`` draws random heads, and places LoRA, in the key
-    heads' lowest layer and above (the rows then cost the same per step as Precise SFT and differ
-    only in *which* weights are tuned); ``"all"`` uses every layer. Random draw ``s`` is seeded
-    ``seed + 1 + s`` and never picks a key head."""
+    ``lr_grid`` is tried for full SFT, Precise SFT and the random heads, ``lora_lr_grid`` for LoRA
+    (whose update starts at zero). ``training_seeds`` seeds of full SFT, Precise SFT and LoRA (each
+    its own order of the training batches); ``random_draws`` layer-matched random sets (as many heads
+    in each layer as the key heads, never a key head, :func:`arithlens.core.hooks.layer_matched_random_sets`
+    seeded ``seed + 1``) and ``all_layer_draws`` from every layer; LoRA on the key heads' lowest layer
+    and above."""
 
     key_heads: int = 10
     kv: KVPolicy = "shared"
     rescale: bool = False
-    random_seeds: int = 3
-    random_scope: Scope = "band"
-    lora_scope: Scope = "band"
-    lora_lrs: tuple[float, ...] = (3e-4,)
+    lr_grid: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3)
+    lora_lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
+    training_seeds: int = 3
+    random_draws: int = 10
+    all_layer_draws: int = 2
+    anti_key: bool = True
     head_counts: tuple[int, ...] = (5, 20)
     mlp_counts: tuple[int, ...] = (3,)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What every grid shares: the key heads, Precise SFT's size, the matched LoRA rank and the band."""
+
+    key: tuple[Head, ...]
+    n_precise: int           # Precise SFT's trainable weights (before training)
+    lora_rank: int           # the LoRA rank whose trainable weights come closest to n_precise
+    lora_layers: tuple[int, ...]
+    band: int                # the key heads' lowest layer
 
 
 @dataclass(frozen=True)
@@ -53,38 +72,91 @@ class MethodGrid:
     """The rows to train, in the order the chapter shows them, with what sizing them found."""
 
     methods: tuple[Method, ...]
-    precise: Method          # the main row: Precise SFT on the key heads
-    n_precise: int           # its trainable weights (before training)
-    lora_rank: int           # the LoRA rank whose trainable weights come closest to n_precise
-    lora_layers: tuple[int, ...] | None  # None: every layer
-    band: int                # the key heads' lowest layer
+    precise: Method          # the main row: Precise SFT on the key heads (first seed)
+    n_precise: int
+    lora_rank: int
+    lora_layers: tuple[int, ...]
+    band: int
 
 
-def method_grid(model: LoadedModel, ranking: Sequence[Head], mlp_order: Sequence[int], config: GridConfig) -> MethodGrid:
-    """Chapter 4's rows: full SFT; Precise SFT on the top ``config.key_heads`` of ``ranking``
-    (chapter 1's head ranking, strongest first); as many random heads, ``config.random_seeds`` draws;
-    LoRA at each of ``config.lora_lrs`` with a matched budget; Precise SFT on the top ``k`` heads for
-    each ``k`` of ``head_counts`` (group ``heads ablation``); the key heads plus the first ``m`` MLP
-    layers of ``mlp_order`` (chapter 2's ranking) for each ``m`` of ``mlp_counts`` (group ``MLP ablation``)."""
-    k = config.key_heads
-    key = tuple(ranking[:k])
+def _tuned(config: GridConfig, heads, mlps=()) -> PreciseSFTConfig:
+    return PreciseSFTConfig(tuple(heads), tuple(mlps), kv=config.kv, rescale=config.rescale)
+
+
+def sizing(model: LoadedModel, ranking: Sequence[Head], config: GridConfig) -> Sizing:
+    key = tuple(ranking[:config.key_heads])
     band = min(h.layer for h in key)
-    tuned = lambda heads, mlps=(): PreciseSFTConfig(tuple(heads), tuple(mlps), kv=config.kv, rescale=config.rescale)
-    precise = Method(precise_name(k), "precise", tuned(key))
-    n_precise = count_params(model, precise_slices(model, precise.precise))
-    lora_layers = tuple(range(band, model.n_layers)) if config.lora_scope == "band" else None
-    rank = lora_rank_for(model, n_precise, lora_layers)
-    several = len(config.lora_lrs) > 1
-    rows = [Method(FULL, "full"), precise]
-    rows += [Method(random_name(k), "precise", tuned(random_heads(
-        model.n_layers, model.n_heads, k, seed=config.seed + 1 + s, min_layer=band if config.random_scope == "band" else 0,
-        exclude=key)), seed=s) for s in range(config.random_seeds)]
-    rows += [Method(lora_name(rank, lr if several else None), "lora", lora_rank=rank, lora_layers=lora_layers, lr=lr)
-             for lr in config.lora_lrs]
-    rows += [Method(precise_name(n), "precise", tuned(ranking[:n]), group="heads ablation") for n in config.head_counts]
-    rows += [Method(mlp_name(k, m), "precise", tuned(key, sorted(mlp_order[:m])), group="MLP ablation")
+    n_precise = count_params(model, precise_slices(model, _tuned(config, key)))
+    layers = tuple(range(band, model.n_layers))
+    return Sizing(key, n_precise, lora_rank_for(model, n_precise, layers), layers, band)
+
+
+def _random_draws(model: LoadedModel, key: Sequence[Head], config: GridConfig) -> list[list[Head]]:
+    return layer_matched_random_sets(key, model.n_layers, model.n_heads, max(1, config.random_draws), config.seed + 1)
+
+
+def selection_methods(model: LoadedModel, ranking: Sequence[Head], config: GridConfig) -> list[Method]:
+    """One row per tuned family and learning rate (group ``lr selection``), first training seed: full
+    SFT, Precise SFT on the key heads, the first layer-matched random draw, LoRA."""
+    size = sizing(model, ranking, config)
+    k = len(size.key)
+    draw = _random_draws(model, size.key, config)[0]
+    rows = []
+    for lr in config.lr_grid:
+        rows += [Method(FULL, "full", lr=lr, group="lr selection"),
+                 Method(precise_name(k), "precise", _tuned(config, size.key), lr=lr, group="lr selection"),
+                 Method(random_name(k), "precise", _tuned(config, draw), lr=lr, group="lr selection")]
+    rows += [Method(lora_name(size.lora_rank), "lora", lora_rank=size.lora_rank, lora_layers=size.lora_layers, lr=lr,
+                    group="lr selection") for lr in config.lora_lr_grid]
+    return rows
+
+
+def choose_rates(validation: pd.DataFrame) -> dict[str, float]:
+    """Per family, the learning rate with the highest validation accuracy (ties: the smaller rate).
+    ``validation``: one row per selection row with ``method``, ``lr`` and ``accuracy``."""
+    out = {}
+    for family, part in validation.assign(family=validation["method"].map(method_family)).groupby("family"):
+        best = part.sort_values(["accuracy", "lr"], ascending=[False, True]).iloc[0]
+        out[family] = float(best["lr"])
+    return out
+
+
+def method_grid(model: LoadedModel, ranking: Sequence[Head], mlp_order: Sequence[int], config: GridConfig,
+                rates: Mapping[str, float]) -> MethodGrid:
+    """Chapter 4's rows at the chosen ``rates`` (family → learning rate, :func:`choose_rates`): full SFT,
+    Precise SFT and LoRA for each training seed; the layer-matched random draws and the all-layer check
+    draws at the random family's rate; the anti-key heads at Precise SFT's rate; Precise SFT on the top
+    ``k`` heads for each ``k`` of ``head_counts`` (group ``heads ablation``) and the key heads plus the
+    first ``m`` MLP layers of ``mlp_order`` (chapter 2's ranking, group ``MLP ablation``), at Precise
+    SFT's rate, first seed."""
+    size = sizing(model, ranking, config)
+    key, k = size.key, len(size.key)
+    seeds = range(config.training_seeds)
+    p_lr = rates[PRECISE]
+    rows = [Method(FULL, "full", lr=rates[FULL], seed=s, batch_seed=s) for s in seeds]
+    precise = [Method(precise_name(k), "precise", _tuned(config, key), lr=p_lr, seed=s, batch_seed=s) for s in seeds]
+    rows += precise
+    rows += [Method(random_name(k), "precise", _tuned(config, heads), lr=rates[RANDOM], seed=d)
+             for d, heads in enumerate(_random_draws(model, key, config)[:config.random_draws])]
+    rows += [Method(random_all_name(k), "precise", _tuned(config, random_heads(model.n_layers, model.n_heads, k,
+                                                                              seed=config.seed + 101 + d, exclude=key)),
+                    lr=rates[RANDOM], seed=d, group="check") for d in range(config.all_layer_draws)]
+    rows += [Method(lora_name(size.lora_rank), "lora", lora_rank=size.lora_rank, lora_layers=size.lora_layers,
+                    lr=rates[LORA], seed=s, batch_seed=s) for s in seeds]
+    if config.anti_key:
+        rows.append(Method(anti_name(k), "precise", _tuned(config, anti_key_heads(ranking, key, size.band, k)), lr=p_lr))
+    rows += [Method(precise_name(n), "precise", _tuned(config, ranking[:n]), lr=p_lr, group="heads ablation")
+             for n in config.head_counts]
+    rows += [Method(mlp_name(k, m), "precise", _tuned(config, key, sorted(mlp_order[:m])), lr=p_lr, group="MLP ablation")
              for m in config.mlp_counts]
-    return MethodGrid(tuple(rows), precise, n_precise, rank, lora_layers, band)
+    return MethodGrid(tuple(rows), precise[0], size.n_precise, size.lora_rank, size.lora_layers, size.band)
+
+
+def anti_key_heads(ranking: Sequence[Head], key: Sequence[Head], band: int, k: int) -> list[Head]:
+    """The ``k`` heads at the end of chapter 1's full ranking (strongest first) in layers ≥ ``band``,
+    never a key head: the heads whose patching moved the answer least, or raised it."""
+    pool = [h for h in ranking if h.layer >= band and h not in set(key)]
+    return pool[-k:]
 
 
 def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
@@ -97,3 +169,4 @@ def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
         if folder and folder not in kept.values():
             kept[method] = folder
     return kept
+

@@ -14,9 +14,11 @@ from __future__ import annotations
 BASE = "base"
 #: The families of rows, as :func:`method_family` names them; full SFT is one row, and so is the base
 #: model (:data:`BASE`, the reference every change is measured from).
-FULL, PRECISE, RANDOM, LORA = "full SFT", "Precise SFT", "random heads", "LoRA"
+FULL, PRECISE, RANDOM, LORA, ANTI = "full SFT", "Precise SFT", "random heads", "LoRA", "anti-key heads"
 #: The baselines the paper does not report, which chapter 4 adds beside Precise SFT.
-BASELINES = (RANDOM, LORA)
+BASELINES = (RANDOM, LORA, ANTI)
+#: The families whose learning rate chapter 4 chooses on validation, each for itself.
+TUNED = (FULL, PRECISE, RANDOM, LORA)
 #: Where chapter 4 keeps a trained delta (only the tuned slices; see :func:`arithlens.core.deltas.save_delta`),
 #: by family: the main Precise SFT row's, the first random-head draw's, the first LoRA row's. Chapter 6
 #: loads them in this order (:func:`arithlens.claims.findings.tuned_deltas`). Full SFT's delta — every
@@ -40,6 +42,17 @@ def lora_name(rank: int, lr: float | None = None) -> str:
     return f"{LORA} r={rank}" + (f" (lr {lr:g})" if lr is not None else "")
 
 
+def anti_name(k: int) -> str:
+    """``"anti-key 10 heads"``: Precise SFT on the ``k`` heads of the key heads' layers and above whose
+    effect in chapter 1 is smallest in size."""
+    return f"anti-key {k} heads"
+
+
+def random_all_name(k: int) -> str:
+    """``"random 10 heads (all layers)"``: random heads drawn from every layer, a check on the layer-matched draws."""
+    return f"random {k} heads (all layers)"
+
+
 def mlp_name(k: int, n_mlp: int) -> str:
     """``"10 key heads + 3 MLP"``: the ``k`` key heads plus the ``n_mlp`` MLP layers chapter 2 ranks first."""
     return f"{k} key heads + {n_mlp} MLP"
@@ -49,7 +62,10 @@ def method_family(name: str) -> str:
     """The family of a row named by this module: ``"Precise SFT (10 key heads)"`` → ``"Precise SFT"``,
     ``"random 10 heads"`` → ``"random heads"``, ``"LoRA r=9"`` → ``"LoRA"``, ``"full SFT"``, ``"base"``;
     an ablation row with MLP layers (``"10 key heads + 3 MLP"``) is its own family."""
-    for prefix, family in ((PRECISE, PRECISE), ("random ", RANDOM), (LORA, LORA), (FULL, FULL), (BASE, BASE)):
+    if name.startswith("random ") and name.endswith("(all layers)"):
+        return name  # a check beside the random family, not one of its draws
+    for prefix, family in ((PRECISE, PRECISE), ("random ", RANDOM), (LORA, LORA), (FULL, FULL), (BASE, BASE),
+                           ("anti-key ", ANTI)):
         if name.startswith(prefix):
             return family
     return name

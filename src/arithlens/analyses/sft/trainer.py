@@ -88,8 +88,9 @@ class Method:
     lora_rank: int = 0
     lora_layers: tuple[int, ...] | None = None  # None: every layer
     lr: float | None = None  # None: the shared TrainConfig's
-    seed: int = 0
+    seed: int = 0            # the row's seed: LoRA's initialisation, and which training seed or draw it is
     group: str = "main"
+    batch_seed: int = 0      # which seeded order of the training batches it trains on
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,19 @@ def test_compare_to_base_paired_changes():
     assert np.isclose(summary.loc["tuned", "change"], 0.5) and summary.loc["tuned", "low"] <= 0.5 <= summary.loc["tuned", "high"]
 
 
+def test_format_split_separates_answering_with_a_digit_from_computing(tiny):
+    rows = []
+    for method, digits, right in (("base", [1, 1, 0, 0], [1, 0, 0, 0]), ("tuned", [1, 1, 1, 1], [1, 0, 1, 0])):
+        rows += [{"method": method, "seed": 0, "kind": "math", "set": "s", "item": i, "digit": bool(d), "correct": bool(c)}
+                 for i, (d, c) in enumerate(zip(digits, right))]
+    split = fd.format_split(pd.DataFrame(rows)).set_index("method")
+    assert split.loc["tuned", "digit share change"] == 0.5  # answers with a digit twice as often
+    assert split.loc["base", "accuracy among digits"] == 0.5 and split.loc["tuned", "accuracy among digits change"] == 0.0
+    data = fd.make_sft_data(tiny.tokenizer, operators=("+",), seed=1, eval_shots=(0, 2))
+    assert data.kind("held-out pairs (2-shot)") == "math (2-shot)" and data.kind("held-out pairs") == "math"
+    assert all(it.clean.count("\n") == 2 for it in data.evals["held-out pairs (2-shot)"].items)
+
+
 def test_math_vs_control_resamples_seeds_with_items():
     """Two methods with the same mean change on the same items: one whose seeds agree, one whose seeds
     disagree. Resampling seeds and items together gives the second a wider interval; per_seed_changes

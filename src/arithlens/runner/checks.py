@@ -198,6 +198,7 @@ RULES: dict[str, Rule] = {
     "mean_per_cell": COUNT,
     # chapter 4: Precise SFT
     "heldout_templates": each(TEMPLATE),
+    "eval_shots": each(COUNT0),
     "max_eval_per_set": COUNT0,  # 0: every held-out item
     "key_heads_top_k": COUNT,
     "kv_policy": name_in(_kv_policies, "a key/value policy"),

@@ -45,6 +45,10 @@ class SFTData:
     train: PromptSet
     evals: dict[str, PromptSet]
     validation: PromptSet | None = None
+    kinds: dict[str, str] | None = None  # set → kind (default ``math``): a few-shot copy is ``math (k-shot)``
+
+    def kind(self, name: str) -> str:
+        return (self.kinds or {}).get(name, "math")
 
     def sizes(self) -> pd.DataFrame:
         rows = [{"set": "train", "items": len(self.train)}]
@@ -54,8 +58,12 @@ class SFTData:
 
 
 def make_sft_data(tokenizer, operators=("+", "-", "*", "/"), heldout_templates=HELDOUT_TEMPLATES,
-                  shots: int = 0, seed: int = 0, max_eval_per_set: int | None = None) -> SFTData:
-    """Every single-token-answer item of ``operators`` × templates, split by fact and by template."""
+                  shots: int = 0, seed: int = 0, max_eval_per_set: int | None = None,
+                  eval_shots: tuple[int, ...] = ()) -> SFTData:
+    """Every single-token-answer item of ``operators`` × templates, split by fact and by template; for each
+    of ``eval_shots`` (other than ``shots``) a copy of the evaluation sets with that many demonstrations
+    (of the same half of the facts), of kind ``math (k-shot)``: the same questions asked in a format
+    that shows the model how to answer."""
     config = PromptConfig(operators=tuple(operators), templates=tuple(TEMPLATES), n_per_cell=10_000,
                           shots=shots, seed=seed)
     every = make_prompts(tokenizer, config)
@@ -65,10 +73,17 @@ def make_sft_data(tokenizer, operators=("+", "-", "*", "/"), heldout_templates=H
     validation = every.subset([p == "validation" and not t for p, t in zip(part, held_tpl)])
     evals = {"held-out pairs": every.subset([p == "evaluation" and not t for p, t in zip(part, held_tpl)]),
              "held-out templates": every.subset([p == "evaluation" and t for p, t in zip(part, held_tpl)])}
+    kinds = {name: "math" for name in evals}
+    for k in [k for k in eval_shots if k != shots]:
+        more = make_prompts(tokenizer, PromptConfig(operators=tuple(operators), templates=tuple(TEMPLATES), n_per_cell=10_000,
+                                                    shots=k, seed=seed, facts="evaluation"))
+        tpl = [it.template in heldout_templates for it in more.items]
+        for name, keep in (("held-out pairs", [not t for t in tpl]), ("held-out templates", tpl)):
+            evals[f"{name} ({k}-shot)"], kinds[f"{name} ({k}-shot)"] = more.subset(keep), f"math ({k}-shot)"
     if max_eval_per_set:
         evals = {k: _sample(v, max_eval_per_set, seed) for k, v in evals.items()}
         validation = _sample(validation, max_eval_per_set, seed)
-    return SFTData(train, evals, validation)
+    return SFTData(train, evals, validation, kinds)
 
 
 def _sample(prompts: PromptSet, n: int, seed: int) -> PromptSet:
@@ -98,7 +113,8 @@ def make_batches(prompts: ItemSet, batch_size: int, n_batches: int, seed: int = 
 def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: int = 64, progress=None) -> pd.DataFrame:
     """Score every evaluation item with ``delta`` applied (``None`` = the base model).
 
-    One row per item: ``set``, ``kind`` (``math`` or ``control``), ``item``, ``correct``, ``p_answer``.
+    One row per item: ``set``, ``kind`` (``math``, ``math (k-shot)`` or ``control``), ``item``, ``correct``,
+    ``p_answer``, and for the arithmetic sets ``digit`` (the greedy answer is a digit at all).
     ``suites`` are :class:`arithlens.tasks.suites.Suite` objects, scored by :func:`arithlens.tasks.suites.score_suite`.
     """
     from arithlens.core.deltas import applied
@@ -107,8 +123,9 @@ def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: in
     with (applied(model, delta) if delta is not None else nullcontext()):
         for name, prompts in data.evals.items():
             scores = score_prompts(model, prompts, batch_size=batch_size)
-            frames.append(pd.DataFrame({"set": name, "kind": "math", "item": np.arange(len(scores)),
-                                        "correct": scores["correct"].to_numpy(), "p_answer": scores["p_answer"].to_numpy()}))
+            frames.append(pd.DataFrame({"set": name, "kind": data.kind(name), "item": np.arange(len(scores)),
+                                        "correct": scores["correct"].to_numpy(), "p_answer": scores["p_answer"].to_numpy(),
+                                        "digit": scores["predicted"].str.strip().str.fullmatch(r"\d+").to_numpy(dtype=bool)}))
         if suites:
             from arithlens.tasks.suites import score_suite
 
@@ -175,6 +192,25 @@ def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
         rows.append({"method": method, "kind": kind, "sets": len(grids), "seeds": n_seeds, "change": point,
                      "low": float(np.quantile(boots, 0.025)), "high": float(np.quantile(boots, 0.975))})
     return pd.DataFrame(rows)
+
+
+def format_split(scores: pd.DataFrame) -> pd.DataFrame:
+    """Format or arithmetic? Per method and arithmetic kind (``math``, ``math (k-shot)``): the share of
+    items answered with a digit at all, the accuracy among those, and each one's change from the base
+    model (seeds pooled; each set weighing equally). A gain that is all in the first is the model
+    learning to answer with a digit, not to compute."""
+    part = scores[scores["kind"].str.startswith("math")]
+    rows = []
+    for (method, kind), frame in part.groupby(["method", "kind"], sort=False):
+        sets = [(g["digit"].mean(), g.loc[g["digit"].astype(bool), "correct"].mean() if g["digit"].any() else np.nan)
+                for _, g in frame.groupby("set", sort=False)]
+        rows.append({"method": method, "kind": kind, "digit share": float(np.mean([d for d, _ in sets])),
+                     "accuracy among digits": float(np.nanmean([a for _, a in sets]))})
+    out = pd.DataFrame(rows)
+    base = out[out["method"] == BASE].set_index("kind")
+    for col in ("digit share", "accuracy among digits"):
+        out[f"{col} change"] = out[col] - out["kind"].map(base[col])
+    return out
 
 
 def per_seed_changes(scores: pd.DataFrame) -> pd.DataFrame:

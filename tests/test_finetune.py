@@ -222,6 +222,8 @@ def test_format_split_separates_answering_with_a_digit_from_computing(tiny):
     for method, digits, right in (("base", [1, 1, 0, 0], [1, 0, 0, 0]), ("tuned", [1, 1, 1, 1], [1, 0, 1, 0])):
         rows += [{"method": method, "seed": 0, "kind": "math", "set": "s", "item": i, "digit": bool(d), "correct": bool(c)}
                  for i, (d, c) in enumerate(zip(digits, right))]
+    rows += [{"method": m, "seed": 0, "kind": "math", "set": "power", "item": 0, "digit": None, "correct": True}
+             for m in ("base", "tuned")]  # a transfer suite records no digit: left out
     split = fd.format_split(pd.DataFrame(rows)).set_index("method")
     assert split.loc["tuned", "digit share change"] == 0.5  # answers with a digit twice as often
     assert split.loc["base", "accuracy among digits"] == 0.5 and split.loc["tuned", "accuracy among digits change"] == 0.0

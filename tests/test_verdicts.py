@@ -205,7 +205,7 @@ def test_c6_improves_matches_tuned_full_sft_with_less_forgetting_and_keeps_contr
     assert decide((0.1, 0.05, 0.15) + kept, (0.12, 0.08, 0.16) + hurt) == HOLDS  # matches: its interval reaches full's
     assert decide((0.2, 0.15, 0.25) + hurt, (0.05, 0.0, 0.1) + hurt) == PARTLY  # hurts controls beyond the 5-point margin
     assert decide((0.1, 0.05, 0.12) + kept, (0.3, 0.25, 0.35) + kept) == PARTLY  # improves and keeps; full SFT does better
-    assert decide((0.2, 0.15, 0.25) + (-0.03, -0.049, -0.01), (0.05, 0.0, 0.1) + kept) == PARTLY  # more forgetting than full
+    assert decide((0.2, 0.15, 0.25) + (-0.03, -0.049, -0.025), (0.05, 0.0, 0.1) + kept) == PARTLY  # more forgetting than full
     assert decide((0.0, -0.05, 0.05) + hurt, (0.2, 0.15, 0.25) + kept) == FAILS  # none of the three
 
 
@@ -215,7 +215,20 @@ def test_c6_does_not_count_matching_a_full_sft_that_diverged():
     assert trained.verdict == HOLDS and "diverged" not in trained.numbers
     diverged = verdicts.claim_c6({"04_precise_sft": sft_run(better + kept, hurt + hurt, full_loss=(0.08, 3.57))})
     assert diverged.verdict == PARTLY  # improves and keeps; *matches* a diverged baseline is not counted
-    assert diverged.numbers.endswith("; full SFT diverged at its chosen rate (loss 0.08 → 3.57): *matches* not counted")
+    assert diverged.numbers.endswith("; full SFT diverged at its chosen rate (mean loss 0.08 → 3.57): *matches* not counted")
+
+
+def test_c6_reads_full_sfts_training_over_its_seeds():
+    """Each seed starts on its own first batch: one seed's last losses above its (easy) first batch is not a
+    divergence; the mean over seeds decides (SmolLM2 at lr 1e-5: 2.96 → 1.45, 1.92 → 0.78, 1.65 → 2.05)."""
+    better, kept = (0.2, 0.15, 0.25), (0.0, -0.02, 0.02)
+    run = sft_run(better + kept, (0.05, 0.0, 0.1) + kept)
+    run.tables["training"] = pd.DataFrame({"method": ["full SFT"] * 3, "first loss": [2.96, 1.92, 1.65],
+                                           "last loss": [1.45, 0.78, 2.05]})
+    v = verdicts.claim_c6({"04_precise_sft": run})
+    assert v.verdict == HOLDS and "diverged" not in v.numbers
+    run.tables["training"]["last loss"] = [3.1, 2.5, 2.2]
+    assert "mean loss 2.18 → 2.60" in verdicts.claim_c6({"04_precise_sft": run}).numbers
 
 
 def test_r6_places_the_key_heads_among_the_random_draws():

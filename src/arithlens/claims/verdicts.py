@@ -215,16 +215,17 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     p, f = table.loc[precise], table.loc[FULL]
     training = table_or_none(runs["04_precise_sft"], "training")  # older runs lack it: nothing to check
     full = pd.DataFrame(columns=["first loss", "last loss"]) if training is None else training[training["method"] == FULL]
-    diverged = bool((full["last loss"] > full["first loss"]).any())
+    # over its seeds (each a different first batch): the mean loss of the last quarter of steps against the first
+    first, last = full["first loss"].astype(float).mean(), full["last loss"].astype(float).mean()
+    diverged = bool(len(full)) and last > first
     improves = p["math low"] > 0
-    matches = p["math high"] >= f["math change"] and p["control change"] >= f["control change"] and not diverged
+    matches = p["math high"] >= f["math change"] and p["control high"] >= f["control change"] and not diverged
     keeps = p["control low"] > -SFT_CONTROL_MARGIN
     fmt = lambda r, kind: f"{r[f'{kind} change']:+.0%} [{r[f'{kind} low']:+.0%}, {r[f'{kind} high']:+.0%}]"
     seeds = f" ({int(p['seeds'])} seeds × items resampled)" if "seeds" in table.columns and not pd.isna(p["seeds"]) else ""
     extra = ""
     if diverged:
-        first, last = full["first loss"].iloc[0], full["last loss"].iloc[0]
-        extra = f"; full SFT diverged at its chosen rate (loss {first:.2f} → {last:.2f}): *matches* not counted"
+        extra = f"; full SFT diverged at its chosen rate (mean loss {first:.2f} → {last:.2f}): *matches* not counted"
     return Verdict("C6", _grade(improves, matches, keeps),
                    f"math: Precise {fmt(p, 'math')} vs full {fmt(f, 'math')}; controls: Precise {fmt(p, 'control')} vs "
                    f"full {fmt(f, 'control')}{seeds}{extra}", "04_precise_sft")

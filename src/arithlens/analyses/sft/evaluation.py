@@ -195,11 +195,12 @@ def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
 
 
 def format_split(scores: pd.DataFrame) -> pd.DataFrame:
-    """Format or arithmetic? Per method and arithmetic kind (``math``, ``math (k-shot)``): the share of
+    """Format or arithmetic? Per method and arithmetic kind (``math``, ``math (k-shot)``; the arithmetic
+    prompt sets, which record whether the answer was a digit — the transfer suites do not): the share of
     items answered with a digit at all, the accuracy among those, and each one's change from the base
     model (seeds pooled; each set weighing equally). A gain that is all in the first is the model
     learning to answer with a digit, not to compute."""
-    part = scores[scores["kind"].str.startswith("math")]
+    part = scores[scores["kind"].str.startswith("math") & scores["digit"].notna()]  # the arithmetic prompt sets
     rows = []
     for (method, kind), frame in part.groupby(["method", "kind"], sort=False):
         sets = [(g["digit"].mean(), g.loc[g["digit"].astype(bool), "correct"].mean() if g["digit"].any() else np.nan)

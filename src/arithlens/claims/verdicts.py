@@ -134,7 +134,8 @@ def claim_c2(runs: Mapping[str, Run]) -> Verdict:
         k_role, o_role = operand + operator, int((others["role"] != "other").sum())
         p = fisher_exact([[k_role, len(roles) - k_role], [o_role, len(others) - o_role]], alternative="greater")[1]
         enriched = bool(p <= 0.05)
-        said += f"; {o_role} of {len(others)} other heads in their layers have a role (Fisher p = {p:.3f})"
+        said += (f"; {o_role} of {len(others)} other heads in their layers have a role (Fisher p "
+                 + (f"= {p:.3f})" if p >= 0.001 else "< 0.001)"))
     return Verdict("C2", _grade(bool(operand and operator), enriched), said, "01_heads")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from arithlens import paths
 from arithlens.runner import book, chapters, schedule
-from arithlens.claims import verdicts
+from arithlens.claims import rules, verdicts
 from arithlens.runner.book import check_consistent
 from arithlens.cli import main
 from arithlens.record import RunResult
@@ -120,7 +120,7 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # runs side by side as the graph allows
     across = results[("tiny", ACROSS)]
     table = across.table("verdicts")
-    assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 2 * len(verdicts.CLAIMS)
+    assert list(dict.fromkeys(table["model"])) == TWO and len(table) == 2 * len(rules.CLAIMS)
     harder = table[table.claim.isin(["R1", "R3", "R5"])]  # chapter 7's harder tests, from each model's run
     assert len(harder) == 6 and set(harder["chapter"]) == {"07_robustness"} and harder["run_key"].notna().all()
     assert list(across.table("robustness")["model"]) == TWO and list(across.table("numbers")["model"]) == ["tiny"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from arithlens.claims import verdicts
+from arithlens.claims import rules, verdicts
 from arithlens.runner.runs import execute, plan_book
 
 from test_across import ACROSS, INPUTS, TINY_BEYOND
@@ -39,8 +39,8 @@ def test_every_page_states_the_verdict_the_first_page_shows(shared_runs):
             assert (row.verdict, row.numbers) == (cell.verdict, cell.numbers), (chapter, row.claim)
             assert row.chapter == cell.chapter == chapter and cell.run_key == run.key
             assert f"- **{row.claim} · {row.statement}: {row.verdict}.** {row.numbers}." in text  # shown on the page
-            assert f"*Rule (version {verdicts.rule_version(row.claim)}):* {verdicts.RULES[row.claim]}" in text
+            assert f"*Rule (version {rules.rule_version(row.claim)}):* {rules.RULES[row.claim]}" in text
         stated += page["claim"].tolist()
-    assert sorted(stated) == sorted(verdicts.CLAIMS)  # every row of the first page is stated on its chapter's page
+    assert sorted(stated) == sorted(rules.CLAIMS)  # every row of the first page is stated on its chapter's page
     decided = first_page.loc["tiny"]
     assert (decided["verdict"] != verdicts.UNTESTABLE).sum() >= 6  # the pages decided, not merely agreed on "not testable"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from arithlens import record
-from arithlens.claims import intervals, verdicts
+from arithlens.claims import intervals, rules, verdicts
 from arithlens.claims.verdicts import FAILS, HOLDS, PARTLY, UNTESTABLE
 
 
@@ -248,7 +248,7 @@ def test_r6_places_the_key_heads_among_the_random_draws():
 def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_models():
     runs = {"01_heads": heads_run({(5, 2): -0.08}, MID, ["operand", "operator", "other"], (1.0, 0.3, 0.98))}
     table = verdicts.verdict_table({"a": runs, "b": {**runs, "01_heads": None}})
-    assert len(table) == 2 * len(verdicts.CLAIMS) and list(dict.fromkeys(table["model"])) == ["a", "b"]
+    assert len(table) == 2 * len(rules.CLAIMS) and list(dict.fromkeys(table["model"])) == ["a", "b"]
     b = table[table.model == "b"].set_index("claim")
     assert (b["verdict"] == UNTESTABLE).all() and b.loc["C4", "numbers"] == "no run of 01_heads, 02_mlp"
     wide = verdicts.wide(table)
@@ -305,7 +305,7 @@ def test_robustness_rows_are_not_testable_without_chapter_7():
     runs = {"01_heads": heads_run({(5, 2): -0.08}, MID, ["operand", "operator", "other"], (1.0, 0.3, 0.98))}
     table = verdicts.verdict_table({"a": runs}).set_index("claim")
     assert table.loc["R3", "numbers"] == "no run of 07_robustness" and table.loc["R3", "verdict"] == UNTESTABLE
-    assert set(verdicts.PAPER_CLAIMS) == {f"C{i}" for i in range(1, 7)}
+    assert set(rules.PAPER_CLAIMS) == {f"C{i}" for i in range(1, 7)}
 
 
 def _stored(tmp_path, chapter: str, fake: FakeRun):
@@ -333,7 +333,7 @@ def test_a_page_decides_on_the_tables_it_saves_as_the_first_page_does_on_the_sto
         text = verdicts.verdict_markdown(table)
         row = table.iloc[0]
         assert f"- **{row.claim} · {row.statement}: {row.verdict}.** {row.numbers}." in text
-        assert f"  *Rule (version {verdicts.rule_version(row.claim)}):* {verdicts.RULES[row.claim]}" in text
+        assert f"  *Rule (version {rules.rule_version(row.claim)}):* {rules.RULES[row.claim]}" in text
     # a page run hands over the tables as they read back from disk, not the frames it was given
     assert pages["01_heads"].table("key_heads").index.equals(pd.RangeIndex(len(MID)))
 
@@ -349,9 +349,9 @@ def test_a_page_must_hand_a_rule_every_parameter_it_reads():
 
 
 def test_every_rule_change_is_listed_with_its_version():
-    table = verdicts.rule_history_table()
-    assert set(table["claim"]) <= set(verdicts.CLAIMS) and table["date"].str.match(r"\d{4}-\d{2}-\d{2}$").all()
+    table = rules.rule_history_table()
+    assert set(table["claim"]) <= set(rules.CLAIMS) and table["date"].str.match(r"\d{4}-\d{2}-\d{2}$").all()
     for claim, part in table.groupby("claim"):
         assert part["version"].tolist() == list(range(2, len(part) + 2))
-        assert verdicts.rule_version(claim) == len(part) + 1
-    assert verdicts.rule_version("R3") == 1  # never changed
+        assert rules.rule_version(claim) == len(part) + 1
+    assert rules.rule_version("R3") == 1  # never changed

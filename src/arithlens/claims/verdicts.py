@@ -28,7 +28,7 @@ from scipy.stats import fisher_exact
 from arithlens.analyses.sft.naming import FULL, PRECISE, RANDOM, method_family
 from arithlens.claims.findings import Run
 from arithlens.claims.intervals import holm, knockout_gap, recovered, routed_share, transfer_contrast
-from arithlens.claims.rules import CLAIMS, PAPER_CLAIMS, RULE_HISTORY, RULES, rule_history_table, rule_version  # noqa: F401
+from arithlens.claims.rules import CLAIMS, RULES, rule_version
 
 HOLDS, PARTLY, FAILS, UNTESTABLE = "holds", "partly", "does not hold", "not testable"
 VERDICTS = (HOLDS, PARTLY, FAILS, UNTESTABLE)

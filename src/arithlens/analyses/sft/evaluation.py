@@ -166,6 +166,15 @@ def validation_accuracy(model: LoadedModel, delta, data: SFTData, batch_size: in
         return float(score_prompts(model, data.validation, batch_size=batch_size)["correct"].mean())
 
 
+def _item_changes(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per method, seed, set and item: correctness and its change from the base model on that item."""
+    per_item = scores.groupby(["method", "seed", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()
+    base = per_item[per_item.method == BASE].set_index(["set", "item"])["correct"]
+    per_item["change"] = per_item["correct"].to_numpy(dtype=float) - base.reindex(
+        pd.MultiIndex.from_frame(per_item[["set", "item"]])).to_numpy(dtype=float)
+    return per_item
+
+
 def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per method: mean change over all math items and over all control items, with 95 % CIs that resample
     the method's seeds (training seeds, or random draws) and the items together.
@@ -174,10 +183,7 @@ def math_vs_control(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     resample the seeds are drawn with replacement, then each set's items (the same items for every seed
     and for the base model: paired).
     """
-    per_item = scores.groupby(["method", "seed", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()
-    base = per_item[per_item.method == BASE].set_index(["set", "item"])["correct"]
-    per_item["change"] = per_item["correct"].to_numpy(dtype=float) - base.reindex(
-        pd.MultiIndex.from_frame(per_item[["set", "item"]])).to_numpy(dtype=float)
+    per_item = _item_changes(scores)
     rng = np.random.default_rng(seed)
     rows = []
     for (method, kind), frame in per_item.groupby(["method", "kind"], sort=False):
@@ -218,10 +224,7 @@ def per_seed_changes(scores: pd.DataFrame) -> pd.DataFrame:
     """Per method and seed (a training seed, or a random draw): the mean change from the base model over
     the math sets and over the control sets (each set weighing equally) — the values R6 places the key
     heads among."""
-    per_item = scores.groupby(["method", "seed", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()
-    base = per_item[per_item.method == BASE].set_index(["set", "item"])["correct"]
-    per_item["change"] = per_item["correct"].to_numpy(dtype=float) - base.reindex(
-        pd.MultiIndex.from_frame(per_item[["set", "item"]])).to_numpy(dtype=float)
+    per_item = _item_changes(scores)
     per_set = per_item.groupby(["method", "seed", "kind", "set"], sort=False)["change"].mean().reset_index()
     out = per_set.groupby(["method", "seed", "kind"], sort=False)["change"].mean().unstack("kind").reset_index()
     return out.rename(columns={"math": "math change", "control": "control change"}).rename_axis(columns=None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from arithlens.tasks.benchmarks import scoring
+from arithlens.tasks.benchmarks import cot, scoring, shipped
 from arithlens.analyses.sft import evaluation
 from arithlens.analyses import knockout, transfer
 from arithlens.tasks.benchmarks.scoring import BenchmarkScorer, answers_match, evaluate_benchmarks, extract_last_number
@@ -221,8 +221,8 @@ def test_generation_reuses_the_prompt_cache(tiny, monkeypatch):
     monkeypatch.setattr(scoring, "prefix_kv", lambda m, t: calls.append(t.shape) or _prefix(m, t))
     scorer = BenchmarkScorer(tiny, suite, "generate", max_new_tokens=4, batch_size=2)
     widths = []
-    real = tiny.bridge.run_with_hooks
-    monkeypatch.setattr(tiny.bridge, "run_with_hooks", lambda x, **kw: widths.append(x.shape[1]) or real(x, **kw))
+    real = scorer._run
+    monkeypatch.setattr(scorer, "_run", lambda x, *args: widths.append(x.shape[1]) or real(x, *args))
     first, again = scorer.score(), scorer.score()
     assert calls == [(1, scorer.shared)]  # the shared prefix ran once, for both calls
     assert set(widths) == {1} and len(widths) <= 2 * 4 * len(scorer.batches)  # one new token a step
@@ -351,3 +351,86 @@ def test_real_tokenizer_answers_and_generation(smollm2):
                           pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         stop = next((k for k, t in enumerate(out) if scorer._is_stop(t)), len(out) - 1)
         assert new[j] == out[: stop + 1]
+
+
+# --- chain of thought and the shipped benchmarks -----------------------------------------------------
+
+def test_a_worked_solution_drops_calculator_notes_and_ends_with_its_answer():
+    solution, value = cot.worked_solution("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+                                          "She sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072")
+    assert solution == "Natalia sold 48/2 = 24 clips in May. She sold 48+24 = 72 clips. The answer is 1072."
+    assert value == "1072"
+    prefix = cot.worked_prefix([{"question": "How  many?\n", "answer": "2+2=<<2+2=4>>4\n#### 4"}] * 2, 2)
+    assert prefix == "Question: How many?\nAnswer: 2+2=4 The answer is 4.\n\n" * 2
+    with pytest.raises(ValueError, match="no '#### N' line"):
+        cot.worked_solution("just text")
+    with pytest.raises(ValueError, match="need 1 <= shots <= 2"):
+        cot.worked_prefix([{"question": "q", "answer": "#### 1"}] * 2, 3)
+
+
+@pytest.mark.parametrize("generated, solution, value", [
+    ("She has 3 + 4 = 7 apples. The answer is 7.\n\nQuestion: next", "She has 3 + 4 = 7 apples. The answer is 7.", "7"),
+    ("so 12 - 5 = 7, and then the answer is $1,250. Then 3 more", None, "1250"),   # the phrase wins over later numbers
+    ("The answer is 4. Wait, the answer is -3.", None, "-3"),                    # the last phrase
+    ("2 + 2 = 4\n8 * 2 = 16\nQuestion: what", "2 + 2 = 4\n8 * 2 = 16\n", "16"),  # no phrase: the last number
+    ("The answer is unknown", None, None),
+])
+def test_the_chain_of_thought_rule(generated, solution, value):
+    text, found = cot.solution_text(generated)
+    assert text == (solution if solution is not None else generated) and found == (solution is not None)
+    number = cot.extract_cot_answer(text)
+    assert (format_number(number) if number is not None else None) == value
+
+
+@torch.no_grad()
+def test_chain_of_thought_generation_stops_at_a_blank_line_and_equals_a_plain_loop(tiny, monkeypatch):
+    suite = load_benchmark(DATA / "gsm8k_style.jsonl", tiny.tokenizer, shots=1)
+    scorer = BenchmarkScorer(tiny, suite, "cot", max_new_tokens=6, batch_size=2)
+    assert scorer.max_new_tokens == 6 and BenchmarkScorer(tiny, suite, "cot").max_new_tokens == cot.BUDGET
+    done = lambda new: new[-1] == tiny.tokenizer.eos_token_id or cot.stopped(tiny.tokenizer.decode(new[-6:]))
+    for batch in scorer.batches:
+        _, new = scorer.generate(batch)
+        for j, i in enumerate(batch.index):
+            ref = []
+            for t in _greedy_loop(tiny, suite.items[i].clean_tokens, 6, lambda t: False):
+                ref.append(t)
+                if done(ref):
+                    break
+            assert new[j] == ref
+    frame = scorer.score()
+    assert (frame["mode"] == "cot").all() and {"generated", "hit_budget", "n_new_tokens"} <= set(frame.columns)
+    item = suite.items[0]
+    tokens = lambda text: tiny.tokenizer(text)["input_ids"]
+    row = scorer._judge_generation(item, torch.zeros(len(tiny.tokenizer)), tokens(f"x The answer is {item.answer.strip()}.\n\n"))
+    assert row["correct"] and not row["hit_budget"] and row["generated"] == f"x The answer is {item.answer.strip()}."
+
+
+@pytest.mark.parametrize("name", sorted(shipped.SHIPPED))
+def test_each_shipped_benchmark_reads_whole_and_builds_its_suite(tiny, name):
+    spec = shipped.SHIPPED[name]
+    bench = read_benchmark(spec.file(), strict=True)
+    assert not bench.skipped and len(bench.records) >= 570
+    suite = shipped.load_shipped(name, tiny.tokenizer, n=12, seed=0)
+    assert len(suite) == 12 and suite.kind == spec.kind
+    prefix = suite.items[0].clean[: suite.items[0].clean.rindex("Question:")]
+    assert prefix.count("Question:") == spec.shots and all(it.clean.startswith(prefix) for it in suite.items)
+    queries = {it.clean[len(prefix):] for it in suite.items}
+    assert not any(q.split("\nAnswer:")[0] in prefix for q in queries)  # no demonstration is queried
+    if spec.mode == "cot":
+        assert prefix.count("The answer is") == spec.shots and "<<" not in prefix
+    BenchmarkScorer(tiny, suite, spec.mode)  # the mode fits the suite
+    assert shipped.load_shipped(name, tiny.tokenizer, n=12, seed=0).items == suite.items
+    with pytest.raises(ValueError, match="no shipped benchmark 'addsub'"):
+        shipped.load_shipped("addsub", tiny.tokenizer)
+
+
+def test_every_shipped_benchmark_has_its_license_and_source_beside_it():
+    folder = shipped.SHIPPED["gsm8k"].file().parent
+    sources = (folder / "SOURCES.md").read_text()
+    for spec in shipped.SHIPPED.values():
+        assert (folder / "licenses" / f"{spec.title}.txt").read_text().startswith("MIT License")
+        for path in [spec.file()] + ([spec.demos()] if spec.demos else []):
+            assert f"`{path.name}`" in sources
+            from arithlens.paths import file_sha256
+            assert file_sha256(path) in sources, f"{path.name}: its sha256 in SOURCES.md is not the file's"
+    assert set(shipped.shipped_table()["benchmark"]) == {"GSM8K", "SVAMP", "MMLU"}

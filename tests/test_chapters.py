@@ -93,7 +93,8 @@ def test_missing_input_with_no_upstream_is_one_line(isolated_runs):  # its own s
     assert not list(isolated_runs.rglob("manifest.json"))  # refused before anything ran
 
 
-TRANSFER_TINY = ["n_items=6", "suite_names=[power, multidigit, years, capitals]", "n_random_seeds=2", "margin=-1.0",
+TRANSFER_TINY = ["n_items=6", "suite_names=[power, multidigit, years, capitals]", "benchmarks=[svamp]", "n_benchmark=4",
+                 "n_random_seeds=2", "margin=-1.0",
                  "min_correct=0", "localize_top_k=3", "mean_per_cell=1", "n_boot=20", "localize_correct_only=false"]
 
 
@@ -103,7 +104,9 @@ def test_transfer_chapter_end_to_end(shared_runs):
     heads = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
     assert heads.reused and f"from chapter 1's run `{heads.key}`" in _markdown_outputs(run)
     scores = run.table("transfer_scores")
-    assert set(scores["condition"]) == {"none", "key", "random", "key (own mean)", "random (own mean)"} and set(scores["suite"]) == {"power", "multidigit", "years", "capitals"}
+    assert set(scores["condition"]) == {"none", "key", "random", "key (own mean)", "random (own mean)"}
+    assert set(scores["suite"]) == {"power", "multidigit", "years", "capitals", "svamp"}
+    assert set(scores[scores.suite == "svamp"]["condition"]) == set(scores["condition"])  # the public file is knocked out too
     overlap = run.table("overlap")
     assert set(overlap["a"]) == {"arithmetic (ch. 1)", "power", "multidigit"}  # suites with a counterfactual
     assert len(run.table("attention")) == 2 * 3
@@ -112,7 +115,8 @@ def test_transfer_chapter_end_to_end(shared_runs):
 MLP_AS_INPUT = [f"02_mlp.{p}" for p in MLP_TINY]
 SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "training_seeds=2", "random_draws=10",
             "all_layer_draws=1", "lr_grid=[0.001, 0.01]", "lora_lr_grid=[0.01]", "head_counts=[1]", "mlp_counts=[1]",
-            "suites=[power, capitals]", "n_suite=4", "n_control=4", "n_boot=20"]
+            "suites=[power, capitals]", "n_suite=4", "n_control=4", "n_boot=20", "benchmarks=[gsm8k, svamp, mmlu]",
+            "n_benchmark=3", "n_cot=2"]
 
 
 @pytest.mark.slow
@@ -138,6 +142,11 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
         delta = load_delta(Path(run.path) / folder)  # chapter 6 reads all three
         assert delta.values and delta.meta.get("method") == method, folder
     assert load_delta(Path(run.path) / "delta_random").meta["method_name"].startswith("random")
+    table1 = run.table("table1")  # the paper's Table 1: the base model and one row of each tuned family
+    assert set(table1["set"]) == {"gsm8k", "svamp", "mmlu"} and table1.groupby("set")["method"].nunique().eq(5).all()
+    assert {"full SFT", "base"} <= set(table1["method"]) and table1[table1.set == "gsm8k"]["n"].eq(2).all()
+    chains = run.table("table1_scores")
+    assert set(chains[chains.set == "gsm8k"]["mode"]) == {"cot"} and set(chains[chains.set == "mmlu"]["mode"]) == {"choice"}
 
 
 BENCH = "tests/data/benchmarks"

@@ -112,6 +112,11 @@ def _suites() -> list[str]:
     return list(suites.SUITES)
 
 
+def _shipped() -> list[str]:
+    from arithlens.tasks.benchmarks import shipped
+    return list(shipped.SHIPPED)
+
+
 def _metrics() -> list[str]:
     from arithlens.core import metrics
     return list(metrics.METRIC_TITLES)
@@ -192,6 +197,7 @@ RULES: dict[str, Rule] = {
     "n_items": COUNT,
     "suite_names": each(SUITE, empty=True),
     "benchmark_files": FILES,
+    "benchmarks": each(name_in(_shipped, "a shipped benchmark"), empty=True),
     "n_random_seeds": COUNT,
     "margin": number(-1, 1),  # accuracy above chance; −1 keeps every suite
     "localize_top_k": COUNT,
@@ -216,6 +222,7 @@ RULES: dict[str, Rule] = {
     "n_suite": COUNT,
     "n_control": COUNT,
     "n_benchmark": COUNT,
+    "n_cot": COUNT,  # chain-of-thought items per benchmark asked that way (GSM8K): up to 256 tokens each
     "train_file": Rule(lambda v: v == "" or FILE.holds(v), 'a file that exists, or "" for the generated arithmetic'),
     # chapter 5: across models (the specs themselves are checked when a model is planned)
     "models": each(NAME, empty=True),
@@ -262,9 +269,9 @@ RELATIONS: dict[str, tuple[Relation, ...]] = {
                          "analysis_shots must be one of shots"),),
     "01_heads": (Relation(("lead_mode", "modes"), lambda p: p["lead_mode"] in p["modes"],
                           "lead_mode must be one of modes"),),
-    "03_transfer": (Relation(("suite_names", "benchmark_files"),
-                             lambda p: bool(p["suite_names"] or p["benchmark_files"]),
-                             "suite_names and benchmark_files cannot both be empty"),),
+    "03_transfer": (Relation(("suite_names", "benchmarks", "benchmark_files"),
+                             lambda p: bool(p["suite_names"] or p["benchmarks"] or p["benchmark_files"]),
+                             "suite_names, benchmarks and benchmark_files cannot all be empty"),),
     "04_precise_sft": (Relation(("heldout_templates",),
                                 lambda p: len(set(p["heldout_templates"])) < len(_templates()),
                                 "heldout_templates must leave at least one template to train on"),),

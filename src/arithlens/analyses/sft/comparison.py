@@ -159,6 +159,18 @@ def anti_key_heads(ranking: Sequence[Head], key: Sequence[Head], band: int, k: i
     return pool[-k:]
 
 
+def table1_methods(methods: Sequence[Method]) -> list[Method]:
+    """The rows chapter 4 also asks the shipped public benchmarks (the paper's Table 1): the first
+    main-group row of full SFT, Precise SFT, random heads and LoRA — one training seed or draw each,
+    as those benchmarks are the costliest evaluation (a chain of thought is up to 256 tokens an item)."""
+    rows: dict[str, Method] = {}
+    for method in methods:
+        family = method_family(method.name)
+        if method.group == "main" and family in (FULL, PRECISE, RANDOM, LORA):
+            rows.setdefault(family, method)
+    return list(rows.values())
+
+
 def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
     """The rows whose trained delta chapter 4 keeps, each with its folder (:data:`DELTA_FOLDERS`): the
     first main-group row of each family there — the main Precise SFT row, the first random draw, the

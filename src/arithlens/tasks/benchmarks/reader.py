@@ -242,15 +242,19 @@ def _build_item(tokenizer, name: str, record: BenchmarkRecord, bench: Benchmark,
 
 
 def make_benchmark_suite(bench: Benchmark, tokenizer, n: int | None = None, shots: int = 3, seed: int = 0,
-                         name: str | None = None, kind: Kind | None = None) -> Suite:
+                         name: str | None = None, kind: Kind | None = None, demonstrations: str | None = None) -> Suite:
     """Up to ``n`` items of ``bench`` (a seeded sample, in file order; all when ``n`` is None) after
-    ``shots`` demonstrations drawn from the same file under the same seed and never queries.
+    ``shots`` demonstrations drawn from the same file under the same seed and never queries — or after
+    ``demonstrations``, a prefix written elsewhere (worked solutions from a training split,
+    :func:`arithlens.tasks.benchmarks.cot.worked_prefix`), when every row of ``bench`` may be a query.
 
     The suite is ``exact`` (numeric or text answers: whole answer and first token, teacher-forced) or
     ``choice`` (multiple choice: the option letters at END); ``kind`` defaults to ``math`` for numeric
     answers, ``control`` otherwise. Items whose answer cannot be tokenized as a continuation are
     dropped and counted in ``Suite.dropped`` beside the rows skipped on reading.
     """
+    if demonstrations is not None:
+        shots = 0
     if shots < 0 or (n is not None and n < 1):
         raise ValueError(f"need shots >= 0 and n >= 1 (or None), got shots={shots}, n={n}")
     if shots >= len(bench.records):
@@ -258,7 +262,8 @@ def make_benchmark_suite(bench: Benchmark, tokenizer, n: int | None = None, shot
     name = name or bench.name
     order = list(range(len(bench.records)))
     random.Random(f"{seed}|benchmark").shuffle(order)
-    prefix = "".join(render_demo(bench.records[i], bench) for i in order[:shots])
+    prefix = demonstrations if demonstrations is not None else "".join(render_demo(bench.records[i], bench)
+                                                                       for i in order[:shots])
     items, dropped = [], Counter(bench.skipped)
     for i in order[shots:]:
         if n is not None and len(items) == n:
@@ -270,7 +275,8 @@ def make_benchmark_suite(bench: Benchmark, tokenizer, n: int | None = None, shot
         else:
             items.append(item)
     items.sort(key=lambda it: dict(it.meta)["row"])
-    description = f"{bench.format.label}: {Path(bench.path).name}, {shots}-shot"
+    description = (f"{bench.format.label}: {Path(bench.path).name}, "
+                   + (f"{prefix.count('Question:')}-shot worked solutions" if demonstrations is not None else f"{shots}-shot"))
     return Suite(name, kind or ("math" if bench.kind == "numeric" else "control"),
                  "choice" if bench.kind == "choice" else "exact", description, None, tuple(items), dict(dropped))
 

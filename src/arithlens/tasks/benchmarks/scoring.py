@@ -1,12 +1,15 @@
-"""Scoring a benchmark file's suite: greedy generation, the first answer token, or the choice letters.
+"""Scoring a benchmark file's suite: greedy generation, chain of thought, the first answer token, or the choice letters.
 
 Science wing, beside :mod:`arithlens.tasks.benchmarks.reader` (paper § "Transfer" and § "Precise SFT" report
-accuracy on public benchmarks). Three modes (:data:`MODES`), one engine (:class:`BenchmarkScorer`):
+accuracy on public benchmarks). Four modes (:data:`MODES`), one engine (:class:`BenchmarkScorer`):
 
 * ``generate`` — greedy decoding of at most ``max_new_tokens`` (default 16) new tokens, stopping at a
   newline or end-of-sequence; the *last number* of the text is the prediction, compared as a number
   (``3.50 == 3.5``). Text answers (a generic file) compare the text before the newline, case-folded.
   The direct answer only: 16 tokens leave no room for a chain of thought.
+* ``cot`` — chain of thought: greedy decoding of at most ``max_new_tokens`` (default 256) new tokens
+  after worked demonstrations (:func:`arithlens.tasks.benchmarks.cot.worked_prefix`), stopping at a blank
+  line or a new ``Question:``; the answer is read by :data:`arithlens.tasks.benchmarks.cot.COT_RULE`.
 * ``first_token`` — teacher-forced, the cheap variant: ``correct`` when greedy decoding would write the
   whole answer, ``first_correct`` its first token (what :class:`arithlens.tasks.suites.SuiteScorer` computes;
   the tests check the two agree).
@@ -45,13 +48,16 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from arithlens.tasks.benchmarks import cot
 from arithlens.tasks.benchmarks.formats import LETTERS, format_number
 from arithlens.core.hooks import prefix_kv
 from arithlens.core.items import shared_prefix_length
 from arithlens.tasks.suites import Suite
 
-Mode = Literal["generate", "first_token", "choice"]
-MODES: tuple[Mode, ...] = ("generate", "first_token", "choice")
+Mode = Literal["generate", "first_token", "choice", "cot"]
+MODES: tuple[Mode, ...] = ("generate", "first_token", "choice", "cot")
+#: The generation budget of each generating mode when none is given.
+BUDGETS = {"generate": 16, "cot": cot.BUDGET}
 _IN_TEXT = re.compile(r"(?:(?<![\w.])(-))?[$€£]?(\d[\d,]*(?:\.\d+)?)")
 
 
@@ -98,23 +104,24 @@ class PromptBatch:
 class BenchmarkScorer:
     """Score ``suite`` in ``mode`` (default: :func:`default_mode`), any number of conditions.
 
-    ``max_new_tokens`` is the generation budget; ``batch_size`` prompts run together. The shared
-    prefix's cache is kept; each :meth:`score` call re-runs the rest of the prompts.
+    ``max_new_tokens`` is the generation budget (default :data:`BUDGETS`); ``batch_size`` prompts run
+    together. The shared prefix's cache is kept; each :meth:`score` call re-runs the rest of the prompts.
     """
 
-    def __init__(self, model, suite: Suite, mode: Mode | None = None, max_new_tokens: int = 16,
+    def __init__(self, model, suite: Suite, mode: Mode | None = None, max_new_tokens: int | None = None,
                  batch_size: int = 16):
         mode = mode or default_mode(suite)
         if mode not in MODES:
             raise ValueError(f"unknown scoring {mode!r}: choose from {list(MODES)}")
-        fits = {"exact": ("generate", "first_token"), "choice": ("choice", "first_token")}.get(suite.scoring, ())
+        fits = {"exact": ("generate", "cot", "first_token"), "choice": ("choice", "first_token")}.get(suite.scoring, ())
         if mode not in fits:
             hint = f"use one of {list(fits)}" if fits else "score it with suites.SuiteScorer"
             raise ValueError(f"scoring {mode!r} does not fit suite {suite.name!r} ({suite.scoring} scoring): {hint}")
         if not len(suite):
             raise ValueError(f"suite {suite.name!r} has no items to score")
         self.model, self.suite, self.mode = model, suite, mode
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_new_tokens = max_new_tokens if max_new_tokens is not None else BUDGETS.get(mode, 16)
+        self.batch_size = batch_size
         items = suite.items
         self.shared = shared_prefix_length(it.clean_tokens for it in items)
         head = torch.tensor([items[0].clean_tokens[: self.shared]], device=model.device)
@@ -152,7 +159,11 @@ class BenchmarkScorer:
         return kv, mask, positions[:, -1:]
 
     def _run(self, tokens: Tensor, kv, mask: Tensor, positions: Tensor, fwd_hooks) -> Tensor:
-        """The hooked part: ``tokens`` [batch, t] after the cache; logits [batch, t, d_vocab] (fp32)."""
+        """The hooked part: ``tokens`` [batch, t] after the cache; logits [batch, t, d_vocab] (fp32).
+        With no hooks the HF model runs alone (the bridge's hook points would do nothing)."""
+        if not fwd_hooks:
+            return self.model.bridge.original_model(input_ids=tokens, past_key_values=kv, attention_mask=mask,
+                                                    position_ids=positions, use_cache=True).logits.float()
         return self.model.bridge.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), past_key_values=kv,
                                                 attention_mask=mask, position_ids=positions).float()
 
@@ -161,6 +172,13 @@ class BenchmarkScorer:
             tok = self.model.tokenizer
             self._stops[token] = token == tok.eos_token_id or "\n" in tok.decode([token])
         return self._stops[token]
+
+    def _done(self, new: list[int]) -> bool:
+        """Whether a generation has stopped: a newline (direct answers), a blank line or a new question
+        (chain of thought, :data:`arithlens.tasks.benchmarks.cot.STOPS`), or end-of-sequence."""
+        if self.mode != "cot":
+            return self._is_stop(new[-1])
+        return new[-1] == self.model.tokenizer.eos_token_id or cot.stopped(self.model.tokenizer.decode(new[-6:]))
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, fwd_hooks=()) -> tuple[Tensor, list[list[int]]]:
@@ -177,7 +195,7 @@ class BenchmarkScorer:
             for j, t in enumerate(nxt.tolist()):
                 if not done[j]:
                     new[j].append(t)
-                    done[j] = self._is_stop(t)
+                    done[j] = self._done(new[j])
             if all(done):
                 break
             current, pos = nxt[:, None], pos + 1
@@ -198,7 +216,7 @@ class BenchmarkScorer:
         batches = progress(self.batches, desc=f"{self.suite.name} ({self.mode})") if progress else self.batches
         for batch in batches:
             its = [items[i] for i in batch.index]
-            if self.mode == "generate":
+            if self.mode in ("generate", "cot"):
                 end, new = self.generate(batch, fwd_hooks)
             elif self.mode == "choice":
                 kv, mask, pos = self._prompt_cache(batch)
@@ -206,7 +224,7 @@ class BenchmarkScorer:
             else:
                 rows = self._teacher_forced(batch, its, fwd_hooks)
             for j, (i, it) in enumerate(zip(batch.index, its)):
-                if self.mode == "generate":
+                if self.mode in ("generate", "cot"):
                     row = self._judge_generation(it, end[j], new[j])
                 elif self.mode == "choice":
                     row = self._judge_choice(it, end[j])
@@ -219,7 +237,7 @@ class BenchmarkScorer:
                               "operator": [it.operator for it in items],
                               "answer": [dict(it.meta).get("value", it.answer.strip()) for it in items],
                               **{k: v for k, v in out.items()}})
-        if self.mode != "generate":
+        if self.mode not in ("generate", "cot"):
             frame = frame.drop(columns=["generated", "n_new_tokens", "hit_budget"])
         return frame.astype({"correct": bool, "first_correct": bool, "p_answer": float, "score": float})
 
@@ -252,10 +270,18 @@ class BenchmarkScorer:
 
     def _judge_generation(self, it, end: Tensor, new: list[int]) -> dict:
         tok = self.model.tokenizer
-        text = tok.decode(new, skip_special_tokens=True).split("\n")[0]
-        hit_budget = not (new and self._is_stop(new[-1]))
         lp = end.log_softmax(-1)[it.answer_tokens[0]]
         answer = dict(it.meta).get("value", it.answer.strip())
+        if self.mode == "cot":
+            text, found = cot.solution_text(tok.decode(new, skip_special_tokens=True))
+            hit_budget = not (found or (new and new[-1] == tok.eos_token_id))
+            number = cot.extract_cot_answer(text)
+            prediction, correct = (format_number(number) if number is not None else ""), answers_match(number, answer)
+            return {"prediction": prediction, "correct": correct, "first_correct": bool(new) and new[0] == it.answer_tokens[0],
+                    "p_answer": float(lp.exp()), "score": float(lp), "generated": text.strip(), "n_new_tokens": len(new),
+                    "hit_budget": hit_budget}
+        text = tok.decode(new, skip_special_tokens=True).split("\n")[0]
+        hit_budget = not (new and self._is_stop(new[-1]))
         if dict(it.meta).get("answer_kind", "numeric") == "text":
             prediction, correct = text.strip(), normalize_text(text) == normalize_text(answer)
         else:
@@ -266,7 +292,7 @@ class BenchmarkScorer:
                 "hit_budget": hit_budget}
 
 
-def score_benchmark(model, suite: Suite, mode: Mode | None = None, fwd_hooks=(), max_new_tokens: int = 16,
+def score_benchmark(model, suite: Suite, mode: Mode | None = None, fwd_hooks=(), max_new_tokens: int | None = None,
                     batch_size: int = 16, progress=None) -> pd.DataFrame:
     """:meth:`BenchmarkScorer.score` once (build a :class:`BenchmarkScorer` to score several conditions)."""
     return BenchmarkScorer(model, suite, mode, max_new_tokens, batch_size).score(fwd_hooks, progress)
@@ -280,19 +306,22 @@ def timed_score(model, suite: Suite, mode: Mode | None = None, **kwargs) -> tupl
 
 
 def evaluate_benchmarks(model, delta, suites, mode: Mode | None = None, batch_size: int = 16,
-                        progress=None) -> pd.DataFrame:
-    """Chapter 4's evaluation on benchmark suites with ``delta`` applied (``None`` = the base model).
+                        progress=None, modes: dict[str, Mode] | None = None) -> pd.DataFrame:
+    """Chapter 4's evaluation on benchmark suites with ``delta`` applied (``None`` = the base model);
+    each suite in ``modes[suite.name]`` where given, else ``mode``.
 
     Rows as :func:`arithlens.analyses.sft.evaluation.evaluate` (``set``, ``kind``, ``item``, ``correct``,
-    ``p_answer``) plus ``mode``, so the two concatenate before :func:`arithlens.analyses.sft.evaluation.compare_to_base`.
+    ``p_answer``) plus ``mode`` and ``prediction`` (and, for generated answers, ``n_new_tokens`` and ``hit_budget``), so the two concatenate before :func:`arithlens.analyses.sft.evaluation.compare_to_base`.
     """
     from arithlens.core.deltas import applied
 
     frames = []
     with (applied(model, delta) if delta is not None else nullcontext()):
         for suite in suites:
-            scores = score_benchmark(model, suite, mode, batch_size=batch_size, progress=progress)
+            scores = score_benchmark(model, suite, (modes or {}).get(suite.name, mode), batch_size=batch_size,
+                                     progress=progress)
             frames.append(pd.DataFrame({"set": suite.name, "kind": suite.kind, "item": scores["item"],
                                         "correct": scores["correct"], "p_answer": scores["p_answer"],
-                                        "mode": scores["mode"]}))
+                                        "mode": scores["mode"], "prediction": scores["prediction"],
+                                        **{k: scores[k] for k in ("n_new_tokens", "hit_budget") if k in scores}}))
     return pd.concat(frames, ignore_index=True)

@@ -53,6 +53,7 @@ def setup(args):
     import torch
 
     from arithlens.analyses.sft import trainer as ft
+    from arithlens.core.twin import make_twin
     from arithlens.analyses.sft.evaluation import make_sft_data
     from arithlens.core.models import load_model
     from arithlens.core.hooks import Head
@@ -65,7 +66,7 @@ def setup(args):
     length = min(groups, key=lambda n: (abs(n - args.length), -len(groups[n])))
     items = [data.train.items[i] for i in (groups[length] * args.batch)[: args.batch]]
     batches = [(to_tokens(items), torch.tensor([it.answer_token for it in items]))]
-    twin = ft.make_twin(model)
+    twin = make_twin(model)
     low = min(h.layer for h in heads)
     rank = ft.lora_rank_for(model, ft.count_params(model, ft.precise_slices(model, ft.PreciseSFTConfig(heads))))
 

@@ -313,6 +313,8 @@ def test_benchmarks_feed_knockout_transfer_and_finetuning(tiny):
     ([str(DATA / "svamp_style.json"), "--model", "tiny", "--scoring", "choice"], "scoring 'choice' does not fit"),
     ([str(DATA / "svamp_style.json"), "--model", "tiny", "--shots", "9"], "9 shots need more than"),
     ([str(DATA / "svamp_style.json"), "--model", "gpt-17"], "unknown model spec"),
+    ([str(DATA / "mmlu_style.csv"), "--model", "tiny", "--scoring", "cot"], "scoring 'cot' needs numeric answers"),
+    (["gsm9k"], "no such file"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(["benchmark", *args]) == 2
@@ -330,6 +332,13 @@ def test_cli_reports_format_counts_and_scores(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "suite: 3 items, 1-shot" in out and "scoring: choice" in out and "items/s" in out
     assert len(table.read_text().splitlines()) == 4
+    assert main(["benchmark", "svamp"]) == 0  # a shipped benchmark by name
+    out = capsys.readouterr().out
+    assert "shipped benchmark: SVAMP (arkilpatel/SVAMP" in out and "MIT" in out and "1000 rows, 1000 items" in out
+    assert main(["benchmark", str(DATA / "gsm8k_style.jsonl"), "--model", "tiny", "--scoring", "cot", "--shots", "2",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2-shot worked solutions" in out and "chain of thought, at most 3 new tokens" in out and "ran out of the budget" in out
 
 
 @pytest.mark.real_model

@@ -10,6 +10,7 @@ import torch
 from arithlens.analyses.sft import trainer as ft
 from arithlens.analyses.sft import evaluation as fd
 from arithlens.core import deltas
+from arithlens.core.twin import make_twin
 from arithlens.core.hooks import Head, random_heads
 
 HEADS = (Head(0, 1), Head(1, 3))  # head 3 of 4 reads KV head 1 (2 KV heads)
@@ -113,7 +114,7 @@ def test_delta_roundtrip_reproduces_logits_exactly(model_name, kv, request, batc
 
 def test_prefix_cached_step_equals_uncached(tiny, batches):
     slices = ft.precise_slices(tiny, ft.PreciseSFTConfig((Head(1, 0), Head(1, 2))))
-    twin = ft.make_twin(tiny)
+    twin = make_twin(tiny)
     weights = deltas.named_weights(twin)
     start = 1
     grads = []
@@ -135,8 +136,8 @@ def test_prefix_cached_step_equals_uncached(tiny, batches):
 def test_twin_forward_matches_the_bridge(tiny, batches):
     tokens = batches[0][0]
     with torch.no_grad():
-        eager = ft.end_logits(ft.make_twin(tiny, "eager"), ft.embed(ft.make_twin(tiny, "eager"), tokens), 0)
-        twin = ft.make_twin(tiny)
+        eager = ft.end_logits(make_twin(tiny, "eager"), ft.embed(make_twin(tiny, "eager"), tokens), 0)
+        twin = make_twin(tiny)
         fused = ft.end_logits(twin, ft.embed(twin, tokens), 0)
     # The twin and the bridge are two code paths (HF modules vs. TransformerLens' bridge components): the
     # same arithmetic in a different order of float operations, which at torch's default thread count

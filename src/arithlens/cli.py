@@ -195,12 +195,17 @@ def cmd_classroom_grade(args) -> int:
 def cmd_benchmark(args) -> int:
     """Read a benchmark file, say what it is; with ``--model``, score it (accuracy and items/s)."""
     import time
+    from pathlib import Path
 
+    from arithlens.tasks.benchmarks import cot, shipped
     from arithlens.tasks.benchmarks.scoring import BenchmarkScorer
     from arithlens.tasks.benchmarks.reader import BenchmarkFileError, make_benchmark_suite, read_benchmark
 
     try:
-        bench = read_benchmark(args.file, strict=args.strict)
+        spec = shipped.SHIPPED.get(args.file) if not Path(args.file).expanduser().exists() else None
+        bench = read_benchmark(spec.file() if spec else args.file, strict=args.strict)
+        if spec:
+            print(f"shipped benchmark: {spec.title} ({spec.source}; {spec.license}); asked: {spec.asked}")
         print(f"file: {bench.path}")
         kind = {"numeric": "numeric", "choice": "multiple-choice", "text": "text"}[bench.kind]
         print(f"format: {bench.format.name} — {bench.format.label}; {kind} answers")
@@ -210,16 +215,28 @@ def cmd_benchmark(args) -> int:
         from arithlens.core.models import load_model
         from arithlens.core.progress import progress
 
+        mode = args.scoring or (spec.mode if spec else None)
+        if mode == "cot" and bench.kind != "numeric":
+            raise ValueError(f"scoring 'cot' needs numeric answers; {bench.path} has {bench.kind} answers")
         model = load_model(_model_key(args.model))
-        suite = make_benchmark_suite(bench, model.tokenizer, n=args.n, shots=args.shots, seed=args.seed)
+        if spec and mode in (None, spec.mode):
+            suite = shipped.load_shipped(spec.name, model.tokenizer, n=args.n, seed=args.seed)
+            shots = spec.shots
+        elif mode == "cot":  # worked demonstrations: GSM8K's training solutions, shipped with arithlens
+            shots = args.shots if args.shots is not None else shipped.SHIPPED["gsm8k"].shots
+            prefix = cot.worked_prefix(shipped.training_solutions(), shots)
+            suite = make_benchmark_suite(bench, model.tokenizer, n=args.n, seed=args.seed, demonstrations=prefix)
+        else:
+            shots = args.shots if args.shots is not None else 3
+            suite = make_benchmark_suite(bench, model.tokenizer, n=args.n, shots=shots, seed=args.seed)
         lost = {k: v for k, v in suite.dropped.items() if k not in bench.skipped}
         tokens = sum(len(it.clean_tokens) for it in suite.items) / max(len(suite), 1)
-        print(f"suite: {len(suite)} items, {args.shots}-shot (seed {args.seed}), mean prompt {tokens:.0f} tokens"
-              + "".join(f"; dropped {v} ({k})" for k, v in lost.items()))
-        scorer = BenchmarkScorer(model, suite, args.scoring, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size)
+        print(f"suite: {len(suite)} items, {shots}-shot{' worked solutions' if mode == 'cot' else ''} (seed {args.seed}), "
+              f"mean prompt {tokens:.0f} tokens" + "".join(f"; dropped {v} ({k})" for k, v in lost.items()))
+        scorer = BenchmarkScorer(model, suite, mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         judged = "the text before a newline" if bench.kind == "text" else "the last number"
-        how = {"generate": f"greedy generation of at most {args.max_new_tokens} new tokens, {judged}",
+        how = {"generate": f"greedy generation of at most {scorer.max_new_tokens} new tokens, {judged}",
+               "cot": f"chain of thought, at most {scorer.max_new_tokens} new tokens; {cot.COT_RULE}",
                "first_token": "teacher-forced whole answer and first answer token",
                "choice": "most likely option letter at END"}[scorer.mode]
         start = time.perf_counter()
@@ -229,8 +246,10 @@ def cmd_benchmark(args) -> int:
         print(f"arithlens: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(f"model: {args.model}; scoring: {scorer.mode} ({how})")
+    tail = (f"first answer token {frame['first_correct'].mean():.1%}" if scorer.mode != "cot" else
+            f"{frame['hit_budget'].mean():.0%} ran out of the budget, mean {frame['n_new_tokens'].mean():.0f} new tokens")
     print(f"accuracy: {frame['correct'].mean():.1%} ({int(frame['correct'].sum())}/{len(frame)}); "
-          f"first answer token {frame['first_correct'].mean():.1%}; {len(frame) / seconds:.1f} items/s ({seconds:.1f} s)")
+          f"{tail}; {len(frame) / seconds:.2f} items/s ({seconds:.1f} s)")
     if args.out:
         frame.to_csv(args.out, index=False)
         print(f"per-item table: {args.out}")
@@ -241,14 +260,17 @@ def add_benchmark_parser(sub) -> None:
     """``arithlens benchmark FILE [--model SPEC] [--n N] [--shots K] [--scoring MODE] …``."""
     bench = sub.add_parser("benchmark", help="check a benchmark file (GSM8K, SVAMP, AddSub/SingleEq, MMLU, "
                            "CommonsenseQA, generic JSONL) and, with --model, score it")
-    bench.add_argument("file", help="JSONL, JSON list or CSV; the format is recognised by its fields")
+    bench.add_argument("file", help="JSONL, JSON list or CSV (the format is recognised by its fields), or the name of "
+                       "a benchmark shipped with arithlens: gsm8k, svamp, mmlu (asked as chapter 4 asks it)")
     bench.add_argument("--model", help="model spec to score with (omit to only check the file)")
     bench.add_argument("--n", type=int, default=None, help="score a seeded sample of N items (default: all)")
-    bench.add_argument("--shots", type=int, default=3, help="demonstrations from the same file (default 3)")
+    bench.add_argument("--shots", type=int, default=None, help="demonstrations from the same file (default 3); "
+                       "with --scoring cot, worked solutions from GSM8K's training split (default 4)")
     bench.add_argument("--seed", type=int, default=0, help="seed for the sample and the demonstrations")
-    bench.add_argument("--scoring", choices=["generate", "first_token", "choice"], default=None,
-                       help="default: choice for multiple choice, else generate")
-    bench.add_argument("--max-new-tokens", type=int, default=16, help="generation budget (default 16)")
+    bench.add_argument("--scoring", choices=["generate", "cot", "first_token", "choice"], default=None,
+                       help="default: a shipped benchmark's own; choice for multiple choice, else generate. cot: "
+                       "chain of thought after worked solutions")
+    bench.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 16; cot 256)")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--strict", action="store_true", help="a row with an unusable answer is an error, not skipped")
     bench.add_argument("--out", help="write the per-item table to this CSV file")

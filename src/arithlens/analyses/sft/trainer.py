@@ -34,7 +34,6 @@ optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections import defaultdict
@@ -48,6 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from arithlens.core.deltas import Delta, Slice, hf_model, jsonable, named_weights, slice_view, tensor_digest
+from arithlens.core.twin import make_twin
 from arithlens.core.hooks import Head
 from arithlens.core.models import LoadedModel
 
@@ -163,24 +163,6 @@ def rescale_factors(cfg, config: PreciseSFTConfig, slices: list[Slice]) -> dict[
 
 
 # --- the forward pass above a cached prefix --------------------------------------------------------
-
-def make_twin(model: LoadedModel, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """A plain HF model of the same class whose parameters *are* the bridge model's tensors.
-
-    It uses PyTorch's fused attention (``sdpa``) by default: on CPU its backward pass is several
-    times faster than the eager attention the bridge runs; logits agree to float rounding.
-    """
-    hf = hf_model(model)
-    config = copy.deepcopy(hf.config)  # never touch the bridge's own config
-    config._attn_implementation = attn_implementation
-    twin = type(hf)(config).to(device=next(hf.parameters()).device, dtype=next(hf.parameters()).dtype)
-    missing, unexpected = twin.load_state_dict(named_weights(model), strict=False, assign=True)
-    tied = hf.lm_head.weight is hf.model.embed_tokens.weight
-    assert not unexpected and missing == (["lm_head.weight"] if tied else []), (missing, unexpected)
-    if tied:
-        twin.lm_head.weight = twin.model.embed_tokens.weight
-    return twin.eval().requires_grad_(False)
-
 
 def _start_layer(slices: list[Slice], n_layers: int) -> int:
     """The first layer whose input depends on a tuned slice; -1 when the embedding is tuned."""

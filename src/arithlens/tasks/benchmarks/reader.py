@@ -2,8 +2,8 @@
 
 Science wing, ground floor, beside :mod:`arithlens.tasks.suites`. The paper measures transfer (§ "Transfer")
 and Precise SFT (§ "Precise SFT") on public benchmarks — GSM8K, SVAMP, AddSub, SingleEq for math, MMLU
-and CommonsenseQA for general ability. arithlens cannot ship them; a researcher who has a file reads
-it here, and chapter 1's knockout code, :class:`arithlens.tasks.suites.SuiteScorer` and
+and CommonsenseQA for general ability. GSM8K, SVAMP and MMLU ship with arithlens
+(:mod:`arithlens.tasks.benchmarks.shipped`); a researcher who has another file reads it here, and chapter 1's knockout code, :class:`arithlens.tasks.suites.SuiteScorer` and
 :mod:`arithlens.tasks.benchmarks.scoring` run on the result unchanged.
 
 **Reading** (:func:`read_benchmark`, no model needed). The format is recognised by the rows' fields —

@@ -91,6 +91,12 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def training_solutions() -> list[dict]:
+    """GSM8K's shipped training rows (``question``, ``answer`` with its worked solution): the demonstrations
+    of every chain of thought."""
+    return _rows(SHIPPED["gsm8k"].demos())
+
+
 def load_shipped(name: str, tokenizer, n: int | None = None, seed: int = 0) -> Suite:
     """Up to ``n`` items (a seeded sample, in file order) of shipped benchmark ``name``, with its
     demonstrations: GSM8K's worked solutions (:func:`arithlens.tasks.benchmarks.cot.worked_prefix`), MMLU's
@@ -100,7 +106,7 @@ def load_shipped(name: str, tokenizer, n: int | None = None, seed: int = 0) -> S
     spec = SHIPPED[name]
     bench = reader.read_benchmark(spec.file(), strict=True)
     if spec.mode == "cot":
-        prefix = cot.worked_prefix(_rows(spec.demos()), spec.shots)
+        prefix = cot.worked_prefix(training_solutions(), spec.shots)
     elif spec.demos is not None:
         dev = reader.read_benchmark(spec.demos(), strict=True)
         order = list(range(len(dev.records)))

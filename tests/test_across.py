@@ -132,6 +132,11 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     assert dict(zip(tested["model"] + "/" + tested["chapter"], tested["run_key"])) == {
         f"{m}/{c}": keys[(m, c)] for m, c in zip(tested["model"], tested["chapter"])}
     assert across.manifest["inputs"]["tiny:1/01_heads"]["run_key"] == keys[("tiny:1", "01_heads")]
+    bench = across.table("benchmarks")  # the shipped benchmarks: Table 1 where chapter 4 ran, else chapter 3's base run
+    assert set(bench[bench.model == "tiny"]["source"]) == {"chapter 4 (Table 1)"}
+    assert set(bench[bench.model == "tiny"]["benchmark"]) == {"gsm8k", "svamp", "mmlu"}
+    assert set(bench[bench.model == "tiny:1"]["source"]) == {"chapter 3 (unablated)"}
+    assert set(bench[bench.model == "tiny:1"]["benchmark"]) == {"svamp"}
     costs = across.table("costs")  # what each run took, from its manifest
     assert len(costs) == len(INPUTS) + len(INPUTS) - 2 and (costs["minutes"] >= 0).all() and (costs["cores"] >= 1).all()
     assert dict(zip(costs["model"] + "/" + costs["chapter"], costs["run"])) == {

@@ -166,6 +166,31 @@ def sft_summary(runs: Runs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def benchmark_summary(runs: Runs) -> pd.DataFrame:
+    """The shipped public benchmarks per model, long form: each model's base accuracy (95 % Wilson interval)
+    — from chapter 4's Table 1 (GSM8K with a chain of thought, SVAMP, MMLU) where the model ran it, else
+    from chapter 3's unablated run (SVAMP and MMLU, whole answer teacher-forced) — and, for the tuned rows of
+    Table 1, their change from the base model in points. ``source`` says which chapter gave each row."""
+    rows = []
+    for model, chapters in runs.items():
+        if "04_precise_sft" in chapters and table_or_none(chapters["04_precise_sft"], "table1") is not None:
+            for r in chapters["04_precise_sft"].table("table1").to_dict("records"):
+                low, high = wilson(round(r["accuracy"] * r["n"]), r["n"])
+                rows.append({"model": model, "benchmark": r["set"], "method": r["method"],
+                             "family": method_family(r["method"]), "items": r["n"], "accuracy": r["accuracy"],
+                             "low": low, "high": high, "change (points)": 100 * r["change"] if r["method"] != "base" else np.nan,
+                             "source": "chapter 4 (Table 1)"})
+        elif "03_transfer" in chapters:
+            scores = chapters["03_transfer"].table("transfer_scores")
+            base = scores[(scores["condition"] == "none") & scores["suite"].isin(["gsm8k", "svamp", "mmlu"])]
+            for suite, part in base.groupby("suite", sort=False):
+                low, high = wilson(int(part["correct"].sum()), len(part))
+                rows.append({"model": model, "benchmark": suite, "method": "base", "family": "base", "items": len(part),
+                             "accuracy": part["correct"].mean(), "low": low, "high": high, "change (points)": np.nan,
+                             "source": "chapter 3 (unablated)"})
+    return pd.DataFrame(rows)
+
+
 #: The paper's LLaMA2-7B numbers the charts draw as reference marks (from :mod:`arithlens.paper`).
 PAPER_MARKS = {
     "key-head band": (0.38, 0.53),  # paper.HEADS["layer band of key heads"]: layers 12–17 of 32

@@ -12,16 +12,19 @@ from __future__ import annotations
 from arithlens.claims.findings import Run, transfer_items
 from arithlens.record import UpstreamError
 from arithlens.tasks.benchmarks.reader import load_benchmarks
+from arithlens.tasks.benchmarks.shipped import load_shipped
 from arithlens.tasks.suites import Suite, make_suite
 
 
 def transfer_suites(transfer_run: Run, tokenizer) -> dict[str, Suite]:
     """The suites of :func:`transfer_items`, rebuilt from chapter 3's parameters (generation is
-    deterministic given the tokenizer; benchmark files are read again), in the order chapter 3 scored
+    deterministic given the tokenizer; shipped benchmarks and benchmark files are read again), in the order chapter 3 scored
     them. Each is checked against chapter 3's item count for it."""
     p = transfer_run.parameters
     wanted = set(transfer_items(transfer_run)["suite"])
     made = {n: make_suite(n, tokenizer, n=int(p["n_items"]), seed=int(p["seed"])) for n in p["suite_names"] if n in wanted}
+    made.update({n: load_shipped(n, tokenizer, n=int(p["n_benchmark"]), seed=int(p["seed"]))
+                 for n in p.get("benchmarks", []) if n in wanted})
     if wanted - set(made):
         made.update(load_benchmarks(p.get("benchmark_files", []), tokenizer, n=int(p["n_items"]), shots=int(p["shots"]),
                                     seed=int(p["seed"])))

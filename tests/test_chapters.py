@@ -207,7 +207,8 @@ def test_robustness_chapter_reads_chapters_1_and_3_and_saves_its_tables(shared_r
     assert (null["set"] == "random").sum() == 5 and (null["set"] == "key").sum() == 1
     assert set(run.table("ablations")["ablation"]) == {"mean", "zero", "resample"}
     suite_null, suite_tests = run.table("suite_null"), run.table("suite_null_test")
-    assert set(suite_tests["suite"]) == {"power", "multidigit", "years", "capitals"}  # margin −1: every suite usable
+    # margin −1: every suite usable, the shipped SVAMP among them (rebuilt from chapter 3's parameters)
+    assert set(suite_tests["suite"]) == {"power", "multidigit", "years", "capitals", "svamp"}
     assert (suite_null.groupby("suite")["set"].apply(lambda s: (s == "random").sum()) == 3).all()
     from arithlens.record import open_run
     ch3 = open_run(run.manifest["inputs"]["03_transfer"]["path"]).table("transfer_scores")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import pandas as pd
 
 from arithlens.paths import data_file
 from arithlens.tasks.benchmarks import cot, reader
+from arithlens.tasks.benchmarks.scoring import evaluate_benchmarks
 from arithlens.tasks.suites import Kind, Suite
 
 
@@ -121,6 +123,14 @@ def load_shipped(name: str, tokenizer, n: int | None = None, seed: int = 0) -> S
 def modes(names) -> dict[str, str]:
     """The scoring mode of each named shipped benchmark."""
     return {name: SHIPPED[name].mode for name in names}
+
+
+def ask(model, delta, suites) -> tuple[pd.DataFrame, float]:
+    """Shipped benchmark suites asked of ``model`` with ``delta`` applied (None: the base model), each in its own
+    mode (:func:`arithlens.tasks.benchmarks.scoring.evaluate_benchmarks`'s rows), and the wall-clock seconds taken."""
+    start = time.perf_counter()
+    frame = evaluate_benchmarks(model, delta, suites, modes=modes(s.name for s in suites))
+    return frame, round(time.perf_counter() - start, 1)
 
 
 def shipped_table(names=None) -> pd.DataFrame:

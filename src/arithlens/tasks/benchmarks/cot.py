@@ -38,7 +38,8 @@ BUDGET = 256
 STOPS = ("\n\n", "Question:")
 _ANNOTATION = re.compile(r"<<[^<>]*>>")
 _PHRASE = re.compile(r"the answer is", re.IGNORECASE)
-_NUMBER = re.compile(r"(?:(?<![\w.])(-))?[$€£]?(\d[\d,]*(?:\.\d+)?)")
+#: A number in generated text (a minus sign only where no word or digit precedes it).
+NUMBER = re.compile(r"(?:(?<![\w.])(-))?[$€£]?(\d[\d,]*(?:\.\d+)?)")
 
 
 def worked_solution(answer: str) -> tuple[str, str]:
@@ -79,7 +80,8 @@ def stopped(generated_tail: str) -> bool:
     return any(s in generated_tail for s in STOPS)
 
 
-def _number_at(match) -> Decimal:
+def number_at(match) -> Decimal:
+    """The number a :data:`NUMBER` match reads (``1,2,3``: the last of a list)."""
     sign, digits = match.groups()
     digits = digits.rstrip(",")
     if "," in digits and not re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", digits):
@@ -93,8 +95,8 @@ def extract_cot_answer(solution: str) -> Decimal | None:
     text = solution.replace("\u2212", "-")
     phrases = list(_PHRASE.finditer(text))
     if phrases:
-        after = _NUMBER.search(text, phrases[-1].end())
+        after = NUMBER.search(text, phrases[-1].end())
         if after is not None:
-            return _number_at(after)
-    numbers = list(_NUMBER.finditer(text))
-    return _number_at(numbers[-1]) if numbers else None
+            return number_at(after)
+    numbers = list(NUMBER.finditer(text))
+    return number_at(numbers[-1]) if numbers else None

@@ -35,7 +35,6 @@ on a bridge, nor share one prefix across a batch); the model is the bridge's, th
 from __future__ import annotations
 
 import copy
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -59,20 +58,13 @@ Mode = Literal["generate", "first_token", "choice", "cot"]
 MODES: tuple[Mode, ...] = ("generate", "first_token", "choice", "cot")
 #: The generation budget of each generating mode when none is given.
 BUDGETS = {"generate": 16, "cot": cot.BUDGET}
-_IN_TEXT = re.compile(r"(?:(?<![\w.])(-))?[$€£]?(\d[\d,]*(?:\.\d+)?)")
 
 
 def extract_last_number(text: str) -> Decimal | None:
     """The last number in generated text (``"It is 1,234 apples."`` → 1234; ``"5-3"`` → 3, the hyphen
     after a digit is not a minus sign); None when there is none."""
-    found = _IN_TEXT.findall(text.replace("\u2212", "-"))
-    if not found:
-        return None
-    sign, digits = found[-1]
-    digits = digits.rstrip(",")
-    if "," in digits and not re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", digits):
-        digits, sign = digits.rsplit(",", 1)[1], ""  # "1,2,3": the last of a list
-    return Decimal(sign + digits.replace(",", ""))
+    found = list(cot.NUMBER.finditer(text.replace("\u2212", "-")))
+    return cot.number_at(found[-1]) if found else None
 
 
 def answers_match(predicted: Decimal | None, answer: str) -> bool:

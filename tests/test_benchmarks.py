@@ -215,6 +215,23 @@ def test_batched_cached_generation_equals_a_plain_greedy_loop(tiny, name, shots)
     assert any(a != p for b in scorer.batches for a, p in zip(scorer.generate(b, hooks)[1], scorer.generate(b)[1]))
 
 
+@torch.no_grad()
+def test_a_stopped_row_leaves_the_batch_and_the_others_are_unchanged(tiny, monkeypatch):
+    suite = load_benchmark(DATA / "generic.jsonl", tiny.tokenizer, shots=0)
+    scorer = BenchmarkScorer(tiny, suite, "generate", max_new_tokens=6, batch_size=4)
+    batch = scorer.batches[0]
+    _, free = scorer.generate(batch)
+    scorer._stops.update({t: False for row in free for t in row})
+    scorer._stops[free[0][1]] = True  # the first row stops at its second token; the others run on
+    widths, run = [], scorer._run
+    monkeypatch.setattr(scorer, "_run", lambda tokens, *a: widths.append(len(tokens)) or run(tokens, *a))
+    _, new = scorer.generate(batch)
+    assert len(new[0]) <= 2 and max(map(len, new)) == 6
+    assert widths[0] == len(batch.index) and widths[-1] < len(batch.index)  # rows left the batch
+    for j, i in enumerate(batch.index):
+        assert new[j] == _greedy_loop(tiny, suite.items[i].clean_tokens, 6, scorer._is_stop)
+
+
 def test_generation_reuses_the_prompt_cache(tiny, monkeypatch):
     suite = load_benchmark(DATA / "gsm8k_style.jsonl", tiny.tokenizer, shots=2)
     calls = []

@@ -207,6 +207,26 @@ def test_teacher_forced_scoring_equals_greedy_decoding(tiny):
 
 
 @torch.no_grad()
+def test_a_number_is_correct_only_where_the_model_stops_writing_it(tiny):
+    """Teacher forcing checks the token after a number: a model that writes 777… has not answered 7 or
+    77 (on digit-by-digit tokenizers the first digits alone would pass), and the benchmark scorer's
+    teacher-forced mode applies the same rule."""
+    from arithlens.tasks.benchmarks.scoring import BenchmarkScorer
+    seven = tiny.tokenizer.convert_tokens_to_ids("7")
+    push = tiny.bridge.original_model.lm_head.weight[seven].detach()
+    always_seven = [(f"blocks.{tiny.bridge.cfg.n_layers - 1}.hook_resid_post", lambda x, hook: x + 100 * push)]
+    ids = tuple(tiny.tokenizer("12 + 34 = ")["input_ids"])
+    items = tuple(SuiteItem("s", "+", "12 + 34 = ", answer, None, ids, None, tokens)
+                  for answer, tokens in [("7", (seven,)), ("77", (seven, seven)), ("seven", (seven,))])
+    suite = Suite("s", "math", "exact", "", None, items)
+    scores = SuiteScorer(tiny, suite).score(always_seven)
+    assert scores["first_correct"].all()
+    assert scores["correct"].tolist() == [False, False, True]
+    bench = BenchmarkScorer(tiny, suite, "first_token").score(always_seven)
+    assert bench["correct"].tolist() == [False, False, True]
+
+
+@torch.no_grad()
 def test_cached_knockout_equals_full_hooked_forward(tiny):
     suite = make_suite("multidigit", tiny.tokenizer, n=12)
     heads = [Head(0, 1), Head(1, 3)]

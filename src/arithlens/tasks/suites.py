@@ -35,6 +35,7 @@ tasks on a TransformerLens bridge).
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -259,14 +260,26 @@ def make_suite(name: str, tokenizer, n: int = 64, seed: int = 0, shots: int | No
 
 # --- scoring -----------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def number_continuations(tokenizer) -> torch.Tensor:
+    """Token ids that would go on writing a number written just before them: every token whose text
+    starts with a digit (no leading space or word marker), so ``12`` followed by one of them is not the
+    number 12 — the ten digits on digit-by-digit tokenizers, also ``00``–``999`` where numbers are
+    split into groups."""
+    ids = [i for tok, i in tokenizer.get_vocab().items() if tok[:1].isdigit()]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
 class SuiteScorer:
     """Teacher-forced scoring of a suite, with the prompts' KV caches computed once for every condition.
 
-    Input = prompt + answer tokens but the last; the positions that predict answer tokens are END and
-    the answer tokens themselves (greedy decoding yields the answer iff each of them predicts the next
-    answer token). The prompt before END runs once (HF ``past_key_values``); each condition re-runs
-    only END and the answer positions, so a hook applied there (``fwd_hooks``) acts at every
-    predicting position and nowhere else. A ``choice`` suite (multiple choice, e.g. a benchmark file
+    Input = prompt + answer tokens; the positions that predict are END and the answer tokens. Greedy
+    decoding yields the answer iff each of them predicts the next answer token and, where the answer
+    ends in a digit, the last one predicts no token that would go on writing the number
+    (:func:`number_continuations`): on a digit-by-digit tokenizer, ``1`` followed
+    by ``2`` is the answer 12, not 1. The prompt before END runs once (HF ``past_key_values``); each
+    condition re-runs only END and the answer positions, so a hook applied there (``fwd_hooks``) acts
+    at every predicting position and nowhere else. A ``choice`` suite (multiple choice, e.g. a benchmark file
     read by :mod:`arithlens.tasks.benchmarks.reader`) is scored at END among its items' option letters only.
     """
 
@@ -276,7 +289,8 @@ class SuiteScorer:
         with torch.no_grad():
             for b in length_batches(suite.items, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
                 its = [suite.items[i] for i in b]
-                seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1] for it in its], device=model.device)
+                answers = [it.answer_tokens if suite.scoring == "exact" else it.answer_tokens[:-1] for it in its]
+                seq = torch.tensor([it.clean_tokens + a for it, a in zip(its, answers)], device=model.device)
                 n_prompt = len(its[0].clean_tokens)
                 kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
                 self.batches.append((np.asarray(b), seq, n_prompt, kv))
@@ -310,15 +324,21 @@ class SuiteScorer:
                     p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
             else:
                 targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
-                hits = logits.argmax(-1) == targets
-                lp = logp.gather(-1, targets[..., None])[..., 0]
-                correct[b] = hits.all(-1).cpu().numpy()
+                top = logits.argmax(-1)
+                hits = top[:, :-1] == targets
+                lp = logp[:, :-1].gather(-1, targets[..., None])[..., 0]
+                numeric = torch.tensor([items[i].answer[-1:].isdigit() for i in b], device=logits.device)
+                goes_on = torch.isin(top[:, -1], self._continuations().to(logits.device))
+                correct[b] = (hits.all(-1) & ~(numeric & goes_on)).cpu().numpy()
                 first[b] = hits[:, 0].cpu().numpy()
                 p_ans[b] = lp[:, 0].exp().cpu().numpy()
                 score[b] = lp.sum(-1).cpu().numpy()
         return pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "item": np.arange(n),
                              "operator": [it.operator for it in items], "correct": correct,
                              "first_correct": first, "p_answer": p_ans, "score": score})
+
+    def _continuations(self) -> torch.Tensor:
+        return number_continuations(self.model.tokenizer)
 
     def _digits(self) -> list[int]:
         if not hasattr(self, "_digit_ids"):

@@ -52,7 +52,7 @@ from arithlens.tasks.benchmarks.formats import LETTERS, format_number
 from arithlens.core.twin import make_twin
 from arithlens.core.hooks import prefix_kv
 from arithlens.core.items import shared_prefix_length
-from arithlens.tasks.suites import Suite
+from arithlens.tasks.suites import Suite, number_continuations
 
 Mode = Literal["generate", "first_token", "choice", "cot"]
 MODES: tuple[Mode, ...] = ("generate", "first_token", "choice", "cot")
@@ -179,22 +179,30 @@ class BenchmarkScorer:
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, fwd_hooks=()) -> tuple[Tensor, list[list[int]]]:
-        """Greedy tokens for one batch: (END logits [batch, d_vocab], new tokens per item, stop included)."""
+        """Greedy tokens for one batch: (END logits [batch, d_vocab], new tokens per item, stop included).
+        A row that has stopped leaves the batch (its cache rows too, ``DynamicCache.batch_select_indices``),
+        so a few long chains of thought do not carry the finished ones to the budget."""
         kv, mask, pos = self._prompt_cache(batch)
         current = batch.tokens[:, -1:]
         new: list[list[int]] = [[] for _ in batch.index]
-        done = [False] * len(batch.index)
+        live = list(range(len(batch.index)))  # batch rows still generating, in cache order
         end_logits = None
         for step in range(self.max_new_tokens):
             logits = self._run(current, kv, mask, pos, fwd_hooks)[:, -1]
             end_logits = logits if end_logits is None else end_logits
             nxt = logits.argmax(-1)
+            keep = []
             for j, t in enumerate(nxt.tolist()):
-                if not done[j]:
-                    new[j].append(t)
-                    done[j] = self._done(new[j])
-            if all(done):
+                new[live[j]].append(t)
+                if not self._done(new[live[j]]):
+                    keep.append(j)
+            if not keep:
                 break
+            if len(keep) < len(live):
+                rows = torch.tensor(keep, device=nxt.device)
+                kv.batch_select_indices(rows)
+                nxt, pos, mask = nxt[rows], pos[rows], mask[rows]
+                live = [live[j] for j in keep]
             current, pos = nxt[:, None], pos + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         return end_logits, new
@@ -239,22 +247,27 @@ class BenchmarkScorer:
         return frame.astype({"correct": bool, "first_correct": bool, "p_answer": float, "score": float})
 
     def _teacher_forced(self, batch: PromptBatch, its, fwd_hooks) -> list[dict]:
+        """SuiteScorer's rule: every answer token predicted, and after a number nothing that goes on
+        writing it (:func:`arithlens.tasks.suites.number_continuations`)."""
         kv, mask, pos = self._prompt_cache(batch)
-        width = max(len(it.answer_tokens) for it in its)
+        width = max(len(it.answer_tokens) for it in its) + 1
         end = batch.tokens[:, -1].tolist()
-        tail = torch.tensor([[e, *it.answer_tokens[:-1]] + [e] * (width - len(it.answer_tokens))
+        tail = torch.tensor([[e, *it.answer_tokens] + [e] * (width - 1 - len(it.answer_tokens))
                              for e, it in zip(end, its)], device=batch.tokens.device)
         mask = torch.cat([mask, torch.ones(len(its), width - 1, dtype=mask.dtype, device=mask.device)], 1)
         positions = pos + torch.arange(width, device=pos.device)
         logp = self._run(tail, kv, mask, positions, fwd_hooks).log_softmax(-1)
+        goes_on = set(number_continuations(self.model.tokenizer).tolist())
         rows = []
         for j, it in enumerate(its):
             k = len(it.answer_tokens)
             target = torch.tensor(it.answer_tokens, device=logp.device)
-            hits = logp[j, :k].argmax(-1) == target
+            top = logp[j, : k + 1].argmax(-1)
+            hits = top[:k] == target
             lp = logp[j, :k].gather(-1, target[:, None])[:, 0]
-            rows.append({"prediction": self.model.tokenizer.decode(logp[j, :k].argmax(-1).tolist()),
-                         "correct": bool(hits.all()), "first_correct": bool(hits[0]),
+            ended = not (it.answer[-1:].isdigit() and int(top[k]) in goes_on)
+            rows.append({"prediction": self.model.tokenizer.decode(top[:k].tolist()),
+                         "correct": bool(hits.all()) and ended, "first_correct": bool(hits[0]),
                          "p_answer": float(lp[0].exp()), "score": float(lp.sum())})
         return rows
 

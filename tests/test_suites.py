@@ -12,7 +12,8 @@ from arithlens.analyses import knockout, transfer
 from arithlens.core.hooks import Head
 from arithlens.core.items import continuation
 from arithlens.tasks.generators import load_controls
-from arithlens.tasks.suites import SUITE_NAMES, SUITES, Suite, SuiteItem, SuiteScorer, make_suite
+from arithlens.tasks.suites import (SUITE_NAMES, SUITES, Suite, SuiteItem, SuiteScorer, make_suite, number_continuations,
+                                   prompt_families)
 
 # [query, answer] controls: every control with a "pairs" section in controls.json (the rest are ordinal)
 PAIR_CONTROLS = [n for n in SUITE_NAMES if SUITES[n].kind == "control" and "pairs" in load_controls().get(n, {})]
@@ -226,17 +227,26 @@ def test_a_number_is_correct_only_where_the_model_stops_writing_it(tiny):
     assert bench["correct"].tolist() == [False, False, True]
 
 
+def test_prompt_families_group_prompts_by_their_demonstrations():
+    demo_a, demo_b = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]
+    prompts = [demo_a + [20, 21], demo_b + [22], demo_a + [23], [30, 31], demo_b + [24, 25], [32]]
+    assert prompt_families(prompts) == [[0, 2], [1, 4], [3, 5]]
+    assert prompt_families([[1, 2], [3, 4]]) == [[0, 1]] and prompt_families([]) == []
+
+
 @torch.no_grad()
 def test_cached_knockout_equals_full_hooked_forward(tiny):
     suite = make_suite("multidigit", tiny.tokenizer, n=12)
     heads = [Head(0, 1), Head(1, 3)]
     means = torch.randn(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
     scorer = SuiteScorer(tiny, suite)
+    assert max(scorer.shared) > 0  # the demonstrations of a family of prompts ran once, for all of them
     got = scorer.score(knockout.ablation_hooks(heads, means, "all"))
     again = scorer.score(knockout.ablation_hooks(heads, means, "all"))  # the KV cache was given back intact
     assert got.equals(again)
+    goes_on = set(number_continuations(tiny.tokenizer).tolist())
     for i, it in enumerate(suite.items):
-        seq = torch.tensor([it.clean_tokens + it.answer_tokens[:-1]])
+        seq = torch.tensor([it.clean_tokens + it.answer_tokens])
         n = len(it.clean_tokens)
         hooks = []
         for h in heads:
@@ -247,7 +257,9 @@ def test_cached_knockout_equals_full_hooked_forward(tiny):
             hooks.append((f"blocks.{h.layer}.attn.hook_z", fn))
         logits = tiny.bridge.run_with_hooks(seq, fwd_hooks=hooks)[0, n - 1:].float()
         target = torch.tensor(it.answer_tokens)
-        assert bool((logits.argmax(-1) == target).all()) == bool(got.loc[i, "correct"])
+        top = logits.argmax(-1)
+        written = bool((top[:-1] == target).all()) and int(top[-1]) not in goes_on
+        assert written == bool(got.loc[i, "correct"])
         assert np.isclose(float(logits.log_softmax(-1)[0, target[0]].exp()), got.loc[i, "p_answer"], atol=1e-5)
 
 

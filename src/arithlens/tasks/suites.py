@@ -35,10 +35,11 @@ tasks on a TransformerLens bridge).
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,7 +48,8 @@ import pandas as pd
 import torch
 
 from arithlens.core.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
-from arithlens.core.items import align_counterfactual, continuation, encode, length_batches, tokens_over
+from arithlens.core.items import (align_counterfactual, continuation, encode, length_batches, shared_prefix_length,
+                                  tokens_over)
 from arithlens.core.models import LoadedModel
 from arithlens.tasks.generators import (
     NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, multidigit_source, pairs_source,
@@ -270,6 +272,26 @@ def number_continuations(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+def prompt_families(prompts: Sequence[Sequence[int]], min_share: float = 0.5) -> list[list[int]]:
+    """Indices of ``prompts`` (token lists) in families that share their demonstrations: in token order,
+    neighbours whose common prefix is at least ``min_share`` of the shorter prompt are one family
+    (a suite's operators each have their own fixed demonstrations). Prompts in no family of two or more
+    form one last family, sharing nothing."""
+    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
+    families, alone, run = [], [], order[:1]
+    for prev, i in zip(order, order[1:]):
+        a, b = prompts[prev], prompts[i]
+        common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if common >= min_share * min(len(a), len(b)):
+            run.append(i)
+        else:
+            (families if len(run) > 1 else alone).extend([run] if len(run) > 1 else run)
+            run = [i]
+    if run:
+        (families if len(run) > 1 else alone).extend([run] if len(run) > 1 else run)
+    return [sorted(f) for f in families] + ([sorted(alone)] if alone else [])
+
+
 class SuiteScorer:
     """Teacher-forced scoring of a suite, with the prompts' KV caches computed once for every condition.
 
@@ -277,7 +299,8 @@ class SuiteScorer:
     decoding yields the answer iff each of them predicts the next answer token and, where the answer
     ends in a digit, the last one predicts no token that would go on writing the number
     (:func:`number_continuations`): on a digit-by-digit tokenizer, ``1`` followed
-    by ``2`` is the answer 12, not 1. The prompt before END runs once (HF ``past_key_values``); each
+    by ``2`` is the answer 12, not 1. The prompt before END runs once (HF ``past_key_values``) — the
+    demonstrations a family of prompts shares (:func:`prompt_families`) once for the family; each
     condition re-runs only END and the answer positions, so a hook applied there (``fwd_hooks``) acts
     at every predicting position and nowhere else. A ``choice`` suite (multiple choice, e.g. a benchmark file
     read by :mod:`arithlens.tasks.benchmarks.reader`) is scored at END among its items' option letters only.
@@ -286,14 +309,27 @@ class SuiteScorer:
     def __init__(self, model: LoadedModel, suite: Suite, batch_size: int = 32):
         self.model, self.suite = model, suite
         self.batches = []
+        self.shared: list[int] = []  # per family of prompts (:func:`prompt_families`): the tokens it shares
+        hf = model.bridge.original_model
         with torch.no_grad():
-            for b in length_batches(suite.items, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
-                its = [suite.items[i] for i in b]
-                answers = [it.answer_tokens if suite.scoring == "exact" else it.answer_tokens[:-1] for it in its]
-                seq = torch.tensor([it.clean_tokens + a for it, a in zip(its, answers)], device=model.device)
-                n_prompt = len(its[0].clean_tokens)
-                kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
-                self.batches.append((np.asarray(b), seq, n_prompt, kv))
+            for family in prompt_families([it.clean_tokens for it in suite.items]):
+                its = [suite.items[i] for i in family]
+                shared = shared_prefix_length(it.clean_tokens for it in its) if len(family) > 1 else 0
+                self.shared.append(shared)
+                head = prefix_kv(model, torch.tensor([its[0].clean_tokens[:shared]], device=model.device)) if shared else None
+                for part in length_batches(its, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
+                    batch = [its[j] for j in part]
+                    answers = [it.answer_tokens if suite.scoring == "exact" else it.answer_tokens[:-1] for it in batch]
+                    seq = torch.tensor([it.clean_tokens + a for it, a in zip(batch, answers)], device=model.device)
+                    n_prompt = len(batch[0].clean_tokens)
+                    if head is not None:  # the family's prefix once, then each row's own tokens before END
+                        kv = copy.deepcopy(head)
+                        kv.batch_repeat_interleave(len(batch))
+                        if n_prompt - 1 > shared:
+                            hf(seq[:, shared: n_prompt - 1], past_key_values=kv, use_cache=True, logits_to_keep=1)
+                    else:
+                        kv = prefix_kv(model, seq[:, : n_prompt - 1]) if n_prompt > 1 else None
+                    self.batches.append((np.asarray([family[j] for j in part]), seq, n_prompt, kv))
 
     @torch.no_grad()
     def score(self, fwd_hooks: Iterable[Hook] = ()) -> pd.DataFrame:

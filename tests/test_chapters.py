@@ -130,6 +130,12 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
     assert set(selection["family"]) == {"full SFT", "Precise SFT", "random heads", "LoRA"}
     assert selection.groupby("family")["chosen"].sum().eq(1).all()
     chosen = selection[selection["chosen"]].set_index("family")["lr"]
+    convergence = run.table("convergence")  # each family's chosen run trained twice as long
+    assert set(convergence["family"]) == set(chosen.index) and (convergence.set_index("family")["lr"] == chosen).all()
+    assert convergence["converged"].dtype == bool and convergence["gain low"].le(convergence["gain high"]).all()
+    arms = run.manifest["timings"]["arms_s"]  # the time split by arm
+    assert set(chosen.index) <= set(arms) and all(v["rate selection"] > 0 and v["training"] > 0 for v in
+                                                  (arms[f] for f in chosen.index))
     training = run.table("training")
     assert (training[training["method"] == "full SFT"]["lr"] == chosen["full SFT"]).all()
     assert training[training["method"] == "full SFT"]["seed"].nunique() == 2  # training seeds

@@ -12,7 +12,8 @@ layers and above, smallest effect in chapter 1); and two ablations (fewer or mor
 plus MLP layers). Its tables name each row (``"Precise SFT (10 key heads)"``, ``"random 10 heads"``,
 ``"LoRA r=9"``, ``"full SFT"``), and later readers of those stored tables — the C6 and R6 rules
 (:mod:`arithlens.claims.verdicts`), chapter 5's summaries, chapter 6 — tell the rows apart by
-:func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of their own. Chapter 4
+:func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of their own. Each family's chosen run is
+then trained twice as long (:func:`convergence_check`) to say whether its training had converged. Chapter 4
 keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
 :func:`kept_deltas`) for chapter 6 to compare the neurons each moves.
 """
@@ -20,13 +21,18 @@ keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DEL
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
 
 from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, RANDOM, anti_name, lora_name,
                                             method_family, mlp_name, precise_name, random_all_name, random_name)
-from arithlens.analyses.sft.trainer import KVPolicy, Method, PreciseSFTConfig, count_params, lora_rank_for, precise_slices
+from arithlens.analyses.sft.evaluation import SFTData, make_batches, validation_correct
+from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, lora_rank_for,
+                                            precise_slices, train_method)
+from arithlens.core.items import ItemSet
+from arithlens.core.metrics import bootstrap_means
 from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
 from arithlens.core.models import LoadedModel
 
@@ -182,3 +188,28 @@ def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
             kept[method] = folder
     return kept
 
+
+
+#: When chapter 4 says a family's chosen training has not converged.
+CONVERGENCE_RULE = ("the family's chosen run trained for twice the steps, on the same batches and then the next "
+                    "ones: not converged when the paired 95 % interval of its validation accuracy gain lies above zero")
+
+
+def convergence_check(model: LoadedModel, train: ItemSet, data: SFTData, chosen: Sequence[Method], config: TrainConfig,
+                      at_steps: Mapping[str, np.ndarray], twin=None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Each of ``chosen`` (a family's row at its chosen rate, first training seed) trained for ``2 × config.steps``
+    steps — the selection run's batches first (:func:`arithlens.analyses.sft.evaluation.make_batches` is a prefix
+    of itself), then the next ones — against the selection run itself (``at_steps``: its per-prompt validation
+    correctness). One row per family: accuracy at both lengths, the paired gain with a bootstrap CI over the
+    validation prompts, and ``converged`` (:data:`CONVERGENCE_RULE`)."""
+    longer = replace(config, steps=2 * config.steps)
+    batches = make_batches(train, config.batch_size, longer.steps, seed=seed)
+    rows = []
+    for method in chosen:
+        before = np.asarray(at_steps[method.name], dtype=float)
+        after = validation_correct(model, train_method(model, batches, method, longer, twin=twin).delta, data).astype(float)
+        mean, low, high, _ = bootstrap_means(np.stack([before, after, after - before], axis=1), n_boot, seed)
+        rows.append({"family": method_family(method.name), "method": method.name, "lr": method.lr,
+                     "steps": config.steps, "accuracy": mean[0], f"accuracy at {longer.steps}": mean[1],
+                     "gain": mean[2], "gain low": low[2], "gain high": high[2], "converged": not low[2] > 0})
+    return pd.DataFrame(rows)

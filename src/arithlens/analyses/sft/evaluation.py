@@ -158,12 +158,17 @@ def compare_to_base(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     return pd.DataFrame(rows)
 
 
-def validation_accuracy(model: LoadedModel, delta, data: SFTData, batch_size: int = 64) -> float:
-    """Accuracy on the validation prompts with ``delta`` applied: what chooses a learning rate."""
+def validation_correct(model: LoadedModel, delta, data: SFTData, batch_size: int = 64) -> np.ndarray:
+    """Per validation prompt, greedy correctness with ``delta`` applied; its mean chooses a learning rate."""
     from arithlens.core.deltas import applied
 
     with (applied(model, delta) if delta is not None else nullcontext()):
-        return float(score_prompts(model, data.validation, batch_size=batch_size)["correct"].mean())
+        return score_prompts(model, data.validation, batch_size=batch_size)["correct"].to_numpy(dtype=bool)
+
+
+def validation_accuracy(model: LoadedModel, delta, data: SFTData, batch_size: int = 64) -> float:
+    """Accuracy on the validation prompts with ``delta`` applied: what chooses a learning rate."""
+    return float(validation_correct(model, delta, data, batch_size).mean())
 
 
 def _item_changes(scores: pd.DataFrame) -> pd.DataFrame:

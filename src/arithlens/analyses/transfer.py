@@ -18,6 +18,7 @@ Written by hand: the tabulation (bootstrap via :func:`arithlens.core.metrics.boo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,21 +35,34 @@ from arithlens.tasks.suites import Suite, SuiteScorer
 SCORINGS = {"correct": "whole answer", "first_correct": "first answer token"}
 
 
-def _first_token_chance(suite: Suite) -> float:
-    return suite.chance if suite.scoring != "exact" else 0.1  # a digit / word guessed among ten
+def _majority_share(answers) -> float:
+    """The accuracy of always giving the suite's most common answer."""
+    counts = Counter(answers)
+    return max(counts.values()) / sum(counts.values()) if counts else 0.0
+
+
+def chance_levels(suite: Suite) -> dict[str, float]:
+    """Chance per scoring (:data:`SCORINGS` column → level): guessing uniformly (:attr:`Suite.chance`), or
+    for an exact-answer suite always giving its most common answer, whichever is higher — and for the
+    first answer token at least 10 % (a digit or word guessed among ten). On a digit-by-digit tokenizer
+    the first token is the first digit, and about 30 % of real-world answers start with 1 (Benford's
+    law), so a model that always writes ``1…`` is at chance there, not above it."""
+    if suite.scoring != "exact":
+        return {col: suite.chance for col in SCORINGS}
+    return {"correct": max(suite.chance, _majority_share(it.answer_tokens for it in suite.items)),
+            "first_correct": max(0.1, _majority_share(it.answer_tokens[0] for it in suite.items))}
 
 
 def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correct: int = 8) -> pd.DataFrame:
     """The stated rule for keeping a suite in the drop statistics, per scoring (whole answer, first
-    token): accuracy at least ``margin`` above chance and at least ``min_correct`` items right.
-
-    First-token chance is taken as 10 % (one digit of ten) for exact-answer suites — generous to the
-    model for words, so a first-token result counts only when clearly above guessing.
+    token): accuracy at least ``margin`` above chance (:func:`chance_levels`) and at least ``min_correct``
+    items right.
     """
     rows = []
+    levels = chance_levels(suite)
     for col, label in SCORINGS.items():
         acc, k = float(base[col].mean()), int(base[col].sum())
-        chance = suite.chance if col == "correct" else _first_token_chance(suite)
+        chance = levels[col]
         if acc < chance + margin:
             ok, why = False, f"{acc:.0%} is within {margin:.0%} of chance ({chance:.0%})"
         elif k < min_correct:

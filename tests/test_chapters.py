@@ -134,8 +134,9 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
     assert set(convergence["family"]) == set(chosen.index) and (convergence.set_index("family")["lr"] == chosen).all()
     assert convergence["converged"].dtype == bool and convergence["gain low"].le(convergence["gain high"]).all()
     arms = run.manifest["timings"]["arms_s"]  # the time split by arm
-    assert set(chosen.index) <= set(arms) and all(v["rate selection"] > 0 and v["training"] > 0 for v in
-                                                  (arms[f] for f in chosen.index))
+    assert set(chosen.index) <= set(arms)  # seconds, rounded: a tiny run's stage may round to 0.0
+    assert all({"rate selection", "training", "evaluation"} <= set(arms[f]) and min(arms[f].values()) >= 0
+               for f in chosen.index)
     training = run.table("training")
     assert (training[training["method"] == "full SFT"]["lr"] == chosen["full SFT"]).all()
     assert training[training["method"] == "full SFT"]["seed"].nunique() == 2  # training seeds

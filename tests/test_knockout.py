@@ -36,6 +36,32 @@ def test_end_only_knockout_equals_full_forward(tiny, prompt_set):
     np.testing.assert_array_equal(K.KnockoutEvaluator(tiny, relabelled_set, means, "end").correct([]), expected)
 
 
+def test_stacked_conditions_equal_one_pass_each(tiny_arch):
+    """end_only_many stacks conditions along the batch: per condition, the logits one END-only pass gives,
+    for hooks that return a new tensor and for one that edits in place and returns None, across an
+    uneven split into passes (3 conditions a pass, then 2); the prefix cache comes back unchanged."""
+    ps = make_prompts(tiny_arch.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=3))
+    means = K.mean_z(tiny_arch, ps, "end")
+    tokens = torch.tensor([it.clean_tokens for it in ps.items])
+
+    def zero_in_place(z, hook=None):
+        z[:, -1, 2] = 0.0
+
+    conditions = [[], K.ablation_hooks([Head(0, 1)], means, "end"), [(H.hook_z(1), zero_in_place)],
+                  K.ablation_hooks([Head(0, 1), Head(1, 3)], means, "end"),
+                  K.ablation_hooks([Head(1, 0)], means, "end") + [(H.hook_z(0), zero_in_place)]]
+    kv = prefix_kv(tiny_arch, tokens[:, :-1])
+    length = kv.get_seq_length()
+    one_each = [end_only_logits(tiny_arch, tokens, fwd, kv) for fwd in conditions]
+    stacked = H.end_only_many(tiny_arch, tokens, conditions, kv, max_rows=3 * tokens.shape[0])
+    assert tokens.shape[0] > 1 and kv.get_seq_length() == length and len(stacked) == len(conditions)
+    for a, b in zip(stacked, one_each):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(one_each[0], one_each[2])  # the in-place hook did act
+    argmax = H.end_only_many(tiny_arch, tokens, conditions, read=lambda logits: logits.argmax(-1))
+    assert [t.tolist() for t in argmax] == [t.argmax(-1).tolist() for t in one_each]
+
+
 @pytest.mark.parametrize("positions", ["end", "all"])
 def test_many_conditions_run_batch_major_with_one_prefix_per_batch(tiny, prompt_set, monkeypatch, positions):
     """correct_many gives, set by set, what one full hooked pass per set gives, and makes each batch's

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.core.hooks import Head, digit_tokens, end_only_logits, prefix_kv, scores_from_logits
+from arithlens.core.hooks import Head, digit_tokens, end_only_many, scores_from_logits
 from arithlens.core.items import ItemSet, answer_batches
 from arithlens.analyses.knockout import ablation_hooks
 from arithlens.core.models import LoadedModel
@@ -111,7 +111,8 @@ def rank_agreement(table: pd.DataFrame, metric: str = "rel_logit", reference: st
 class LogitDiffEvaluator:
     """Mean logit difference at END with heads mean-ablated at END, many head sets at once
     (:meth:`logit_diffs`): batch-major, so each batch's clean prefix KV cache is made once for every
-    set and dropped before the next batch (as :func:`arithlens.core.hooks.correct_at_end`)."""
+    set and dropped before the next batch, the sets stacked along the batch
+    (:func:`arithlens.core.hooks.end_only_many`, as :func:`arithlens.core.hooks.correct_at_end`)."""
 
     def __init__(self, model: LoadedModel, prompts: ItemSet, means: Float[Tensor, "layer head d_head"],
                  batch_size: int = 64):
@@ -128,11 +129,10 @@ class LogitDiffEvaluator:
         out = np.zeros((len(fwds), len(self.prompts)))
         todo = progress(self.batches, desc=f"logit difference ({len(fwds)} head sets per batch)") if progress else self.batches
         for b, tokens, answers in todo:
-            kv = prefix_kv(self.model, tokens[:, :-1]) if fwds else None
-            for c, fwd in enumerate(fwds):
-                logits = end_only_logits(self.model, tokens, fwd, kv)
-                out[c, b] = scores_from_logits(logits, answers, self.digits, False).logit_diff.double().cpu().numpy()
-            del kv
+            diffs = end_only_many(self.model, tokens, fwds,
+                                  read=lambda logits: scores_from_logits(logits, answers, self.digits, False).logit_diff)
+            for c, diff in enumerate(diffs):
+                out[c, b] = diff.double().cpu().numpy()
         return out
 
     def logit_diffs(self, ablated_sets: Sequence[Sequence[Head]], progress=None) -> list[float]:

@@ -18,7 +18,8 @@ replaces it. What those analyses share is here, under public names, and nowhere 
   :func:`arithlens.core.models.logits_at_end`). An intervention confined to the positions
   rerun leaves every earlier position unchanged, so the prefix runs once for every condition; the
   cache is given back as it was found even when a hook raises (:func:`kept`); greedy correctness
-  at END under many conditions, one batch's prefix cache held at a time (:func:`correct_at_end`);
+  at END under many conditions, one batch's prefix cache held at a time and the conditions stacked
+  along the batch (:func:`correct_at_end`, :func:`end_only_many`);
 * answer scores at END (:class:`EndScores`) over the digit tokens (:func:`digit_tokens`).
 
 What the analyses feed the model — items, their tokens, batches of one length — is the other half
@@ -29,6 +30,7 @@ names and Hugging Face ``past_key_values``.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -253,6 +255,63 @@ def end_only_logits(model: LoadedModel, tokens: Int[Tensor, "batch pos"], hooks:
     return run_after_prefix(model, tokens[:, -1:], hooks, kv)[:, -1].float()
 
 
+#: Rows of one stacked END-only pass (:func:`end_only_many`): a 1-token pass over a small batch is
+#: bound by streaming the weights, so conditions share passes until this many rows.
+STACK_ROWS = 128
+
+
+def _stacked_hooks(condition_hooks: Sequence[list[Hook]]) -> list[Hook]:
+    """One hook per site for ``len(condition_hooks)`` conditions stacked row-interleaved (row
+    ``i · c + j`` is item ``i`` under condition ``j``): each condition's hook sees its own rows only,
+    shaped as in an unstacked pass."""
+    c = len(condition_hooks)
+    sites: dict[str, list[tuple[int, Callable[..., Any]]]] = {}
+    for j, fwd in enumerate(condition_hooks):
+        for name, fn in fwd:
+            sites.setdefault(name, []).append((j, fn))
+
+    def make(parts):
+        def hook(act, hook=None):  # bound per site: hook.name is the internal name
+            act = act.clone()
+            for j, fn in parts:
+                out = fn(act[j::c], hook=hook)  # a view: a hook that edits in place and returns None works too
+                if out is not None:
+                    act[j::c] = out
+            return act
+        return hook
+    return [(name, make(parts)) for name, parts in sites.items()]
+
+
+@torch.no_grad()
+def end_only_many(model: LoadedModel, tokens: Int[Tensor, "batch pos"], condition_hooks: Sequence[list[Hook]],
+                  kv=None, read: Callable[[Tensor], Tensor] = lambda logits: logits,
+                  max_rows: int | None = None) -> list[Tensor]:
+    """``read(logits at END)`` under each condition's hooks (acting at END only), on the clean prefix's
+    KV cache ``kv`` (made here when None): :func:`end_only_logits` once per condition, but with
+    conditions stacked along the batch — up to ``max_rows`` rows (:data:`STACK_ROWS`) a pass, the
+    prefix cache repeated for them — since a one-token pass over a few prompts costs about as much as
+    over many. Results agree with one pass per condition to float rounding."""
+    if kv is None and tokens.shape[1] > 1:
+        kv = prefix_kv(model, tokens[:, :-1])
+    B, per_pass = tokens.shape[0], max(1, (max_rows or STACK_ROWS) // tokens.shape[0])
+    out: list[Tensor] = []
+    for start in range(0, len(condition_hooks), per_pass):
+        chunk = list(condition_hooks[start:start + per_pass])
+        c = len(chunk)
+        if c == 1:
+            out.append(read(end_only_logits(model, tokens, chunk[0], kv)))
+            continue
+        rep = None
+        if kv is not None:
+            rep = copy.deepcopy(kv)
+            rep.batch_repeat_interleave(c)
+        logits = run_after_prefix(model, tokens[:, -1:].repeat_interleave(c, 0), _stacked_hooks(chunk), rep)
+        logits = logits[:, -1].float().view(B, c, -1)
+        out.extend(read(logits[:, j]) for j in range(c))
+        del rep, logits
+    return out
+
+
 @torch.no_grad()
 def correct_at_end(model: LoadedModel, batches: Sequence[AnswerBatch], n_items: int,
                    conditions: Sequence[Callable[[np.ndarray], list[Hook]]], end_only: bool = True,
@@ -261,19 +320,21 @@ def correct_at_end(model: LoadedModel, batches: Sequence[AnswerBatch], n_items: 
 
     A condition maps a batch's item indices to the hooks it runs with. The loop is batch-major: with
     ``end_only`` (every hook acts at END only), a batch's clean prefix KV cache is made once, serves
-    every condition, and is dropped before the next batch, so memory holds one batch's cache, never the
-    whole set's (on SmolLM2, 256 three-shot prompts' caches are ~0.35 GB). Without ``end_only`` each
-    condition is a full hooked pass. ``progress`` (tqdm-like) counts batches.
+    every condition (stacked along the batch, :func:`end_only_many`), and is dropped before the next
+    batch, so memory holds one batch's cache, never the whole set's (on SmolLM2, 256 three-shot
+    prompts' caches are ~0.35 GB). Without ``end_only`` each condition is a full hooked pass.
+    ``progress`` (tqdm-like) counts batches.
     """
     out = np.zeros((len(conditions), n_items), dtype=bool)
     todo = progress(batches, desc=f"{desc} ({len(conditions)} per batch)") if progress else batches
     for b, tokens, answers in todo:
-        kv = prefix_kv(model, tokens[:, :-1]) if end_only and conditions else None
-        for c, hooks_for in enumerate(conditions):
-            fwd = hooks_for(b)
-            logits = end_only_logits(model, tokens, fwd, kv) if end_only else logits_at_end(model, tokens, fwd)
-            out[c, b] = (logits.argmax(-1) == answers).cpu().numpy()
-        del kv
+        fwds = [hooks_for(b) for hooks_for in conditions]
+        if end_only:
+            hits = end_only_many(model, tokens, fwds, read=lambda logits: logits.argmax(-1) == answers)
+        else:
+            hits = [logits_at_end(model, tokens, fwd).argmax(-1) == answers for fwd in fwds]
+        for c, hit in enumerate(hits):
+            out[c, b] = hit.cpu().numpy()
     return out
 
 

@@ -10,10 +10,9 @@ import torch
 
 from arithlens.analyses import knockout, transfer
 from arithlens.core.hooks import Head
-from arithlens.core.items import continuation
+from arithlens.core.items import continuation, prompt_families
 from arithlens.tasks.generators import load_controls
-from arithlens.tasks.suites import (SUITE_NAMES, SUITES, Suite, SuiteItem, SuiteScorer, make_suite, number_continuations,
-                                   prompt_families)
+from arithlens.tasks.suites import SUITE_NAMES, SUITES, Suite, SuiteItem, SuiteScorer, make_suite, number_continuations
 
 # [query, answer] controls: every control with a "pairs" section in controls.json (the rest are ordinal)
 PAIR_CONTROLS = [n for n in SUITE_NAMES if SUITES[n].kind == "control" and "pairs" in load_controls().get(n, {})]

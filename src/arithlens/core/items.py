@@ -17,7 +17,8 @@ and knockout run on a transfer suite unchanged. What the two makers share is her
   and the one iterator that buckets items by length and cuts each bucket into batches;
   :func:`answer_batches` — those batches with their tokens and answer tokens, ready to score;
 * :func:`shared_prefix_length` — how many leading tokens some token sequences share, the part a
-  prefix KV cache can run once for all of them.
+  prefix KV cache can run once for all of them — and :func:`prompt_families`, prompts grouped by
+  the demonstrations they share.
 
 Imports nothing of arithlens. Written by hand (no library aligns these counterfactuals).
 """
@@ -140,6 +141,24 @@ def shared_prefix_length(token_lists: Iterable[Sequence[int]]) -> int:
     while n < limit and all(t[n] == lists[0][n] for t in lists):
         n += 1
     return n
+
+
+def prompt_families(prompts: Sequence[Sequence[int]], min_share: float = 0.5) -> list[list[int]]:
+    """Indices of ``prompts`` (token lists) in families that share their demonstrations: in token order,
+    neighbours whose shared prefix (:func:`shared_prefix_length`) is at least ``min_share`` of the
+    shorter prompt are one family (a suite's operators, an arithmetic template × operator cell with
+    fixed demonstrations). Prompts in no family of two or more form one last family, sharing nothing."""
+    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
+    runs: list[list[int]] = []
+    for prev, i in zip([None] + order, order):
+        a = prompts[prev] if prev is not None else None
+        b = prompts[i]
+        if a is not None and shared_prefix_length((a, b)) >= min_share * min(len(a), len(b)):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    alone = sorted(i for run in runs if len(run) == 1 for i in run)
+    return [sorted(run) for run in runs if len(run) > 1] + ([alone] if alone else [])
 
 
 AnswerBatch = tuple[np.ndarray, Tensor, Tensor]

@@ -48,8 +48,8 @@ import pandas as pd
 import torch
 
 from arithlens.core.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
-from arithlens.core.items import (align_counterfactual, continuation, encode, length_batches, shared_prefix_length,
-                                  tokens_over)
+from arithlens.core.items import (align_counterfactual, continuation, encode, length_batches, prompt_families,
+                                  shared_prefix_length, tokens_over)
 from arithlens.core.models import LoadedModel
 from arithlens.tasks.generators import (
     NEUTRAL_VERBS, NULL_SYMBOLS, NULL_WORDS, decimals_source, multidigit_source, pairs_source,
@@ -272,24 +272,12 @@ def number_continuations(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def prompt_families(prompts: Sequence[Sequence[int]], min_share: float = 0.5) -> list[list[int]]:
-    """Indices of ``prompts`` (token lists) in families that share their demonstrations: in token order,
-    neighbours whose common prefix is at least ``min_share`` of the shorter prompt are one family
-    (a suite's operators each have their own fixed demonstrations). Prompts in no family of two or more
-    form one last family, sharing nothing."""
-    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
-    families, alone, run = [], [], order[:1]
-    for prev, i in zip(order, order[1:]):
-        a, b = prompts[prev], prompts[i]
-        common = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        if common >= min_share * min(len(a), len(b)):
-            run.append(i)
-        else:
-            (families if len(run) > 1 else alone).extend([run] if len(run) > 1 else run)
-            run = [i]
-    if run:
-        (families if len(run) > 1 else alone).extend([run] if len(run) > 1 else run)
-    return [sorted(f) for f in families] + ([sorted(alone)] if alone else [])
+def number_ended(tokenizer, answers: Sequence[str], next_tokens: torch.Tensor) -> torch.Tensor:
+    """The end-of-number rule both teacher-forced scorers apply: per answer, False where it ends in a
+    digit and ``next_tokens`` (the greedy token after its last one) would go on writing the number
+    (:func:`number_continuations`), else True."""
+    numeric = torch.tensor([a[-1:].isdigit() for a in answers], device=next_tokens.device)
+    return ~(numeric & torch.isin(next_tokens, number_continuations(tokenizer).to(next_tokens.device)))
 
 
 class SuiteScorer:
@@ -300,7 +288,7 @@ class SuiteScorer:
     ends in a digit, the last one predicts no token that would go on writing the number
     (:func:`number_continuations`): on a digit-by-digit tokenizer, ``1`` followed
     by ``2`` is the answer 12, not 1. The prompt before END runs once (HF ``past_key_values``) — the
-    demonstrations a family of prompts shares (:func:`prompt_families`) once for the family; each
+    demonstrations a family of prompts shares (:func:`arithlens.core.items.prompt_families`) once for the family; each
     condition re-runs only END and the answer positions, so a hook applied there (``fwd_hooks``) acts
     at every predicting position and nowhere else. A ``choice`` suite (multiple choice, e.g. a benchmark file
     read by :mod:`arithlens.tasks.benchmarks.reader`) is scored at END among its items' option letters only.
@@ -309,7 +297,7 @@ class SuiteScorer:
     def __init__(self, model: LoadedModel, suite: Suite, batch_size: int = 32):
         self.model, self.suite = model, suite
         self.batches = []
-        self.shared: list[int] = []  # per family of prompts (:func:`prompt_families`): the tokens it shares
+        self.shared: list[int] = []  # per family of prompts (:func:`arithlens.core.items.prompt_families`): the tokens it shares
         hf = model.bridge.original_model
         with torch.no_grad():
             for family in prompt_families([it.clean_tokens for it in suite.items]):
@@ -363,18 +351,14 @@ class SuiteScorer:
                 top = logits.argmax(-1)
                 hits = top[:, :-1] == targets
                 lp = logp[:, :-1].gather(-1, targets[..., None])[..., 0]
-                numeric = torch.tensor([items[i].answer[-1:].isdigit() for i in b], device=logits.device)
-                goes_on = torch.isin(top[:, -1], self._continuations().to(logits.device))
-                correct[b] = (hits.all(-1) & ~(numeric & goes_on)).cpu().numpy()
+                ended = number_ended(self.model.tokenizer, [items[i].answer for i in b], top[:, -1])
+                correct[b] = (hits.all(-1) & ended).cpu().numpy()
                 first[b] = hits[:, 0].cpu().numpy()
                 p_ans[b] = lp[:, 0].exp().cpu().numpy()
                 score[b] = lp.sum(-1).cpu().numpy()
         return pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "item": np.arange(n),
                              "operator": [it.operator for it in items], "correct": correct,
                              "first_correct": first, "p_answer": p_ans, "score": score})
-
-    def _continuations(self) -> torch.Tensor:
-        return number_continuations(self.model.tokenizer)
 
     def _digits(self) -> list[int]:
         if not hasattr(self, "_digit_ids"):

@@ -52,7 +52,7 @@ from arithlens.tasks.benchmarks.formats import LETTERS, format_number
 from arithlens.core.twin import make_twin
 from arithlens.core.hooks import prefix_kv
 from arithlens.core.items import shared_prefix_length
-from arithlens.tasks.suites import Suite, number_continuations
+from arithlens.tasks.suites import Suite, number_ended
 
 Mode = Literal["generate", "first_token", "choice", "cot"]
 MODES: tuple[Mode, ...] = ("generate", "first_token", "choice", "cot")
@@ -248,7 +248,7 @@ class BenchmarkScorer:
 
     def _teacher_forced(self, batch: PromptBatch, its, fwd_hooks) -> list[dict]:
         """SuiteScorer's rule: every answer token predicted, and after a number nothing that goes on
-        writing it (:func:`arithlens.tasks.suites.number_continuations`)."""
+        writing it (:func:`arithlens.tasks.suites.number_ended`)."""
         kv, mask, pos = self._prompt_cache(batch)
         width = max(len(it.answer_tokens) for it in its) + 1
         end = batch.tokens[:, -1].tolist()
@@ -257,17 +257,17 @@ class BenchmarkScorer:
         mask = torch.cat([mask, torch.ones(len(its), width - 1, dtype=mask.dtype, device=mask.device)], 1)
         positions = pos + torch.arange(width, device=pos.device)
         logp = self._run(tail, kv, mask, positions, fwd_hooks).log_softmax(-1)
-        goes_on = set(number_continuations(self.model.tokenizer).tolist())
+        tops = [logp[j, : len(it.answer_tokens) + 1].argmax(-1) for j, it in enumerate(its)]
+        ended = number_ended(self.model.tokenizer, [it.answer for it in its],
+                             torch.stack([top[-1] for top in tops]))
         rows = []
-        for j, it in enumerate(its):
+        for j, (it, top) in enumerate(zip(its, tops)):
             k = len(it.answer_tokens)
             target = torch.tensor(it.answer_tokens, device=logp.device)
-            top = logp[j, : k + 1].argmax(-1)
             hits = top[:k] == target
             lp = logp[j, :k].gather(-1, target[:, None])[:, 0]
-            ended = not (it.answer[-1:].isdigit() and int(top[k]) in goes_on)
             rows.append({"prediction": self.model.tokenizer.decode(top[:k].tolist()),
-                         "correct": bool(hits.all()) and ended, "first_correct": bool(hits[0]),
+                         "correct": bool(hits.all()) and bool(ended[j]), "first_correct": bool(hits[0]),
                          "p_answer": float(lp[0].exp()), "score": float(lp.sum())})
         return rows
 

@@ -21,7 +21,8 @@ Qwen2 (plain pre-norm), Gemma 2 (norms before and after attention and MLP, soft-
 OLMo 2 (norms only after attention and MLP), each checked against the plain references
 (:func:`reference_effect`, one hooked forward pass per head) on a tiny model for every head. Elsewhere
 they fall back to the references and say so first: one line ``no checked fast path for ARCH: N hooked
-passes, ≈ M min`` (timed on the first passes), then a progress bar per pass (:func:`run_references`).
+passes, ≈ M min`` (timed on the first passes; in the notebook and on the terminal where the user waits),
+then a progress bar per pass (:func:`run_references`).
 ``total`` needs no layout.
 
 What every sweep reads — one cached clean/counterfactual run per batch — and how patched scores are
@@ -53,7 +54,7 @@ from arithlens.core.hooks import (EndScores, Head, cat_scores, digit_tokens, end
 from arithlens.core.items import ItemSet
 from arithlens.core.layout import BlockLayout
 from arithlens.core.models import LoadedModel, logits_at_end
-from arithlens.core.progress import progress as progress_bar
+from arithlens.core.progress import notice, progress as progress_bar
 
 Mode = Literal["direct", "path", "total"]
 MODES: tuple[Mode, ...] = ("direct", "path", "total")
@@ -240,16 +241,16 @@ def fast_path_supported(model: LoadedModel) -> bool:
 
 def run_references(model: LoadedModel, calls: Sequence[Callable[[], EndScores]], what: str) -> list[EndScores]:
     """Run ``calls`` (one hooked forward pass each) where no fast path is checked: one line up front —
-    ``no checked fast path for ARCH: N hooked passes, ≈ M min``, M timed on the first two passes —
-    then a progress bar per pass."""
+    ``no checked fast path for ARCH: N hooked passes, ≈ M min``, M timed on the first two passes, in the
+    notebook and on the terminal (:func:`arithlens.core.progress.notice`) — then a progress bar per pass."""
     out, start = [], time.perf_counter()
     n = len(calls)
     for k, call in enumerate(progress_bar(calls, desc=f"{what}: one hooked pass each", total=n)):
         out.append(call())
         if k + 1 == min(2, n):
             minutes = (time.perf_counter() - start) / (k + 1) * n / 60
-            print(f"no checked fast path for {layout.architecture(model)}: {n} hooked passes, ≈ {minutes:.1f} min "
-                  f"({what})", flush=True)
+            notice(f"no checked fast path for {layout.architecture(model)}: {n} hooked passes, ≈ {minutes:.1f} min "
+                   f"({what})")
     return out
 
 

@@ -1,10 +1,12 @@
-"""Progress bars that show in the terminal, not in the executed notebook.
+"""Progress bars — and the few lines a waiting user must read — in the terminal, not only in the notebook.
 
 Inside a papermill-run kernel, ``sys.stderr`` is captured into the notebook (a tqdm bar there
 becomes hundreds of lines in the book), and ipykernel also redirects the process's file descriptor 2
 into the notebook. It keeps a duplicate of the original descriptor — the terminal of ``arithlens
 run`` — as ``sys.stderr._original_stdstream_copy``; bars are written there. Outside a kernel they go
-to stderr as usual. tqdm does the work; written by hand: only picking the stream.
+to stderr as usual. :func:`notice` sends one line the same way, for what a user at the terminal must
+know before a long wait (a slow fallback and its estimate), while the notebook keeps its own copy.
+tqdm does the work; written by hand: only picking the stream.
 """
 
 from __future__ import annotations
@@ -39,3 +41,15 @@ def progress(iterable: Iterable[T], desc: str = "", total: int | None = None) ->
     stream = _terminal()
     return tqdm(iterable, desc=desc, total=total, file=stream, leave=False, dynamic_ncols=True,
                 disable=bool(os.environ.get("ARITHLENS_QUIET")) or stream is None)
+
+
+def notice(line: str) -> None:
+    """Print ``line`` (into the notebook when run in a kernel) and, from inside a kernel, also on the
+    user's terminal — where ``arithlens run`` waits — unless ARITHLENS_QUIET is set. Outside a kernel
+    the one print already reaches the terminal."""
+    print(line, flush=True)
+    if getattr(sys.stderr, "_original_stdstream_copy", None) is None or os.environ.get("ARITHLENS_QUIET"):
+        return
+    stream = _terminal()
+    if stream is not None:
+        print(line, file=stream, flush=True)

@@ -130,7 +130,8 @@ def head_slices(cfg, heads, kv: KVPolicy = "shared", bias: bool = False, fused_q
         if not (0 <= h.layer < cfg.n_layers and 0 <= h.head < n_heads):
             raise ValueError(f"head {h} is outside the model ({cfg.n_layers} layers × {n_heads} heads)")
         attn = f"model.layers.{h.layer}.self_attn"
-        rows = {"q": h.head, "k": h.head // (n_heads // n_kv), "v": h.head // (n_heads // n_kv)}  # K/V: the head's group
+        group = h.head // (n_heads // n_kv)  # the KV head this query head reads
+        rows = {"q": h.head, "k": group, "v": group}
         out.append(Slice(f"{attn}.o_proj.weight", 1, h.head * d_head, (h.head + 1) * d_head))
         for which in ("q", "k", "v") if kv == "shared" else ("q",):
             proj, first = where[which]
@@ -160,7 +161,8 @@ def precise_slices(model: LoadedModel, config: PreciseSFTConfig) -> list[Slice]:
     model has them) and its MLP layers' weights."""
     fused = fused_qkv(model)
     bias = any(n.endswith(f"self_attn.{'qkv_proj' if fused else 'q_proj'}.bias") for n in named_weights(model))
-    return head_slices(model.cfg, config.heads, config.kv, bias=bias, fused_qkv=fused) + mlp_slices(model, config.mlp_layers)
+    heads = head_slices(model.cfg, config.heads, config.kv, bias=bias, fused_qkv=fused)
+    return heads + mlp_slices(model, config.mlp_layers)
 
 
 def count_params(model: LoadedModel | torch.nn.Module, slices: list[Slice]) -> int:

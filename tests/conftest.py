@@ -39,11 +39,14 @@ def tiny_arch(request):
     return load_model(request.param)
 
 
-@pytest.fixture(scope="session", params=["tiny", "tiny:qwen2", "tiny:gemma2", "tiny:olmo2"],
-                ids=["llama", "qwen2", "gemma2", "olmo2"])
+@pytest.fixture(scope="session", params=["tiny", "tiny:qwen2", "tiny:qwen3", "tiny:mistral", "tiny:phi3", "tiny:gemma2",
+                                        "tiny:gemma3", "tiny:olmo2"],
+                ids=["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2"])
 def tiny_layout(request):
-    """One tiny model per block layout the fast sweeps claim (:mod:`arithlens.core.layout`): Llama and Qwen2
-    (plain), Gemma 2 (four norms per block, (1 + w) norms, final soft-capping) and OLMo 2 (norms only
+    """One tiny model per family the fast sweeps claim (:mod:`arithlens.core.layout`): Llama, Qwen2, Qwen3
+    (q/k norms), Mistral (a sliding window shorter than the prompts) and Phi-3 (fused projections) — the
+    plain layout —, Gemma 2 (four norms per block, (1 + w) norms, final soft-capping), Gemma 3 (Gemma 2's
+    norms, q/k norms, a sliding-window layer then a global one, no soft-capping) and OLMo 2 (norms only
     after attention and after the MLP)."""
     return load_model(request.param)
 

@@ -1,4 +1,5 @@
-"""Precise SFT (arithlens.analyses.sft.trainer, arithlens.analyses.sft.evaluation) on the tiny random-init model."""
+"""Precise SFT (arithlens.analyses.sft.trainer, arithlens.analyses.sft.evaluation) on the tiny random-init model;
+its layer loop on every tiny family, and a fused-projection model (Phi-3)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from arithlens.analyses.sft import trainer as ft
 from arithlens.analyses.sft import evaluation as fd
-from arithlens.core import deltas
+from arithlens.core import deltas, layout
+from arithlens.core.models import load_model
 from arithlens.core.twin import make_twin
 from arithlens.core.hooks import Head, random_heads
 
@@ -22,6 +24,12 @@ def batches(tiny):
     vocab = tiny.cfg.d_vocab
     return [(torch.randint(4, vocab, (6, 9), generator=gen), torch.randint(4, vocab, (6,), generator=gen))
             for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3():
+    """The 2-layer Phi-3: Q, K and V in one ``qkv_proj``, gate and up in one ``gate_up_proj``."""
+    return load_model("tiny:phi3")
 
 
 def _snapshot(model):
@@ -64,7 +72,41 @@ def test_head_slices_take_a_heads_bias_entries_where_the_model_has_biases(tiny_a
     assert {s.param for s in frozen if s.param.endswith(".bias")} == {"model.layers.1.self_attn.q_proj.bias"}
 
 
-@pytest.mark.parametrize("model_name", ["tiny", "tiny_qwen2"])
+def test_head_slices_of_a_fused_qkv_projection(tiny_phi3):
+    """Phi-3's head slices are rows of its one ``qkv_proj`` (Q, then K, then V blocks), and they hold what
+    TransformerLens splits out of it as the head's W_Q and its KV group's W_K and W_V."""
+    slices = ft.precise_slices(tiny_phi3, ft.PreciseSFTConfig((Head(1, 3),), kv="shared"))
+    assert {s.param.rsplit(".", 2)[-2] for s in slices} == {"qkv_proj", "o_proj"}
+    weights, bridge, d = deltas.named_weights(tiny_phi3), tiny_phi3.bridge, tiny_phi3.cfg.d_head
+    q, k, v = sorted((s for s in slices if "qkv_proj" in s.param), key=lambda s: s.start)
+    assert (q.start, k.start, v.start) == (3 * d, 4 * d + d, 4 * d + 2 * d + d)  # head 3; KV group 1 of 2
+    for s, split in ((q, bridge.W_Q[1, 3]), (k, bridge.W_K[1, 1]), (v, bridge.W_V[1, 1])):
+        torch.testing.assert_close(deltas.slice_view(weights, s), split.T, rtol=0, atol=0)
+    frozen = ft.precise_slices(tiny_phi3, ft.PreciseSFTConfig((Head(1, 3),), kv="frozen"))
+    assert sorted((s.param.rsplit(".", 2)[-2], s.start) for s in frozen) == [("o_proj", 3 * d), ("qkv_proj", 3 * d)]
+
+
+def test_the_layer_loop_reproduces_each_checked_family_or_refuses(tiny_layout):
+    """Training runs the decoder layers itself (run_layers, end_logits). On each family it is checked for
+    its logits equal the bridge's, on a prompt longer than the tiny Mistral's sliding window; the others
+    (Gemma 2 and 3) are refused in one line, before anything is built."""
+    tokens = torch.tensor([tiny_layout.tokenizer("1 + 8 = 9\n3 + 5 = 8\n5 + 4 = ")["input_ids"]])
+    if layout.architecture(tiny_layout) not in ft.LAYER_LOOP_CHECKED:
+        for train in (lambda: ft.precise_sft(tiny_layout, [(tokens, tokens[:, -1])], ft.PreciseSFTConfig(HEADS)),
+                      lambda: ft.lora_sft(tiny_layout, [(tokens, tokens[:, -1])], 2)):
+            with pytest.raises(NotImplementedError, match="does not reproduce") as err:
+                train()
+            assert "\n" not in str(err.value)
+        return
+    twin = make_twin(tiny_layout)
+    with torch.no_grad():
+        loop = ft.end_logits(twin, ft.embed(twin, tokens), 0)
+        upper = ft.end_logits(twin, ft.run_layers(twin, ft.embed(twin, tokens), 0, 1), 1)
+    torch.testing.assert_close(loop, _logits(tiny_layout, tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(upper, loop, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_qwen2", "tiny_phi3"])
 def test_precise_sft_moves_only_the_tuned_slices(model_name, request, batches):
     tiny = request.getfixturevalue(model_name)
     before = _snapshot(tiny)
@@ -90,7 +132,8 @@ def test_precise_sft_moves_only_the_tuned_slices(model_name, request, batches):
     assert result.losses[-1] < result.losses[0]
 
 
-@pytest.mark.parametrize("model_name, kv", [("tiny", "frozen"), ("tiny_qwen2", "shared")])  # Qwen2: bias slices too
+@pytest.mark.parametrize("model_name, kv", [("tiny", "frozen"), ("tiny_qwen2", "shared"),  # Qwen2: bias slices too
+                                           ("tiny_phi3", "shared")])  # Phi-3: the bridge reads the fused rows written
 def test_delta_roundtrip_reproduces_logits_exactly(model_name, kv, request, batches, tmp_path):
     tiny = request.getfixturevalue(model_name)
     result = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS, kv=kv), ft.TrainConfig(steps=2, lr=1e-2))
@@ -176,6 +219,19 @@ def test_full_sft_and_lora(tiny, batches):
         with deltas.applied(tiny, delta):
             assert not torch.equal(_logits(tiny, tokens), base)
     assert torch.equal(_logits(tiny, tokens), base)
+
+
+def test_lora_on_a_fused_qkv_projection(tiny_phi3, batches):
+    rank = 2
+    lora = ft.lora_sft(tiny_phi3, batches, rank, ft.TrainConfig(steps=2, lr=1e-2))
+    assert lora.n_trainable == rank * tiny_phi3.n_layers * ((64 + 64 + 2 * 32) + (64 + 64))
+    assert ft.lora_rank_for(tiny_phi3, lora.n_trainable) == rank
+    assert {s.param.rsplit(".", 2)[-2] for s in lora.delta.values} == {"qkv_proj", "o_proj"}
+    tokens = batches[0][0]
+    base = _logits(tiny_phi3, tokens)
+    with deltas.applied(tiny_phi3, lora.delta):
+        assert not torch.equal(_logits(tiny_phi3, tokens), base)
+    assert torch.equal(_logits(tiny_phi3, tokens), base)
 
 
 def test_sft_data_split_and_batches(tiny):

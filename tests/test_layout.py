@@ -15,16 +15,22 @@ import torch
 from arithlens.analyses import end_cache as EC
 from arithlens.analyses import mlp, patching as P
 from arithlens.core import hooks, layout
-from arithlens.core.models import LoadedModel, build_tiny_tokenizer
+from arithlens.core.models import LoadedModel, build_tiny_hf_model, build_tiny_tokenizer
 from arithlens.tasks.prompts import PromptConfig, make_prompts
 from arithlens.core.specs import ModelSpec
 
 EXPECTED = {  # architecture → (norm slots, (1 + w) norms, final soft-cap)
     "LlamaForCausalLM": (("ln1", "ln2"), False, None),
     "Qwen2ForCausalLM": (("ln1", "ln2"), False, None),
+    "Qwen3ForCausalLM": (("ln1", "ln2"), False, None),
+    "MistralForCausalLM": (("ln1", "ln2"), False, None),
+    "Phi3ForCausalLM": (("ln1", "ln2"), False, None),
     "Gemma2ForCausalLM": (("ln1", "ln1_post", "ln2", "ln2_post"), True, 0.5),
+    "Gemma3ForCausalLM": (("ln1", "ln1_post", "ln2", "ln2_post"), True, None),
     "Olmo2ForCausalLM": (("ln1_post", "ln2_post"), False, None),
 }
+PLAIN = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM")
+
 
 
 def _cache(model, n=4):
@@ -37,9 +43,56 @@ def test_layout_of_each_tiny_family(tiny_layout):
     assert lay is not None and P.fast_path_supported(tiny_layout)
     assert (lay.norms, lay.norm_weight_offset, lay.final_softcap) == EXPECTED[lay.architecture]
     assert not lay.unembed_bias  # the bridge's zero lm_head bias does not count
-    assert lay.plain == (lay.architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM"))
+    assert lay.plain == (lay.architecture in PLAIN)
     cache = _cache(tiny_layout, n=2)
     assert (cache.attn_pre is not None) == lay.post_attn_norm
+
+
+def test_the_bridge_runs_each_tiny_family_as_hugging_face_does(tiny_layout):
+    """Fast == reference compares two ways of running the bridge; this compares the bridge (through
+    the cached clean run: the prefix on HF's KV cache, the suffix hooked) with a plain HF model of the
+    same weights, built again from the same seed, on prompts longer than the tiny sliding window."""
+    arch, seed = tiny_layout.spec.source.split(":")
+    plain = build_tiny_hf_model(int(seed), vocab_size=len(tiny_layout.tokenizer), architecture=arch)
+    plain = plain.to(device=tiny_layout.device, dtype=tiny_layout.dtype)
+    cache = _cache(tiny_layout, n=3)
+    with torch.no_grad():
+        expected = plain(cache.tokens).logits[:, -1].float()
+    torch.testing.assert_close(cache.clean_logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["tiny:mistral", "tiny:gemma3"])
+def test_a_sliding_window_shorter_than_the_prompt(spec):
+    """The tiny Mistral's and Gemma 3's windows cut the test prompts (the same weights with a wide
+    window answer otherwise), so fast == reference on them covers sliding-window attention. HF's own
+    cache for such a layer drops what leaves the window and then cannot be cropped back, which END
+    reruns on one prefix need; :func:`arithlens.core.hooks.prefix_kv` keeps every position instead."""
+    import copy
+
+    from arithlens.core.models import load_model
+
+    model = load_model(spec)
+    arch, seed = model.spec.source.split(":")
+    hf = build_tiny_hf_model(int(seed), vocab_size=len(model.tokenizer), architecture=arch)
+    hf = hf.to(device=model.device, dtype=model.dtype)
+    cache = _cache(model)
+    tokens = cache.tokens
+    assert tokens.shape[1] > hf.config.sliding_window
+    config = copy.deepcopy(hf.config)
+    config.sliding_window = 512
+    wide = type(hf)(config).to(device=model.device, dtype=model.dtype).eval()
+    wide.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        moved = float((wide(tokens).logits[:, -1] - cache.clean_logits).abs().max())
+        assert moved > 1e-2 * float(cache.clean_logits.abs().max())
+        own = hf(tokens[:, :-1], use_cache=True).past_key_values
+        with pytest.raises(RuntimeError, match="crop"), hooks.kept(own):
+            hf(tokens[:, -1:], past_key_values=own)
+    kv = hooks.prefix_kv(model, tokens[:, :-1])
+    assert all(layer.keys.shape[-2] == tokens.shape[1] - 1 for layer in kv.layers)
+    for _ in range(2):  # the cache is given back as it was found, and serves again
+        end = hooks.end_only_logits(model, tokens, [], kv)
+        torch.testing.assert_close(end, cache.clean_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec, wrong, modes", [
@@ -47,6 +100,11 @@ def test_layout_of_each_tiny_family(tiny_layout):
     ("tiny:gemma2", {"post_attn_norm": False}, ("direct", "path")),
     ("tiny:gemma2", {"norm_weight_offset": False}, ("direct",)),  # path re-runs the model's own final norm
     ("tiny:gemma2", {"post_mlp_norm": False}, ("path",)),  # direct freezes the MLPs
+    ("tiny:gemma3", {"final_softcap": 0.5}, ("direct", "path")),  # Gemma 3 has no cap: one would bend its logits
+    ("tiny:gemma3", {"post_attn_norm": False}, ("direct", "path")),
+    ("tiny:gemma3", {"norm_weight_offset": False}, ("direct",)),
+    ("tiny:gemma3", {"post_mlp_norm": False}, ("path",)),
+    ("tiny:gemma3", {"pre_mlp_norm": False}, ("path",)),
     ("tiny:olmo2", {"post_attn_norm": False}, ("direct", "path")),
     ("tiny:olmo2", {"post_mlp_norm": False}, ("path",)),
 ])
@@ -129,7 +187,7 @@ def test_undescribed_model_falls_back_to_reference_and_says_so(granite, capsys, 
     assert float((fast.logit - ref).abs().max()) > 1e-2 * float((ref - cache.clean_logits.gather(1, cache.answers[:, None])).abs().max())
 
 
-@pytest.mark.parametrize("spec", ["tiny:gemma2", "tiny:olmo2"])
+@pytest.mark.parametrize("spec", ["tiny:gemma2", "tiny:gemma3", "tiny:olmo2"])
 def test_neuron_attribution_refuses_a_post_mlp_norm(spec):
     """Neuron direct attributions are linear only without a post-MLP norm: they refuse rather than mislead."""
     from arithlens.analyses import neurons

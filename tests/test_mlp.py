@@ -1,7 +1,7 @@
 """MLP tracing: vectorised MLP effects equal a per-layer hooked reference; logit-lens ranks are exact.
 
-Each test runs on every tiny model of a claimed block layout (Llama, Qwen2, Gemma 2, OLMo 2) through the
-``tiny_layout`` fixture."""
+Each test runs on every tiny model of a claimed family (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2,
+Gemma 3, OLMo 2) through the ``tiny_layout`` fixture."""
 
 import numpy as np
 import pytest

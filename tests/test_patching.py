@@ -27,8 +27,8 @@ def _assert_agree(fast, ref, scale):
 
 @pytest.mark.parametrize("mode", P.MODES)
 def test_fast_equals_reference_for_every_head_tiny(tiny_layout, mode):
-    """Every claimed layout (tiny Llama, Qwen2, Gemma 2, OLMo 2): the fast sweep equals one hooked
-    pass per head, for every head."""
+    """Every claimed family (tiny Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, Gemma 3, OLMo 2): the
+    fast sweep equals one hooked pass per head, for every head."""
     tiny = tiny_layout
     assert P.fast_path_supported(tiny)
     _, cache = _batch(tiny)

@@ -168,7 +168,7 @@ def test_format_registry_and_cli(store, monkeypatch, capsys):
     install(store)
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for name in ("smollm2-135m *", "qwen2.5-0.5b", "qwen2.5-1.5b", "tiny-qwen2", "arithlens models fetch NAME", "tiny[:llama|qwen2|gemma2|olmo2][:SEED]"):
+    for name in ("smollm2-135m *", "qwen2.5-0.5b", "qwen2.5-1.5b", "tiny-qwen2", "arithlens models fetch NAME", "tiny[:llama|qwen2|qwen3|mistral|phi3|gemma2|gemma3|olmo2][:SEED]"):
         assert name in out
     row = next(line for line in out.splitlines() if line.startswith("fake-qwen"))
     assert " yes " in row and "no GGUF" in row

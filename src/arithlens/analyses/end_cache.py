@@ -56,7 +56,7 @@ class EndCache:
     final_scale: Float[Tensor, "batch 1"]
     clean_logits: Float[Tensor, "batch d_vocab"]
     #: each layer's attention output at END before its post-attention norm (clean run); only for
-    #: layouts with that norm (Gemma 2, OLMo 2), else None
+    #: layouts with that norm (Gemma 2 and 3, OLMo 2), else None
     attn_pre: Float[Tensor, "batch layer d_model"] | None = None
 
 

@@ -76,7 +76,7 @@ def direct_attributions(model: LoadedModel, items: Sequence[Item], layers: Seque
     layer's neurons it is that MLP's direct effect on the logit.
 
     Exact only where the MLP output reaches the residual unnormalized and the logits are linear in the
-    final residual: a layout (:mod:`arithlens.core.layout`) with a post-MLP norm (Gemma 2, OLMo 2),
+    final residual: a layout (:mod:`arithlens.core.layout`) with a post-MLP norm (Gemma 2 and 3, OLMo 2),
     soft-capping or an unembedding bias, a down projection with a bias, or a layout that cannot be
     described, raises ``NotImplementedError``.
     """

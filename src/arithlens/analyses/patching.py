@@ -16,10 +16,11 @@ What else is frozen is ambiguous in the paper, so there are three modes:
 The fast ``direct`` and ``path`` sweeps (:func:`sweep_heads`) redo every operation between a head's
 ``hook_z`` and the logits, so they are driven by the model's block layout (:mod:`arithlens.core.layout`:
 which norms sit before or after attention and the MLP, (1 + w) norms, unembedding bias, final-logit
-soft-capping). They run only where :func:`arithlens.core.layout.describe` knows the layout — Llama and
-Qwen2 (plain pre-norm), Gemma 2 (norms before and after attention and MLP, soft-capped logits) and
-OLMo 2 (norms only after attention and MLP), each checked against the plain references
-(:func:`reference_effect`, one hooked forward pass per head) on a tiny model for every head. Elsewhere
+soft-capping). They run only where :func:`arithlens.core.layout.describe` knows the layout — Llama,
+Qwen2, Qwen3, Mistral and Phi-3 (plain pre-norm), Gemma 2 and Gemma 3 (norms before and after
+attention and MLP; Gemma 2's logits soft-capped) and OLMo 2 (norms only after attention and MLP), each
+checked against the plain references (:func:`reference_effect`, one hooked forward pass per head) on a
+tiny model for every head. Elsewhere
 they fall back to the references and say so first: one line ``no checked fast path for ARCH: N hooked
 passes, ≈ M min`` (timed on the first passes; in the notebook and on the terminal where the user waits),
 then a progress bar per pass (:func:`run_references`).

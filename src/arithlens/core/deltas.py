@@ -58,9 +58,30 @@ def hf_model(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
 
 
 def named_weights(model: LoadedModel | torch.nn.Module) -> dict[str, Tensor]:
-    """Plain HF parameter names → tensors. TransformerBridge inserts ``._original_component`` into
-    every path; it is dropped so names match a plain model. Tied weights appear once."""
-    return {n.replace("._original_component", ""): p for n, p in hf_model(model).named_parameters()}
+    """Plain HF parameter names → tensors: the HF model's own parameters, named as in a plain model.
+    Tied weights appear once.
+
+    TransformerBridge wraps HF modules in place: a wrapper holds the HF module as
+    ``_original_component`` and may add modules of its own beside it (Phi-3's attention and MLP
+    wrappers add ``q``, ``k``, ``v``, ``gate`` and ``in``, views of the fused ``qkv_proj`` and
+    ``gate_up_proj``, and are listed before the HF module). So a wrapper is entered through its
+    ``_original_component`` only, and that step is left out of the name."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        while "_original_component" in module._modules:
+            module = module._modules["_original_component"]
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                out[prefix + name] = param
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(hf_model(model), "")
+    return out
 
 
 def slice_view(weights: dict[str, Tensor], s: Slice) -> Tensor:

@@ -126,7 +126,7 @@ def hook_attn_out(layer: int) -> str:
 
 
 def attn_pre_norm(layer: int) -> str:
-    """The attention block's output before any post-attention norm (Gemma 2, OLMo 2; on a pre-norm
+    """The attention block's output before any post-attention norm (Gemma 2 and 3, OLMo 2; on a pre-norm
     model the same tensor as :func:`hook_attn_out`), ``[batch, pos, d_model]``."""
     return f"blocks.{layer}.attn.hook_out"
 
@@ -216,8 +216,17 @@ def activations_at(model: LoadedModel, seqs: Sequence[Sequence[int]], names: Seq
 
 @torch.no_grad()
 def prefix_kv(model: LoadedModel, tokens: Int[Tensor, "batch pos"]):
-    """The KV cache of ``tokens`` (HF ``past_key_values``); logits only for the last position."""
-    return model.bridge.original_model(tokens, use_cache=True, logits_to_keep=1).past_key_values
+    """The KV cache of ``tokens`` (HF ``past_key_values``); logits only for the last position.
+
+    Every layer keeps every position, sliding-window layers too (a ``DynamicCache`` built without the
+    model's config): HF's own cache for a sliding-window layer (Mistral, Gemma 2 and 3, Phi-3) drops
+    what falls out of the window as a run appends, and then cannot be cropped back (:func:`kept`) once
+    prompt and run outgrow the window. The window itself is still the model's: HF masks the
+    attention by position, from the config, whatever the cache holds."""
+    from transformers import DynamicCache
+
+    return model.bridge.original_model(tokens, past_key_values=DynamicCache(), use_cache=True,
+                                       logits_to_keep=1).past_key_values
 
 
 @contextmanager

@@ -5,11 +5,17 @@ Science wing, under :mod:`arithlens.analyses.patching` and :mod:`arithlens.analy
 cached runs plus a re-run of the MLP stack at END. That is exact only if they redo every operation
 between a head's ``hook_z`` and the logits, and those differ by family:
 
-* **plain** (Llama, Qwen2): resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid +
-  mlp(ln2(resid_mid)); logits = W_U · ln_final(resid);
-* **sandwich** (Gemma 2): a norm also on the attention output and on the MLP output before each
-  residual add (HF ``post_attention_layernorm``, ``post_feedforward_layernorm``), RMS norms that
-  scale by (1 + w), and final-logit soft-capping logits = c · tanh(logits / c);
+* **plain** (Llama, Qwen2, Qwen3, Mistral, Phi-3): resid_mid = resid_pre + attn(ln1(resid_pre));
+  resid_post = resid_mid + mlp(ln2(resid_mid)); logits = W_U · ln_final(resid). What differs among
+  them acts before ``hook_z`` or inside the MLP, which the fast paths read from the cache or re-run
+  as the model's own module: Qwen2's q/k/v biases, Qwen3's RMS norms on each head's queries and keys,
+  Mistral's sliding-window attention, Phi-3's fused ``qkv_proj`` (TransformerLens splits it into
+  per-head ``hook_z`` and ``W_O`` like the others) and fused ``gate_up_proj``;
+* **sandwich** (Gemma 2, Gemma 3): a norm also on the attention output and on the MLP output before
+  each residual add (HF ``post_attention_layernorm``, ``post_feedforward_layernorm``), RMS norms that
+  scale by (1 + w); Gemma 2 adds final-logit soft-capping logits = c · tanh(logits / c) (Gemma 3 has
+  none unless its config sets one), Gemma 3 adds q/k norms and alternates sliding-window with global
+  attention layers (both before ``hook_z``);
 * **post-norm only** (OLMo 2): *no* norm before attention or before the MLP; the norms sit after
   attention (HF ``post_attention_layernorm`` — the same HF name as Llama's pre-MLP norm, placed
   elsewhere) and after the MLP.
@@ -26,9 +32,16 @@ HF config and the bias from the unembedding module.
 matches the layout the tests prove there (``tests/test_layout.py``: fast == reference for every head
 on a tiny random-init model of each family). The submodule list cannot show everything: a Granite
 block has Llama's two norms, but scales every residual update and the logits by constants the fast
-paths do not know about. Any other model gets None, and the sweeps fall back — visibly — to one
-hooked pass per head. To add a family: a row in :data:`CHECKED`, a tiny model in
+paths do not know about; a multimodal Gemma 3 (``Gemma3ForConditionalGeneration``) is another
+class. Any other model gets None, and the sweeps fall back — visibly — to one hooked pass per head.
+To add a family: a row in :data:`CHECKED`, a tiny model in
 :func:`arithlens.core.models.build_tiny_hf_model`, and its id in the tests' ``tiny_layout`` fixture.
+
+A sliding window (Mistral, Gemma 3's local layers; Gemma 2 and Phi-3 configs have one too) needs no
+field here: the fast paths never recompute attention, and where END is re-run on the prefix's KV
+cache (``total`` patching, the counterfactual suffix of :func:`arithlens.analyses.end_cache.cache_end`)
+that cache keeps every position (:func:`arithlens.core.hooks.prefix_kv`) and HF masks by position. The
+tiny Mistral and Gemma 3 have a window shorter than the test prompts, so the tests cover it.
 
 Written by hand: TransformerLens names the norm modules but keeps no description of where they act
 that code can branch on, and no library does exact END-only patching; the norms, MLPs and
@@ -55,9 +68,9 @@ class BlockLayout:
 
     architecture: str  # the HF class it was read from, e.g. "Gemma2ForCausalLM"
     pre_attn_norm: bool  # ln1: on the residual, before attention (all but OLMo 2)
-    post_attn_norm: bool  # ln1_post: on the attention output, before the residual add (Gemma 2, OLMo 2)
+    post_attn_norm: bool  # ln1_post: on the attention output, before the residual add (Gemma 2 and 3, OLMo 2)
     pre_mlp_norm: bool  # ln2: on resid_mid, before the MLP (all but OLMo 2)
-    post_mlp_norm: bool  # ln2_post: on the MLP output, before the residual add (Gemma 2, OLMo 2)
+    post_mlp_norm: bool  # ln2_post: on the MLP output, before the residual add (Gemma 2 and 3, OLMo 2)
     norm_weight_offset: bool  # RMS norms scale by (1 + w) (Gemma), not w
     unembed_bias: bool  # the unembedding adds a bias
     final_softcap: float | None  # logits = c · tanh(logits / c) (Gemma 2's final_logit_softcapping)
@@ -76,12 +89,17 @@ class BlockLayout:
 
 
 #: Architectures whose layout the tests check fast == reference on: their block norm slots and
-#: whether RMS norms scale by (1 + w). Llama and Qwen2 share the plain layout (Qwen2's q/k/v biases
-#: act before ``hook_z``; neither has an o_proj bias).
+#: whether RMS norms scale by (1 + w). Llama, Qwen2, Qwen3, Mistral and Phi-3 share the plain layout
+#: (what sets them apart acts before ``hook_z`` or inside the MLP; none has an o_proj bias); Gemma 2 and
+#: Gemma 3 the sandwich.
 CHECKED: dict[str, tuple[tuple[str, ...], bool]] = {
     "LlamaForCausalLM": (("ln1", "ln2"), False),
     "Qwen2ForCausalLM": (("ln1", "ln2"), False),
+    "Qwen3ForCausalLM": (("ln1", "ln2"), False),
+    "MistralForCausalLM": (("ln1", "ln2"), False),
+    "Phi3ForCausalLM": (("ln1", "ln2"), False),
     "Gemma2ForCausalLM": (("ln1", "ln1_post", "ln2", "ln2_post"), True),
+    "Gemma3ForCausalLM": (("ln1", "ln1_post", "ln2", "ln2_post"), True),
     "Olmo2ForCausalLM": (("ln1_post", "ln2_post"), False),
 }
 

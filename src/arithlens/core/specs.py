@@ -31,7 +31,7 @@ from arithlens.core.registry import REGISTRY, ModelSpecError, package_file, veri
 from arithlens.paths import stamped_sha256
 
 SpecKind = Literal["gguf", "local", "hub", "tiny"]
-TINY_ARCHITECTURES = ("llama", "qwen2", "gemma2", "olmo2")
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "olmo2")
 TINY_SPEC = re.compile(rf"tiny(?::({'|'.join(TINY_ARCHITECTURES)}))?(?::(\d+))?")
 
 ACCEPTED_FORMS = (

@@ -11,7 +11,9 @@ a :class:`arithlens.core.deltas.Delta`, which :mod:`arithlens.core.deltas` write
 
 * Slices: head ``h`` of a layer owns rows ``h·d_head … (h+1)·d_head`` of ``q_proj.weight`` and the
   same columns of ``o_proj.weight`` — and, in a model whose projections have biases (Qwen2), the same
-  entries of ``q_proj.bias`` (and of ``k_proj.bias``/``v_proj.bias`` with the K/V rows below). With grouped-query attention (SmolLM2: 9 query heads share 3
+  entries of ``q_proj.bias`` (and of ``k_proj.bias``/``v_proj.bias`` with the K/V rows below). Where Q,
+  K and V are one fused ``qkv_proj`` (Phi-3: its rows are Q, then K, then V) the same rows are taken
+  from it, offset to the Q, K or V block. With grouped-query attention (SmolLM2: 9 query heads share 3
   KV heads) K and V belong to a *group* of query heads, so the policy is a parameter
   (:data:`KVPolicy`): ``"shared"`` tunes the K/V rows of the head's KV group (which the group's other
   query heads also read), ``"frozen"`` tunes only Q and O (strictly head-local).
@@ -27,7 +29,10 @@ a :class:`arithlens.core.deltas.Delta`, which :mod:`arithlens.core.deltas` write
 
 Baselines: :func:`full_sft` (every parameter, same engine) and :func:`lora_sft` (peft LoRA on the
 attention projections; its merged update ``B·A·scale`` becomes a delta of whole matrices). All three
-train in one loop (:func:`_optimize`): same batches, prefix cache, last-position loss and AdamW.
+train in one loop (:func:`_optimize`): same batches, prefix cache, last-position loss and AdamW. That
+loop runs the model's decoder layers itself (:func:`run_layers`, :func:`end_logits`), so it trains only
+the architectures whose forward pass it is checked to reproduce (:data:`LAYER_LOOP_CHECKED`); any
+other is refused in one line before anything is built (:func:`check_trainable`).
 Written by hand: slice bookkeeping and the prefix-cached layer loop; the
 optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
 """
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from arithlens.core import layout
 from arithlens.core.deltas import Delta, Slice, hf_model, jsonable, named_weights, slice_view, tensor_digest
 from arithlens.core.twin import make_twin
 from arithlens.core.hooks import Head
@@ -106,27 +112,31 @@ class TrainResult:
 
 # --- names and slices ----------------------------------------------------------------------------
 
-def head_slices(cfg, heads, kv: KVPolicy = "shared", bias: bool = False) -> list[Slice]:
+def head_slices(cfg, heads, kv: KVPolicy = "shared", bias: bool = False, fused_qkv: bool = False) -> list[Slice]:
     """The Q, O (and, with ``kv="shared"``, K, V) slices of ``heads``; K/V slices deduplicated. With
     ``bias`` (q/k/v projections that have biases) the same rows of each bias too: they are the head's
-    as much as its weights are."""
+    as much as its weights are. With ``fused_qkv`` the Q, K and V rows are those of one ``qkv_proj``
+    (rows: Q of every head, then K, then V of every KV head)."""
     d_head, n_heads = int(cfg.d_head), int(cfg.n_heads)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    if kv not in ("shared", "frozen"):
+        raise ValueError(f"unknown kv policy {kv!r}: choose 'shared' or 'frozen'")
+    kinds = ("weight", "bias") if bias else ("weight",)
+    # where each of Q, K, V lives: (projection, first row of its block)
+    where = ({"q": ("qkv_proj", 0), "k": ("qkv_proj", n_heads * d_head), "v": ("qkv_proj", (n_heads + n_kv) * d_head)}
+             if fused_qkv else {"q": ("q_proj", 0), "k": ("k_proj", 0), "v": ("v_proj", 0)})
     out: list[Slice] = []
     for h in heads:
         if not (0 <= h.layer < cfg.n_layers and 0 <= h.head < n_heads):
             raise ValueError(f"head {h} is outside the model ({cfg.n_layers} layers × {n_heads} heads)")
         attn = f"model.layers.{h.layer}.self_attn"
-        q = (h.head * d_head, (h.head + 1) * d_head)
-        out += [Slice(f"{attn}.q_proj.weight", 0, *q), Slice(f"{attn}.o_proj.weight", 1, *q)]
-        out += [Slice(f"{attn}.q_proj.bias", 0, *q)] if bias else []
-        if kv == "shared":
-            g = h.head // (n_heads // n_kv)
-            kvr = (g * d_head, (g + 1) * d_head)
-            out += [Slice(f"{attn}.{proj}.{kind}", 0, *kvr) for proj in ("k_proj", "v_proj")
-                    for kind in (("weight", "bias") if bias else ("weight",))]
-        elif kv != "frozen":
-            raise ValueError(f"unknown kv policy {kv!r}: choose 'shared' or 'frozen'")
+        group = h.head // (n_heads // n_kv)  # the KV head this query head reads
+        rows = {"q": h.head, "k": group, "v": group}
+        out.append(Slice(f"{attn}.o_proj.weight", 1, h.head * d_head, (h.head + 1) * d_head))
+        for which in ("q", "k", "v") if kv == "shared" else ("q",):
+            proj, first = where[which]
+            start = first + rows[which] * d_head
+            out += [Slice(f"{attn}.{proj}.{kind}", 0, start, start + d_head) for kind in kinds]
     return sorted(set(out))
 
 
@@ -141,11 +151,18 @@ def mlp_slices(model: LoadedModel | torch.nn.Module, layers: Iterable[int]) -> l
     return whole_slices(model, lambda n: any(n.startswith(w) for w in wanted))
 
 
+def fused_qkv(model: LoadedModel | torch.nn.Module) -> bool:
+    """Whether the model's attention projects Q, K and V with one ``qkv_proj`` (Phi-3)."""
+    return any(n.endswith("self_attn.qkv_proj.weight") for n in named_weights(model))
+
+
 def precise_slices(model: LoadedModel, config: PreciseSFTConfig) -> list[Slice]:
     """Everything ``config`` tunes: its heads' attention slices (their q/k/v bias entries too, where the
     model has them) and its MLP layers' weights."""
-    bias = any(n.endswith("self_attn.q_proj.bias") for n in named_weights(model))
-    return head_slices(model.cfg, config.heads, config.kv, bias=bias) + mlp_slices(model, config.mlp_layers)
+    fused = fused_qkv(model)
+    bias = any(n.endswith(f"self_attn.{'qkv_proj' if fused else 'q_proj'}.bias") for n in named_weights(model))
+    heads = head_slices(model.cfg, config.heads, config.kv, bias=bias, fused_qkv=fused)
+    return heads + mlp_slices(model, config.mlp_layers)
 
 
 def count_params(model: LoadedModel | torch.nn.Module, slices: list[Slice]) -> int:
@@ -170,13 +187,38 @@ def _start_layer(slices: list[Slice], n_layers: int) -> int:
     return min(layers)
 
 
-def _context(twin: torch.nn.Module, hidden: Tensor) -> dict:
-    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    from transformers.masking_utils import create_causal_mask
+#: Architectures whose forward pass :func:`run_layers` and :func:`end_logits` reproduce (checked on each
+#: family's tiny model, tests/test_finetune.py): token embeddings as stored, one rotary embedding for
+#: every layer, a causal mask (sliding-window where a layer's attention is), the final norm and the
+#: unembedding. Not Gemma 2 or 3: their embedding module scales by √d_model, Gemma 2 soft-caps its
+#: logits, Gemma 3 has a rotary embedding per layer type.
+LAYER_LOOP_CHECKED = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                                "Phi3ForCausalLM", "Olmo2ForCausalLM"})
 
-    mask = create_causal_mask(config=twin.config, inputs_embeds=hidden, attention_mask=None,
-                              past_key_values=None, position_ids=pos)
-    return {"attention_mask": mask, "position_ids": pos, "position_embeddings": twin.model.rotary_emb(hidden, pos)}
+
+def check_trainable(model: LoadedModel) -> None:
+    """Refuse, in one line, a model whose forward pass the training loop is not checked to reproduce."""
+    arch = layout.architecture(model)
+    if arch not in LAYER_LOOP_CHECKED:
+        raise NotImplementedError(f"the fine-tuning loop does not reproduce {arch}'s forward pass (checked on: "
+                                  f"{', '.join(sorted(LAYER_LOOP_CHECKED))}); it cannot train this model")
+
+
+def _context(twin: torch.nn.Module, hidden: Tensor) -> list[dict]:
+    """Each decoder layer's keyword arguments over a whole sequence, as the HF model's forward builds
+    them: positions, rotary embeddings, and the causal mask — sliding-window for a layer whose config
+    says so (``layer_types``, or where there is none, Mistral's and Phi-3's ``sliding_window``)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = twin.config
+    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    types = getattr(config, "layer_types", None) or (
+        ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * len(twin.model.layers))
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
+    masks = {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kw)
+             for t in set(types)}
+    rope = twin.model.rotary_emb(hidden, pos)
+    return [{"attention_mask": masks[t], "position_ids": pos, "position_embeddings": rope} for t in types]
 
 
 def _local(eff: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -189,7 +231,7 @@ def run_layers(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"]
     eff, ctx = eff or {}, _context(twin, hidden)
     for i in range(max(start, 0), stop):
         layer = twin.model.layers[i]
-        hidden = torch.func.functional_call(layer, _local(eff, f"model.layers.{i}."), (hidden,), ctx)
+        hidden = torch.func.functional_call(layer, _local(eff, f"model.layers.{i}."), (hidden,), ctx[i])
     return hidden
 
 
@@ -282,6 +324,7 @@ def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], 
     """AdamW on exactly ``slices`` over ``batches`` (one step each, ``train.steps`` of them, cycling)."""
     if not slices:
         raise ValueError("nothing to train: no slices")
+    check_trainable(model)
     twin = twin or make_twin(model)
     weights = named_weights(twin)
     trainable = {s: slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
@@ -318,13 +361,16 @@ def full_sft(model: LoadedModel, batches: list[Batch], train: TrainConfig = Trai
 
 def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainConfig = TrainConfig(), layers=None,
              alpha: float | None = None, lr: float | None = None, progress=None) -> TrainResult:
-    """peft LoRA on q/k/v/o of ``layers`` (default all); its merged update becomes a whole-matrix delta."""
+    """peft LoRA on q/k/v/o of ``layers`` (default all; a fused ``qkv_proj`` and ``o_proj`` where Q, K and
+    V are one projection); its merged update becomes a whole-matrix delta."""
     from peft import LoraConfig, get_peft_model
 
+    check_trainable(model)
     twin = make_twin(model)
     layers = list(range(model.n_layers)) if layers is None else sorted(layers)
+    targets = ["qkv_proj", "o_proj"] if fused_qkv(model) else ["q_proj", "k_proj", "v_proj", "o_proj"]
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, layers_to_transform=layers,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_pattern="layers")
+                     target_modules=targets, layers_pattern="layers")
     torch.manual_seed(train.seed)  # peft initialises A from the global generator
     with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing via a deprecated name
         warnings.simplefilter("ignore", FutureWarning)
@@ -350,7 +396,10 @@ def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:
     """The LoRA rank on q/k/v/o of ``layers`` whose trainable-parameter count is closest to ``n_params``."""
     cfg = model.cfg
     d, kv = int(cfg.d_model), int(cfg.d_head) * int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
-    per_rank = (d + d) * 2 + (d + kv) * 2  # q and o: d→d; k and v: d→kv; A and B of each
+    if fused_qkv(model):
+        per_rank = (d + d + 2 * kv) + (d + d)  # qkv: d→d+2kv; o: d→d; A and B of each
+    else:
+        per_rank = (d + d) * 2 + (d + kv) * 2  # q and o: d→d; k and v: d→kv; A and B of each
     n_layers = model.n_layers if layers is None else len(layers)
     return max(1, round(n_params / (per_rank * n_layers)))
 

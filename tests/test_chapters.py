@@ -104,7 +104,10 @@ def test_transfer_chapter_end_to_end(shared_runs):
     heads = run_chapter("01_heads", "tiny", HEADS_TINY, log=lambda m: None)
     assert heads.reused and f"from chapter 1's run `{heads.key}`" in _markdown_outputs(run)
     scores = run.table("transfer_scores")
-    assert set(scores["condition"]) == {"none", "key", "random", "key (own mean)", "random (own mean)"}
+    assert set(scores["condition"]) == {"none", "key", "random", "key (own mean)", "random (own mean)", "key (resample)",
+                                        "random (resample)"}
+    check = run.table("resample_check")  # the same contrast as C5's, read from the resampled conditions
+    assert (len(check) > 0) == ("**Check: resample ablation.**" in _markdown_outputs(run))
     assert set(scores["suite"]) == {"power", "multidigit", "years", "capitals", "svamp"}
     assert set(scores[scores.suite == "svamp"]["condition"]) == set(scores["condition"])  # the public file is knocked out too
     overlap = run.table("overlap")

@@ -111,7 +111,7 @@ def test_ablation_kinds(tiny, prompt_set):
     assert by_mean.any() and not by_mean.all()
     np.testing.assert_array_equal(by_mean, K.KnockoutEvaluator(tiny, prompt_set, means, "end").correct(heads))
     # resample: every item gets another item's counterfactual END value, never its own
-    z = R.end_z(tiny, prompt_set)
+    z = K.end_z(tiny, prompt_set)
     res = R.ablation_values(tiny, prompt_set, "resample", seed=2)
     donors = [int(torch.where((z == res[i]).all(-1).all(-1).all(-1))[0][0]) for i in range(len(res))]
     assert all(d != i for i, d in enumerate(donors)) and sorted(donors) == list(range(len(res)))

@@ -262,6 +262,34 @@ def test_cached_knockout_equals_full_hooked_forward(tiny):
         assert np.isclose(float(logits.log_softmax(-1)[0, target[0]].exp()), got.loc[i, "p_answer"], atol=1e-5)
 
 
+@torch.no_grad()
+def test_resample_ablation_gives_each_item_its_donors_value(tiny):
+    """SuiteScorer's item hooks on the cached prefix equal, item by item, a full hooked pass that sets
+    the heads to the item's own row of the values at END and every answer position; resample donors
+    are never the item itself, and the values are the donors' END outputs."""
+    suite = make_suite("multidigit", tiny.tokenizer, n=12)
+    heads = [Head(0, 1), Head(1, 3)]
+    donors = knockout.resample_donors(len(suite.items), seed=3)
+    assert sorted(donors) == list(range(len(suite.items))) and not (donors == np.arange(len(donors))).any()
+    values = knockout.resample_z(tiny, suite, "clean", seed=3)
+    torch.testing.assert_close(values, knockout.end_z(tiny, suite, "clean")[torch.as_tensor(donors)])
+    got = SuiteScorer(tiny, suite).score(item_hooks=knockout.item_ablation_hooks(heads, values))
+    for i, it in enumerate(suite.items):
+        seq = torch.tensor([it.clean_tokens + it.answer_tokens])
+        n = len(it.clean_tokens)
+        hooks = []
+        for h in heads:
+            def fn(z, hook=None, h=h):
+                z = z.clone()
+                z[:, n - 1:, h.head] = values[i, h.layer, h.head]
+                return z
+            hooks.append((f"blocks.{h.layer}.attn.hook_z", fn))
+        logits = tiny.bridge.run_with_hooks(seq, fwd_hooks=hooks)[0, n - 1:].float()
+        assert np.isclose(float(logits.log_softmax(-1)[0, it.answer_tokens[0]].exp()), got.loc[i, "p_answer"], atol=1e-5)
+    plain = SuiteScorer(tiny, suite).score()
+    assert not np.allclose(plain["p_answer"], got["p_answer"])  # the values did act
+
+
 def test_knockout_transfer_and_summary(tiny):
     S = {n: make_suite(n, tiny.tokenizer, n=10) for n in ("power", "capitals")}
     means = torch.zeros(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
@@ -270,6 +298,10 @@ def test_knockout_transfer_and_summary(tiny):
     own = transfer.knockout_transfer(tiny, {"power": S["power"]}, [Head(1, 0)], means, n_seeds=1, margin=None,
                                      own_means=True)
     assert list(dict.fromkeys(own.condition)) == ["none", "key", "random", "key (own mean)", "random (own mean)"]
+    both = transfer.knockout_transfer(tiny, {"power": S["power"]}, [Head(1, 0)], means, n_seeds=1, margin=None,
+                                      own_means=True, resample=True)
+    assert list(dict.fromkeys(both.condition))[-2:] == ["key (resample)", "random (resample)"]
+    assert both[both.condition.isin(["key", "key (own mean)"])].equals(own[own.condition.isin(["key", "key (own mean)"])])
     assert list(transfer.drop_table(transfer.summarize_transfer(own, n_boot=10)).columns[4:]) == [
         "key", "random", "key (own mean)", "random (own mean)"]
     strict = transfer.knockout_transfer(tiny, S, [Head(1, 0)], means, n_seeds=1, margin=0.15)

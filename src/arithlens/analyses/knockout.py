@@ -1,4 +1,4 @@
-"""Knockout: mean-ablate heads and measure accuracy; END-token attention roles of heads.
+"""Knockout: mean-ablate (or resample-ablate) heads and measure accuracy; END-token attention roles of heads.
 
 Science wing (paper § "Knockout" and "Attention analysis"). A knocked-out head's ``hook_z`` is
 replaced by its mean over the counterfactual prompts — at END only (``positions="end"``: the clean
@@ -7,7 +7,9 @@ prefix's keys and values are reused and only the last position recomputed, see
 the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
 are compared with the same number of random heads drawn uniformly from all heads, over several seeds
 (:func:`arithlens.core.hooks.control_heads`), and, per prompt, with many layer-matched random sets
-(:func:`matched_knockout`).
+(:func:`matched_knockout`). Resample ablation — each item's heads take another item's END value
+(:func:`resample_z`, :func:`item_ablation_hooks`) — is the check on the mean: it keeps the heads'
+output on the data's own distribution.
 
 Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
 """
@@ -66,6 +68,63 @@ def mean_z(model: LoadedModel, prompts: ItemSet, positions: Positions = "end", b
             pass
         count += tokens.shape[0] * (1 if positions == "end" else tokens.shape[1])
     return total / count
+
+
+@torch.no_grad()
+def end_z(model: LoadedModel, prompts: ItemSet, which: Literal["clean", "counterfactual"] = "counterfactual",
+          batch_size: int = 32) -> Float[Tensor, "item layer head d_head"]:
+    """Every head's ``hook_z`` at END for each item's clean or counterfactual prompt (fp32)."""
+    names = [hooks.hook_z(l) for l in range(model.n_layers)]
+    out = None
+    for b in length_batches(prompts.items, batch_size):
+        tokens = to_tokens([prompts.items[i] for i in b], which).to(model.device)
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
+        z = torch.stack([cache[n][:, -1] for n in names], 1).float()
+        if out is None:
+            out = z.new_zeros(len(prompts.items), *z.shape[1:])
+        out[torch.as_tensor(b, device=z.device)] = z
+    return out
+
+
+def resample_donors(n: int, seed: int = 0) -> np.ndarray:
+    """For each of ``n`` items the item it takes its ablation value from: a derangement (never itself)
+    drawn with ``np.random.default_rng(seed)`` — a random cyclic shift of a random order."""
+    if n < 2:
+        raise ValueError("resample ablation needs at least two items")
+    rng = np.random.default_rng(seed)
+    shift = rng.integers(1, n)
+    order = rng.permutation(n)
+    donor = np.empty(n, dtype=np.int64)
+    donor[order] = order[(np.arange(n) + shift) % n]
+    return donor
+
+
+def resample_z(model: LoadedModel, prompts: ItemSet, which: Literal["clean", "counterfactual"] = "counterfactual",
+               seed: int = 0, batch_size: int = 32) -> Float[Tensor, "item layer head d_head"]:
+    """Resample ablation values: item i gets item π(i)'s END ``hook_z`` (:func:`resample_donors`)."""
+    z = end_z(model, prompts, which, batch_size)
+    return z[torch.as_tensor(resample_donors(len(prompts.items), seed), device=z.device)]
+
+
+def item_ablation_hooks(heads: Sequence[Head], values: Float[Tensor, "item layer head d_head"]
+                        ) -> Callable[[np.ndarray], list[Hook]]:
+    """For a batch of item indices, hooks that set ``heads``' ``hook_z`` to each item's own row of
+    ``values`` at every position run (END, and the answer positions a teacher-forced scorer reruns)."""
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        by_layer.setdefault(h.layer, []).append(h.head)
+
+    def hooks_for(b: np.ndarray) -> list[Hook]:
+        rows = values[torch.as_tensor(np.asarray(b), device=values.device)]
+        fwd = []
+        for layer, hs in by_layer.items():
+            def hook(z, hook=None, layer=layer, hs=hs):  # bound per layer: hook.name is the internal name
+                z = z.clone()
+                z[:, :, hs] = rows[:, None, layer, hs].to(z.dtype)
+                return z
+            fwd.append((hooks.hook_z(layer), hook))
+        return fwd
+    return hooks_for
 
 
 def ablation_hooks(heads: Sequence[Head], means: Float[Tensor, "layer head d_head"],

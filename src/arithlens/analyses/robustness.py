@@ -43,10 +43,10 @@ from torch import Tensor
 from arithlens.core import hooks
 from arithlens.analyses.agreement import jaccard
 from arithlens.core.hooks import Head, layer_matched_random_sets
-from arithlens.core.items import ItemSet, answer_batches, length_batches, to_tokens
-from arithlens.analyses.knockout import KnockoutEvaluator, mean_z
+from arithlens.core.items import ItemSet, answer_batches
+from arithlens.analyses.knockout import KnockoutEvaluator, mean_z, resample_z
 from arithlens.core.metrics import select_key_heads
-from arithlens.core.models import LoadedModel, last_position_only
+from arithlens.core.models import LoadedModel
 
 if TYPE_CHECKING:
     from arithlens.tasks.suites import Suite
@@ -202,42 +202,18 @@ def threshold_sensitivity(summary: pd.DataFrame, rules: Sequence[tuple[str, floa
 
 # --- ablation sensitivity --------------------------------------------------------------------------------
 
-@torch.no_grad()
-def end_z(model: LoadedModel, prompts: ItemSet, which: Literal["clean", "counterfactual"] = "counterfactual",
-          batch_size: int = 32) -> Float[Tensor, "item layer head d_head"]:
-    """Every head's ``hook_z`` at END for each item's clean or counterfactual prompt (fp32)."""
-    names = [hooks.hook_z(l) for l in range(model.n_layers)]
-    out = None
-    for b in length_batches(prompts.items, batch_size):
-        tokens = to_tokens([prompts.items[i] for i in b], which).to(model.device)
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names, **last_position_only(model))
-        z = torch.stack([cache[n][:, -1] for n in names], 1).float()
-        if out is None:
-            out = z.new_zeros(len(prompts.items), *z.shape[1:])
-        out[torch.as_tensor(b, device=z.device)] = z
-    return out
-
-
 def ablation_values(model: LoadedModel, prompts: ItemSet, kind: AblationKind, seed: int = 0,
                     batch_size: int = 32) -> Float[Tensor, "item layer head d_head"]:
     """What each item's ablated heads take at END: the counterfactual mean (:func:`arithlens.analyses.knockout.mean_z`),
     zero, or the END value of another item's counterfactual (``resample``: item i gets item π(i)'s,
-    π a derangement drawn with ``np.random.default_rng(seed)``)."""
+    π a derangement, :func:`arithlens.analyses.knockout.resample_z`)."""
     n = len(prompts.items)
     if kind == "mean":
         return mean_z(model, prompts, "end", batch_size)[None].expand(n, -1, -1, -1).contiguous()
     if kind == "zero":
         return torch.zeros(n, model.n_layers, model.n_heads, model.cfg.d_head, device=model.device)
     if kind == "resample":
-        if n < 2:
-            raise ValueError("resample ablation needs at least two items")
-        z = end_z(model, prompts, "counterfactual", batch_size)
-        rng = np.random.default_rng(seed)
-        shift = rng.integers(1, n)  # a random cyclic shift of a random order: never an item's own value
-        order = rng.permutation(n)
-        donor = np.empty(n, dtype=np.int64)
-        donor[order] = order[(np.arange(n) + shift) % n]
-        return z[torch.as_tensor(donor, device=z.device)]
+        return resample_z(model, prompts, "counterfactual", seed, batch_size)
     raise ValueError(f"unknown ablation {kind!r}: choose mean, zero or resample")
 
 

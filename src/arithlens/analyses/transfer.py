@@ -4,7 +4,8 @@ Science wing, analysis floor (paper § "Transfer"). Two analyses on the suites o
 :mod:`arithlens.tasks.suites`, both reusing chapter 1's code rather than re-implementing it:
 
 - **Knockout transfer** (:func:`knockout_transfer`): each suite scored with no ablation, with the key
-  heads mean-ablated, and with the same number of random heads (several seeds). Ablation values are
+  heads mean-ablated, and with the same number of random heads (several seeds); optionally also with
+  each suite's own mean, and resample-ablated as a check on it. Ablation values are
   :func:`arithlens.analyses.knockout.mean_z` over the arithmetic counterfactual prompts; the hooks are
   :mod:`arithlens.analyses.knockout`'s, applied at END and at every answer position of the teacher-forced
   answer (:class:`arithlens.tasks.suites.SuiteScorer`). :func:`summarize_transfer` gives the relative drop
@@ -33,6 +34,8 @@ from arithlens.core.models import LoadedModel
 from arithlens.tasks.suites import Suite, SuiteScorer
 
 SCORINGS = {"correct": "whole answer", "first_correct": "first answer token"}
+#: The suffix of the resample-ablation conditions (:func:`knockout_transfer`).
+RESAMPLE = " (resample)"
 
 
 def _majority_share(answers) -> float:
@@ -76,14 +79,17 @@ def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correc
 def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Sequence[Head],
                       means: Float[Tensor, "layer head d_head"], n_seeds: int = 5,
                       seed: int = 0, margin: float | None = 0.15, min_correct: int = 8, own_means: bool = False,
-                      progress=None, scorer=SuiteScorer) -> pd.DataFrame:
+                      resample: bool = False, progress=None, scorer=SuiteScorer) -> pd.DataFrame:
     """Per-item scores for each suite × condition (``none``, ``key``, ``random``; random over ``n_seeds``).
 
     ``means`` are the ablation values (chapter 1: the arithmetic counterfactual mean). With
     ``own_means`` each suite is also ablated with its *own* clean-prompt mean at END (conditions
     ``key (own mean)`` and ``random (own mean)``, same random heads): a mean taken on arithmetic
     prompts is off-distribution for a capital-city prompt, and this separates "the heads matter"
-    from "an arithmetic-flavoured value was pasted in".
+    from "an arithmetic-flavoured value was pasted in". With ``resample`` (a check on the own mean) each
+    item's ablated heads also take another item's END value from the same suite's prompts
+    (:func:`arithlens.analyses.knockout.resample_z`; conditions ``key (resample)`` and ``random (resample)``):
+    no value the suite's own prompts would not produce; the scorer must take ``item_hooks``.
 
     A suite gets the ablations only if :func:`usability` (``margin``, ``min_correct``) passes for at
     least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
@@ -112,6 +118,11 @@ def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Seque
             for cond, s, hs in conditions:
                 frames.append(run.score(knockout.ablation_hooks(hs, values, "all")).assign(
                     condition=cond + suffix, seed=s, k=k))
+        if resample:
+            donors = knockout.resample_z(model, suites[name], "clean", seed)
+            for cond, s, hs in conditions:
+                frames.append(run.score(item_hooks=knockout.item_ablation_hooks(hs, donors)).assign(
+                    condition=cond + RESAMPLE, seed=s, k=k))
     return pd.concat(frames, ignore_index=True)
 
 

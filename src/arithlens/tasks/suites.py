@@ -320,15 +320,19 @@ class SuiteScorer:
                     self.batches.append((np.asarray([family[j] for j in part]), seq, n_prompt, kv))
 
     @torch.no_grad()
-    def score(self, fwd_hooks: Iterable[Hook] = ()) -> pd.DataFrame:
+    def score(self, fwd_hooks: Iterable[Hook] = (),
+              item_hooks: Callable[[np.ndarray], list[Hook]] | None = None) -> pd.DataFrame:
         """One row per item: ``correct``, ``first_correct``, ``p_answer`` (first token, or valid mass, or
         the answer's share among the options), ``score`` (exact: log p of the full answer; mass: p(valid) −
-        p(other digits); choice: log of that share)."""
+        p(other digits); choice: log of that share). ``item_hooks`` maps a batch's item indices to more
+        hooks, for interventions that differ by item (resample ablation)."""
         items = self.suite.items
         n = len(items)
         correct, first, p_ans, score = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n))
+        fwd_hooks = list(fwd_hooks)
         for b, seq, n_prompt, kv in self.batches:
-            logits = run_after_prefix(self.model, seq[:, n_prompt - 1:], fwd_hooks, kv).float()
+            hooks = fwd_hooks + (item_hooks(b) if item_hooks is not None else [])
+            logits = run_after_prefix(self.model, seq[:, n_prompt - 1:], hooks, kv).float()
             logp = logits.log_softmax(-1)
             if self.suite.scoring == "mass":
                 valid = [items[i].valid_tokens for i in b]

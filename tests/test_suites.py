@@ -346,7 +346,10 @@ def test_first_token_chance_is_the_most_common_first_token_where_that_beats_gues
     first = [1, 1, 1, 1, 2, 3, 4, 5, 6, 7]  # four answers in ten start with the same token
     items = tuple(SuiteItem("s", "+", "q", str(i), None, (9,), None, (f, 20 + i)) for i, f in enumerate(first))
     suite = Suite("s", "math", "exact", "", None, items)
-    assert transfer.chance_levels(suite) == {"correct": 0.0, "first_correct": pytest.approx(0.4)}
+    assert transfer.chance_levels(suite) == {"correct": pytest.approx(0.1), "first_correct": pytest.approx(0.4)}
+    few = Suite("s", "math", "exact", "", None, tuple(SuiteItem("s", "+", "q", str(a), None, (9,), None, (a,))
+                                                      for a in [3, 3, 3, 5, 7]))
+    assert transfer.chance_levels(few)["correct"] == pytest.approx(0.6)  # always answering 3: 60 % right
     base = pd.DataFrame({"correct": [True] * 5 + [False] * 5, "first_correct": [True] * 5 + [False] * 5})
     u = transfer.usability(suite, base, margin=0.15, min_correct=1).set_index("metric")
     assert u.loc["correct", "usable"] and not u.loc["first_correct", "usable"]  # 50 % is within 15 points of 40 %

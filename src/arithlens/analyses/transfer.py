@@ -45,14 +45,17 @@ def _majority_share(answers) -> float:
 
 
 def chance_levels(suite: Suite) -> dict[str, float]:
-    """Chance per scoring (:data:`SCORINGS` column → level): the whole answer, guessing uniformly
-    (:attr:`Suite.chance`); the first answer token of an exact-answer suite, the better of 10 % (a digit
-    or word guessed among ten) and always giving the suite's most common first token. On a
-    digit-by-digit tokenizer the first token is the first digit, and about 30 % of real-world answers
-    start with 1 (Benford's law), so a model that always writes ``1…`` is at chance there, not above it."""
+    """Chance per scoring (:data:`SCORINGS` column → level). The whole answer: the better of guessing
+    uniformly (:attr:`Suite.chance`) and always giving the suite's most common answer — a suite whose
+    answers are the digits 0–9, or a year that repeats, is not free text. The first answer token of an
+    exact-answer suite: the better of 10 % (a digit or word guessed among ten) and always giving the
+    suite's most common first token. On a digit-by-digit tokenizer the first token is the first digit,
+    and about 30 % of real-world answers start with 1 (Benford's law), so a model that always writes
+    ``1…`` is at chance there, not above it."""
     if suite.scoring != "exact":
         return {col: suite.chance for col in SCORINGS}
-    return {"correct": suite.chance, "first_correct": max(0.1, _majority_share(it.answer_tokens[0] for it in suite.items))}
+    return {"correct": max(suite.chance, _majority_share(tuple(it.answer_tokens) for it in suite.items)),
+            "first_correct": max(0.1, _majority_share(it.answer_tokens[0] for it in suite.items))}
 
 
 def usability(suite: Suite, base: pd.DataFrame, margin: float = 0.15, min_correct: int = 8) -> pd.DataFrame:

@@ -127,6 +127,12 @@ RULE_HISTORY = (
                "0.048, and nine suites were tested with no correction", "after results": True},
     {"claim": "R5", "date": "2026-12-06", "change": "a whole numeric answer must also end, as in C5",
      "reason": "as in C5", "after results": True},
+    {"claim": "C5", "date": "2026-12-06", "change": "a suite counts when its whole-answer accuracy is 15 points above "
+               "the better of guessing and always giving its most common answer (was: guessing, 0 for a free answer)",
+     "reason": "a suite whose answers are few (word problems answered 0–9) is passed by a model that always writes "
+               "the same number", "after results": True},
+    {"claim": "R5", "date": "2026-12-06", "change": "the suites of C5's new chance rule", "reason": "as in C5",
+     "after results": True},
 )
 
 

@@ -7,7 +7,8 @@ controls × ``--n-control``, seed 0), scored by :class:`arithlens.tasks.suites.S
 demonstrations each family of prompts shares once (:func:`arithlens.tasks.suites.prompt_families`), then
 each row's own tokens, then END, the answer tokens and one position more (the end-of-number check). The
 reference is one plain forward of the HF model over every item's prompt + answer, batched by length,
-nothing cached: the cheapest way to read the same logits without the scorer. Prints, per model, the
+nothing cached, logits only at END and the answer positions: the cheapest way to read the same logits
+without the scorer. Prints, per model, the
 scorer's seconds (building the caches, then one scoring pass), the reference's seconds, their ratio, the
 tokens each family shares, and the accuracies (so a change that speeds scoring up and moves them shows).
 Wall-clock on this machine, model load excluded; ``--threads 0`` keeps torch's default.
@@ -26,7 +27,8 @@ SUITES = ["multidigit", "decimals", "years", "word_problems", "power", "capitals
 
 
 def plain_forwards(model, suites, batch_size: int = 32) -> float:
-    """Seconds of plain HF forwards over every item's prompt + answer tokens, batched by length."""
+    """Seconds of plain HF forwards over every item's prompt + answer tokens, batched by length (logits
+    at END and the answer positions only)."""
     import torch
 
     from arithlens.core.items import length_batches
@@ -37,7 +39,7 @@ def plain_forwards(model, suites, batch_size: int = 32) -> float:
         items = suite.items
         for part in length_batches(items, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
             seq = torch.tensor([items[j].clean_tokens + items[j].answer_tokens for j in part], device=model.device)
-            hf(input_ids=seq, use_cache=False)
+            hf(input_ids=seq, use_cache=False, logits_to_keep=len(items[part[0]].answer_tokens) + 1)
     return time.perf_counter() - start
 
 

@@ -1,6 +1,7 @@
 """Suite scoring against plain forward passes: what chapters 3, 4 and 7 pay to score a transfer suite.
 
-    python benchmarks/bench_suites.py [--models smollm2-135m] [--n-math 16] [--n-control 48] [--threads 0]
+    python benchmarks/bench_suites.py [--models smollm2-135m] [--n-math 16] [--n-control 48] [--conditions 20]
+                                      [--threads 0]
 
 For each model: the twelve suites chapter 4 evaluates after every trained row (math suites × ``--n-math``,
 controls × ``--n-control``, seed 0), scored by :class:`arithlens.tasks.suites.SuiteScorer` — which runs the
@@ -11,6 +12,10 @@ nothing cached, logits only at END and the answer positions: the cheapest way to
 without the scorer. Prints, per model, the
 scorer's seconds (building the caches, then one scoring pass), the reference's seconds, their ratio, the
 tokens each family shares, and the accuracies (so a change that speeds scoring up and moves them shows).
+Then what chapter 7's suite null and chapter 3's knockouts pay per head set: ``--conditions`` head sets
+(ten random heads each, mean-ablated at every predicting position) scored one pass each
+(:meth:`~arithlens.tasks.suites.SuiteScorer.score`) and stacked along the batch
+(:meth:`~arithlens.tasks.suites.SuiteScorer.score_many`), with whether their correctness agrees.
 Wall-clock on this machine, model load excluded; ``--threads 0`` keeps torch's default.
 """
 
@@ -48,11 +53,14 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m")
     parser.add_argument("--n-math", type=int, default=16)
     parser.add_argument("--n-control", type=int, default=48)
+    parser.add_argument("--conditions", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
 
     import torch
 
+    from arithlens.analyses import knockout
+    from arithlens.core.hooks import control_heads
     from arithlens.core.models import load_model
     from arithlens.tasks import suites as suites_lib
 
@@ -81,6 +89,18 @@ def main() -> None:
             shared = ", ".join(str(k) for k in scorer.shared)
             print(f"  {suite.name:14s} {len(suite.items):3d} items  shared tokens per family [{shared}]  "
                   f"whole answer {frame['correct'].mean():.3f}  first token {frame['first_correct'].mean():.3f}")
+        means = torch.zeros(model.n_layers, model.n_heads, model.cfg.d_head, device=model.device)
+        fwds = [knockout.ablation_hooks(control_heads(model.n_layers, model.n_heads, 10, s), means, "all")
+                for s in range(args.conditions)]
+        start = time.perf_counter()
+        one_each = [[sc.score(f) for f in fwds] for sc in scorers]
+        each_s = time.perf_counter() - start
+        start = time.perf_counter()
+        stacked = [sc.score_many(fwds) for sc in scorers]
+        many_s = time.perf_counter() - start
+        agree = all(a["correct"].equals(b["correct"]) for xs, ys in zip(one_each, stacked) for a, b in zip(xs, ys))
+        print(f"  {args.conditions} head sets on every suite: {each_s:.1f} s one pass each, {many_s:.1f} s stacked "
+              f"(speed-up {each_s / many_s:.2f}×); correctness {'identical' if agree else 'DIFFERS'}")
 
 
 if __name__ == "__main__":

@@ -290,6 +290,31 @@ def test_resample_ablation_gives_each_item_its_donors_value(tiny):
     assert not np.allclose(plain["p_answer"], got["p_answer"])  # the values did act
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["multidigit", "years", "capitals"])
+def test_score_many_equals_one_score_per_condition(tiny, name, monkeypatch):
+    """Conditions stacked along the batch (a budget small enough to split them unevenly across passes)
+    give, condition by condition, what one scoring pass each gives — plain hooks and per-item hooks."""
+    from arithlens.core import hooks as H
+
+    suite = make_suite(name, tiny.tokenizer, n=8)
+    scorer = SuiteScorer(tiny, suite)
+    means = 30 * torch.randn(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)  # large: every condition moves the scores
+    values = 30 * torch.randn(len(suite.items), tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)
+    conditions = [[], knockout.ablation_hooks([Head(0, 1)], means, "all"),
+                  knockout.item_ablation_hooks([Head(1, 2), Head(0, 3)], values),
+                  knockout.ablation_hooks([Head(0, 1), Head(1, 3)], means, "all"), []]
+    one_each = [scorer.score(item_hooks=c) if callable(c) else scorer.score(c) for c in conditions]
+    widest = max(len(b) * (seq.shape[1] - n + 1) for b, seq, n, _ in scorer.batches)
+    monkeypatch.setattr(H, "STACK_ROWS", 3 * widest)  # three conditions a pass, then two
+    many = scorer.score_many(conditions)
+    for a, b in zip(many, one_each):
+        assert a["correct"].tolist() == b["correct"].tolist()
+        np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(one_each[:3], one_each[1:4]):
+        assert not np.allclose(a["score"], b["score"], rtol=1e-3, atol=1e-3)
+
+
 def test_knockout_transfer_and_summary(tiny):
     S = {n: make_suite(n, tiny.tokenizer, n=10) for n in ("power", "capitals")}
     means = torch.zeros(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)

@@ -106,7 +106,8 @@ def suite_null(model: LoadedModel, suites: Mapping[str, "Suite"], key_heads: Seq
                progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The layer-matched null on other tasks: every suite scored as chapter 3 scores it
     (:class:`arithlens.tasks.suites.SuiteScorer`: the prompt's KV cache made once, the heads' ``hook_z``
-    replaced by ``means[suite]`` — that suite's own mean — at every predicting position), unablated,
+    replaced by ``means[suite]`` — that suite's own mean — at every predicting position; the sets
+    stacked along the batch, :meth:`~arithlens.tasks.suites.SuiteScorer.score_many`), unablated,
     with the key heads knocked out and with each of ``n_sets`` layer-matched random sets
     (:func:`arithlens.core.hooks.layer_matched_random_sets`, the same sets for every suite). Accuracy is
     the whole answer's, for math suites and controls alike.
@@ -124,10 +125,11 @@ def suite_null(model: LoadedModel, suites: Mapping[str, "Suite"], key_heads: Seq
     for name in (progress(names, desc="layer-matched null (suites)") if progress else names):
         suite = suites[name]
         scorer = SuiteScorer(model, suite)
-        base = float(scorer.score()["correct"].mean())
+        frames = scorer.score_many([[]] + [ablation_hooks(heads, means[name], "all") for _, _, heads in jobs])
+        base = float(frames[0]["correct"].mean())
         part = []
-        for kind, i, heads in jobs:
-            acc = float(scorer.score(ablation_hooks(heads, means[name], "all"))["correct"].mean())
+        for (kind, i, _), frame in zip(jobs, frames[1:]):
+            acc = float(frame["correct"].mean())
             part.append({"suite": name, "kind": suite.kind, "set": kind, "index": i, "accuracy": acc,
                          "drop": base - acc})
         rows += part

@@ -117,15 +117,15 @@ def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Seque
         variants = [("", means)]
         if own_means:
             variants.append((" (own mean)", knockout.mean_z(model, suites[name], "end", which="clean")))
-        for suffix, values in variants:
-            for cond, s, hs in conditions:
-                frames.append(run.score(knockout.ablation_hooks(hs, values, "all")).assign(
-                    condition=cond + suffix, seed=s, k=k))
+        jobs = [(cond + suffix, s, knockout.ablation_hooks(hs, values, "all"))
+                for suffix, values in variants for cond, s, hs in conditions]
         if resample:
             donors = knockout.resample_z(model, suites[name], "clean", seed)
-            for cond, s, hs in conditions:
-                frames.append(run.score(item_hooks=knockout.item_ablation_hooks(hs, donors)).assign(
-                    condition=cond + RESAMPLE, seed=s, k=k))
+            jobs += [(cond + RESAMPLE, s, knockout.item_ablation_hooks(hs, donors)) for cond, s, hs in conditions]
+        many = getattr(run, "score_many", None)
+        scored = (many([fwd for _, _, fwd in jobs]) if many else
+                  [run.score(item_hooks=fwd) if callable(fwd) else run.score(fwd) for _, _, fwd in jobs])
+        frames += [frame.assign(condition=cond, seed=s, k=k) for (cond, s, _), frame in zip(jobs, scored)]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -264,8 +264,8 @@ def end_only_logits(model: LoadedModel, tokens: Int[Tensor, "batch pos"], hooks:
     return run_after_prefix(model, tokens[:, -1:], hooks, kv)[:, -1].float()
 
 
-#: Rows of one stacked END-only pass (:func:`end_only_many`): a 1-token pass over a small batch is
-#: bound by streaming the weights, so conditions share passes until this many rows.
+#: Rows × positions of one stacked pass (:func:`after_prefix_many`): a pass over a few short rows is
+#: bound by streaming the weights, so conditions share passes until this many.
 STACK_ROWS = 128
 
 
@@ -292,32 +292,47 @@ def _stacked_hooks(condition_hooks: Sequence[list[Hook]]) -> list[Hook]:
 
 
 @torch.no_grad()
-def end_only_many(model: LoadedModel, tokens: Int[Tensor, "batch pos"], condition_hooks: Sequence[list[Hook]],
-                  kv=None, read: Callable[[Tensor], Tensor] = lambda logits: logits,
-                  max_rows: int | None = None) -> list[Tensor]:
-    """``read(logits at END)`` under each condition's hooks (acting at END only), on the clean prefix's
-    KV cache ``kv`` (made here when None): :func:`end_only_logits` once per condition, but with
-    conditions stacked along the batch — up to ``max_rows`` rows (:data:`STACK_ROWS`) a pass, the
-    prefix cache repeated for them — since a one-token pass over a few prompts costs about as much as
-    over many. Results agree with one pass per condition to float rounding."""
-    if kv is None and tokens.shape[1] > 1:
-        kv = prefix_kv(model, tokens[:, :-1])
-    B, per_pass = tokens.shape[0], max(1, (max_rows or STACK_ROWS) // tokens.shape[0])
-    out: list[Tensor] = []
+def after_prefix_many(model: LoadedModel, tail: Int[Tensor, "batch tail"], condition_hooks: Sequence[list[Hook]],
+                      kv, read: Callable[[int, Tensor], None], max_rows: int | None = None) -> None:
+    """:func:`run_after_prefix` once per condition — ``read(j, logits [batch, tail, d_vocab])`` for
+    condition ``j``, in order — but with conditions stacked along the batch, the prefix cache ``kv``
+    repeated for them: up to ``max_rows`` (:data:`STACK_ROWS`) rows × tail positions a pass, since a
+    pass over a few short rows costs about as much as over many. Each condition's hooks see only its
+    own rows, shaped as in an unstacked pass (they must act on the tail's positions only). Results
+    agree with one pass per condition to float rounding; ``kv`` is given back unchanged."""
+    B, T = tail.shape
+    per_pass = max(1, (max_rows or STACK_ROWS) // (B * T))
     for start in range(0, len(condition_hooks), per_pass):
         chunk = list(condition_hooks[start:start + per_pass])
         c = len(chunk)
         if c == 1:
-            out.append(read(end_only_logits(model, tokens, chunk[0], kv)))
+            read(start, run_after_prefix(model, tail, chunk[0], kv))
             continue
         rep = None
         if kv is not None:
             rep = copy.deepcopy(kv)
             rep.batch_repeat_interleave(c)
-        logits = run_after_prefix(model, tokens[:, -1:].repeat_interleave(c, 0), _stacked_hooks(chunk), rep)
-        logits = logits[:, -1].float().view(B, c, -1)
-        out.extend(read(logits[:, j]) for j in range(c))
+        logits = run_after_prefix(model, tail.repeat_interleave(c, 0), _stacked_hooks(chunk), rep)
+        logits = logits.view(B, c, T, -1)
+        for j in range(c):
+            read(start + j, logits[:, j])
         del rep, logits
+
+
+@torch.no_grad()
+def end_only_many(model: LoadedModel, tokens: Int[Tensor, "batch pos"], condition_hooks: Sequence[list[Hook]],
+                  kv=None, read: Callable[[Tensor], Tensor] = lambda logits: logits,
+                  max_rows: int | None = None) -> list[Tensor]:
+    """``read(logits at END)`` under each condition's hooks (acting at END only), on the clean prefix's
+    KV cache ``kv`` (made here when None): :func:`end_only_logits` once per condition, but with the
+    conditions stacked along the batch (:func:`after_prefix_many`)."""
+    if kv is None and tokens.shape[1] > 1:
+        kv = prefix_kv(model, tokens[:, :-1])
+    out: list[Tensor] = [None] * len(condition_hooks)  # type: ignore[list-item]
+
+    def keep(j: int, logits: Tensor) -> None:
+        out[j] = read(logits[:, -1].float())
+    after_prefix_many(model, tokens[:, -1:], condition_hooks, kv, keep, max_rows)
     return out
 
 

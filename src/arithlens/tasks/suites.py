@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.core.hooks import Hook, digit_tokens, prefix_kv, run_after_prefix
+from arithlens.core.hooks import Hook, after_prefix_many, digit_tokens, prefix_kv
 from arithlens.core.items import (align_counterfactual, continuation, encode, length_batches, prompt_families,
                                   shared_prefix_length, tokens_over)
 from arithlens.core.models import LoadedModel
@@ -326,43 +326,58 @@ class SuiteScorer:
         the answer's share among the options), ``score`` (exact: log p of the full answer; mass: p(valid) −
         p(other digits); choice: log of that share). ``item_hooks`` maps a batch's item indices to more
         hooks, for interventions that differ by item (resample ablation)."""
-        items = self.suite.items
-        n = len(items)
-        correct, first, p_ans, score = (np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n))
         fwd_hooks = list(fwd_hooks)
+        condition = (lambda b: fwd_hooks + item_hooks(b)) if item_hooks is not None else fwd_hooks
+        return self.score_many([condition])[0]
+
+    @torch.no_grad()
+    def score_many(self, conditions: Sequence[Iterable[Hook] | Callable[[np.ndarray], list[Hook]]]) -> list[pd.DataFrame]:
+        """:meth:`score` under each condition — hooks, or a map from a batch's item indices to hooks — with
+        the conditions stacked along the batch on each batch's cached prompt
+        (:func:`arithlens.core.hooks.after_prefix_many`): what a null over hundreds of head sets needs."""
+        n = len(self.suite.items)
+        cols = [{"correct": np.zeros(n, bool), "first_correct": np.zeros(n, bool), "p_answer": np.zeros(n),
+                 "score": np.zeros(n)} for _ in conditions]
         for b, seq, n_prompt, kv in self.batches:
-            hooks = fwd_hooks + (item_hooks(b) if item_hooks is not None else [])
-            logits = run_after_prefix(self.model, seq[:, n_prompt - 1:], hooks, kv).float()
-            logp = logits.log_softmax(-1)
-            if self.suite.scoring == "mass":
-                valid = [items[i].valid_tokens for i in b]
-                digits = self._digits()
-                end = logp[:, -1].exp()
-                top = logits[:, -1].argmax(-1)
-                for j, v in enumerate(valid):
-                    vm = end[j, list(v)].sum()
-                    other = end[j, digits].sum() - vm
-                    correct[b[j]] = first[b[j]] = int(top[j]) in v
-                    p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
-            elif self.suite.scoring == "choice":
-                for j, i in enumerate(b):  # the options' log-probabilities renormalised among themselves
-                    options = logp[j, -1, list(items[i].choice_tokens)].log_softmax(-1)
-                    gold = items[i].choice_tokens.index(items[i].answer_tokens[0])
-                    correct[i] = first[i] = int(options.argmax()) == gold
-                    p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
-            else:
-                targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
-                top = logits.argmax(-1)
-                hits = top[:, :-1] == targets
-                lp = logp[:, :-1].gather(-1, targets[..., None])[..., 0]
-                ended = number_ended(self.model.tokenizer, [items[i].answer for i in b], top[:, -1])
-                correct[b] = (hits.all(-1) & ended).cpu().numpy()
-                first[b] = hits[:, 0].cpu().numpy()
-                p_ans[b] = lp[:, 0].exp().cpu().numpy()
-                score[b] = lp.sum(-1).cpu().numpy()
-        return pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "item": np.arange(n),
-                             "operator": [it.operator for it in items], "correct": correct,
-                             "first_correct": first, "p_answer": p_ans, "score": score})
+            fwds = [c(b) if callable(c) else list(c) for c in conditions]
+            after_prefix_many(self.model, seq[:, n_prompt - 1:], fwds, kv,
+                              lambda j, logits, b=b: self._judge(b, logits.float(), cols[j]))
+        items = self.suite.items
+        return [pd.DataFrame({"suite": self.suite.name, "kind": self.suite.kind, "item": np.arange(n),
+                              "operator": [it.operator for it in items], **c}) for c in cols]
+
+    def _judge(self, b: np.ndarray, logits: torch.Tensor, out: dict[str, np.ndarray]) -> None:
+        """Write the items ``b``'s columns of :meth:`score` into ``out`` from their logits at END and the
+        answer positions."""
+        items = self.suite.items
+        correct, first, p_ans, score = out["correct"], out["first_correct"], out["p_answer"], out["score"]
+        logp = logits.log_softmax(-1)
+        if self.suite.scoring == "mass":
+            valid = [items[i].valid_tokens for i in b]
+            digits = self._digits()
+            end = logp[:, -1].exp()
+            top = logits[:, -1].argmax(-1)
+            for j, v in enumerate(valid):
+                vm = end[j, list(v)].sum()
+                other = end[j, digits].sum() - vm
+                correct[b[j]] = first[b[j]] = int(top[j]) in v
+                p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
+        elif self.suite.scoring == "choice":
+            for j, i in enumerate(b):  # the options' log-probabilities renormalised among themselves
+                options = logp[j, -1, list(items[i].choice_tokens)].log_softmax(-1)
+                gold = items[i].choice_tokens.index(items[i].answer_tokens[0])
+                correct[i] = first[i] = int(options.argmax()) == gold
+                p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
+        else:
+            targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
+            top = logits.argmax(-1)
+            hits = top[:, :-1] == targets
+            lp = logp[:, :-1].gather(-1, targets[..., None])[..., 0]
+            ended = number_ended(self.model.tokenizer, [items[i].answer for i in b], top[:, -1])
+            correct[b] = (hits.all(-1) & ended).cpu().numpy()
+            first[b] = hits[:, 0].cpu().numpy()
+            p_ans[b] = lp[:, 0].exp().cpu().numpy()
+            score[b] = lp.sum(-1).cpu().numpy()
 
     def _digits(self) -> list[int]:
         if not hasattr(self, "_digit_ids"):

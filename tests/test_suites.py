@@ -233,6 +233,22 @@ def test_prompt_families_group_prompts_by_their_demonstrations():
     assert prompt_families([[1, 2], [3, 4]]) == [[0, 1]] and prompt_families([]) == []
 
 
+def _full_pass_with(model, item, heads, values):
+    """Logits at END and the answer positions of one full hooked pass over prompt + answer, with
+    ``heads``' ``hook_z`` set to ``values[layer, head]`` at those positions (the reference for the
+    cached scorer)."""
+    seq = torch.tensor([item.clean_tokens + item.answer_tokens])
+    n = len(item.clean_tokens)
+    hooks = []
+    for h in heads:
+        def fn(z, hook=None, h=h):
+            z = z.clone()
+            z[:, n - 1:, h.head] = values[h.layer, h.head]
+            return z
+        hooks.append((f"blocks.{h.layer}.attn.hook_z", fn))
+    return model.bridge.run_with_hooks(seq, fwd_hooks=hooks)[0, n - 1:].float()
+
+
 @torch.no_grad()
 def test_cached_knockout_equals_full_hooked_forward(tiny):
     suite = make_suite("multidigit", tiny.tokenizer, n=12)
@@ -245,16 +261,7 @@ def test_cached_knockout_equals_full_hooked_forward(tiny):
     assert got.equals(again)
     goes_on = set(number_continuations(tiny.tokenizer).tolist())
     for i, it in enumerate(suite.items):
-        seq = torch.tensor([it.clean_tokens + it.answer_tokens])
-        n = len(it.clean_tokens)
-        hooks = []
-        for h in heads:
-            def fn(z, hook=None, h=h):
-                z = z.clone()
-                z[:, n - 1:, h.head] = means[h.layer, h.head]
-                return z
-            hooks.append((f"blocks.{h.layer}.attn.hook_z", fn))
-        logits = tiny.bridge.run_with_hooks(seq, fwd_hooks=hooks)[0, n - 1:].float()
+        logits = _full_pass_with(tiny, it, heads, means)
         target = torch.tensor(it.answer_tokens)
         top = logits.argmax(-1)
         written = bool((top[:-1] == target).all()) and int(top[-1]) not in goes_on
@@ -275,16 +282,7 @@ def test_resample_ablation_gives_each_item_its_donors_value(tiny):
     torch.testing.assert_close(values, knockout.end_z(tiny, suite, "clean")[torch.as_tensor(donors)])
     got = SuiteScorer(tiny, suite).score(item_hooks=knockout.item_ablation_hooks(heads, values))
     for i, it in enumerate(suite.items):
-        seq = torch.tensor([it.clean_tokens + it.answer_tokens])
-        n = len(it.clean_tokens)
-        hooks = []
-        for h in heads:
-            def fn(z, hook=None, h=h):
-                z = z.clone()
-                z[:, n - 1:, h.head] = values[i, h.layer, h.head]
-                return z
-            hooks.append((f"blocks.{h.layer}.attn.hook_z", fn))
-        logits = tiny.bridge.run_with_hooks(seq, fwd_hooks=hooks)[0, n - 1:].float()
+        logits = _full_pass_with(tiny, it, heads, values[i])
         assert np.isclose(float(logits.log_softmax(-1)[0, it.answer_tokens[0]].exp()), got.loc[i, "p_answer"], atol=1e-5)
     plain = SuiteScorer(tiny, suite).score()
     assert not np.allclose(plain["p_answer"], got["p_answer"])  # the values did act

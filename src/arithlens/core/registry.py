@@ -97,46 +97,25 @@ _MODELS = (
         chunks=ChunkedGGUF("qwen2.5-coder-1.5b-instruct.gguf", 1_117_320_768,
                            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     ),
-    RegistryModel(
-        name="tiny-llama", title="random-init 2-layer Llama", architecture="LlamaForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:llama:0",
-    ),
-    RegistryModel(
-        name="tiny-qwen2", title="random-init 2-layer Qwen2", architecture="Qwen2ForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:qwen2:0",
-    ),
-    RegistryModel(
-        name="tiny-qwen3", title="random-init 2-layer Qwen3", architecture="Qwen3ForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:qwen3:0",
-    ),
-    RegistryModel(
-        name="tiny-mistral", title="random-init 2-layer Mistral", architecture="MistralForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:mistral:0",
-    ),
-    RegistryModel(
-        name="tiny-phi3", title="random-init 2-layer Phi-3", architecture="Phi3ForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:phi3:0",
-    ),
-    RegistryModel(
-        name="tiny-gemma2", title="random-init 2-layer Gemma 2", architecture="Gemma2ForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:gemma2:0",
-    ),
-    RegistryModel(
-        name="tiny-gemma3", title="random-init 2-layer Gemma 3", architecture="Gemma3ForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:gemma3:0",
-    ),
-    RegistryModel(
-        name="tiny-olmo2", title="random-init 2-layer OLMo 2", architecture="Olmo2ForCausalLM",
-        shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
-        source="built in-process (tests)", tiny="tiny:olmo2:0",
-    ),
+)
+
+#: The tiny random-init test models, built in-process (:func:`arithlens.core.models.build_tiny_hf_model`):
+#: (spec architecture, title, HF class).
+_TINY = (
+    ("llama", "Llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3", "Qwen3ForCausalLM"),
+    ("mistral", "Mistral", "MistralForCausalLM"),
+    ("phi3", "Phi-3", "Phi3ForCausalLM"),
+    ("gemma2", "Gemma 2", "Gemma2ForCausalLM"),
+    ("gemma3", "Gemma 3", "Gemma3ForCausalLM"),
+    ("olmo2", "OLMo 2", "Olmo2ForCausalLM"),
+)
+_MODELS += tuple(
+    RegistryModel(name=f"tiny-{arch}", title=f"random-init 2-layer {title}", architecture=cls,
+                  shape="2 layers × 4 heads, 2 KV heads, d_model 64", parameters="0.1M", license="-",
+                  source="built in-process (tests)", tiny=f"tiny:{arch}:0")
+    for arch, title, cls in _TINY
 )
 
 #: Friendly names → entries. Qwen models are opt-in: ``arithlens models fetch NAME`` installs one.

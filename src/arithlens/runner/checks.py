@@ -279,8 +279,8 @@ RELATIONS: dict[str, tuple[Relation, ...]] = {
 
 #: Parameters whose type is the whole rule, and why.
 FREE_FORM: dict[str, str] = {
-    "filter_correct": "a flag", "own_means": "a flag", "localize_correct_only": "a flag", "rescale": "a flag",
-    "anti_key": "a flag",
+    "filter_correct": "a flag", "own_means": "a flag", "resample_check": "a flag", "localize_correct_only": "a flag",
+    "rescale": "a flag", "anti_key": "a flag",
 }
 
 

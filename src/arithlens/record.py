@@ -10,6 +10,13 @@ runner (:mod:`arithlens.runner.runs`) executes a notebook with two parameters it
   fills in the run it keyed on; :func:`upstream_run` opens it. A notebook never searches the store
   for "the latest" run of another chapter.
 
+A long chapter can be resumed: :func:`resumed` keeps each finished unit of work (one trained row, one
+rate tried) in the run's checkpoint folder, ``<key>.checkpoints/`` beside ``<key>.partial-<pid>/``
+(:func:`checkpoint_dir`). The runner makes that folder when a run starts and removes it when the run
+is complete; a run killed part-way leaves it, and the next run with the same key — the same code,
+parameters, inputs and model, so the same results — takes the finished units from it instead of
+computing them again. The manifest lists what was taken (``resumed``).
+
 A page that states a verdict decides it while its own run is still being made: :func:`page_run`
 wraps the tables the page is about to save in the interface of a finished run, so the rule that
 decides the claim on the book's first page (:mod:`arithlens.claims.verdicts`) decides it on the page
@@ -25,11 +32,20 @@ from __future__ import annotations
 import html
 import io
 import json
+import os
+import pickle
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
+
+T = TypeVar("T")
+
+#: The suffix of a run's checkpoint folder, ``<key>.checkpoints`` (:func:`checkpoint_dir`).
+CHECKPOINTS = ".checkpoints"
 
 def chapter_label(chapter: str) -> str:
     """``01_heads`` → ``chapter 1``."""
@@ -177,3 +193,42 @@ def parameter_table(upstream: dict[str, str] | None = None, **params: Any) -> pd
         rows.append((f"input: {chapter_label(chapter)}",
                      f'<a href="{chapter}.html">{chapter}</a>, run <code>{key}</code>'))
     return pd.DataFrame(rows, columns=["parameter", "value"])
+
+
+def checkpoint_dir(output_dir: str) -> Path | None:
+    """The checkpoint folder of the run being made in ``output_dir`` (``<key>.partial-<pid>`` →
+    ``<key>.checkpoints``), or None when there is none (a notebook opened by hand; a run the runner did
+    not give one)."""
+    if not output_dir:
+        return None
+    work = Path(output_dir)
+    key, _, tail = work.name.partition(".")
+    folder = work.with_name(key + CHECKPOINTS)
+    return folder if tail.startswith("partial-") and folder.is_dir() else None
+
+
+def resumed(output_dir: str, name: str, compute: Callable[[], T]) -> T:
+    """``compute()``, kept in the run's checkpoint folder under ``name`` (unique within the run) so that
+    a run with the same key after an interruption takes it from there instead (see the module
+    docstring). Without a checkpoint folder it simply computes. The value is pickled: data frames,
+    arrays, tensors and the dataclasses holding them."""
+    folder = checkpoint_dir(output_dir)
+    if folder is None:
+        return compute()
+    path = folder / (name.replace("/", "∕") + ".pkl")
+    if path.is_file():
+        with path.open("rb") as f:
+            value = pickle.load(f)
+        record_info(output_dir, resumed=[*_info(output_dir).get("resumed", []), name])
+        return value
+    value = compute()
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{time.monotonic_ns()}")
+    with tmp.open("wb") as f:
+        pickle.dump(value, f)
+    os.replace(tmp, path)  # a unit is either whole in the folder or absent
+    return value
+
+
+def _info(output_dir: str) -> dict:
+    path = Path(output_dir) / "info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -21,7 +21,9 @@ Layout of one run (``runs/<chapter>/<model>/<key>/``)::
 
 A run executes in a ``<key>.partial-<pid>`` directory that is renamed into place only after
 ``manifest.json`` is written; a failed run is left as ``<key>.failed`` with ``error.txt``. So a run
-directory that exists is complete. papermill executes; written by hand: keys, parameter checking, the
+directory that exists is complete. Beside it, ``<key>.checkpoints`` holds the units of work a long
+chapter has finished (:func:`arithlens.record.resumed`): removed once the run is complete, kept when it
+is killed or fails, so that the next run with the key resumes from them. papermill executes; written by hand: keys, parameter checking, the
 graph (a handful of chapters: a depth-first walk, no library needed) and the manifest.
 """
 
@@ -51,6 +53,7 @@ from arithlens.runner.chapters import (RunError, chapter_inputs, code_hash, find
                                        notebook_parameters)
 from arithlens.runner.checks import check_values
 from arithlens.paths import project_root, runs_root, stamped_sha256
+from arithlens import record
 from arithlens.record import RunResult, open_run
 
 #: Parameters the runner sets itself; users give the model with --model.
@@ -333,7 +336,12 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     work = final.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "tables").mkdir(parents=True)
-    log(f"running {chapter} on {plan.model} → {final}")
+    checkpoints = final.with_name(key + record.CHECKPOINTS)  # finished units of work (record.resumed)
+    resuming = checkpoints.is_dir() and any(checkpoints.glob("*.pkl"))
+    checkpoints.mkdir(exist_ok=True)
+    (checkpoints / "about.json").write_text(json.dumps({"chapter": chapter, "model": plan.model, "code_hash": plan.code}))
+    log(f"running {chapter} on {plan.model} → {final}"
+        + (f" (resuming: {len(list(checkpoints.glob('*.pkl')))} finished units kept by an interrupted run)" if resuming else ""))
     started = time.time()
     try:
         with _quiet_kernel_logs():
@@ -356,6 +364,7 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     changed = "notebook or library code" if code_hash(chapter) != plan.code else "" if _same_key(plan, key) else \
         "model or data files"
     if changed:  # the library, notebook, model or a data file was edited while the kernel ran
+        shutil.rmtree(checkpoints, ignore_errors=True)  # its units may come from either version
         failed = _mark_failed(work, final, f"the chapter's {changed} changed while it ran; its tables match neither version")
         raise RunError(f"chapter {chapter}: its {changed} changed while it ran; run it again (kept in {failed})")
     info_path = work / "info.json"
@@ -375,6 +384,7 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     shutil.rmtree(final, ignore_errors=True)  # only reached with --force over a finished run
     work.rename(final)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     log(f"finished {chapter} in {manifest['timings']['seconds']} s")
     return RunResult(final, manifest, False)
 

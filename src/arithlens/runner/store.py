@@ -8,9 +8,13 @@ Publishing wing (paper: none). Every directory under ``runs/<chapter>/<model>/``
   since, or an input run it was keyed on is gone or stale (a rebuild would make a new run);
 * **failed** — ``<key>.failed/`` with ``error.txt`` (the notebook is kept for reading);
 * **interrupted** — ``<key>.partial-<pid>/`` whose process is gone (killed mid-way);
-* **running** — ``<key>.partial-<pid>/`` whose process is alive (never touched).
+* **running** — ``<key>.partial-<pid>/`` whose process is alive (never touched);
+* **resumable** — ``<key>.checkpoints/``: the finished units of work of a run that did not complete
+  (:func:`arithlens.record.resumed`); the next run with this key starts from them. Stale once the
+  chapter's code has changed (no run will have this key again).
 
-:func:`clean` removes failed, interrupted and stale runs, and never a run the built book shows.
+:func:`clean` removes failed, interrupted and stale runs and stale checkpoints, and never a run the
+built book shows.
 Written by hand: a directory walk (nothing in papermill or the standard library keeps such a store).
 """
 
@@ -34,7 +38,7 @@ class StoredRun:
     chapter: str
     model: str
     key: str
-    status: str  # complete | stale | failed | interrupted | running
+    status: str  # complete | stale | failed | interrupted | running | resumable
     why: str
     path: Path
     size_bytes: int
@@ -93,7 +97,13 @@ def scan(root: Path | None = None) -> list[StoredRun]:
         chapter, model, name = path.parent.parent.name, path.parent.name, path.name
         key, _, tail = name.partition(".")
         age = now - path.stat().st_mtime
-        if tail == "failed":
+        if tail == "checkpoints":
+            about = path / "about.json"
+            code = json.loads(about.read_text()).get("code_hash") if about.is_file() else None
+            units = len(list(path.glob("*.pkl")))
+            status, why = (("resumable", f"{units} finished units; the next run with this key resumes from them")
+                           if code == codes.get(chapter) else ("stale", "checkpoints of code that has changed since"))
+        elif tail == "failed":
             error = (path / "error.txt").read_text().strip().splitlines() if (path / "error.txt").is_file() else []
             status, why = "failed", (error[0] if error else "no error recorded")
         elif tail.startswith("partial-"):
@@ -136,7 +146,8 @@ def format_table(rows: list[StoredRun], in_book: set[Path]) -> str:
         note = "; ".join(filter(None, ["in the built book" if r.path.resolve() in in_book else "", r.why]))
         lines.append(f"{r.chapter:16s} {r.model:16s} {r.key:12s} {r.status:12s} {_human(r.size_bytes):>9s} "
                      f"{_age(r.age_s):>7s}  {note}".rstrip())
-    counts = {s: sum(r.status == s for r in rows) for s in ("complete", "stale", "failed", "interrupted", "running")}
+    counts = {s: sum(r.status == s for r in rows) for s in ("complete", "stale", "failed", "interrupted", "running",
+                                                            "resumable")}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; {_human(sum(r.size_bytes for r in rows))} in {runs_root()}")
     return "\n".join(lines)
 

@@ -16,10 +16,15 @@ plus MLP layers). Its tables name each row (``"Precise SFT (10 key heads)"``, ``
 then trained twice as long (:func:`convergence_check`) to say whether its training had converged. Chapter 4
 keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
 :func:`kept_deltas`) for chapter 6 to compare the neurons each moves.
+
+Each rate tried (:func:`try_rate`) and each trained row (:func:`train_and_evaluate`: trained, evaluated,
+asked Table 1's benchmarks) is one unit of work with a result that can be stored, so that a long
+chapter killed part-way resumes from the units it finished (:func:`arithlens.record.resumed`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -28,13 +33,15 @@ import pandas as pd
 
 from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, RANDOM, anti_name, lora_name,
                                             method_family, mlp_name, precise_name, random_all_name, random_name)
-from arithlens.analyses.sft.evaluation import SFTData, make_batches, validation_correct
+from arithlens.analyses.sft.evaluation import SFTData, evaluate, make_batches, validation_correct
 from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, lora_rank_for,
                                             precise_slices, train_method)
 from arithlens.core.items import ItemSet
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
+from arithlens.core.deltas import Delta
 from arithlens.core.models import LoadedModel
+from arithlens.tasks.benchmarks import shipped
 
 
 @dataclass(frozen=True)
@@ -213,3 +220,62 @@ def convergence_check(model: LoadedModel, train: ItemSet, data: SFTData, chosen:
                      "steps": config.steps, "accuracy": mean[0], f"accuracy at {longer.steps}": mean[1],
                      "gain": mean[2], "gain low": low[2], "gain high": high[2], "converged": not low[2] > 0})
     return pd.DataFrame(rows)
+
+
+# --- units of work (each can be kept and resumed) ---------------------------------------------------
+
+def _last_loss(losses: Sequence[float], steps: int) -> float:
+    """The mean loss over the last quarter of the steps (at least one)."""
+    return float(pd.Series(list(losses)[-max(1, steps // 4):]).mean())
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One learning rate tried on validation (:func:`try_rate`)."""
+
+    correct: np.ndarray  # per validation prompt
+    row: dict  # method, family, lr, accuracy, first loss, last loss
+    seconds: float
+
+
+def try_rate(model: LoadedModel, batches, method: Method, config: TrainConfig, data: SFTData, twin=None) -> Trial:
+    """Train ``method`` at its rate on ``batches`` and score it on the validation prompts."""
+    tick = time.perf_counter()
+    result = train_method(model, batches, method, config, twin=twin)
+    correct = validation_correct(model, result.delta, data)
+    row = {"method": method.name, "family": method_family(method.name), "lr": method.lr, "accuracy": correct.mean(),
+           "first loss": result.losses[0], "last loss": _last_loss(result.losses, config.steps)}
+    return Trial(correct, row, time.perf_counter() - tick)
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """One trained row of the comparison (:func:`train_and_evaluate`)."""
+
+    scores: pd.DataFrame  # evaluation.evaluate's rows, with method, seed and group
+    trained: dict  # the training table's row
+    delta: Delta | None  # the trained delta where the row's is kept (:func:`kept_deltas`), else None
+    bench: pd.DataFrame | None  # Table 1's benchmarks asked of the row, where it is a Table 1 row
+    seconds: dict[str, float]  # training, evaluation and (Table 1 rows) Table 1
+
+
+def train_and_evaluate(model: LoadedModel, batches, method: Method, config: TrainConfig, data: SFTData, suites=(),
+                       table1_suites=(), keep: bool = False, twin=None) -> RowRun:
+    """Train ``method``, score every evaluation set and suite with its delta, and ask ``table1_suites`` (the
+    shipped benchmarks, :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row)."""
+    tick = time.perf_counter()
+    result = train_method(model, batches, method, config, twin=twin)
+    seconds = {"training": time.perf_counter() - tick}
+    tick = time.perf_counter()
+    scores = evaluate(model, result.delta, data, suites).assign(method=method.name, seed=method.seed, group=method.group)
+    seconds["evaluation"] = time.perf_counter() - tick
+    bench = None
+    if table1_suites:
+        frame, seconds["Table 1"] = shipped.ask(model, result.delta, table1_suites)
+        bench = frame.assign(method=method.name, seed=method.seed, group="main")
+    trained = {"method": method.name, "group": method.group, "seed": method.seed, "lr": method.lr,
+               "heads": ", ".join(map(str, method.precise.heads)) if method.precise else "—",
+               "trainable (M)": result.n_trainable / 1e6, "step (s)": pd.Series(result.step_seconds).median(),
+               "prefix (s)": result.prefix_seconds, "first loss": result.losses[0],
+               "last loss": _last_loss(result.losses, config.steps)}
+    return RowRun(scores, trained, result.delta if keep else None, bench, seconds)

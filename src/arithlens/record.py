@@ -10,8 +10,8 @@ runner (:mod:`arithlens.runner.runs`) executes a notebook with two parameters it
   fills in the run it keyed on; :func:`upstream_run` opens it. A notebook never searches the store
   for "the latest" run of another chapter.
 
-A long chapter can be resumed: :func:`resumed` keeps each finished unit of work (one trained row, one
-rate tried) in the run's checkpoint folder, ``<key>.checkpoints/`` beside ``<key>.partial-<pid>/``
+A long chapter can be resumed: :func:`resumed` keeps each finished unit of work (chapter 4's trained
+rows and rates tried, chapter 1's sweeps and knockouts, chapter 7's nulls) in the run's checkpoint folder, ``<key>.checkpoints/`` beside ``<key>.partial-<pid>/``
 (:func:`checkpoint_dir`). The runner makes that folder when a run starts and removes it when the run
 is complete; a run killed part-way leaves it, and the next run with the same key — the same code,
 parameters, inputs and model, so the same results — takes the finished units from it instead of

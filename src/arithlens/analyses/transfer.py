@@ -92,7 +92,8 @@ def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Seque
     from "an arithmetic-flavoured value was pasted in". With ``resample`` (a check on the own mean) each
     item's ablated heads also take another item's END value from the same suite's prompts
     (:func:`arithlens.analyses.knockout.resample_z`; conditions ``key (resample)`` and ``random (resample)``):
-    no value the suite's own prompts would not produce; the scorer must take ``item_hooks``.
+    no value the suite's own prompts would not produce (suites of two items or more); the scorer must take
+    ``item_hooks``.
 
     A suite gets the ablations only if :func:`usability` (``margin``, ``min_correct``) passes for at
     least one scoring on its unablated run — the model must be able to do it; ``margin=None`` ablates
@@ -119,7 +120,7 @@ def knockout_transfer(model: LoadedModel, suites: dict[str, Suite], heads: Seque
             variants.append((" (own mean)", knockout.mean_z(model, suites[name], "end", which="clean")))
         jobs = [(cond + suffix, s, knockout.ablation_hooks(hs, values, "all"))
                 for suffix, values in variants for cond, s, hs in conditions]
-        if resample:
+        if resample and len(suites[name]) > 1:  # one item has no other to take a value from
             donors = knockout.resample_z(model, suites[name], "clean", seed)
             jobs += [(cond + RESAMPLE, s, knockout.item_ablation_hooks(hs, donors)) for cond, s, hs in conditions]
         many = getattr(run, "score_many", None)

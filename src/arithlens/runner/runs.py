@@ -337,11 +337,10 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     shutil.rmtree(work, ignore_errors=True)
     (work / "tables").mkdir(parents=True)
     checkpoints = final.with_name(key + record.CHECKPOINTS)  # finished units of work (record.resumed)
-    resuming = checkpoints.is_dir() and any(checkpoints.glob("*.pkl"))
     checkpoints.mkdir(exist_ok=True)
     (checkpoints / "about.json").write_text(json.dumps({"chapter": chapter, "model": plan.model, "code_hash": plan.code}))
-    log(f"running {chapter} on {plan.model} → {final}"
-        + (f" (resuming: {len(list(checkpoints.glob('*.pkl')))} finished units kept by an interrupted run)" if resuming else ""))
+    kept = len(list(checkpoints.glob("*.pkl")))
+    log(f"running {chapter} on {plan.model} → {final}" + (f" (resuming: {kept} finished units kept)" if kept else ""))
     started = time.time()
     try:
         with _quiet_kernel_logs():

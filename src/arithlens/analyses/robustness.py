@@ -44,7 +44,7 @@ from arithlens.core import hooks
 from arithlens.analyses.agreement import jaccard
 from arithlens.core.hooks import Head, layer_matched_random_sets
 from arithlens.core.items import ItemSet, answer_batches
-from arithlens.analyses.knockout import KnockoutEvaluator, mean_z, resample_z
+from arithlens.analyses.knockout import KnockoutEvaluator, item_ablation_hooks, mean_z, resample_z
 from arithlens.core.metrics import select_key_heads
 from arithlens.core.models import LoadedModel
 
@@ -231,17 +231,9 @@ class AblationEvaluator:
                      progress=None) -> np.ndarray:
         """Per-item correctness under each (heads, values) condition, ``heads`` set to ``values`` at
         END (the item's own row): a ``conditions × items`` bool array."""
-        def condition(heads, values):
-            by_layer: dict[int, list[int]] = {}
-            for h in heads:
-                by_layer.setdefault(h.layer, []).append(h.head)
-
-            def hooks_for(b):
-                rows = values[torch.as_tensor(b, device=values.device)]
-                return [(hooks.hook_z(l), hooks.set_at_end(rows[:, l, hs], hs)) for l, hs in by_layer.items()]
-            return hooks_for
         return hooks.correct_at_end(self.model, self.batches, len(self.prompts.items),
-                                    [condition(h, v) for h, v in conditions], progress=progress, desc="ablations")
+                                    [item_ablation_hooks(h, v) for h, v in conditions], progress=progress,
+                                    desc="ablations")
 
     def correct(self, heads: Sequence[Head], values: Float[Tensor, "item layer head d_head"]) -> np.ndarray:
         """Per-item correctness with ``heads`` set to ``values`` at END (the item's own row)."""

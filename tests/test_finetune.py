@@ -12,6 +12,7 @@ from arithlens.analyses.sft import trainer as ft
 from arithlens.analyses.sft import evaluation as fd
 from arithlens.core import deltas, layout
 from arithlens.core.models import load_model
+from arithlens.core import twin as T
 from arithlens.core.twin import make_twin
 from arithlens.core.hooks import Head, random_heads
 
@@ -91,7 +92,7 @@ def test_the_layer_loop_reproduces_each_checked_family_or_refuses(tiny_layout):
     its logits equal the bridge's, on a prompt longer than the tiny Mistral's sliding window; the others
     (Gemma 2 and 3) are refused in one line, before anything is built."""
     tokens = torch.tensor([tiny_layout.tokenizer("1 + 8 = 9\n3 + 5 = 8\n5 + 4 = ")["input_ids"]])
-    if layout.architecture(tiny_layout) not in ft.LAYER_LOOP_CHECKED:
+    if layout.architecture(tiny_layout) not in T.LAYER_LOOP_CHECKED:
         for train in (lambda: ft.precise_sft(tiny_layout, [(tokens, tokens[:, -1])], ft.PreciseSFTConfig(HEADS)),
                       lambda: ft.lora_sft(tiny_layout, [(tokens, tokens[:, -1])], 2)):
             with pytest.raises(NotImplementedError, match="does not reproduce") as err:
@@ -100,8 +101,8 @@ def test_the_layer_loop_reproduces_each_checked_family_or_refuses(tiny_layout):
         return
     twin = make_twin(tiny_layout)
     with torch.no_grad():
-        loop = ft.end_logits(twin, ft.embed(twin, tokens), 0)
-        upper = ft.end_logits(twin, ft.run_layers(twin, ft.embed(twin, tokens), 0, 1), 1)
+        loop = T.end_logits(twin, T.embed(twin, tokens), 0)
+        upper = T.end_logits(twin, T.run_layers(twin, T.embed(twin, tokens), 0, 1), 1)
     torch.testing.assert_close(loop, _logits(tiny_layout, tokens), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(upper, loop, rtol=1e-5, atol=1e-6)
 
@@ -165,7 +166,7 @@ def test_prefix_cached_step_equals_uncached(tiny, batches):
         trainable = {s: deltas.slice_view(weights, s).detach().clone().requires_grad_(True) for s in slices}
         eff = ft.effective_weights(weights, trainable)
         tokens, answers = batches[0]
-        prefix = ft.run_layers(twin, ft.embed(twin, tokens), 0, start).detach() if cached else None
+        prefix = T.run_layers(twin, T.embed(twin, tokens), 0, start).detach() if cached else None
         loss = ft.step_loss(twin, (tokens, answers), start, eff, prefix)
         loss.backward()
         grads.append((loss.detach(), [trainable[s].grad for s in slices]))
@@ -179,9 +180,9 @@ def test_prefix_cached_step_equals_uncached(tiny, batches):
 def test_twin_forward_matches_the_bridge(tiny, batches):
     tokens = batches[0][0]
     with torch.no_grad():
-        eager = ft.end_logits(make_twin(tiny, "eager"), ft.embed(make_twin(tiny, "eager"), tokens), 0)
+        eager = T.end_logits(make_twin(tiny, "eager"), T.embed(make_twin(tiny, "eager"), tokens), 0)
         twin = make_twin(tiny)
-        fused = ft.end_logits(twin, ft.embed(twin, tokens), 0)
+        fused = T.end_logits(twin, T.embed(twin, tokens), 0)
     # The twin and the bridge are two code paths (HF modules vs. TransformerLens' bridge components): the
     # same arithmetic in a different order of float operations, which at torch's default thread count
     # differs in the last bits. Logits here are O(0.1-1) and fp32 rounding is ~1e-7 relative per op over

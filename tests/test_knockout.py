@@ -90,6 +90,35 @@ def test_many_conditions_run_batch_major_with_one_prefix_per_batch(tiny, prompt_
     np.testing.assert_array_equal(ev.correct(head_sets[2]), many[2])
 
 
+def test_every_position_sets_run_from_their_lowest_layer(tiny_layout):
+    """Where the twin's layer loop is checked, every-position knockout runs each set from its lowest
+    ablated layer on one clean pass per batch: the logits one full hooked pass per set gives (to float
+    rounding), on every family, with the layers below a set run once per batch, not once per set.
+    Elsewhere (Gemma 2 and 3) each set stays one full hooked pass."""
+    from arithlens.core import layout
+    from arithlens.core.twin import LAYER_LOOP_CHECKED, make_twin
+
+    ps = make_prompts(tiny_layout.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced", "st_is"), n_per_cell=3))
+    means = K.mean_z(tiny_layout, ps, "all")
+    ev = K.KnockoutEvaluator(tiny_layout, ps, means, "all")
+    assert ev.from_lowest == (layout.architecture(tiny_layout) in LAYER_LOOP_CHECKED)
+    if not ev.from_lowest:
+        return
+    head_sets = [[], [Head(1, 0)], [Head(1, 2), Head(1, 3)], [Head(0, 1), Head(1, 3)]]
+    twin = make_twin(tiny_layout)
+    runs = {0: 0, 1: 0}
+    for i in runs:
+        twin.model.layers[i].register_forward_hook(lambda *a, i=i: runs.__setitem__(i, runs[i] + 1))
+    for _, tokens, _ in ev.batches:
+        before = dict(runs)
+        fast = K.every_position_logits(twin, tokens, head_sets, means)
+        assert runs[0] - before[0] == 2 and runs[1] - before[1] == 4  # clean pass + the set from layer 0; + three sets
+        for heads, logits in zip(head_sets, fast):
+            full = tiny_layout.bridge.run_with_hooks(tokens, fwd_hooks=K.ablation_hooks(heads, means, "all"))[:, -1].float()
+            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(fast[0], fast[1])  # the ablation did act
+
+
 def test_mean_z_is_the_counterfactual_mean(tiny, prompt_set):
     means = K.mean_z(tiny, prompt_set, "end")
     assert means.shape == (tiny.n_layers, tiny.n_heads, tiny.cfg.d_head)

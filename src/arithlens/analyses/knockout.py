@@ -3,15 +3,21 @@
 Science wing (paper § "Knockout" and "Attention analysis"). A knocked-out head's ``hook_z`` is
 replaced by its mean over the counterfactual prompts — at END only (``positions="end"``: the clean
 prefix's keys and values are reused and only the last position recomputed, see
-:func:`arithlens.core.hooks.end_only_logits`) or at every position (``"all"``: a full forward pass, with
-the mean taken over all counterfactual positions, since templates differ in length). Top-ranked heads
+:func:`arithlens.core.hooks.end_only_logits`) or at every position (``"all"``, with the mean taken over
+all counterfactual positions, since templates differ in length). Nothing below a set's lowest ablated
+layer changes at every position either, so each batch's clean residual stream is computed once and
+each set runs only from its lowest ablated layer up (:func:`every_position_logits`, on the plain HF
+twin's layer loop, :mod:`arithlens.core.twin`), where that loop is checked for the architecture;
+elsewhere each set is one full hooked pass. Top-ranked heads
 are compared with the same number of random heads drawn uniformly from all heads, over several seeds
 (:func:`arithlens.core.hooks.control_heads`), and, per prompt, with many layer-matched random sets
 (:func:`matched_knockout`). Resample ablation — each item's heads take another item's END value
 (:func:`resample_z`, :func:`item_ablation_hooks`) — is the check on the mean: it keeps the heads'
 output on the data's own distribution.
 
-Written by hand on TransformerLens hooks; nothing else does mean ablation over END-only reruns.
+Written by hand on TransformerLens hooks (and, for the every-position runs, on the model's own layers
+with a pre-hook on each ``o_proj``); nothing else does mean ablation over END-only reruns or from the
+lowest ablated layer.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.core import hooks
+from arithlens.core import hooks, layout
 from arithlens.core.hooks import Head, Hook, control_heads, correct_at_end, layer_matched_random_sets
 from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only
+from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, end_logits, layer_context, make_twin
 from arithlens.tasks.prompts import PromptSet
 
 Positions = Literal["end", "all"]
@@ -106,13 +113,19 @@ def resample_z(model: LoadedModel, prompts: ItemSet, which: Literal["clean", "co
     return z[torch.as_tensor(resample_donors(len(prompts.items), seed), device=z.device)]
 
 
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    """The heads of each layer: ``{layer: [head, …]}``."""
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        by_layer.setdefault(h.layer, []).append(h.head)
+    return by_layer
+
+
 def item_ablation_hooks(heads: Sequence[Head], values: Float[Tensor, "item layer head d_head"]
                         ) -> Callable[[np.ndarray], list[Hook]]:
     """For a batch of item indices, hooks that set ``heads``' ``hook_z`` to each item's own row of
     ``values`` at every position run (END, and the answer positions a teacher-forced scorer reruns)."""
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        by_layer.setdefault(h.layer, []).append(h.head)
+    by_layer = _by_layer(heads)
 
     def hooks_for(b: np.ndarray) -> list[Hook]:
         rows = values[torch.as_tensor(np.asarray(b), device=values.device)]
@@ -130,9 +143,7 @@ def item_ablation_hooks(heads: Sequence[Head], values: Float[Tensor, "item layer
 def ablation_hooks(heads: Sequence[Head], means: Float[Tensor, "layer head d_head"],
                    positions: Positions) -> list[Hook]:
     """Hooks that mean-ablate ``heads`` (replace their ``hook_z`` by ``means``) at END or at every position."""
-    by_layer: dict[int, list[int]] = {}
-    for h in heads:
-        by_layer.setdefault(h.layer, []).append(h.head)
+    by_layer = _by_layer(heads)
     fwd = []
     for layer, hs in by_layer.items():
         def hook(z, hook=None, layer=layer, hs=hs):  # bind per layer: hook.name is the internal name
@@ -146,6 +157,40 @@ def ablation_hooks(heads: Sequence[Head], means: Float[Tensor, "layer head d_hea
         fwd.append((hooks.hook_z(layer), hook))
     return fwd
 
+@torch.no_grad()
+def every_position_logits(twin: torch.nn.Module, tokens: Tensor, head_sets: Sequence[Sequence[Head]],
+                          means: Float[Tensor, "layer head d_head"]) -> list[Float[Tensor, "batch d_vocab"]]:
+    """Logits at END with each of ``head_sets`` mean-ablated at every position, from its lowest layer.
+
+    One clean pass through the twin's layers keeps the residual stream entering each set's lowest
+    ablated layer; each set then runs from there up, its heads' slices of the ``o_proj`` input (the
+    heads' ``hook_z``, concatenated) replaced by ``means``. The empty set reads the clean pass's
+    logits. Agrees with one full hooked pass per set (:func:`ablation_hooks`) to float rounding."""
+    n_layers = len(twin.model.layers)
+    starts = [min((h.layer for h in heads), default=n_layers) for heads in head_sets]
+    hidden = embed(twin, tokens)
+    ctx, kept = layer_context(twin, hidden), {}
+    for i in range(max(starts) + 1):
+        if i in starts:
+            kept[i] = hidden
+        if i < n_layers:
+            hidden = twin.model.layers[i](hidden, **ctx[i])
+    out = []
+    for heads, start in zip(head_sets, starts):
+        handles = []
+        for layer, hs in _by_layer(heads).items():
+            def replace(module, args, layer=layer, hs=hs):
+                z = args[0].clone()
+                z.view(*z.shape[:-1], -1, means.shape[-1])[..., hs, :] = means[layer, hs].to(z.dtype)
+                return (z, *args[1:])
+            handles.append(twin.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(replace))
+        try:
+            out.append(end_logits(twin, kept[start], start).float())
+        finally:
+            for handle in handles:
+                handle.remove()
+    return out
+
 
 class KnockoutEvaluator:
     """Accuracy under ablation of head sets, many sets at once (:meth:`correct_many`): at END, each
@@ -157,9 +202,20 @@ class KnockoutEvaluator:
             raise ValueError(f"positions must be 'end' or 'all', got {positions!r}")
         self.model, self.prompts, self.means, self.positions = model, prompts, means, positions
         self.batches = answer_batches(prompts.items, batch_size, model.device)
+        #: every-position sets run from their lowest ablated layer on the twin where its layer loop is checked
+        self.from_lowest = positions == "all" and layout.architecture(model) in LAYER_LOOP_CHECKED
+        self._twin = None
 
     def correct_many(self, head_sets: Sequence[Sequence[Head]], progress=None) -> np.ndarray:
         """Per-item greedy correctness with each of ``head_sets`` mean-ablated: ``sets × items`` bools."""
+        if self.from_lowest:
+            self._twin = self._twin or make_twin(self.model)
+            out = np.zeros((len(head_sets), len(self.prompts)), dtype=bool)
+            todo = progress(self.batches, desc=f"knockout (all, {len(head_sets)} sets per batch)") if progress else self.batches
+            for b, tokens, answers in todo:
+                for j, logits in enumerate(every_position_logits(self._twin, tokens, head_sets, self.means)):
+                    out[j, b] = (logits.argmax(-1) == answers).cpu().numpy()
+            return out
         fwds = [ablation_hooks(heads, self.means, self.positions) for heads in head_sets]
         return correct_at_end(self.model, self.batches, len(self.prompts), [lambda b, f=f: f for f in fwds],
                               end_only=self.positions == "end", progress=progress, desc=f"knockout ({self.positions})")

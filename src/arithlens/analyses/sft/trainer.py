@@ -30,8 +30,8 @@ a :class:`arithlens.core.deltas.Delta`, which :mod:`arithlens.core.deltas` write
 Baselines: :func:`full_sft` (every parameter, same engine) and :func:`lora_sft` (peft LoRA on the
 attention projections; its merged update ``B·A·scale`` becomes a delta of whole matrices). All three
 train in one loop (:func:`_optimize`): same batches, prefix cache, last-position loss and AdamW. That
-loop runs the model's decoder layers itself (:func:`run_layers`, :func:`end_logits`), so it trains only
-the architectures whose forward pass it is checked to reproduce (:data:`LAYER_LOOP_CHECKED`); any
+loop runs the model's decoder layers itself (:func:`arithlens.core.twin.run_layers`), so it trains only
+the architectures whose forward pass that loop is checked to reproduce (:data:`arithlens.core.twin.LAYER_LOOP_CHECKED`); any
 other is refused in one line before anything is built (:func:`check_trainable`).
 Written by hand: slice bookkeeping and the prefix-cached layer loop; the
 optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from arithlens.core import layout
 from arithlens.core.deltas import Delta, Slice, hf_model, jsonable, named_weights, slice_view, tensor_digest
-from arithlens.core.twin import make_twin
+from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, end_logits, make_twin, run_layers
 from arithlens.core.hooks import Head
 from arithlens.core.models import LoadedModel
 
@@ -187,68 +187,12 @@ def _start_layer(slices: list[Slice], n_layers: int) -> int:
     return min(layers)
 
 
-#: Architectures whose forward pass :func:`run_layers` and :func:`end_logits` reproduce (checked on each
-#: family's tiny model, tests/test_finetune.py): token embeddings as stored, one rotary embedding for
-#: every layer, a causal mask (sliding-window where a layer's attention is), the final norm and the
-#: unembedding. Not Gemma 2 or 3: their embedding module scales by √d_model, Gemma 2 soft-caps its
-#: logits, Gemma 3 has a rotary embedding per layer type.
-LAYER_LOOP_CHECKED = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                                "Phi3ForCausalLM", "Olmo2ForCausalLM"})
-
-
 def check_trainable(model: LoadedModel) -> None:
     """Refuse, in one line, a model whose forward pass the training loop is not checked to reproduce."""
     arch = layout.architecture(model)
     if arch not in LAYER_LOOP_CHECKED:
         raise NotImplementedError(f"the fine-tuning loop does not reproduce {arch}'s forward pass (checked on: "
                                   f"{', '.join(sorted(LAYER_LOOP_CHECKED))}); it cannot train this model")
-
-
-def _context(twin: torch.nn.Module, hidden: Tensor) -> list[dict]:
-    """Each decoder layer's keyword arguments over a whole sequence, as the HF model's forward builds
-    them: positions, rotary embeddings, and the causal mask — sliding-window for a layer whose config
-    says so (``layer_types``, or where there is none, Mistral's and Phi-3's ``sliding_window``)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    config = twin.config
-    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    types = getattr(config, "layer_types", None) or (
-        ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * len(twin.model.layers))
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
-    masks = {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kw)
-             for t in set(types)}
-    rope = twin.model.rotary_emb(hidden, pos)
-    return [{"attention_mask": masks[t], "position_ids": pos, "position_embeddings": rope} for t in types]
-
-
-def _local(eff: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {n[len(prefix):]: t for n, t in eff.items() if n.startswith(prefix)}
-
-
-def run_layers(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"], start: int, stop: int,
-               eff: dict[str, Tensor] | None = None) -> Float[Tensor, "batch pos d_model"]:
-    """Residual stream entering layer ``start`` → entering layer ``stop``, weights overridden by ``eff``."""
-    eff, ctx = eff or {}, _context(twin, hidden)
-    for i in range(max(start, 0), stop):
-        layer = twin.model.layers[i]
-        hidden = torch.func.functional_call(layer, _local(eff, f"model.layers.{i}."), (hidden,), ctx[i])
-    return hidden
-
-
-def embed(twin: torch.nn.Module, tokens: Int[Tensor, "batch pos"], eff: dict[str, Tensor] | None = None) -> Tensor:
-    w = (eff or {}).get("model.embed_tokens.weight", twin.model.embed_tokens.weight)
-    return F.embedding(tokens, w)
-
-
-def end_logits(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"], start: int,
-               eff: dict[str, Tensor] | None = None) -> Float[Tensor, "batch d_vocab"]:
-    """Run layers ``start…`` on ``hidden``, then the final norm and unembedding at the last position only."""
-    eff = eff or {}
-    hidden = run_layers(twin, hidden, start, len(twin.model.layers), eff)
-    normed = torch.func.functional_call(twin.model.norm, _local(eff, "model.norm."), (hidden[:, -1],))
-    tied = twin.lm_head.weight is twin.model.embed_tokens.weight
-    w_u = eff.get("lm_head.weight", eff.get("model.embed_tokens.weight") if tied else None)
-    return F.linear(normed, twin.lm_head.weight if w_u is None else w_u)
 
 
 def effective_weights(weights: dict[str, Tensor], trainable: dict[Slice, Tensor]) -> dict[str, Tensor]:

@@ -40,6 +40,13 @@ def test_rank_agreement_on_hand_computed_cases():
     assert absolute[("reversed", "spearman", 8)] == pytest.approx(1.0)
     assert G.rank_heads(G.mean_effects(table[table["method"] == "exact"]))[:2] == [Head(0, 0), Head(0, 1)]
     assert G.jaccard([], []) == 1.0 and G.jaccard([Head(0, 0)], [Head(0, 1)]) == 0.0
+    # screen size: the same order needs only the top 5 for exact's top 5; the reversed order ranks exact's
+    # top head last, so all 8 must be measured
+    assert out[("scaled", "screen", 5)] == 5 and out[("reversed", "screen", 5)] == 8
+    swapped = [exact[0], exact[5], exact[2], exact[3], exact[4], exact[1], exact[6], exact[7]]  # heads 0.1 and 1.1 swap
+    assert G.rank_agreement(_table({"exact": exact, "swapped": swapped})).set_index(
+        ["method", "measure", "k"])["value"][("swapped", "screen", 5)] == 6
+    assert G.screen_size([Head(0, 0)], [Head(0, 1), Head(0, 0)], 0) == 0
     with pytest.raises(ValueError, match="does not score every head"):
         G.rank_agreement(table[~((table["method"] == "scaled") & (table["layer"] == 1) & (table["head"] == 3))])
 

@@ -7,8 +7,11 @@ heads it picks carry the behaviour). Three measures, all over the per-head *mean
 prompts of one mode and one metric (a table laid out like :func:`arithlens.analyses.patching.patch_heads`,
 with a ``method`` column, e.g. :func:`arithlens.analyses.attribution.compare_with_exact`):
 
-* :func:`rank_agreement` — Spearman's ρ over all heads (``scipy.stats.spearmanr``) and the Jaccard
-  overlap of the top-k heads, k = 5, 10, 20 capped at the number of heads;
+* :func:`rank_agreement` — Spearman's ρ over all heads (``scipy.stats.spearmanr``), the Jaccard
+  overlap of the top-k heads, k = 5, 10, 20 capped at the number of heads, and the *screen size*
+  (:func:`screen_size`): how many of a cheap ranking's top heads one must measure exactly to be sure
+  of the exact top-k — what a screen-then-measure localization (rank every head cheaply, patch
+  only the top N exactly) needs for N;
 * :func:`faithfulness_curve` — keep the top-n heads of a ranking, mean-ablate every other head at
   END (:func:`arithlens.analyses.knockout.mean_z`, :func:`arithlens.analyses.knockout.ablation_hooks`), and measure
   the mean logit difference m = answer logit − best other digit's logit at END over the prompts.
@@ -79,11 +82,18 @@ def jaccard(a: Sequence[Head], b: Sequence[Head]) -> float:
     return 1.0 if not sa | sb else len(sa & sb) / len(sa | sb)
 
 
+def screen_size(reference: Sequence[Head], estimate: Sequence[Head], k: int) -> int:
+    """The smallest N such that ``reference``'s top ``k`` heads all lie in ``estimate``'s top N."""
+    where = {h: i for i, h in enumerate(estimate)}
+    return max(where[h] for h in reference[:k]) + 1 if k else 0
+
+
 def rank_agreement(table: pd.DataFrame, metric: str = "rel_logit", reference: str = "exact",
                    ks: Sequence[int] = KS, order: Order = "negative") -> pd.DataFrame:
     """How each method's head ranking agrees with ``reference``'s, per mode. Tidy: one row per
     (mode, method, measure, k) with ``measure`` ``spearman`` (k = number of heads; ``p_value`` the
-    test of ρ = 0) or ``jaccard`` (top-k overlap, k capped at the number of heads)."""
+    test of ρ = 0), ``jaccard`` (top-k overlap, k capped at the number of heads) or ``screen`` (the
+    method's top N that holds the reference's top k, :func:`screen_size`)."""
     from scipy.stats import spearmanr
 
     means = mean_effects(table, metric)
@@ -105,6 +115,8 @@ def rank_agreement(table: pd.DataFrame, metric: str = "rel_logit", reference: st
             for k in sorted({min(k, len(ref)) for k in ks}):
                 rows.append({"mode": mode, "method": method, "measure": "jaccard", "k": k,
                              "value": jaccard(ref_rank[:k], est_rank[:k]), "p_value": np.nan})
+                rows.append({"mode": mode, "method": method, "measure": "screen", "k": k,
+                             "value": float(screen_size(ref_rank, est_rank, k)), "p_value": np.nan})
     return pd.DataFrame(rows, columns=["mode", "method", "measure", "k", "value", "p_value"])
 
 

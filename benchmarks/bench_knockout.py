@@ -6,12 +6,14 @@
 Chapter 1 knocks heads out under ~90 END-only conditions (the knockout curve's top-k and random-k
 sets, the layer-matched draws) and chapter 7 under many more, on batches of equal-length prompts that
 are often small (a three-shot template × operator cell). A one-token pass over a few prompts is
-bound by streaming the weights, not by arithmetic, so :func:`arithlens.core.hooks.end_only_many`
+bound by streaming the weights, not by arithmetic, so :func:`arithlens.core.conditions.end_only_many`
 stacks conditions along the batch, up to a number of rows a pass. For each model: chapter 1's
 evaluation-half prompts (``--n-per-cell`` per template × operator cell, three-shot), ``--conditions``
-head sets (none, the top 10 of a seeded random ranking, then layer-matched draws), END means from the
-same prompts; prints seconds for one pass per condition and for each row budget, the speed-up, and
-whether the greedy answers agree (they should everywhere; logits agree to float rounding). Wall-clock on
+head sets (none, the top 10 of ``--ranking`` — a chapter 1 run's ``key_heads.parquet`` — or of a seeded
+random ranking, then layer-matched draws), END means from the
+same prompts; prints seconds for one bridge pass per condition and, for each row budget, stacked on
+the bridge and stacked from the lowest hooked layer on the twin (:data:`arithlens.core.conditions.FROM_LOWEST_LAYER`),
+the speed-up, and whether the greedy answers agree (they should everywhere; logits agree to float rounding). Wall-clock on
 this machine, model load and prefix caches excluded; ``--threads 0`` keeps torch's default.
 
 ``--every-position`` times chapter 1's every-position knockout instead: its sets (none; the top 5 and
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--rows", default="32,64,128,256")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--every-position", action="store_true")
-    parser.add_argument("--ranking", default="", help="a chapter 1 run's key_heads.parquet for the top sets")
+    parser.add_argument("--ranking", default="", help="a chapter 1 run's key_heads.parquet for the top heads")
     args = parser.parse_args()
     if args.every_position:
         return every_position(args)
@@ -51,7 +53,7 @@ def main() -> None:
     import torch
 
     from arithlens.analyses import knockout
-    from arithlens.core import hooks
+    from arithlens.core import conditions, hooks
     from arithlens.core.items import answer_batches
     from arithlens.core.models import load_model
     from arithlens.tasks.prompts import PromptConfig, make_prompts
@@ -66,7 +68,7 @@ def main() -> None:
                                                              seed=0, facts="evaluation"))
         means = knockout.mean_z(model, prompts, "end")
         everything = [hooks.Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
-        top = random.Random(0).sample(everything, 10)
+        top = (_ranking(args.ranking)[:10] if args.ranking else random.Random(0).sample(everything, 10))
         draws = hooks.layer_matched_random_sets(top, model.n_layers, model.n_heads, max(0, args.conditions - 2), 0)
         fwds = [knockout.ablation_hooks(heads, means, "end") for heads in [[], top, *draws]]
         batches = answer_batches(prompts.items, 64, model.device)
@@ -77,24 +79,35 @@ def main() -> None:
 
         def run(max_rows):
             start = time.perf_counter()
-            out = [hooks.end_only_many(model, tokens, fwds, kv, read=lambda logits: logits.argmax(-1), max_rows=max_rows)
+            out = [conditions.end_only_many(model, tokens, fwds, kv, read=lambda logits: logits.argmax(-1), max_rows=max_rows)
                    for (_, tokens, _), kv in zip(batches, caches)]
             return time.perf_counter() - start, out
 
         run(budgets[0])  # warm-up
+        conditions.FROM_LOWEST_LAYER = False
         base_s, base = run(1)
-        print(f"  one pass per condition: {base_s:.1f} s")
-        for rows in budgets:
-            s, out = run(rows)
-            agree = all(torch.equal(a, b) for xs, ys in zip(out, base) for a, b in zip(xs, ys))
-            print(f"  stacked, ≤ {rows:3d} rows a pass: {s:.1f} s, speed-up {base_s / s:.2f}×, greedy answers "
-                  f"{'identical' if agree else 'DIFFER'}")
+        print(f"  one pass per condition (bridge, from the embedding): {base_s:.1f} s")
+        for lowest in (False, True):
+            conditions.FROM_LOWEST_LAYER = lowest
+            for rows in budgets:
+                s, out = run(rows)
+                agree = all(torch.equal(a, b) for xs, ys in zip(out, base) for a, b in zip(xs, ys))
+                print(f"  stacked, ≤ {rows:3d} rows a pass, {'from the lowest hooked layer' if lowest else 'bridge'}: "
+                      f"{s:.1f} s, speed-up {base_s / s:.2f}×, greedy answers {'identical' if agree else 'DIFFER'}")
+
+
+def _ranking(path: str):
+    """Heads in the order of a chapter 1 run's ``key_heads.parquet``."""
+    import pandas as pd
+
+    from arithlens.core.hooks import Head
+
+    return [Head(int(l), int(h)) for l, h in pd.read_parquet(path)[["layer", "head"]].values]
 
 
 def every_position(args) -> None:
     import random
 
-    import pandas as pd
     import torch
 
     from arithlens.analyses import knockout
@@ -113,7 +126,7 @@ def every_position(args) -> None:
                                                              seed=0, facts="evaluation"))
         means = knockout.mean_z(model, prompts, "all")
         if args.ranking:
-            ranking = [hooks.Head(int(l), int(h)) for l, h in pd.read_parquet(args.ranking)[["layer", "head"]].values]
+            ranking = _ranking(args.ranking)
         else:
             everything = [hooks.Head(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
             ranking = random.Random(0).sample(everything, 10)

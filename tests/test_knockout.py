@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from arithlens.analyses import knockout as K
+from arithlens.core import conditions as C
 from arithlens.core import hooks as H
 from arithlens.core.hooks import Head, end_only_logits, prefix_kv, random_heads
 from arithlens.tasks.prompts import PromptConfig, make_prompts
@@ -53,12 +54,12 @@ def test_stacked_conditions_equal_one_pass_each(tiny_arch):
     kv = prefix_kv(tiny_arch, tokens[:, :-1])
     length = kv.get_seq_length()
     one_each = [end_only_logits(tiny_arch, tokens, fwd, kv) for fwd in conditions]
-    stacked = H.end_only_many(tiny_arch, tokens, conditions, kv, max_rows=3 * tokens.shape[0])
+    stacked = C.end_only_many(tiny_arch, tokens, conditions, kv, max_rows=3 * tokens.shape[0])
     assert tokens.shape[0] > 1 and kv.get_seq_length() == length and len(stacked) == len(conditions)
     for a, b in zip(stacked, one_each):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(one_each[0], one_each[2])  # the in-place hook did act
-    argmax = H.end_only_many(tiny_arch, tokens, conditions, read=lambda logits: logits.argmax(-1))
+    argmax = C.end_only_many(tiny_arch, tokens, conditions, read=lambda logits: logits.argmax(-1))
     assert [t.tolist() for t in argmax] == [t.argmax(-1).tolist() for t in one_each]
 
 
@@ -78,8 +79,8 @@ def test_many_conditions_run_batch_major_with_one_prefix_per_batch(tiny, prompt_
     answers = np.array([it.answer_token for it in relabelled.items])
     ev = K.KnockoutEvaluator(tiny, relabelled, means, positions, batch_size=4)
     calls = []
-    real = H.prefix_kv
-    monkeypatch.setattr(H, "prefix_kv", lambda model, tokens: calls.append(tokens.shape) or real(model, tokens))
+    real = C.prefix_kv
+    monkeypatch.setattr(C, "prefix_kv", lambda model, tokens: calls.append(tokens.shape) or real(model, tokens))
     many = ev.correct_many(head_sets)
     assert many.shape == (len(head_sets), len(prompt_set)) and len(ev.batches) > 1
     assert len(calls) == (len(ev.batches) if positions == "end" else 0)
@@ -177,3 +178,36 @@ def test_attention_labels(tiny, prompt_set):
     assert K.label_heads(two, min_share=0.25).set_index(["layer", "head"])["role"][(0, 0)] == "other"  # 0.2 < 0.25
     tie = pd.DataFrame({"layer": [0], "head": [0], "A": [0.15], "B": [0.15], "operator_token": [0.3], "other": [0.4]})
     assert K.label_heads(tie)["role"].iloc[0] == "other"  # neither side is larger
+
+
+def test_conditions_on_heads_run_from_their_lowest_layer(tiny_layout):
+    """Conditions that hook only heads' outputs run after the prefix from their lowest hooked layer, on the
+    twin, where its layer loop is checked: per condition, the logits at every tail position one bridge
+    pass gives (to float rounding) — on every family, the tiny Mistral's prompts longer than its
+    sliding window — with layer 0 run once per tail rather than once per pass when no condition hooks
+    it, and the prefix cache given back unchanged, layer by layer. Elsewhere the bridge runs them."""
+    from arithlens.core import conditions as C, layout
+    from arithlens.core.twin import LAYER_LOOP_CHECKED, tail_route, twin_of
+
+    ps = make_prompts(tiny_layout.tokenizer, PromptConfig(operators=("+",), templates=("eq_spaced",), n_per_cell=3, shots=2))
+    tokens = torch.tensor([it.clean_tokens for it in ps.items])
+    means = K.mean_z(tiny_layout, ps, "all")
+    conditions = [K.ablation_hooks([Head(1, 0)], means, "all"), [],
+                  K.ablation_hooks([Head(1, 2), Head(1, 3)], means, "all"), K.ablation_hooks([Head(1, 1)], means, "end")]
+    kv = prefix_kv(tiny_layout, tokens[:, :-3])
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in kv.layers]
+    checked = layout.architecture(tiny_layout) in LAYER_LOOP_CHECKED
+    assert (tail_route(tiny_layout, tokens[:, -3:], conditions, kv) is not None) == checked
+    assert tail_route(tiny_layout, tokens[:, -3:], [[(H.resid_post(0), lambda x, hook=None: x)]], kv) is None
+    runs = [0]
+    if checked:
+        twin_of(tiny_layout).model.layers[0].register_forward_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
+    got = {}
+    C.after_prefix_many(tiny_layout, tokens[:, -3:], conditions, kv, lambda j, logits: got.setdefault(j, logits.clone()),
+                        max_rows=2 * 3 * tokens.shape[0])  # two conditions a pass
+    for j, fwd in enumerate(conditions):
+        torch.testing.assert_close(got[j], H.run_after_prefix(tiny_layout, tokens[:, -3:], fwd, kv).float(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1])
+    assert runs[0] == (1 if checked else 0)  # the clean pass only: both passes start at layer 1
+    for layer, (k, v) in zip(kv.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)

@@ -293,7 +293,7 @@ def test_resample_ablation_gives_each_item_its_donors_value(tiny):
 def test_score_many_equals_one_score_per_condition(tiny, name, monkeypatch):
     """Conditions stacked along the batch (a budget small enough to split them unevenly across passes)
     give, condition by condition, what one scoring pass each gives — plain hooks and per-item hooks."""
-    from arithlens.core import hooks as H
+    from arithlens.core import conditions as C
 
     suite = make_suite(name, tiny.tokenizer, n=8)
     scorer = SuiteScorer(tiny, suite)
@@ -304,7 +304,7 @@ def test_score_many_equals_one_score_per_condition(tiny, name, monkeypatch):
                   knockout.ablation_hooks([Head(0, 1), Head(1, 3)], means, "all"), []]
     one_each = [scorer.score(item_hooks=c) if callable(c) else scorer.score(c) for c in conditions]
     widest = max(len(b) * (seq.shape[1] - n + 1) for b, seq, n, _ in scorer.batches)
-    monkeypatch.setattr(H, "STACK_ROWS", 3 * widest)  # three conditions a pass, then two
+    monkeypatch.setattr(C, "STACK_ROWS", 3 * widest)  # three conditions a pass, then two
     many = scorer.score_many(conditions)
     for a, b in zip(many, one_each):
         assert a["correct"].tolist() == b["correct"].tolist()

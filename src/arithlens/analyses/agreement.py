@@ -40,7 +40,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.core.hooks import Head, digit_tokens, end_only_many, scores_from_logits
+from arithlens.core.conditions import end_only_many
+from arithlens.core.hooks import Head, digit_tokens, scores_from_logits
 from arithlens.core.items import ItemSet, answer_batches
 from arithlens.analyses.knockout import ablation_hooks
 from arithlens.core.models import LoadedModel
@@ -124,7 +125,7 @@ class LogitDiffEvaluator:
     """Mean logit difference at END with heads mean-ablated at END, many head sets at once
     (:meth:`logit_diffs`): batch-major, so each batch's clean prefix KV cache is made once for every
     set and dropped before the next batch, the sets stacked along the batch
-    (:func:`arithlens.core.hooks.end_only_many`, as :func:`arithlens.core.hooks.correct_at_end`)."""
+    (:func:`arithlens.core.conditions.end_only_many`, as :func:`arithlens.core.conditions.correct_at_end`)."""
 
     def __init__(self, model: LoadedModel, prompts: ItemSet, means: Float[Tensor, "layer head d_head"],
                  batch_size: int = 64):

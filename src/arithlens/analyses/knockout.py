@@ -33,7 +33,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens.core import hooks, layout
-from arithlens.core.hooks import Head, Hook, control_heads, correct_at_end, layer_matched_random_sets
+from arithlens.core.conditions import correct_at_end
+from arithlens.core.hooks import Head, Hook, control_heads, layer_matched_random_sets
 from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only
 from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, end_logits, layer_context, make_twin

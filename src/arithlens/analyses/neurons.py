@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from arithlens.core import hooks, layout
+from arithlens.core.conditions import correct_at_end
 from arithlens.core.hooks import Hook, digit_tokens
 from arithlens.core.items import Item, answer_batches
 from arithlens.core.models import LoadedModel
@@ -180,7 +181,7 @@ class NeuronAblation:
     def correct_many(self, kept_sets: Sequence[Collection[Neuron] | None]) -> np.ndarray:
         """Per-item greedy correctness keeping each of ``kept_sets`` (None: the clean model): ``sets × items``."""
         fwds = [[] if kept is None else self.hooks(kept) for kept in kept_sets]
-        return hooks.correct_at_end(self.model, self.batches, len(self.items), [lambda b, f=f: f for f in fwds])
+        return correct_at_end(self.model, self.batches, len(self.items), [lambda b, f=f: f for f in fwds])
 
     def correct(self, kept: Collection[Neuron] | None) -> np.ndarray:
         """Per-item greedy correctness keeping ``kept`` (None: nothing ablated, the clean model)."""

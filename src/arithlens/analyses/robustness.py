@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from arithlens.core import hooks
+from arithlens.core.conditions import correct_at_end
 from arithlens.analyses.agreement import jaccard
 from arithlens.core.hooks import Head, layer_matched_random_sets
 from arithlens.core.items import ItemSet, answer_batches
@@ -231,7 +231,7 @@ class AblationEvaluator:
                      progress=None) -> np.ndarray:
         """Per-item correctness under each (heads, values) condition, ``heads`` set to ``values`` at
         END (the item's own row): a ``conditions × items`` bool array."""
-        return hooks.correct_at_end(self.model, self.batches, len(self.prompts.items),
+        return correct_at_end(self.model, self.batches, len(self.prompts.items),
                                     [item_ablation_hooks(h, v) for h, v in conditions], progress=progress,
                                     desc="ablations")
 

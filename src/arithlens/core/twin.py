@@ -20,6 +20,9 @@ decoder from a given layer.
 from __future__ import annotations
 
 import copy
+import re
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,17 +60,18 @@ LAYER_LOOP_CHECKED = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3Fo
                                 "Phi3ForCausalLM", "Olmo2ForCausalLM"})
 
 
-def layer_context(twin: torch.nn.Module, hidden: Tensor) -> list[dict]:
-    """Each decoder layer's keyword arguments over a whole sequence, as the HF model's forward builds
-    them: positions, rotary embeddings, and the causal mask — sliding-window for a layer whose config
-    says so (``layer_types``, or where there is none, Mistral's and Phi-3's ``sliding_window``)."""
+def layer_context(twin: torch.nn.Module, hidden: Tensor, pos: Tensor | None = None, kv=None) -> list[dict]:
+    """Each decoder layer's keyword arguments, as the HF model's forward builds them: positions (``pos``,
+    default the whole sequence from 0), rotary embeddings, and the causal mask over the prefix cache
+    ``kv`` (if any) and ``hidden`` — sliding-window for a layer whose config says so (``layer_types``,
+    or where there is none, Mistral's and Phi-3's ``sliding_window``)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     config = twin.config
-    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    pos = torch.arange(hidden.shape[1], device=hidden.device)[None] if pos is None else pos
     types = getattr(config, "layer_types", None) or (
         ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * len(twin.model.layers))
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=pos)
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=kv, position_ids=pos)
     masks = {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kw)
              for t in set(types)}
     rope = twin.model.rotary_emb(hidden, pos)
@@ -104,3 +108,92 @@ def end_logits(twin: torch.nn.Module, hidden: Float[Tensor, "batch pos d_model"]
     w_u = eff.get("lm_head.weight", eff.get("model.embed_tokens.weight") if tied else None)
     return F.linear(normed, twin.lm_head.weight if w_u is None else w_u)
 
+
+
+# --- runs after a cached prefix, from the lowest hooked layer -------------------------------------------
+
+_HOOK_Z = re.compile(r"blocks\.(\d+)\.attn\.hook_z")
+_TWINS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def twin_of(model: LoadedModel) -> torch.nn.Module:
+    """The loaded model's twin, made once (it shares the weights, so a delta written in shows in it)."""
+    hf = hf_model(model)
+    if hf not in _TWINS:
+        _TWINS[hf] = make_twin(model)
+    return _TWINS[hf]
+
+
+def hooked_layer(name: str) -> int | None:
+    """The layer of a head-output hook (``blocks.L.attn.hook_z``); None for any other hook point."""
+    found = _HOOK_Z.fullmatch(name)
+    return int(found[1]) if found else None
+
+
+class TailFromLayer:
+    """A tail run after a cached prefix, from any layer up, with hooks on heads' outputs only.
+
+    Made once per (tail, prefix cache): one clean pass of the tail through the twin's layers keeps the
+    residual stream entering each layer (up to ``upto``); the prefix cache is given back as it was.
+    :meth:`logits` then runs ``c`` stacked copies of the tail from the lowest layer a set of
+    ``hook_z`` hooks acts at — nothing below it differs from the clean pass — on a copy of the cache
+    repeated ``c`` times, each hook applied to the ``o_proj`` input viewed as ``[batch, pos, head,
+    d_head]`` (what TransformerLens's ``hook_z`` shows). Agrees with the bridge's hooked run to
+    float rounding, for the architectures in :data:`LAYER_LOOP_CHECKED`."""
+
+    def __init__(self, twin: torch.nn.Module, tail: Int[Tensor, "batch tail"], kv, upto: int):
+        self.twin, self.kv, self.batch = twin, kv, tail.shape[0]
+        self.prefix = kv.get_seq_length() if kv is not None else 0
+        hidden = embed(twin, tail)
+        ctx, self.inputs = self._context(hidden, kv), [hidden]
+        try:
+            for i in range(min(upto, len(twin.model.layers))):
+                hidden = twin.model.layers[i](hidden, past_key_values=kv, use_cache=kv is not None, **ctx[i])
+                self.inputs.append(hidden)
+        finally:  # only the layers run grew: crop each of those back (Cache.crop would cut every layer)
+            for layer in (kv.layers[:len(self.inputs) - 1] if kv is not None else ()):
+                layer.crop(self.prefix - layer.keys.shape[-2])
+
+    def _context(self, hidden: Tensor, kv) -> list[dict]:
+        pos = torch.arange(self.prefix, self.prefix + hidden.shape[1], device=hidden.device)[None]
+        return layer_context(self.twin, hidden, pos, kv)
+
+    @torch.no_grad()
+    def logits(self, hooks: list[tuple[str, Callable]], c: int) -> Float[Tensor, "rows tail d_vocab"]:
+        """Logits of the tail stacked ``c`` times (row ``i · c + j``: item ``i``, copy ``j``) under
+        ``hooks`` — ``(hook_z name, fn(z, hook=None))`` pairs acting on all ``c · batch`` rows."""
+        layers = self.twin.model.layers
+        start = min((hooked_layer(name) for name, _ in hooks), default=len(layers))
+        hidden = self.inputs[start].repeat_interleave(c, 0)
+        rep = None
+        if self.kv is not None:
+            rep = copy.deepcopy(self.kv)
+            rep.batch_repeat_interleave(c)
+        ctx = self._context(hidden, rep)
+        handles = []
+        for name, fn in hooks:
+            attn = layers[hooked_layer(name)].self_attn
+
+            def pre(module, args, fn=fn, d_head=attn.head_dim):
+                z = args[0].view(*args[0].shape[:-1], -1, d_head)
+                out = fn(z.clone(), hook=None)
+                return ((z if out is None else out).reshape(args[0].shape), *args[1:])
+            handles.append(attn.o_proj.register_forward_pre_hook(pre))
+        try:
+            for i in range(start, len(layers)):
+                hidden = layers[i](hidden, past_key_values=rep, use_cache=rep is not None, **ctx[i])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.twin.lm_head(self.twin.model.norm(hidden)).float()
+
+
+def tail_route(model: LoadedModel, tail: Int[Tensor, "batch tail"], condition_hooks, kv) -> TailFromLayer | None:
+    """A :class:`TailFromLayer` for ``condition_hooks`` when the twin's layer loop is checked for the model
+    and every hook acts on a head's output; None otherwise (the caller runs the bridge)."""
+    from arithlens.core import layout
+
+    layers = [[hooked_layer(name) for name, _ in fwd] for fwd in condition_hooks]
+    if not any(layers) or any(None in ls for ls in layers) or layout.architecture(model) not in LAYER_LOOP_CHECKED:
+        return None
+    return TailFromLayer(twin_of(model), tail, kv, upto=max(min(ls, default=model.n_layers) for ls in layers))

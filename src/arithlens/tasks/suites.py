@@ -47,7 +47,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from arithlens.core.hooks import Hook, after_prefix_many, digit_tokens, prefix_kv
+from arithlens.core.conditions import after_prefix_many
+from arithlens.core.hooks import Hook, digit_tokens, prefix_kv
 from arithlens.core.items import (align_counterfactual, continuation, encode, length_batches, prompt_families,
                                   shared_prefix_length, tokens_over)
 from arithlens.core.models import LoadedModel
@@ -334,7 +335,7 @@ class SuiteScorer:
     def score_many(self, conditions: Sequence[Iterable[Hook] | Callable[[np.ndarray], list[Hook]]]) -> list[pd.DataFrame]:
         """:meth:`score` under each condition — hooks, or a map from a batch's item indices to hooks — with
         the conditions stacked along the batch on each batch's cached prompt
-        (:func:`arithlens.core.hooks.after_prefix_many`): what a null over hundreds of head sets needs."""
+        (:func:`arithlens.core.conditions.after_prefix_many`): what a null over hundreds of head sets needs."""
         n = len(self.suite.items)
         cols = [{"correct": np.zeros(n, bool), "first_correct": np.zeros(n, bool), "p_answer": np.zeros(n),
                  "score": np.zeros(n)} for _ in conditions]

@@ -175,3 +175,21 @@ def test_model_chains_run_as_submitit_jobs_on_the_local_executor(isolated_runs, 
     assert {k: r.manifest["status"] for k, r in results.items()} == {("tiny", "00_task"): "complete",
                                                                       ("tiny:1", "00_task"): "complete"}
     assert list((tmp_path / "jobs").glob("*_log.out"))  # submitit kept each job's log
+
+
+def test_the_first_page_sets_c5s_check_beside_its_rule():
+    """The first page names C5's selectivity under resample ablation beside the own mean's, per model that
+    ran both, and says nothing for a comparison without the check."""
+    import pandas as pd
+
+    from arithlens.claims.across import ABLATIONS
+
+    rule, check = ABLATIONS.values()
+    rows = [{"model": "a", "ablation": rule, "quantity": "selectivity", "value": -0.07, "low": -0.19, "high": 0.04},
+            {"model": "a", "ablation": check, "quantity": "selectivity", "value": 0.28, "low": 0.14, "high": 0.42},
+            {"model": "a", "ablation": check, "quantity": "math key", "value": -0.5, "low": -0.6, "high": -0.4},
+            {"model": "b", "ablation": rule, "quantity": "selectivity", "value": 0.5, "low": 0.3, "high": 0.7}]
+    line = book.c5_check_line(pd.DataFrame(rows), ["a", "b"])
+    assert "a: +28% [+14%, +42%] (own mean -7% [-19%, +4%])" in line and "b:" not in line
+    assert book.c5_check_line(pd.DataFrame(rows[3:]), ["a", "b"]) == ""
+    assert book.c5_check_line(pd.DataFrame(), ["a"]) == ""

@@ -19,7 +19,8 @@ import pandas as pd
 from arithlens.analyses.sft.naming import PRECISE, method_family
 from arithlens.claims.findings import Run
 from arithlens.record import open_run
-from arithlens.claims.intervals import knockout_intervals, transfer_contrast, wilson
+from arithlens.analyses.transfer import RESAMPLE
+from arithlens.claims.intervals import OWN_MEAN, knockout_intervals, transfer_contrast, wilson
 from arithlens.claims.verdicts import depth, model_shape, relative_logit_effects, table_or_none
 
 Runs = Mapping[str, Mapping[str, Run]]
@@ -142,14 +143,21 @@ def mlp_summary(runs: Runs, top: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: How chapter 3 ablated the heads, as the comparison names it: C5's rule reads the first; the second is its check.
+ABLATIONS = {OWN_MEAN: "own mean (C5's rule)", RESAMPLE: "resample (a check)"}
+
+
 def transfer_summary(runs: Runs, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Chapter 3 per model: pooled relative accuracy change on math suites and on non-math controls under
-    key and random heads, key − random, and selectivity, each with a paired bootstrap 95 % CI."""
+    key and random heads, key − random, and selectivity, each with a paired bootstrap 95 % CI — under
+    each suite's own mean (what C5's rule reads) and, where chapter 3 ran it, under resample ablation
+    (its check), told apart by ``ablation`` (:data:`ABLATIONS`)."""
     frames = []
     for model, chapters in having(runs, "03_transfer"):
-        table = transfer_contrast(chapters["03_transfer"], n_boot=n_boot, seed=seed)
-        if table is not None:
-            frames.append(table.assign(model=model))
+        for suffix, ablation in ABLATIONS.items():
+            table = transfer_contrast(chapters["03_transfer"], n_boot=n_boot, seed=seed, suffix=suffix)
+            if table is not None:
+                frames.append(table.assign(model=model, ablation=ablation))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

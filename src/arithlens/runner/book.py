@@ -150,11 +150,31 @@ def write_verdicts(runs: list[RunResult], primary: str) -> Path:
     harder = (f" Rows {', '.join(robust)} are not the paper's: they are harder tests of its claims, from "
               + " and ".join(f"[chapter {int(ch[:2])}]({page(primary, ch, primary)}.ipynb) ({', '.join(cs)})"
                              for ch, cs in by_chapter.items()) + "." if robust else "")
+    checks = c5_check_line(across[0].table("transfer"), models)
     path.write_text("\n".join(lines) + f"\n\nComputed by the [Across models](chapters/{chapter}.ipynb) chapter "
                     f"(run `{across[0].key}`) from the runs it names. Each cell: the verdict (linking to the chapter "
-                    "that measured it) and the numbers that decided it." + harder + "\n\n"
+                    "that measured it) and the numbers that decided it." + harder + checks + "\n\n"
                     f":::{{dropdown}} The rules\n{rules}\n:::\n")
     return path
+
+
+def c5_check_line(transfer, models: list[str]) -> str:
+    """A sentence for the first page: C5's selectivity under chapter 3's check (resample ablation) beside
+    the rule's (each suite's own mean), per model that ran both; ``""`` when none did. ``transfer`` is
+    the "Across models" run's ``transfer`` table (:func:`arithlens.claims.across.transfer_summary`)."""
+    from arithlens.claims.across import ABLATIONS
+    from arithlens.claims.intervals import OWN_MEAN
+
+    if transfer is None or not len(transfer) or "ablation" not in transfer:
+        return ""
+    rows = transfer[transfer["quantity"] == "selectivity"].set_index(["model", "ablation"])
+    rule, check = (ABLATIONS[OWN_MEAN], next(v for k, v in ABLATIONS.items() if k != OWN_MEAN))
+    fmt = lambda r: f"{r['value']:+.0%} [{r['low']:+.0%}, {r['high']:+.0%}]"
+    parts = [f"{m}: {fmt(rows.loc[(m, check)])} (own mean {fmt(rows.loc[(m, rule)])})"
+             for m in models if (m, check) in rows.index and (m, rule) in rows.index]
+    return (" **A check beside C5's rule:** with resample ablation instead of each suite's own mean, the "
+            "selectivity reads " + "; ".join(parts) + " — where the two disagree, whether the key heads look "
+            "math-specific depends on the ablation (see the Across models chapter).") if parts else ""
 
 
 def stage_exercises() -> list[Path]:

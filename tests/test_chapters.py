@@ -209,7 +209,10 @@ def test_robustness_chapter_reads_chapters_1_and_3_and_saves_its_tables(shared_r
     run = run_chapter("07_robustness", "tiny", ROBUST_TINY + HEADS_AS_INPUT + TRANSFER_AS_INPUT, log=lambda m: None)
     assert set(run.manifest["inputs"]) == {"01_heads", "03_transfer"}
     agree = run.table("agreement")
-    assert set(agree["method"]) == {"attribution", "eap_ig"} and set(agree["measure"]) == {"spearman", "jaccard"}
+    assert set(agree["method"]) == {"attribution", "eap_ig"} and set(agree["measure"]) == {"spearman", "jaccard", "screen"}
+    n_heads = 2 * 4  # the tiny model's heads
+    assert agree.query("measure == 'screen'")["value"].between(agree.query("measure == 'screen'")["k"], n_heads).all()
+    assert "to be sure of the exact top" in run.notebook.read_text()  # the page states the screen size
     curve = run.table("faithfulness")
     assert set(curve["ranking"]) == {"exact", "attribution", "eap_ig", "random"}
     assert curve[curve.n == 0]["fraction_recovered"].abs().max() < 1e-9 and (curve[curve.n == 8]["fraction_recovered"] - 1).abs().max() < 1e-9

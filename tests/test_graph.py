@@ -284,3 +284,20 @@ def test_gguf_weights_are_dequantized_once_before_runs_start_side_by_side(monkey
     schedule._dequantize_once({"a.gguf", "tiny"}, lines.append)
     assert calls == [(tmp_path / "a.gguf", "ab" * 32)]  # the tiny model has no weights to cache
     assert lines == [f"dequantized a.gguf once into {tmp_path / 'cache'}, before its runs start side by side"]
+
+
+def test_of_the_runs_ready_the_longest_chain_starts_first(monkeypatch, isolated_runs):
+    """With two models and two jobs, both chapter 1s (each ahead of chapter 2) start before either
+    chapter 0, which nothing follows: the plan's order alone would start the first model's 0 and 1."""
+    from arithlens.runner import schedule
+    from arithlens.runner.schedule import chain_minutes, plan_models
+
+    plans = plan_models(["00_task", "01_heads", "02_mlp"], ["tiny", "tiny:1"])
+    chain = chain_minutes(plans)
+    assert [round(chain[p.key]) for p in plans] == [1, 2, 1, 1, 2, 1]  # no earlier runs here: a minute each
+    started = []
+    monkeypatch.setattr(schedule, "_dequantize_once", lambda models, log: None)
+    monkeypatch.setattr(schedule, "execute", lambda plan, **kw: started.append(plan.chapter) or RunResult(Path(plan.chapter), {}, False))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    schedule.run_graph(plans, jobs=2, log=lambda m: None)
+    assert started[:2] == ["01_heads", "01_heads"] and sorted(started) == sorted(p.chapter for p in plans)

@@ -4,14 +4,15 @@ runs a comparison reads.
 Publishing wing. :func:`plan_models` plans a book of ``chapters`` for each model through the run
 graph (the first model's across-models chapter takes every model's runs as inputs).
 :func:`execute_plans` runs the plans on this machine — one after another, or with ``jobs > 1`` up
-to ``jobs`` at once, each as soon as its inputs have finished (:func:`run_graph`: on one model,
-chapters 0 and 1 start together, chapters 2 and 3 once chapter 1 is done), each kernel given
+to ``jobs`` at once, each as soon as its inputs have finished, the ready run with the longest chain
+of runs after it first (:func:`run_graph`, :func:`chain_minutes`: on one model, chapters 0 and 1
+start together, chapters 2 and 3 once chapter 1 is done), each kernel given
 its share of the cores as runs start and end (:mod:`arithlens.core.threads`) — or cuts them into one
 chain per model (:func:`model_chains`) and submits one submitit job per chain (``executor="slurm"`` on a cluster, ``"local"`` to try it here).
 The run store is the only hand-off: a run reads its inputs' stored tables, never another process's
 memory. :func:`estimate` times a plan before it runs, from the store's earlier runs of the same
 chapter, model and parameters (``arithlens book --dry-run``). Written by hand: the ready-queue over the
-run graph, the grouping into chains and the estimate.
+run graph and its order, the grouping into chains and the estimate.
 """
 
 from __future__ import annotations
@@ -102,6 +103,33 @@ def estimate(plans: Sequence[RunPlan], jobs: int = 1) -> tuple[list[str], str]:
     return lines, summary
 
 
+def chain_minutes(plans: Sequence[RunPlan]) -> dict[str, float]:
+    """Per run key, the minutes of the longest chain of runs from it to the end of ``plans`` (itself
+    included): how soon :func:`run_graph` should start it. A run to execute is timed by the median of
+    this store's earlier runs of its chapter on its model with its parameters (:func:`past_runs`), else
+    of its chapter on any model with any parameters, else one minute; a finished run counts nothing."""
+    def minutes(plan: RunPlan) -> float:
+        if plan.complete:
+            return 0.0
+        past = past_runs(plan)
+        if past.empty:
+            found = [(json.loads(m.read_text()).get("timings") or {}).get("seconds")
+                     for m in (runs_root() / plan.chapter).glob("*/*/manifest.json")]
+            found = [f / 60 for f in found if f]
+            return float(pd.Series(found).median()) if found else 1.0
+        return float(past["minutes"].median())
+
+    own = {p.key: minutes(p) for p in plans}
+    after: dict[str, list[str]] = {}
+    for plan in plans:
+        for i in plan.inputs:
+            after.setdefault(i.key, []).append(plan.key)
+    chain: dict[str, float] = {}
+    for plan in reversed(list(plans)):  # inputs come first in a plan list: every run after them is known
+        chain[plan.key] = own[plan.key] + max((chain.get(k, 0.0) for k in after.get(plan.key, ())), default=0.0)
+    return chain
+
+
 def model_chains(plans: Sequence[RunPlan]) -> tuple[list[list[RunPlan]], list[RunPlan]]:
     """(one chain per model, in plan order; the across-models runs, which need every chain first)."""
     chains: dict[str, list[RunPlan]] = {}
@@ -139,7 +167,8 @@ def execute_plans(plans: Sequence[RunPlan], jobs: int = 1, executor: str | None 
 
 
 def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log: Log = print) -> dict[str, RunResult]:
-    """Run (or reuse) every plan once all its inputs have finished, up to ``jobs`` at once; returns
+    """Run (or reuse) every plan once all its inputs have finished, up to ``jobs`` at once — of the
+    runs ready, the one with the longest chain after it first (:func:`chain_minutes`) —; returns
     ``{run key: run}``. ``plans`` must hold every input of every plan (as :func:`plan_models` and
     :func:`~arithlens.runner.runs.plan_book` give them). With ``jobs > 1`` each kernel starts with ``cores ÷ jobs``
     torch threads and follows the thread share, ``cores ÷ (runs going)``, as runs start and end
@@ -154,6 +183,8 @@ def run_graph(plans: Sequence[RunPlan], jobs: int = 1, force: bool = False, log:
             done[plan.key] = execute(plan, force=force, log=log)
         return done
     _dequantize_once({p.model for p in waiting.values() if force or not p.complete}, log)
+    chain = chain_minutes(list(waiting.values()))
+    waiting = dict(sorted(waiting.items(), key=lambda kv: -chain[kv[0]]))  # the longest chain first; stable
     with _kernel_threads(jobs, log) as publish, ThreadPoolExecutor(max_workers=jobs) as pool:
         running: dict[Future, RunPlan] = {}
         failure: BaseException | None = None

@@ -74,3 +74,29 @@ def test_reuse_reexecute_and_failure(isolated_runs, monkeypatch):
     failed = list(isolated_runs.rglob("*.failed"))
     assert len(failed) == 1 and (failed[0] / "error.txt").read_text().startswith("ValueError")
     assert not list(isolated_runs.rglob("*.partial-*"))
+
+
+def test_a_run_another_live_process_is_executing_is_refused_not_run_twice(isolated_runs):
+    """Two books at once (two terminals, two `make book`): a run whose `<key>.partial-<pid>` belongs to
+    another live process is refused in one line naming that process, and nothing of it is touched; a
+    partial folder of a process that is gone does not block."""
+    import subprocess
+    import sys
+
+    from arithlens.runner.chapters import RunError
+    from arithlens.runner.runs import plan_run
+    from arithlens.runner.store import running_elsewhere
+
+    plan = plan_run("00_task", "tiny", {})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        work = plan.path.with_name(f"{plan.key}.partial-{other.pid}")
+        (work / "tables").mkdir(parents=True)
+        assert running_elsewhere(plan.path) == other.pid
+        with pytest.raises(RunError, match=f"being executed by process {other.pid}") as err:
+            runs.execute(plan, log=lambda m: None)
+        assert "\n" not in str(err.value) and work.is_dir() and not plan.path.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert running_elsewhere(plan.path) is None  # the process is gone: its folder is only interrupted

@@ -19,12 +19,12 @@ Layout of one run (``runs/<chapter>/<model>/<key>/``)::
     info.json          what the notebook recorded about itself (device, timings) via ``record.record_info``
     manifest.json      parameters, inputs, seed, package versions, device, timings, code hash; written last
 
-A run executes in a ``<key>.partial-<pid>`` directory that is renamed into place only after
-``manifest.json`` is written; a failed run is left as ``<key>.failed`` with ``error.txt``. So a run
-directory that exists is complete. Beside it, ``<key>.checkpoints`` holds the units of work a long
-chapter has finished (:func:`arithlens.record.resumed`): removed once the run is complete, kept when it
-is killed or fails, so that the next run with the key resumes from them. papermill executes; written by hand: keys, parameter checking, the
-graph (a handful of chapters: a depth-first walk, no library needed) and the manifest.
+A run executes in a ``<key>.partial-<pid>`` directory renamed into place only after ``manifest.json``
+is written (a run another live process is executing is refused, never run twice); a failed run is
+left as ``<key>.failed`` with ``error.txt``. So a run directory that exists is complete. Beside it,
+``<key>.checkpoints`` holds the units of work a long chapter has finished (:func:`arithlens.record.resumed`),
+kept when the run is killed or fails so that the next run with the key resumes from them. papermill
+executes; written by hand: keys, parameter checking, the graph (a depth-first walk) and the manifest.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import yaml
 
 import arithlens
 from arithlens.core import threads
+from arithlens.runner.store import running_elsewhere
 from arithlens.core.specs import content_digest
 from arithlens.runner.chapters import (RunError, chapter_inputs, code_hash, find_chapter, is_across, list_chapters,
                                        notebook_parameters)
@@ -279,8 +280,7 @@ def plan_run(chapter: str, model: str, given: Overrides | None = None, _stack: t
         skip = {m: list(cs) for m, cs in (params.get("skip_chapters") or {}).items() if m in models}
         params = {**params, "models": models, **({"skip_chapters": skip} if "skip_chapters" in params else {})}
         for m, cs in skip.items():
-            unknown = [c for c in cs if c not in chapter_inputs(chapter)]
-            if unknown:
+            if unknown := [c for c in cs if c not in chapter_inputs(chapter)]:
                 raise RunError(f"{chapter}: skip_chapters for {m} names {', '.join(map(str, unknown))}, not among its "
                                f"inputs ({', '.join(chapter_inputs(chapter))})")
     inputs = tuple(plan_run(c, m, given, _stack + (chapter,)) for m in models for c in chapter_inputs(chapter)
@@ -305,9 +305,7 @@ def execute(plan: RunPlan, force: bool = False, upstream: bool = True, log: Call
             timeout: int | None = None) -> RunResult:
     """Run (or reuse) ``plan``, running its missing inputs first. ``upstream=False`` refuses to run an
     input and names the missing one instead; ``force`` re-executes ``plan`` itself, never its inputs."""
-    for needed in plan.inputs:
-        if needed.complete:
-            continue
+    for needed in (i for i in plan.inputs if not i.complete):
         if not upstream:
             raise RunError(f"{plan.chapter} needs a finished run of {needed.chapter} on {plan.model} (key {needed.key}): "
                            f"run `{needed.command()}` first (or drop --no-upstream)")
@@ -333,6 +331,8 @@ def _execute_notebook(plan: RunPlan, log: Callable[[str], None], timeout: int | 
     from papermill.exceptions import PapermillExecutionError
 
     final, key, chapter = plan.path, plan.key, plan.chapter
+    if (other := running_elsewhere(final)) is not None:  # two books at once: never one run twice
+        raise RunError(f"{chapter} on {plan.model} (run {key}) is being executed by process {other}; wait for it or stop it")
     work = final.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "tables").mkdir(parents=True)

@@ -59,6 +59,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def running_elsewhere(final: Path) -> int | None:
+    """The pid of a live process (not this one) executing the run that will land at ``final``, if any."""
+    for work in final.parent.glob(f"{final.name}.partial-*"):
+        pid = work.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            return int(pid)
+    return None
+
+
 def _staleness(manifest: dict, codes: dict[str, str], memo: dict[Path, str]) -> str:
     """Why a complete run is stale, or "" if it is current."""
     chapter = manifest.get("chapter")

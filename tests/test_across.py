@@ -193,3 +193,10 @@ def test_the_first_page_sets_c5s_check_beside_its_rule():
     assert "a: +28% [+14%, +42%] (own mean -7% [-19%, +4%])" in line and "b:" not in line
     assert book.c5_check_line(pd.DataFrame(rows[3:]), ["a", "b"]) == ""
     assert book.c5_check_line(pd.DataFrame(), ["a"]) == ""
+
+
+def test_the_comparison_names_chapter_3s_resample_conditions_as_chapter_3_does():
+    from arithlens.analyses import transfer
+    from arithlens.claims import intervals
+
+    assert intervals.RESAMPLE == transfer.RESAMPLE

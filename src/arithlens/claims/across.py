@@ -19,8 +19,7 @@ import pandas as pd
 from arithlens.analyses.sft.naming import PRECISE, method_family
 from arithlens.claims.findings import Run
 from arithlens.record import open_run
-from arithlens.analyses.transfer import RESAMPLE
-from arithlens.claims.intervals import OWN_MEAN, knockout_intervals, transfer_contrast, wilson
+from arithlens.claims.intervals import OWN_MEAN, RESAMPLE, knockout_intervals, transfer_contrast, wilson
 from arithlens.claims.verdicts import depth, model_shape, relative_logit_effects, table_or_none
 
 Runs = Mapping[str, Mapping[str, Run]]

@@ -134,6 +134,9 @@ def _pooled_change(frames: list[tuple[np.ndarray, np.ndarray]], rng: np.random.G
 
 #: The conditions chapter 3's contrast reads: each suite's heads ablated with that suite's own mean.
 OWN_MEAN = " (own mean)"
+#: Its check: each item's heads given another item's output (:data:`arithlens.analyses.transfer.RESAMPLE`,
+#: named here too so that a comparison reading chapter 3's tables reaches no analysis code).
+RESAMPLE = " (resample)"
 
 
 def transfer_contrast(transfer_run: Run, n_boot: int = 1000, seed: int = 0, suffix: str = OWN_MEAN) -> pd.DataFrame | None:

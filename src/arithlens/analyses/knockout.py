@@ -37,7 +37,7 @@ from arithlens.core.conditions import correct_at_end
 from arithlens.core.hooks import Head, Hook, control_heads, layer_matched_random_sets
 from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only
-from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, end_logits, layer_context, make_twin
+from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, end_logits, layer_context, twin_of
 from arithlens.tasks.prompts import PromptSet
 
 Positions = Literal["end", "all"]
@@ -205,16 +205,14 @@ class KnockoutEvaluator:
         self.batches = answer_batches(prompts.items, batch_size, model.device)
         #: every-position sets run from their lowest ablated layer on the twin where its layer loop is checked
         self.from_lowest = positions == "all" and layout.architecture(model) in LAYER_LOOP_CHECKED
-        self._twin = None
 
     def correct_many(self, head_sets: Sequence[Sequence[Head]], progress=None) -> np.ndarray:
         """Per-item greedy correctness with each of ``head_sets`` mean-ablated: ``sets × items`` bools."""
         if self.from_lowest:
-            self._twin = self._twin or make_twin(self.model)
             out = np.zeros((len(head_sets), len(self.prompts)), dtype=bool)
             todo = progress(self.batches, desc=f"knockout (all, {len(head_sets)} sets per batch)") if progress else self.batches
             for b, tokens, answers in todo:
-                for j, logits in enumerate(every_position_logits(self._twin, tokens, head_sets, self.means)):
+                for j, logits in enumerate(every_position_logits(twin_of(self.model), tokens, head_sets, self.means)):
                     out[j, b] = (logits.argmax(-1) == answers).cpu().numpy()
             return out
         fwds = [ablation_hooks(heads, self.means, self.positions) for heads in head_sets]

@@ -37,7 +37,7 @@ from arithlens.core.conditions import correct_at_end
 from arithlens.core.hooks import Head, Hook, control_heads, layer_matched_random_sets
 from arithlens.core.items import Item, ItemSet, answer_batches, length_batches, to_tokens
 from arithlens.core.models import LoadedModel, last_position_only
-from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, end_logits, layer_context, twin_of
+from arithlens.core.twin import LAYER_LOOP_CHECKED, TailFromLayer, twin_of
 from arithlens.tasks.prompts import PromptSet
 
 Positions = Literal["end", "all"]
@@ -164,33 +164,13 @@ def every_position_logits(twin: torch.nn.Module, tokens: Tensor, head_sets: Sequ
     """Logits at END with each of ``head_sets`` mean-ablated at every position, from its lowest layer.
 
     One clean pass through the twin's layers keeps the residual stream entering each set's lowest
-    ablated layer; each set then runs from there up, its heads' slices of the ``o_proj`` input (the
-    heads' ``hook_z``, concatenated) replaced by ``means``. The empty set reads the clean pass's
-    logits. Agrees with one full hooked pass per set (:func:`ablation_hooks`) to float rounding."""
+    ablated layer (:class:`arithlens.core.twin.TailFromLayer`, no prefix cache); each set then runs from
+    there up under :func:`ablation_hooks` at every position, and only END is unembedded. The empty set
+    reads the clean pass's logits. Agrees with one full hooked pass per set to float rounding."""
     n_layers = len(twin.model.layers)
     starts = [min((h.layer for h in heads), default=n_layers) for heads in head_sets]
-    hidden = embed(twin, tokens)
-    ctx, kept = layer_context(twin, hidden), {}
-    for i in range(max(starts) + 1):
-        if i in starts:
-            kept[i] = hidden
-        if i < n_layers:
-            hidden = twin.model.layers[i](hidden, **ctx[i])
-    out = []
-    for heads, start in zip(head_sets, starts):
-        handles = []
-        for layer, hs in _by_layer(heads).items():
-            def replace(module, args, layer=layer, hs=hs):
-                z = args[0].clone()
-                z.view(*z.shape[:-1], -1, means.shape[-1])[..., hs, :] = means[layer, hs].to(z.dtype)
-                return (z, *args[1:])
-            handles.append(twin.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(replace))
-        try:
-            out.append(end_logits(twin, kept[start], start).float())
-        finally:
-            for handle in handles:
-                handle.remove()
-    return out
+    route = TailFromLayer(twin, tokens, None, upto=max(starts), keep=set(starts))
+    return [route.logits(ablation_hooks(heads, means, "all"), last_only=True)[:, -1] for heads in head_sets]
 
 
 class KnockoutEvaluator:

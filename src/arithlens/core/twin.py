@@ -141,17 +141,24 @@ class TailFromLayer:
     d_head]`` (what TransformerLens's ``hook_z`` shows). Agrees with the bridge's hooked run to
     float rounding, for the architectures in :data:`LAYER_LOOP_CHECKED`."""
 
-    def __init__(self, twin: torch.nn.Module, tail: Int[Tensor, "batch tail"], kv, upto: int):
+    def __init__(self, twin: torch.nn.Module, tail: Int[Tensor, "batch tail"], kv, upto: int,
+                 keep: set[int] | None = None):
+        """``keep``: the layers whose entering residual stream :meth:`logits` may start from (default every
+        layer up to ``upto``); the others are not kept."""
         self.twin, self.kv, self.batch = twin, kv, tail.shape[0]
         self.prefix = kv.get_seq_length() if kv is not None else 0
+        upto = min(upto, len(twin.model.layers))
+        kept = lambda i: keep is None or i in keep
         hidden = embed(twin, tail)
-        ctx, self.inputs = self._context(hidden, kv), [hidden]
+        ctx, self.inputs, ran = self._context(hidden, kv), ({0: hidden} if kept(0) else {}), 0
         try:
-            for i in range(min(upto, len(twin.model.layers))):
+            for i in range(upto):
                 hidden = twin.model.layers[i](hidden, past_key_values=kv, use_cache=kv is not None, **ctx[i])
-                self.inputs.append(hidden)
+                ran = i + 1
+                if kept(i + 1):
+                    self.inputs[i + 1] = hidden
         finally:  # only the layers run grew: crop each of those back (Cache.crop would cut every layer)
-            for layer in (kv.layers[:len(self.inputs) - 1] if kv is not None else ()):
+            for layer in (kv.layers[:ran] if kv is not None else ()):
                 layer.crop(self.prefix - layer.keys.shape[-2])
 
     def _context(self, hidden: Tensor, kv) -> list[dict]:
@@ -159,9 +166,10 @@ class TailFromLayer:
         return layer_context(self.twin, hidden, pos, kv)
 
     @torch.no_grad()
-    def logits(self, hooks: list[tuple[str, Callable]], c: int) -> Float[Tensor, "rows tail d_vocab"]:
+    def logits(self, hooks: list[tuple[str, Callable]], c: int = 1, last_only: bool = False) -> Float[Tensor, "rows tail d_vocab"]:
         """Logits of the tail stacked ``c`` times (row ``i · c + j``: item ``i``, copy ``j``) under
-        ``hooks`` — ``(hook_z name, fn(z, hook=None))`` pairs acting on all ``c · batch`` rows."""
+        ``hooks`` — ``(hook_z name, fn(z, hook=None))`` pairs acting on all ``c · batch`` rows; with
+        ``last_only``, of the last position only (``[rows, 1, d_vocab]``: the rest are not unembedded)."""
         layers = self.twin.model.layers
         start = min((hooked_layer(name) for name, _ in hooks), default=len(layers))
         hidden = self.inputs[start].repeat_interleave(c, 0)
@@ -185,7 +193,7 @@ class TailFromLayer:
         finally:
             for handle in handles:
                 handle.remove()
-        return self.twin.lm_head(self.twin.model.norm(hidden)).float()
+        return self.twin.lm_head(self.twin.model.norm(hidden[:, -1:] if last_only else hidden)).float()
 
 
 def tail_route(model: LoadedModel, tail: Int[Tensor, "batch tail"], condition_hooks, kv) -> TailFromLayer | None:

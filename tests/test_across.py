@@ -137,6 +137,14 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     assert set(bench[bench.model == "tiny"]["benchmark"]) == {"gsm8k", "svamp", "mmlu"}
     assert set(bench[bench.model == "tiny:1"]["source"]) == {"chapter 3 (unablated)"}
     assert set(bench[bench.model == "tiny:1"]["benchmark"]) == {"svamp"}
+    trend = across.table("trend")  # the measures against size, by the verdicts' own functions
+    assert set(trend["model"]) == set(TWO) and (trend["parameters (M)"] > 0).all()
+    assert set(trend["measure"]) <= {"key-head depth", "knockout gap", "selectivity"}
+    assert ((trend["low"] <= trend["value"] + 1e-12) & (trend["value"] <= trend["high"] + 1e-12)).all()
+    c3 = table[(table.claim == "C3") & (table.model == "tiny")].iloc[0]
+    gap = trend[(trend.model == "tiny") & (trend.measure == "knockout gap")]
+    if c3.verdict != "not testable":  # the gap C3 states is the one drawn
+        assert f"gap {gap['value'].iloc[0]:+.0%} [{gap['low'].iloc[0]:+.0%}, {gap['high'].iloc[0]:+.0%}]" in c3.numbers
     costs = across.table("costs")  # what each run took, from its manifest
     assert len(costs) == len(INPUTS) + len(INPUTS) - 2 and (costs["minutes"] >= 0).all() and (costs["cores"] >= 1).all()
     assert dict(zip(costs["model"] + "/" + costs["chapter"], costs["run"])) == {
@@ -193,6 +201,26 @@ def test_the_first_page_sets_c5s_check_beside_its_rule():
     assert "a: +28% [+14%, +42%] (own mean -7% [-19%, +4%])" in line and "b:" not in line
     assert book.c5_check_line(pd.DataFrame(rows[3:]), ["a", "b"]) == ""
     assert book.c5_check_line(pd.DataFrame(), ["a"]) == ""
+
+
+def test_the_trend_sentences_say_whether_the_intervals_resolve_a_change():
+    import pandas as pd
+
+    from arithlens.claims.across import trend_lines
+
+    rows = [{"model": "small", "parameters (M)": 135.0, "measure": "selectivity", "value": -0.07, "low": -0.18, "high": 0.05,
+             "interval": "95 % CI"},
+            {"model": "large", "parameters (M)": 630.0, "measure": "selectivity", "value": 0.53, "low": 0.44, "high": 0.6,
+             "interval": "95 % CI"},
+            {"model": "small", "parameters (M)": 135.0, "measure": "knockout gap", "value": 0.51, "low": 0.46, "high": 0.56,
+             "interval": "95 % CI"},
+            {"model": "large", "parameters (M)": 630.0, "measure": "knockout gap", "value": 0.43, "low": 0.36, "high": 0.5,
+             "interval": "95 % CI"}]
+    gap, sel = trend_lines(pd.DataFrame(rows[::-1]))  # in TREND's order, each in size order
+    assert sel.startswith("**selectivity** (95 % CI): small (135M) -7% [-18%, 5%] → large (630M) 53%")
+    assert sel.endswith("rises, the intervals apart.")
+    assert gap.endswith("changes within overlapping intervals.")
+    assert trend_lines(pd.DataFrame(rows[:1])) == []  # one model: no trend
 
 
 def test_the_comparison_names_chapter_3s_resample_conditions_as_chapter_3_does():

@@ -94,3 +94,41 @@ def interval_chart(frame: pd.DataFrame, models: Sequence[str], category: str, fa
     zero = alt.Chart().mark_rule(color=PAPER_GREY).encode(x=alt.datum(0))
     return alt.layer(zero, rules, points, data=frame).properties(width=210, height=alt.Step(14)).facet(
         column=alt.Column(f"{facet}:N", title=None)).properties(title=title)
+
+
+#: The paper's row in :func:`trend_chart`.
+PAPER_ROW = "paper, LLaMA2-7B"
+
+
+def trend_chart(trend: pd.DataFrame, models: Sequence[str], title: str = "") -> alt.Chart:
+    """Each :data:`arithlens.claims.across.TREND` measure against parameters (log axis), one panel each:
+    a point per model with its interval (depth: the key heads' band; the others: 95 % CIs), joined in
+    size order by a dashed line; grey diamonds: the paper's LLaMA2-7B where the measure is comparable (its
+    random heads were not layer-matched, so its gap is 98.0 % − 30.2 %)."""
+    from arithlens.claims.across import TREND
+
+    lo, hi = PAPER_MARKS["key-head band"]
+    size = PAPER_MARKS["parameters (M)"]
+    paper = pd.DataFrame([
+        {"model": PAPER_ROW, "measure": "key-head depth", "parameters (M)": size, "value": (lo + hi) / 2,
+         "low": lo, "high": hi, "interval": "layers 12–17 of 32"},
+        {"model": PAPER_ROW, "measure": "knockout gap", "parameters (M)": size,
+         "value": PAPER_MARKS["knockout random-10"] - PAPER_MARKS["knockout top-10"], "interval": "none reported"}])
+    data = pd.concat([trend.sort_values("parameters (M)"), paper], ignore_index=True)
+    x = alt.X("parameters (M):Q", scale=alt.Scale(type="log"), title="parameters (millions, log scale)")
+    scale = model_colours(models)
+    colour = alt.Color("model:N", title="model", scale=alt.Scale(domain=list(scale.domain) + [PAPER_ROW],
+                                                                 range=list(scale.range) + [PAPER_GREY]))
+    tip = ["model", "measure", "interval", alt.Tooltip("parameters (M):Q", format=",.0f"),
+           alt.Tooltip("value:Q", format="+.1%"), alt.Tooltip("low:Q", format="+.1%"), alt.Tooltip("high:Q", format="+.1%")]
+    ours = alt.datum.model != PAPER_ROW
+    line = alt.Chart().transform_filter(ours).mark_line(color=PAPER_GREY, strokeDash=[3, 3]).encode(
+        x=x, y="value:Q", order="parameters (M):Q")
+    bars = alt.Chart().mark_rule(strokeWidth=2).encode(x=x, y="low:Q", y2="high:Q", color=colour)
+    points = alt.Chart().mark_point(filled=True, size=80).encode(
+        x=x, y=alt.Y("value:Q", axis=alt.Axis(format="%"), title=None), color=colour, tooltip=tip,
+        shape=alt.condition(ours, alt.value("circle"), alt.value("diamond")))
+    zero = alt.Chart().mark_rule(color=PAPER_GREY, opacity=0.5).encode(y=alt.datum(0))
+    return alt.layer(zero, line, bars, points, data=data).properties(width=220, height=200).facet(
+        column=alt.Column("measure:N", sort=list(TREND), title=None)).resolve_scale(y="independent").properties(
+        title=title or "Against model size (bars: 95 % CI; depth: the key heads' band; grey: the paper)")

@@ -19,7 +19,7 @@ import pandas as pd
 from arithlens.analyses.sft.naming import PRECISE, method_family
 from arithlens.claims.findings import Run
 from arithlens.record import open_run
-from arithlens.claims.intervals import OWN_MEAN, RESAMPLE, knockout_intervals, transfer_contrast, wilson
+from arithlens.claims.intervals import OWN_MEAN, RESAMPLE, knockout_gap, knockout_intervals, transfer_contrast, wilson
 from arithlens.claims.verdicts import depth, model_shape, relative_logit_effects, table_or_none
 
 Runs = Mapping[str, Mapping[str, Run]]
@@ -160,6 +160,71 @@ def transfer_summary(runs: Runs, n_boot: int = 1000, seed: int = 0) -> pd.DataFr
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def parameters_m(runs: Mapping[str, Run]) -> float | None:
+    """A model's parameter count in millions, as its runs recorded it (the manifest's model card)."""
+    for run in runs.values():
+        card = ((getattr(run, "manifest", {}) or {}).get("notebook_info") or {}).get("model") or {}
+        if card.get("parameters (M)") is not None:
+            return float(card["parameters (M)"])
+    return None
+
+
+#: The measures :func:`size_trend` follows across sizes, in the page's order.
+TREND = ("key-head depth", "knockout gap", "selectivity")
+
+
+def size_trend(runs: Runs, transfer: pd.DataFrame) -> pd.DataFrame:
+    """Three measures against model size, one row per model and measure (``value``, ``low``, ``high``,
+    ``interval``), computed by the functions the verdicts use: the key heads' median depth with their
+    depth band (C1's; a range, not a CI), chapter 1's knockout gap — layer-matched random minus top-k
+    accuracy, two-way bootstrap 95 % CI (:func:`arithlens.claims.intervals.knockout_gap`, C3's) — and the
+    selectivity under each suite's own mean from ``transfer`` (:func:`transfer_summary`'s rows, C5's).
+    ``parameters (M)`` is what the model's runs recorded; a model without it is left out."""
+    rows = []
+    for model, chapters in runs.items():
+        size = parameters_m(chapters)
+        if size is None:
+            continue
+        row = lambda measure, v, lo, hi, interval: rows.append(
+            {"model": model, "parameters (M)": size, "measure": measure, "value": v, "low": lo, "high": hi,
+             "interval": interval})
+        if "01_heads" in chapters:
+            n_layers, _ = shape(chapters)
+            layers = chapters["01_heads"].table("key_heads")["layer"]
+            if len(layers):
+                row("key-head depth", depth(float(np.median(layers)), n_layers), depth(layers.min(), n_layers),
+                    depth(layers.max(), n_layers), "key heads' band")
+            items = table_or_none(chapters["01_heads"], "knockout_items")
+            if items is not None and len(items) and (items["condition"] == "layer_matched").any():
+                g = knockout_gap(items)
+                row("knockout gap", g["gap"], g["low"], g["high"], "95 % CI")
+        if len(transfer):
+            sel = transfer[(transfer["model"] == model) & (transfer["ablation"] == ABLATIONS[OWN_MEAN])
+                           & (transfer["quantity"] == "selectivity")]
+            if len(sel):
+                s = sel.iloc[0]
+                row("selectivity", s["value"], s["low"], s["high"], "95 % CI")
+    return pd.DataFrame(rows, columns=["model", "parameters (M)", "measure", "value", "low", "high", "interval"])
+
+
+def trend_lines(trend: pd.DataFrame) -> list[str]:
+    """One sentence per measure of :func:`size_trend`: the models in size order with value and interval, and
+    whether the smallest and the largest model's intervals are apart (a change the intervals resolve) or overlap."""
+    lines = []
+    for measure in TREND:
+        part = trend[trend["measure"] == measure].sort_values("parameters (M)")
+        if len(part) < 2:
+            continue
+        cells = " → ".join(f"{r['model']} ({r['parameters (M)']:,.0f}M) {r['value']:.0%} [{r['low']:.0%}, {r['high']:.0%}]"
+                           for r in part.to_dict("records"))
+        small, large = part.iloc[0], part.iloc[-1]
+        apart = small["high"] < large["low"] or large["high"] < small["low"]
+        way = "rises" if large["value"] > small["value"] else "falls"
+        lines.append(f"**{measure}** ({small['interval']}): {cells}; from the smallest to the largest model it "
+                     + (f"{way}, the intervals apart." if apart else "changes within overlapping intervals."))
+    return lines
+
+
 def sft_summary(runs: Runs) -> pd.DataFrame:
     """Chapter 4 per model, long form: each method's mean change on held-out math and on non-math
     controls with its 95 % CI. Methods are named by family (:func:`arithlens.analyses.sft.naming.method_family`:
@@ -203,6 +268,7 @@ PAPER_MARKS = {
     "key-head band": (0.38, 0.53),  # paper.HEADS["layer band of key heads"]: layers 12–17 of 32
     "mlp start–inflection–end": (0.41, 0.56, 0.88),  # paper.MLP["as fraction of depth"]
     "knockout top-10": 0.302, "knockout random-10": 0.98,  # paper.HEADS knockout rows
+    "parameters (M)": 6738.0,  # LLaMA2-7B
 }
 
 

@@ -133,6 +133,11 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
     assert set(selection["family"]) == {"full SFT", "Precise SFT", "random heads", "LoRA"}
     assert selection.groupby("family")["chosen"].sum().eq(1).all()
     chosen = selection[selection["chosen"]].set_index("family")["lr"]
+    from arithlens.analyses.sft.comparison import EDGE_TRIES, at_edge
+    for family, side in at_edge(selection).items():  # a best rate left at an edge went EDGE_TRIES rates past the grid
+        lrs = selection[selection.family == family]["lr"]
+        grid = [0.01] if family == "LoRA" else [0.001, 0.01]
+        assert ((lrs < min(grid)) if side == "low" else (lrs > max(grid))).sum() == EDGE_TRIES, family
     convergence = run.table("convergence")  # each family's chosen run trained twice as long
     assert set(convergence["family"]) == set(chosen.index) and (convergence.set_index("family")["lr"] == chosen).all()
     assert convergence["converged"].dtype == bool and convergence["gain low"].le(convergence["gain high"]).all()

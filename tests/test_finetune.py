@@ -318,6 +318,40 @@ def test_random_heads_are_seeded_and_avoid_the_key_heads(tiny):
         random_heads(tiny.n_layers, tiny.n_heads, 4, seed=0, min_layer=1, exclude=[Head(1, 0)])
 
 
+def test_a_family_whose_best_rate_sits_at_an_edge_of_its_grid_tries_rates_beyond_it(tiny):
+    from arithlens.analyses.sft import comparison as cmp
+    from arithlens.analyses.sft import naming
+
+    ranking = [Head(1, 2), Head(1, 0), Head(0, 3), Head(1, 3), Head(0, 1), Head(0, 0), Head(0, 2), Head(1, 1)]
+    config = cmp.GridConfig(key_heads=2, lr_grid=(1e-3, 1e-2), lora_lr_grid=(3e-2,), training_seeds=1, random_draws=1)
+    tried = cmp.selection_methods(tiny, ranking, config)
+    # a made-up validation curve per family: full SFT best ever lower; Precise SFT peaks at its grid's lower end,
+    # so one rate below shows the peak is inside; random heads best ever higher; LoRA (one rate in its grid)
+    # better one step lower, then worse
+    curve = {naming.FULL: lambda lr: -lr, naming.PRECISE: lambda lr: -abs(lr - 1e-3) if lr <= 1e-2 else -1,
+             naming.RANDOM: lambda lr: lr, naming.LORA: lambda lr: 1.0 if abs(lr - 3e-2 / cmp.EDGE_STEP) < 1e-12 else 0.5}
+    score = lambda ms: pd.DataFrame({"method": [m.name for m in ms], "lr": [m.lr for m in ms],
+                                     "accuracy": [curve[naming.method_family(m.name)](m.lr) for m in ms]})
+    rounds = []
+    while True:
+        more = cmp.beyond_edges(tried, score(tried), config)
+        if not more:
+            break
+        rounds.append(sorted((naming.method_family(m.name), round(m.lr, 8)) for m in more))
+        tried = tried + more
+    step = cmp.EDGE_STEP
+    assert rounds[0] == sorted([(naming.FULL, round(1e-3 / step, 8)), (naming.PRECISE, round(1e-3 / step, 8)),
+                                (naming.RANDOM, round(1e-2 * step, 8)), (naming.LORA, round(3e-2 / step, 8))])
+    lrs = lambda family: sorted(m.lr for m in tried if naming.method_family(m.name) == family)
+    assert len(lrs(naming.FULL)) == len(lrs(naming.RANDOM)) == 2 + cmp.EDGE_TRIES  # at most EDGE_TRIES past the grid
+    assert lrs(naming.PRECISE) == [1e-3 / step, 1e-3, 1e-2]  # one below: the best is inside what it tried
+    assert len(lrs(naming.LORA)) == 3  # 3e-2, then lower (best), then lower still (worse): inside, stop
+    assert cmp.at_edge(score(tried)) == {naming.FULL: "low", naming.RANDOM: "high"}
+    # the row tried again is the family's own chosen row at the new rate: same heads, same draw
+    again = [m for m in tried if naming.method_family(m.name) == naming.RANDOM]
+    assert len({m.precise.heads for m in again}) == 1 and len({m.name for m in again}) == 1
+
+
 def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny):
     from arithlens.analyses.sft import comparison as cmp
     from arithlens.analyses.sft import naming

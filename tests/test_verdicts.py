@@ -237,12 +237,15 @@ def test_r6_places_the_key_heads_among_the_random_draws():
         rows += [{"arm": "random", "method": "random 10 heads", "seed": d, "math change": v} for d, v in enumerate(draws)]
         return verdicts.claim_r6({"04_precise_sft": FakeRun({"random_draws": pd.DataFrame(rows)})})
     draws = [0.01 * i for i in range(10)]  # 0 … 9 points
-    v = r6(0.095, draws)
-    assert v.verdict == HOLDS and "percentile 100, p = 0.091" in v.numbers
-    assert r6(0.085, draws).verdict == HOLDS  # above 9 of 10: percentile 90
+    v = r6(0.095, draws)  # above every draw, but 10 draws cannot give p ≤ 0.05
+    assert v.verdict == PARTLY and "percentile 100, p = 0.091 (the smallest p 10 draws allow is 0.091)" in v.numbers
     assert r6(0.05, draws).verdict == PARTLY  # above the median (0.045)
     assert r6(0.02, draws).verdict == FAILS
     assert r6(0.5, draws[:9]).verdict == UNTESTABLE  # fewer than ten draws
+    more = [0.01 * i for i in range(19)]  # 0 … 18 points
+    v = r6(0.185, more)
+    assert v.verdict == HOLDS and "percentile 100, p = 0.050" in v.numbers and "allow" not in v.numbers
+    assert r6(0.175, more).verdict == PARTLY  # above 18 of 19: p = 0.1
 
 
 def test_missing_runs_make_a_claim_not_testable_and_the_table_is_claims_by_models():

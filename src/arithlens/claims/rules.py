@@ -77,7 +77,8 @@ RULES = {
     "R6": "Chapter 4: Precise SFT on the key heads (first training seed) against Precise SFT on at least 10 "
           "layer-matched random head sets (as many heads in each layer, never a key head), each at the random "
           "heads' chosen learning rate, same batches: the key heads' math change placed among the draws'. Holds: "
-          "above at least 90 % of the draws; partly: above their median; does not hold: not above it.",
+          "one-sided rank p = (1 + draws at or above the key heads) / (1 + draws) ≤ 0.05, which needs at least 19 "
+          "draws; partly: above the draws' median; does not hold: not above it.",
 }
 
 
@@ -133,6 +134,10 @@ RULE_HISTORY = (
                "the same number", "after results": True},
     {"claim": "R5", "date": "2026-12-06", "change": "the suites of C5's new chance rule", "reason": "as in C5",
      "after results": True},
+    {"claim": "R6", "date": "2026-12-06", "change": "*holds* needs a rank p ≤ 0.05 (19 or more draws) instead of "
+               "a percentile of at least 90", "reason": "with 10 draws a percentile of 90 is p = 0.18 and even the top "
+               "place only p = 0.091: the old rule called a result that chance gives one time in six a hold "
+               "(Qwen 0.5B: percentile 90, p = 0.182)", "after results": True},
 )
 
 

@@ -204,8 +204,9 @@ def claim_c5(runs: Mapping[str, Run]) -> Verdict:
 
 #: C6's non-inferiority margin on the controls: the most (absolute accuracy) their interval may reach below zero.
 SFT_CONTROL_MARGIN = 0.05
-#: R6 needs at least this many random draws, and the key heads above this share of them to hold.
-R6_DRAWS, R6_PERCENTILE = 10, 90.0
+#: R6 needs at least this many random draws to be tested, and a one-sided rank p at most this to hold
+#: (with ``d`` draws the smallest possible p is 1 / (d + 1): 19 draws reach 0.05).
+R6_DRAWS, R6_ALPHA = 10, 0.05
 
 
 def claim_c6(runs: Mapping[str, Run]) -> Verdict:
@@ -241,10 +242,13 @@ def claim_r6(runs: Mapping[str, Run]) -> Verdict:
     null = draws[draws["arm"] == "random"]["math change"].to_numpy(float)
     percentile = 100.0 * float(np.mean(null < key))
     p_value = (1 + int(np.sum(null >= key))) / (1 + len(null))
-    verdict = HOLDS if percentile >= R6_PERCENTILE else PARTLY if key > np.median(null) else FAILS
+    verdict = HOLDS if p_value <= R6_ALPHA else PARTLY if key > np.median(null) else FAILS
+    floor = 1 / (1 + len(null))
     return Verdict("R6", verdict, f"key heads' math change {key:+.1%} vs {len(null)} layer-matched draws (median "
                                   f"{np.median(null):+.1%}, range {null.min():+.1%} to {null.max():+.1%}): percentile "
-                                  f"{percentile:.0f}, p = {p_value:.3f}", "04_precise_sft")
+                                  f"{percentile:.0f}, p = {p_value:.3f}"
+                                  + (f" (the smallest p {len(null)} draws allow is {floor:.3f})" if floor > R6_ALPHA else ""),
+                   "04_precise_sft")
 
 
 def table_or_none(run: Run, name: str) -> pd.DataFrame | None:

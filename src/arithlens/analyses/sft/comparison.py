@@ -134,6 +134,36 @@ def choose_rates(validation: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+#: A family whose best rate is the smallest (or largest) it has tried is tried again this factor lower (or
+#: higher), one rate at a time, until its best rate lies inside what it tried or it has gone
+#: :data:`EDGE_TRIES` rates past its grid on that side (:func:`beyond_edges`).
+EDGE_STEP = 10 ** 0.5
+EDGE_TRIES = 2
+
+
+def at_edge(validation: pd.DataFrame) -> dict[str, str]:
+    """The families whose chosen rate (:func:`choose_rates`) is the smallest or the largest they have
+    tried: family → ``"low"`` or ``"high"`` (a family that tried one rate only: ``"low"``)."""
+    tried = validation.assign(family=validation["method"].map(method_family)).groupby("family")["lr"]
+    lo, hi = tried.min(), tried.max()
+    return {f: "low" if lr == lo[f] else "high" for f, lr in choose_rates(validation).items() if lr in (lo[f], hi[f])}
+
+
+def beyond_edges(tried: Sequence[Method], validation: pd.DataFrame, config: GridConfig) -> list[Method]:
+    """The rates to try next: for each family :func:`at_edge`, its chosen selection row (one of ``tried``,
+    the rows ``validation`` scored) again at the rate :data:`EDGE_STEP` beyond — unless it has already gone
+    :data:`EDGE_TRIES` rates past its grid (``config.lr_grid``; LoRA's ``config.lora_lr_grid``) that way."""
+    rates, out = choose_rates(validation), []
+    for family, side in at_edge(validation).items():
+        grid = config.lora_lr_grid if family == LORA else config.lr_grid
+        lrs = [m.lr for m in tried if method_family(m.name) == family]
+        past = sum(lr < min(grid) for lr in lrs) if side == "low" else sum(lr > max(grid) for lr in lrs)
+        if past < EDGE_TRIES:
+            row = next(m for m in tried if method_family(m.name) == family and m.lr == rates[family])
+            out.append(replace(row, lr=row.lr / EDGE_STEP if side == "low" else row.lr * EDGE_STEP))
+    return out
+
+
 def method_grid(model: LoadedModel, ranking: Sequence[Head], mlp_order: Sequence[int], config: GridConfig,
                 rates: Mapping[str, float]) -> MethodGrid:
     """Chapter 4's rows at the chosen ``rates`` (family → learning rate, :func:`choose_rates`): full SFT,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import altair as alt
 import pandas as pd
 
-from arithlens.claims.across import PAPER_MARKS
+from arithlens.claims.across import PAPER_MARKS, TREND
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 PAPER_GREY = "#7f7f7f"
@@ -105,8 +105,6 @@ def trend_chart(trend: pd.DataFrame, models: Sequence[str], title: str = "") -> 
     a point per model with its interval (depth: the key heads' band; the others: 95 % CIs), joined in
     size order by a dashed line; grey diamonds: the paper's LLaMA2-7B where the measure is comparable (its
     random heads were not layer-matched, so its gap is 98.0 % − 30.2 %)."""
-    from arithlens.claims.across import TREND
-
     lo, hi = PAPER_MARKS["key-head band"]
     size = PAPER_MARKS["parameters (M)"]
     paper = pd.DataFrame([

@@ -173,13 +173,14 @@ def parameters_m(runs: Mapping[str, Run]) -> float | None:
 TREND = ("key-head depth", "knockout gap", "selectivity")
 
 
-def size_trend(runs: Runs, transfer: pd.DataFrame) -> pd.DataFrame:
+def size_trend(runs: Runs, heads: pd.DataFrame, transfer: pd.DataFrame) -> pd.DataFrame:
     """Three measures against model size, one row per model and measure (``value``, ``low``, ``high``,
     ``interval``), computed by the functions the verdicts use: the key heads' median depth with their
-    depth band (C1's; a range, not a CI), chapter 1's knockout gap — layer-matched random minus top-k
-    accuracy, two-way bootstrap 95 % CI (:func:`arithlens.claims.intervals.knockout_gap`, C3's) — and the
-    selectivity under each suite's own mean from ``transfer`` (:func:`transfer_summary`'s rows, C5's).
-    ``parameters (M)`` is what the model's runs recorded; a model without it is left out."""
+    depth band from ``heads`` (:func:`heads_summary`'s rows; a range, not a CI), chapter 1's knockout gap —
+    layer-matched random minus top-k accuracy, two-way bootstrap 95 % CI
+    (:func:`arithlens.claims.intervals.knockout_gap`, C3's) — and the selectivity under each suite's own
+    mean from ``transfer`` (:func:`transfer_summary`'s rows, C5's). ``parameters (M)`` is what the model's
+    runs recorded; a model without it is left out."""
     rows = []
     for model, chapters in runs.items():
         size = parameters_m(chapters)
@@ -188,12 +189,11 @@ def size_trend(runs: Runs, transfer: pd.DataFrame) -> pd.DataFrame:
         row = lambda measure, v, lo, hi, interval: rows.append(
             {"model": model, "parameters (M)": size, "measure": measure, "value": v, "low": lo, "high": hi,
              "interval": interval})
+        found = heads[heads["model"] == model].dropna(subset=["median depth"]) if len(heads) else heads
+        if len(found):
+            h = found.iloc[0]
+            row("key-head depth", h["median depth"], h["band from"], h["band to"], "key heads' band")
         if "01_heads" in chapters:
-            n_layers, _ = shape(chapters)
-            layers = chapters["01_heads"].table("key_heads")["layer"]
-            if len(layers):
-                row("key-head depth", depth(float(np.median(layers)), n_layers), depth(layers.min(), n_layers),
-                    depth(layers.max(), n_layers), "key heads' band")
             items = table_or_none(chapters["01_heads"], "knockout_items")
             if items is not None and len(items) and (items["condition"] == "layer_matched").any():
                 g = knockout_gap(items)

@@ -348,42 +348,42 @@ class SuiteScorer:
                               "operator": [it.operator for it in items], **c}) for c in cols]
 
     def _judge(self, b: np.ndarray, logits: torch.Tensor, out: dict[str, np.ndarray]) -> None:
-        """Write the items ``b``'s columns of :meth:`score` into ``out`` from their logits at END and the
-        answer positions."""
-        items = self.suite.items
-        correct, first, p_ans, score = out["correct"], out["first_correct"], out["p_answer"], out["score"]
-        logp = logits.log_softmax(-1)
-        if self.suite.scoring == "mass":
-            valid = [items[i].valid_tokens for i in b]
-            digits = self._digits()
-            end = logp[:, -1].exp()
-            top = logits[:, -1].argmax(-1)
-            for j, v in enumerate(valid):
-                vm = end[j, list(v)].sum()
-                other = end[j, digits].sum() - vm
-                correct[b[j]] = first[b[j]] = int(top[j]) in v
-                p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
-        elif self.suite.scoring == "choice":
-            for j, i in enumerate(b):  # the options' log-probabilities renormalised among themselves
-                options = logp[j, -1, list(items[i].choice_tokens)].log_softmax(-1)
-                gold = items[i].choice_tokens.index(items[i].answer_tokens[0])
-                correct[i] = first[i] = int(options.argmax()) == gold
-                p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
-        else:
-            targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
-            top = logits.argmax(-1)
-            hits = top[:, :-1] == targets
-            lp = logp[:, :-1].gather(-1, targets[..., None])[..., 0]
-            ended = number_ended(self.model.tokenizer, [items[i].answer for i in b], top[:, -1])
-            correct[b] = (hits.all(-1) & ended).cpu().numpy()
-            first[b] = hits[:, 0].cpu().numpy()
-            p_ans[b] = lp[:, 0].exp().cpu().numpy()
-            score[b] = lp.sum(-1).cpu().numpy()
+        judge(self.suite, self.model.tokenizer, b, logits, out)
 
-    def _digits(self) -> list[int]:
-        if not hasattr(self, "_digit_ids"):
-            self._digit_ids = digit_tokens(self.model.tokenizer).tolist()
-        return self._digit_ids
+
+def judge(suite: Suite, tokenizer, b: np.ndarray, logits: torch.Tensor, out: dict[str, np.ndarray]) -> None:
+    """Write items ``b``'s columns of :meth:`SuiteScorer.score` into ``out`` from their logits at END and
+    the answer positions (``[batch, tail, d_vocab]``, fp32): the suite's own rule for ``correct``,
+    whichever pass made the logits."""
+    items = suite.items
+    correct, first, p_ans, score = out["correct"], out["first_correct"], out["p_answer"], out["score"]
+    logp = logits.log_softmax(-1)
+    if suite.scoring == "mass":
+        valid = [items[i].valid_tokens for i in b]
+        digits = digit_tokens(tokenizer).tolist()
+        end = logp[:, -1].exp()
+        top = logits[:, -1].argmax(-1)
+        for j, v in enumerate(valid):
+            vm = end[j, list(v)].sum()
+            other = end[j, digits].sum() - vm
+            correct[b[j]] = first[b[j]] = int(top[j]) in v
+            p_ans[b[j]], score[b[j]] = float(vm), float(vm - other)
+    elif suite.scoring == "choice":
+        for j, i in enumerate(b):  # the options' log-probabilities renormalised among themselves
+            options = logp[j, -1, list(items[i].choice_tokens)].log_softmax(-1)
+            gold = items[i].choice_tokens.index(items[i].answer_tokens[0])
+            correct[i] = first[i] = int(options.argmax()) == gold
+            p_ans[i], score[i] = float(options[gold].exp()), float(options[gold])
+    else:
+        targets = torch.tensor([items[i].answer_tokens for i in b], device=logits.device)
+        top = logits.argmax(-1)
+        hits = top[:, :-1] == targets
+        lp = logp[:, :-1].gather(-1, targets[..., None])[..., 0]
+        ended = number_ended(tokenizer, [items[i].answer for i in b], top[:, -1])
+        correct[b] = (hits.all(-1) & ended).cpu().numpy()
+        first[b] = hits[:, 0].cpu().numpy()
+        p_ans[b] = lp[:, 0].exp().cpu().numpy()
+        score[b] = lp.sum(-1).cpu().numpy()
 
 
 def score_suite(model: LoadedModel, suite: Suite, fwd_hooks: Iterable[Hook] = (), batch_size: int = 32) -> pd.DataFrame:

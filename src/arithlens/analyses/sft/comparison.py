@@ -33,7 +33,8 @@ import pandas as pd
 
 from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, RANDOM, anti_name, lora_name,
                                             method_family, mlp_name, precise_name, random_all_name, random_name)
-from arithlens.analyses.sft.evaluation import SFTData, evaluate, make_batches, validation_correct
+from arithlens.analyses.sft.evaluation import make_batches
+from arithlens.analyses.sft.from_layer import FromLayerEvaluator
 from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, lora_rank_for,
                                             precise_slices, train_method)
 from arithlens.core.items import ItemSet
@@ -149,13 +150,19 @@ def at_edge(validation: pd.DataFrame) -> dict[str, str]:
     return {f: "low" if lr == lo[f] else "high" for f, lr in choose_rates(validation).items() if lr in (lo[f], hi[f])}
 
 
+def grid_of(config: GridConfig, family: str) -> tuple[float, ...]:
+    """The rates a family's selection starts from: LoRA's own grid (its update starts at zero), the shared
+    grid for every other family."""
+    return config.lora_lr_grid if family == LORA else config.lr_grid
+
+
 def beyond_edges(tried: Sequence[Method], validation: pd.DataFrame, config: GridConfig) -> list[Method]:
     """The rates to try next: for each family :func:`at_edge`, its chosen selection row (one of ``tried``,
     the rows ``validation`` scored) again at the rate :data:`EDGE_STEP` beyond — unless it has already gone
     :data:`EDGE_TRIES` rates past its grid (``config.lr_grid``; LoRA's ``config.lora_lr_grid``) that way."""
     rates, out = choose_rates(validation), []
     for family, side in at_edge(validation).items():
-        grid = config.lora_lr_grid if family == LORA else config.lr_grid
+        grid = grid_of(config, family)
         lrs = [m.lr for m in tried if method_family(m.name) == family]
         past = sum(lr < min(grid) for lr in lrs) if side == "low" else sum(lr > max(grid) for lr in lrs)
         if past < EDGE_TRIES:
@@ -232,7 +239,7 @@ CONVERGENCE_RULE = ("the family's chosen run trained for twice the steps, on the
                     "ones: not converged when the paired 95 % interval of its validation accuracy gain lies above zero")
 
 
-def convergence_check(model: LoadedModel, train: ItemSet, data: SFTData, chosen: Sequence[Method], config: TrainConfig,
+def convergence_check(model: LoadedModel, train: ItemSet, evaluator: FromLayerEvaluator, chosen: Sequence[Method], config: TrainConfig,
                       at_steps: Mapping[str, np.ndarray], twin=None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Each of ``chosen`` (a family's row at its chosen rate, first training seed) trained for ``2 × config.steps``
     steps — the selection run's batches first (:func:`arithlens.analyses.sft.evaluation.make_batches` is a prefix
@@ -244,7 +251,7 @@ def convergence_check(model: LoadedModel, train: ItemSet, data: SFTData, chosen:
     rows = []
     for method in chosen:
         before = np.asarray(at_steps[method.name], dtype=float)
-        after = validation_correct(model, train_method(model, batches, method, longer, twin=twin).delta, data).astype(float)
+        after = evaluator.validation(train_method(model, batches, method, longer, twin=twin).delta).astype(float)
         mean, low, high, _ = bootstrap_means(np.stack([before, after, after - before], axis=1), n_boot, seed)
         rows.append({"family": method_family(method.name), "method": method.name, "lr": method.lr,
                      "steps": config.steps, "accuracy": mean[0], f"accuracy at {longer.steps}": mean[1],
@@ -268,11 +275,12 @@ class Trial:
     seconds: float
 
 
-def try_rate(model: LoadedModel, batches, method: Method, config: TrainConfig, data: SFTData, twin=None) -> Trial:
-    """Train ``method`` at its rate on ``batches`` and score it on the validation prompts."""
+def try_rate(model: LoadedModel, batches, method: Method, config: TrainConfig, evaluator: FromLayerEvaluator,
+             twin=None) -> Trial:
+    """Train ``method`` at its rate on ``batches`` and score it on the validation prompts (``evaluator``'s)."""
     tick = time.perf_counter()
     result = train_method(model, batches, method, config, twin=twin)
-    correct = validation_correct(model, result.delta, data)
+    correct = evaluator.validation(result.delta)
     row = {"method": method.name, "family": method_family(method.name), "lr": method.lr, "accuracy": correct.mean(),
            "first loss": result.losses[0], "last loss": _last_loss(result.losses, config.steps)}
     return Trial(correct, row, time.perf_counter() - tick)
@@ -289,15 +297,15 @@ class RowRun:
     seconds: dict[str, float]  # training, evaluation and (Table 1 rows) Table 1
 
 
-def train_and_evaluate(model: LoadedModel, batches, method: Method, config: TrainConfig, data: SFTData, suites=(),
+def train_and_evaluate(model: LoadedModel, batches, method: Method, config: TrainConfig, evaluator: FromLayerEvaluator,
                        table1_suites=(), keep: bool = False, twin=None) -> RowRun:
-    """Train ``method``, score every evaluation set and suite with its delta, and ask ``table1_suites`` (the
+    """Train ``method``, score every evaluation set and suite of ``evaluator`` with its delta, and ask ``table1_suites`` (the
     shipped benchmarks, :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row)."""
     tick = time.perf_counter()
     result = train_method(model, batches, method, config, twin=twin)
     seconds = {"training": time.perf_counter() - tick}
     tick = time.perf_counter()
-    scores = evaluate(model, result.delta, data, suites).assign(method=method.name, seed=method.seed, group=method.group)
+    scores = evaluator.evaluate(result.delta).assign(method=method.name, seed=method.seed, group=method.group)
     seconds["evaluation"] = time.perf_counter() - tick
     bench = None
     if table1_suites:

@@ -166,11 +166,6 @@ def validation_correct(model: LoadedModel, delta, data: SFTData, batch_size: int
         return score_prompts(model, data.validation, batch_size=batch_size)["correct"].to_numpy(dtype=bool)
 
 
-def validation_accuracy(model: LoadedModel, delta, data: SFTData, batch_size: int = 64) -> float:
-    """Accuracy on the validation prompts with ``delta`` applied: what chooses a learning rate."""
-    return float(validation_correct(model, delta, data, batch_size).mean())
-
-
 def _item_changes(scores: pd.DataFrame) -> pd.DataFrame:
     """Per method, seed, set and item: correctness and its change from the base model on that item."""
     per_item = scores.groupby(["method", "seed", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()

@@ -181,7 +181,7 @@ def rescale_factors(cfg, config: PreciseSFTConfig, slices: list[Slice]) -> dict[
 
 # --- the forward pass above a cached prefix --------------------------------------------------------
 
-def _start_layer(slices: list[Slice], n_layers: int) -> int:
+def start_layer(slices: list[Slice], n_layers: int) -> int:
     """The first layer whose input depends on a tuned slice; -1 when the embedding is tuned."""
     layers = [s.layer if s.layer is not None else (-1 if "embed_tokens" in s.param else n_layers) for s in slices]
     return min(layers)
@@ -278,7 +278,7 @@ def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], 
             tensor.grad.mul_(grad_scale.get(s, 1.0))
 
     losses, times, prefix_s = _optimize(
-        twin, list(trainable.values()), batches, train, _start_layer(slices, len(twin.model.layers)), train.lr,
+        twin, list(trainable.values()), batches, train, start_layer(slices, len(twin.model.layers)), train.lr,
         f"training {len(slices)} slices", lambda: effective_weights(weights, trainable),
         rescale if grad_scale else None, progress)
     base = {s: slice_view(weights, s) for s in slices}

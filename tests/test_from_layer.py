@@ -15,6 +15,7 @@ from arithlens.core.deltas import Delta, Slice
 from arithlens.tasks import suites as suites_lib
 
 SUITES = ("multidigit", "years", "capitals", "antonyms")  # exact and mass scoring; math and controls
+FILES = ["tests/data/benchmarks/mmlu_style.csv", "tests/data/benchmarks/gsm8k_style.jsonl"]  # choice; exact, multi-token
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny:qwen2"], ids=["llama", "qwen2"])
@@ -23,7 +24,10 @@ def setup(request):
 
     model = load_model(request.param)
     data = evaluation.make_sft_data(model.tokenizer, operators=("+", "*"), max_eval_per_set=24, eval_shots=(0, 2))
+    from arithlens.tasks.benchmarks import reader
+
     suites = [suites_lib.make_suite(name, model.tokenizer, n=8, seed=0) for name in SUITES]
+    suites += list(reader.load_benchmarks(FILES, model.tokenizer, n=8, shots=3, seed=0).values())  # as chapter 4 reads them
     return model, data, suites
 
 
@@ -55,7 +59,7 @@ def test_evaluation_from_the_cached_layer_matches_the_bridge(setup, layer):
     assert evaluator.first_layer(delta) == {None: model.n_layers, "above": 1, "below": 0}[layer]
     fast = evaluator.evaluate(delta)
     _agree(fast, evaluation.evaluate(model, delta, data, suites))
-    assert set(fast["set"]) == set(data.evals) | set(SUITES)
+    assert set(fast["set"]) == set(data.evals) | {s.name for s in suites} and len(suites) == len(SUITES) + len(FILES)
     slow_val = evaluation.validation_correct(model, delta, data)
     assert (evaluator.validation(delta) == slow_val).mean() >= 0.99
 

@@ -281,6 +281,12 @@ def number_ended(tokenizer, answers: Sequence[str], next_tokens: torch.Tensor) -
     return ~(numeric & torch.isin(next_tokens, number_continuations(tokenizer).to(next_tokens.device)))
 
 
+def forced_answer(suite: Suite, item) -> tuple[int, ...]:
+    """The answer tokens fed after the prompt when scoring teacher-forced: all of them for exact match,
+    all but the last otherwise (mass and choice are judged where the answer starts)."""
+    return tuple(item.answer_tokens) if suite.scoring == "exact" else tuple(item.answer_tokens[:-1])
+
+
 class SuiteScorer:
     """Teacher-forced scoring of a suite, with the prompts' KV caches computed once for every condition.
 
@@ -308,8 +314,8 @@ class SuiteScorer:
                 head = prefix_kv(model, torch.tensor([its[0].clean_tokens[:shared]], device=model.device)) if shared else None
                 for part in length_batches(its, batch_size, key=lambda it: (len(it.clean_tokens), len(it.answer_tokens))):
                     batch = [its[j] for j in part]
-                    answers = [it.answer_tokens if suite.scoring == "exact" else it.answer_tokens[:-1] for it in batch]
-                    seq = torch.tensor([it.clean_tokens + a for it, a in zip(batch, answers)], device=model.device)
+                    answers = [forced_answer(suite, it) for it in batch]
+                    seq = torch.tensor([list(it.clean_tokens) + list(a) for it, a in zip(batch, answers)], device=model.device)
                     n_prompt = len(batch[0].clean_tokens)
                     if head is not None:  # the family's prefix once, then each row's own tokens before END
                         kv = copy.deepcopy(head)

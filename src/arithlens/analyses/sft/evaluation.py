@@ -19,6 +19,7 @@ Written by hand: the split, the batching and the paired bootstrap over items (nu
 from __future__ import annotations
 
 import random
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -110,6 +111,12 @@ def make_batches(prompts: ItemSet, batch_size: int, n_batches: int, seed: int = 
     return out[:n_batches]
 
 
+def is_digit_answer(text: str) -> bool:
+    """Whether a greedy answer is a number at all (digits only, surrounding space ignored): the format half
+    of :func:`format_split`."""
+    return re.fullmatch(r"\d+", text.strip()) is not None
+
+
 def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: int = 64, progress=None) -> pd.DataFrame:
     """Score every evaluation item with ``delta`` applied (``None`` = the base model).
 
@@ -125,7 +132,7 @@ def evaluate(model: LoadedModel, delta, data: SFTData, suites=(), batch_size: in
             scores = score_prompts(model, prompts, batch_size=batch_size)
             frames.append(pd.DataFrame({"set": name, "kind": data.kind(name), "item": np.arange(len(scores)),
                                         "correct": scores["correct"].to_numpy(), "p_answer": scores["p_answer"].to_numpy(),
-                                        "digit": scores["predicted"].str.strip().str.fullmatch(r"\d+").to_numpy(dtype=bool)}))
+                                        "digit": scores["predicted"].map(is_digit_answer).to_numpy(dtype=bool)}))
         if suites:
             from arithlens.tasks.suites import score_suite
 

@@ -21,7 +21,6 @@ pass that starts at a given layer).
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -30,13 +29,13 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from arithlens.analyses.sft.evaluation import SFTData
+from arithlens.analyses.sft.evaluation import SFTData, is_digit_answer
 from arithlens.analyses.sft.trainer import start_layer
 from arithlens.core.deltas import Delta, applied
 from arithlens.core.items import length_batches, to_tokens
 from arithlens.core.models import LoadedModel
 from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, run_layers, twin_of
-from arithlens.tasks.suites import Suite, judge
+from arithlens.tasks.suites import Suite, forced_answer, judge
 
 
 @dataclass(frozen=True)
@@ -90,11 +89,10 @@ class FromLayerEvaluator:
     def _suite_batches(self, suite: Suite, batch_size: int) -> list[_Batch]:
         """Prompt + answer tokens (all but the last answer token where the rule is not exact match), one
         (prompt, answer) length per batch; logits are read from END on (:func:`arithlens.tasks.suites.judge`)."""
-        answers = lambda it: it.answer_tokens if suite.scoring == "exact" else it.answer_tokens[:-1]
         out = []
-        for index in length_batches(suite.items, batch_size, key=lambda it: (len(it.clean_tokens), len(answers(it)))):
+        for index in length_batches(suite.items, batch_size, key=lambda it: (len(it.clean_tokens), len(forced_answer(suite, it)))):
             batch = [suite.items[i] for i in index]
-            tokens = torch.tensor([list(it.clean_tokens) + list(answers(it)) for it in batch], dtype=torch.long)
+            tokens = torch.tensor([list(it.clean_tokens) + list(forced_answer(suite, it)) for it in batch], dtype=torch.long)
             out.append(self._cached(index, tokens, len(batch[0].clean_tokens) - 1))
         return out
 
@@ -115,7 +113,7 @@ class FromLayerEvaluator:
 
     def _is_digit(self, token: int) -> bool:
         if token not in self._words:
-            self._words[token] = re.fullmatch(r"\d+", self.model.tokenizer.decode([token]).strip()) is not None
+            self._words[token] = is_digit_answer(self.model.tokenizer.decode([token]))
         return self._words[token]
 
     def _answers(self, items, batches: list[_Batch], first: int) -> pd.DataFrame:

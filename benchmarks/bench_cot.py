@@ -1,13 +1,18 @@
 """Chain-of-thought throughput on the shipped GSM8K, per model: what chapter 4's Table 1 pays for it.
 
-    python benchmarks/bench_cot.py [--models smollm2-135m,qwen2.5-0.5b] [--n 32] [--batch 16] [--threads 0]
+    python benchmarks/bench_cot.py [--models smollm2-135m,qwen2.5-0.5b] [--n 32] [--batch 16] [--threads 0] [--rounds 1]
 
 For each model: ``--n`` GSM8K test items (the seeded sample chapter 4 asks), 4 worked demonstrations, greedy
 decoding of at most 256 new tokens (:mod:`arithlens.tasks.benchmarks.cot`), batched with the shared prefix
 cached. Prints items/s, new tokens per item, the share that ran out of the budget and the accuracy, and
-the ratio of one decoding step through the TransformerLens bridge to one through the plain HF twin the
-scorer uses when nothing is hooked (same batch, same cache length). Wall-clock on this machine, model
-load excluded; ``--threads 0`` keeps torch's default.
+the time of a decoding step (8 steps on the first batch) through the TransformerLens bridge and through the
+shared-prefix decoder, each over one through the plain HF twin.
+
+The scorer decodes with the shared-prefix decoder (:mod:`arithlens.core.shared_prefix`: the prefix's keys
+and values held once, each row's in a buffer allocated once). ``--rounds R`` also times the same items
+with HF's cache (the prefix repeated per row, the cache grown by concatenation), R rounds interleaved,
+the fastest of each kept, and prints the ratio shared ÷ HF and how many generations are identical.
+Wall-clock on this machine, model load excluded; ``--threads 0`` keeps torch's default.
 """
 
 from __future__ import annotations
@@ -19,26 +24,47 @@ import time
 os.environ.setdefault("ARITHLENS_QUIET", "1")
 
 
-def step_ratio(model, scorer, steps: int = 8) -> float:
-    """Seconds of ``steps`` decoding steps through the bridge ÷ through the twin (first batch)."""
+def step_times(model, scorer, steps: int = 8) -> dict[str, float]:
+    """Seconds of ``steps`` decoding steps on the first batch through the bridge and the plain twin (HF's
+    cache, the prefix repeated per row), and through the shared-prefix decoder."""
     import torch
 
     batch = scorer.batches[0]
-    times = {}
-    for name, net in (("bridge", model.bridge.original_model), ("twin", None)):
-        kv, mask, pos = scorer._prompt_cache(batch)
+    times, decoder = {}, scorer._shared_decoder
+    for name in ("bridge", "twin", "shared"):
+        scorer._shared_decoder = decoder if name == "shared" else (lambda fwd_hooks: None)
+        kv, mask, pos = scorer._prompt_cache(batch, extra=steps)
         current = batch.tokens[:, -1:]
         start = time.perf_counter()
         for _ in range(steps):
-            if net is None:
-                logits = scorer._run(current, kv, mask, pos, ())[:, -1]
+            if name == "bridge":
+                logits = model.bridge.original_model(input_ids=current, past_key_values=kv, attention_mask=mask,
+                                                     position_ids=pos, use_cache=True).logits[:, -1]
             else:
-                logits = net(input_ids=current, past_key_values=kv, attention_mask=mask, position_ids=pos,
-                             use_cache=True).logits[:, -1]
+                logits = scorer._run(current, kv, mask, pos, ())[:, -1]
             current, pos = logits.argmax(-1)[:, None], pos + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         times[name] = time.perf_counter() - start
-    return times["bridge"] / times["twin"]
+    scorer._shared_decoder = decoder
+    return times
+
+
+def engine_times(scorer, rounds: int, reference) -> tuple[float, float, int]:
+    """Fastest seconds of ``scorer.score()`` with the shared-prefix decoder and with HF's cache (rounds
+    interleaved), and how many items' generations the two engines write identically."""
+    best = {"shared": float("inf"), "hf": float("inf")}
+    decoder = scorer._shared_decoder
+    for _ in range(rounds):
+        for engine in best:
+            scorer._shared_decoder = decoder if engine == "shared" else (lambda fwd_hooks: None)
+            start = time.perf_counter()
+            frame = scorer.score()
+            best[engine] = min(best[engine], time.perf_counter() - start)
+            if engine == "hf":
+                hf_frame = frame
+    scorer._shared_decoder = decoder
+    same = int((hf_frame["generated"] == reference["generated"]).sum())
+    return best["shared"], best["hf"], same
 
 
 def main() -> None:
@@ -47,6 +73,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also time HF's cache against the shared-prefix decoder, R interleaved rounds")
     args = parser.parse_args()
 
     import torch
@@ -63,14 +91,18 @@ def main() -> None:
         model = load_model(name)
         suite = shipped.load_shipped("gsm8k", model.tokenizer, n=args.n, seed=0)
         scorer = BenchmarkScorer(model, suite, "cot", batch_size=args.batch)
-        ratio = step_ratio(model, scorer)
+        steps = step_times(model, scorer)
         start = time.perf_counter()
         frame = scorer.score()
         seconds = time.perf_counter() - start
         print(f"{name}: {len(frame) / seconds:.2f} items/s ({seconds:.0f} s; prefix {scorer.shared} tokens), "
               f"{frame['n_new_tokens'].mean():.0f} new tokens an item, {frame['hit_budget'].mean():.0%} ran out of "
-              f"the budget, accuracy {frame['correct'].mean():.1%}; a decoding step through the bridge ÷ the twin: "
-              f"{ratio:.2f}")
+              f"the budget, accuracy {frame['correct'].mean():.1%}; a decoding step through the bridge ÷ the twin "
+              f"{steps['bridge'] / steps['twin']:.2f}, the shared-prefix decoder ÷ the twin {steps['shared'] / steps['twin']:.2f}")
+        if args.rounds:
+            shared, hf, same = engine_times(scorer, args.rounds, frame)
+            print(f"{name}: shared-prefix decoder {shared:.0f} s, HF's cache {hf:.0f} s (fastest of {args.rounds}): "
+                  f"ratio {shared / hf:.2f}; identical generations {same} of {len(frame)}")
 
 
 if __name__ == "__main__":

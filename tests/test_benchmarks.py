@@ -234,17 +234,23 @@ def test_a_stopped_row_leaves_the_batch_and_the_others_are_unchanged(tiny, monke
 
 def test_generation_reuses_the_prompt_cache(tiny, monkeypatch):
     suite = load_benchmark(DATA / "gsm8k_style.jsonl", tiny.tokenizer, shots=2)
-    calls = []
+    calls, decoders = [], []
     monkeypatch.setattr(scoring, "prefix_kv", lambda m, t: calls.append(t.shape) or _prefix(m, t))
+    real_decoder = scoring.PrefixDecoder
+    monkeypatch.setattr(scoring, "PrefixDecoder", lambda m, t: decoders.append(t.shape) or real_decoder(m, t))
     scorer = BenchmarkScorer(tiny, suite, "generate", max_new_tokens=4, batch_size=2)
     widths = []
     real = scorer._run
     monkeypatch.setattr(scorer, "_run", lambda x, *args: widths.append(x.shape[1]) or real(x, *args))
     first, again = scorer.score(), scorer.score()
-    assert calls == [(1, scorer.shared)]  # the shared prefix ran once, for both calls
+    # with no hooks the shared prefix ran once, for both calls, in the shared-prefix decoder
+    assert decoders == [(1, scorer.shared)] and calls == []
     assert set(widths) == {1} and len(widths) <= 2 * 4 * len(scorer.batches)  # one new token a step
     assert first.drop(columns="p_answer").equals(again.drop(columns="p_answer"))
     assert np.allclose(first.p_answer, again.p_answer)
+    hooks = knockout.ablation_hooks([Head(1, 0)], torch.zeros(tiny.n_layers, tiny.n_heads, tiny.cfg.d_head), "all")
+    scorer.score(hooks), scorer.score(hooks)
+    assert calls == [(1, scorer.shared)] and len(decoders) == 1  # hooked runs: the bridge's cache, made once
 
 
 def _prefix(model, tokens):

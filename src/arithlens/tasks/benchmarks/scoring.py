@@ -49,6 +49,8 @@ from torch import Tensor
 
 from arithlens.tasks.benchmarks import cot
 from arithlens.tasks.benchmarks.formats import LETTERS, format_number
+from arithlens.core import shared_prefix
+from arithlens.core.shared_prefix import PrefixDecoder, RowCache
 from arithlens.core.twin import make_twin
 from arithlens.core.hooks import prefix_kv
 from arithlens.core.items import shared_prefix_length
@@ -117,8 +119,8 @@ class BenchmarkScorer:
         self.batch_size = batch_size
         items = suite.items
         self.shared = shared_prefix_length(it.clean_tokens for it in items)
-        head = torch.tensor([items[0].clean_tokens[: self.shared]], device=model.device)
-        self.prefix = prefix_kv(model, head) if self.shared else None
+        self._head = torch.tensor([items[0].clean_tokens[: self.shared]], device=model.device)
+        self._prefix = self._decoder = None
         order = sorted(range(len(items)), key=lambda i: len(items[i].clean_tokens))
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         self.batches = []
@@ -134,18 +136,42 @@ class BenchmarkScorer:
 
     # --- the engine --------------------------------------------------------------------------------
 
+    @property
+    def prefix(self):
+        """The shared prefix's HF cache, through the bridge (made on first use)."""
+        if self._prefix is None and self.shared:
+            self._prefix = prefix_kv(self.model, self._head)
+        return self._prefix
+
+    def _shared_decoder(self, fwd_hooks) -> PrefixDecoder | None:
+        """With no hooks, a prefix of its own and a checked architecture: the shared-prefix decoder
+        (:mod:`arithlens.core.shared_prefix`: the prefix's keys and values held once, each row's in a
+        buffer allocated once); else None (HF's cache, the prefix repeated per row)."""
+        if fwd_hooks or not self.shared or not shared_prefix.fits(self.model):
+            return None
+        if self._decoder is None:
+            self._decoder = PrefixDecoder(self.model, self._head)
+        return self._decoder
+
     @torch.no_grad()
-    def _prompt_cache(self, batch: PromptBatch):
+    def _prompt_cache(self, batch: PromptBatch, fwd_hooks=(), extra: int = 1):
         """Run every prompt token but the last (no hooks); return the cache, the mask over prefix +
-        prompt (END included) and END's position id."""
+        prompt (END included) and END's position id. ``extra``: how many tokens will follow in the cache
+        (END, then the answer or the generated tokens), for the shared-prefix decoder's buffers."""
         from transformers import DynamicCache
 
         n = len(batch.index)
+        mask = torch.cat([torch.ones(n, self.shared, dtype=batch.mask.dtype, device=batch.mask.device), batch.mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        decoder = self._shared_decoder(fwd_hooks)
+        if decoder is not None:
+            kv = decoder.cache(n, batch.tokens.shape[1] - 1 + extra)
+            if batch.tokens.shape[1] > 1:
+                decoder.forward(batch.tokens[:, :-1], batch.mask[:, :-1], positions[:, self.shared: -1], kv)
+            return kv, mask, positions[:, -1:]
         kv = copy.deepcopy(self.prefix) if self.prefix is not None else DynamicCache()
         if self.prefix is not None:
             kv.batch_repeat_interleave(n)
-        mask = torch.cat([torch.ones(n, self.shared, dtype=batch.mask.dtype, device=batch.mask.device), batch.mask], 1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if batch.tokens.shape[1] > 1:
             self.model.bridge.original_model(input_ids=batch.tokens[:, :-1], attention_mask=mask[:, :-1],
                                              position_ids=positions[:, self.shared: -1], past_key_values=kv,
@@ -155,7 +181,10 @@ class BenchmarkScorer:
     def _run(self, tokens: Tensor, kv, mask: Tensor, positions: Tensor, fwd_hooks) -> Tensor:
         """The hooked part: ``tokens`` [batch, t] after the cache; logits [batch, t, d_vocab] (fp32).
         With no hooks a plain HF twin runs instead (:func:`arithlens.core.twin.make_twin`: the same weight
-        tensors, so a delta applied to the model applies to it; fused attention, 2–4× faster a step on CPU)."""
+        tensors, so a delta applied to the model applies to it; fused attention, 2–4× faster a step on CPU),
+        the shared-prefix decoder where the cache is its own."""
+        if isinstance(kv, RowCache):
+            return self._decoder.forward(tokens, torch.ones_like(tokens), positions, kv, last_only=False)
         if not fwd_hooks:
             if self._twin is None:
                 self._twin = make_twin(self.model)
@@ -182,7 +211,7 @@ class BenchmarkScorer:
         """Greedy tokens for one batch: (END logits [batch, d_vocab], new tokens per item, stop included).
         A row that has stopped leaves the batch (its cache rows too, ``DynamicCache.batch_select_indices``),
         so a few long chains of thought do not carry the finished ones to the budget."""
-        kv, mask, pos = self._prompt_cache(batch)
+        kv, mask, pos = self._prompt_cache(batch, fwd_hooks, extra=self.max_new_tokens)
         current = batch.tokens[:, -1:]
         new: list[list[int]] = [[] for _ in batch.index]
         live = list(range(len(batch.index)))  # batch rows still generating, in cache order
@@ -224,7 +253,7 @@ class BenchmarkScorer:
             if self.mode in ("generate", "cot"):
                 end, new = self.generate(batch, fwd_hooks)
             elif self.mode == "choice":
-                kv, mask, pos = self._prompt_cache(batch)
+                kv, mask, pos = self._prompt_cache(batch, fwd_hooks)
                 end = self._run(batch.tokens[:, -1:], kv, mask, pos, fwd_hooks)[:, -1]
             else:
                 rows = self._teacher_forced(batch, its, fwd_hooks)
@@ -249,8 +278,8 @@ class BenchmarkScorer:
     def _teacher_forced(self, batch: PromptBatch, its, fwd_hooks) -> list[dict]:
         """SuiteScorer's rule: every answer token predicted, and after a number nothing that goes on
         writing it (:func:`arithlens.tasks.suites.number_ended`)."""
-        kv, mask, pos = self._prompt_cache(batch)
         width = max(len(it.answer_tokens) for it in its) + 1
+        kv, mask, pos = self._prompt_cache(batch, fwd_hooks, extra=width)
         end = batch.tokens[:, -1].tolist()
         tail = torch.tensor([[e, *it.answer_tokens] + [e] * (width - 1 - len(it.answer_tokens))
                              for e, it in zip(end, its)], device=batch.tokens.device)

@@ -1,0 +1,84 @@
+"""The shared-prefix decoder equals HF's own cached decoding (the prefix repeated per row), on each family
+whose layer loop is checked: left padding, grouped-query heads, sliding windows (Mistral's 8-token
+window is shorter than the prefix here), rows leaving the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from arithlens.core import shared_prefix
+from arithlens.core.models import load_model
+from arithlens.core.shared_prefix import PrefixDecoder
+from arithlens.core.twin import twin_of
+
+CHECKED = ["tiny", "tiny:qwen2", "tiny:qwen3", "tiny:mistral", "tiny:phi3", "tiny:olmo2"]
+
+
+def _batch(lengths, n_prefix=13, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, vocab, (1, n_prefix), generator=g)
+    rests = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    width = max(lengths)
+    tokens = torch.tensor([[0] * (width - len(r)) + r for r in rests])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests])
+    full = torch.cat([torch.ones(len(rests), n_prefix, dtype=mask.dtype), mask], 1)
+    return prefix, tokens, mask, full, (full.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("spec", CHECKED)
+def test_prompt_and_greedy_steps_equal_hf_cached_decoding(spec):
+    model = load_model(spec)
+    assert shared_prefix.fits(model)
+    prefix, tokens, mask, full, pos = _batch([5, 2, 9])
+    n, n_prefix, steps = len(tokens), prefix.shape[1], 6
+    decoder = PrefixDecoder(model, prefix)
+    cache = decoder.cache(n, tokens.shape[1] + steps)
+    ours = decoder.forward(tokens, mask, pos[:, n_prefix:], cache, last_only=False)
+    twin = twin_of(model)
+    kv = twin(input_ids=prefix, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    kv.batch_repeat_interleave(n)
+    ref = twin(input_ids=tokens, attention_mask=full, position_ids=pos[:, n_prefix:], past_key_values=kv,
+               use_cache=True).logits.float()
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=2e-5, rtol=0)
+    current, p, m = ref[:, -1].argmax(-1)[:, None], pos[:, -1:], full
+    rows = torch.arange(n)
+    for step in range(steps):
+        if step == 3:  # the middle row stops: both caches drop it
+            rows = torch.tensor([0, 2])
+            cache.batch_select_indices(rows)
+            kv.batch_select_indices(rows)
+            current, p, m = current[rows], p[rows], m[rows]
+        p, m = p + 1, torch.cat([m, torch.ones_like(m[:, :1])], 1)
+        a = decoder.forward(current, torch.ones_like(current), p, cache)[:, -1]
+        b = twin(input_ids=current, attention_mask=m, position_ids=p, past_key_values=kv, use_cache=True).logits[:, -1].float()
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        current = b.argmax(-1)[:, None]
+
+
+@torch.no_grad()
+def test_the_mask_hides_padding_and_the_future(tiny):
+    """A padded row's logits do not depend on what its padding slots hold, nor on later tokens."""
+    prefix, tokens, mask, full, pos = _batch([3, 7])
+    decoder = PrefixDecoder(tiny, prefix)
+    first = decoder.forward(tokens, mask, pos[:, prefix.shape[1]:], decoder.cache(2, 8), last_only=False)
+    noisy = tokens.clone()
+    noisy[0, :4] = 42  # row 0's padding
+    again = decoder.forward(noisy, mask, pos[:, prefix.shape[1]:], decoder.cache(2, 8), last_only=False)
+    torch.testing.assert_close(first[0, 4:], again[0, 4:], atol=1e-6, rtol=0)
+    cut = decoder.forward(tokens[:, :5], mask[:, :5], pos[:, prefix.shape[1]:][:, :5], decoder.cache(2, 8), last_only=False)
+    torch.testing.assert_close(first[1, :5], cut[1], atol=1e-5, rtol=0)
+
+
+def test_a_full_row_cache_and_an_unchecked_architecture_are_clear_errors(tiny):
+    prefix, tokens, mask, full, pos = _batch([4, 4])
+    decoder = PrefixDecoder(tiny, prefix)
+    with pytest.raises(ValueError, match="holds 3 slots; 4 are needed"):
+        decoder.forward(tokens, mask, pos[:, prefix.shape[1]:], decoder.cache(2, 3))
+    gemma = load_model("tiny:gemma2")
+    assert not shared_prefix.fits(gemma)
+    with pytest.raises(ValueError, match="not checked"):
+        PrefixDecoder(gemma, prefix)

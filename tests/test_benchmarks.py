@@ -466,3 +466,30 @@ def test_every_shipped_benchmark_has_its_license_and_source_beside_it():
             from arithlens.paths import file_sha256
             assert file_sha256(path) in sources, f"{path.name}: its sha256 in SOURCES.md is not the file's"
     assert set(shipped.shipped_table()["benchmark"]) == {"GSM8K", "SVAMP", "MMLU"}
+
+
+def test_prefill_chunks_bound_the_padded_tokens():
+    assert scoring.prefill_chunks([1, 2, 2, 3, 9, 10], 6) == [(0, 3), (3, 4), (4, 5), (5, 6)]
+    assert scoring.prefill_chunks([4, 4, 4, 4], 16) == [(0, 4)]
+    assert scoring.prefill_chunks([], 8) == []
+    chunks = scoring.prefill_chunks(sorted([3, 50, 7, 7, 12, 40, 41, 2]), 64)
+    assert [r for c in chunks for r in range(*c)] == list(range(8))  # every row once, in order
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, mode", [("gsm8k_style.jsonl", "cot"), ("mmlu_style.csv", "choice"),
+                                        ("svamp_style.json", "first_token")])
+def test_the_decoders_batches_score_as_the_hooked_engines_batches(tiny, monkeypatch, name, mode):
+    """The shared-prefix decoder's 64-prompt batches, prompts written in chunks, score every item as
+    16-prompt batches through HF's cache do (the prefill budget is shrunk so chunks are exercised)."""
+    monkeypatch.setattr(scoring, "PREFILL_TOKENS", 24)
+    suite = load_benchmark(DATA / name, tiny.tokenizer, shots=2)
+    scorer = BenchmarkScorer(tiny, suite, mode, max_new_tokens=6)
+    assert len(scorer.batches_for()) < len(scorer.batches) or len(suite) <= scoring.HOOKED_ROWS
+    lengths = scorer.batches_for()[0].mask[:, :-1].sum(1).tolist()
+    assert len(scoring.prefill_chunks(lengths, 24)) > 1
+    ours = scorer.score()
+    monkeypatch.setattr(scorer, "_shared_decoder", lambda fwd_hooks: None)
+    ref = scorer.score()
+    assert ours["prediction"].equals(ref["prediction"]) and ours["correct"].equals(ref["correct"])
+    assert np.allclose(ours["score"], ref["score"], atol=1e-4)

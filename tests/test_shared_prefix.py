@@ -82,3 +82,25 @@ def test_a_full_row_cache_and_an_unchecked_architecture_are_clear_errors(tiny):
     assert not shared_prefix.fits(gemma)
     with pytest.raises(ValueError, match="not checked"):
         PrefixDecoder(gemma, prefix)
+
+
+@torch.no_grad()
+def test_prompts_written_in_chunks_equal_one_padded_pass(tiny):
+    """A batch's prompts run in chunks of similar length (each chunk its own width, the unwritten slots
+    zeros and masked): the same cache and logits as one pass over the whole left-padded batch."""
+    prefix, tokens, mask, full, pos = _batch([2, 3, 8, 9])
+    decoder = PrefixDecoder(tiny, prefix)
+    width, n_prefix = tokens.shape[1], prefix.shape[1]
+    whole = decoder.cache(4, width + 2)
+    decoder.forward(tokens, mask, pos[:, n_prefix:], whole)
+    chunked = decoder.cache(4, width + 2, zeroed=width)
+    for r0, r1, w in ((0, 2, 3), (2, 4, 9)):
+        cols = slice(width - w, width)
+        decoder.forward(tokens[r0:r1, cols], mask[r0:r1, cols], pos[r0:r1, n_prefix:][:, cols], chunked.rows(r0, r1, width - w))
+    chunked.length = width
+    assert torch.equal(whole.valid, chunked.valid)
+    step, p = torch.tensor([[5], [6], [7], [8]]), pos[:, -1:] + 1
+    a = decoder.forward(step, torch.ones_like(step), p, whole)
+    b = decoder.forward(step, torch.ones_like(step), p, chunked)
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)

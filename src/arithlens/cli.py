@@ -202,6 +202,8 @@ def cmd_benchmark(args) -> int:
     from arithlens.tasks.benchmarks.reader import BenchmarkFileError, make_benchmark_suite, read_benchmark
 
     try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
         spec = shipped.SHIPPED.get(args.file) if not Path(args.file).expanduser().exists() else None
         bench = read_benchmark(spec.file() if spec else args.file, strict=args.strict)
         if spec:
@@ -271,7 +273,8 @@ def add_benchmark_parser(sub) -> None:
                        help="default: a shipped benchmark's own; choice for multiple choice, else generate. cot: "
                        "chain of thought after worked solutions")
     bench.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default 16; cot 256)")
-    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="prompts a batch (default 64; 16 for an architecture without the shared-prefix decoder)")
     bench.add_argument("--strict", action="store_true", help="a row with an unusable answer is an error, not skipped")
     bench.add_argument("--out", help="write the per-item table to this CSV file")
     bench.set_defaults(func=cmd_benchmark)

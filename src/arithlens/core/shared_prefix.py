@@ -128,13 +128,25 @@ class RowCache:
     """Each row's own keys and values, in buffers of ``slots`` positions allocated once (duck-typed as
     HF's cache: the attention modules call :meth:`update`). ``valid`` marks filled, non-padding slots."""
 
-    def __init__(self, n_layers: int, rows: int, kv_heads: int, d_head: int, slots: int, like: Tensor):
+    def __init__(self, n_layers: int, rows: int, kv_heads: int, d_head: int, slots: int, like: Tensor, zeroed: int = 0):
+        """``zeroed``: the first slots are zeros, for prompts written in chunks (:meth:`rows`) that leave
+        some slots of some rows unwritten — masked, but a zero weight times uninitialised memory may be NaN."""
         shape = (rows, kv_heads, slots, d_head)
         self.keys = [like.new_empty(shape) for _ in range(n_layers)]
         self.values = [like.new_empty(shape) for _ in range(n_layers)]
+        for buffer in (*self.keys, *self.values):
+            buffer[:, :, :zeroed] = 0
         self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=like.device)
         self.length = 0        # slots filled (the same for every row: padding counts)
         self._pending = 0      # the current step's token count, written by every layer
+
+    def rows(self, r0: int, r1: int, start: int) -> "RowCache":
+        """Rows ``r0:r1`` as a cache of their own that writes into these buffers, its next slot ``start``:
+        a chunk of prompts shorter than the batch's longest fills only the slots before the batch's end."""
+        view = object.__new__(RowCache)
+        view.keys, view.values = [k[r0:r1] for k in self.keys], [v[r0:r1] for v in self.values]
+        view.valid, view.length, view._pending = self.valid[r0:r1], start, 0
+        return view
 
     @property
     def slots(self) -> int:
@@ -188,8 +200,9 @@ class PrefixDecoder:
         self.kv_heads, self.d_head = self.prefix[0][0].shape[1], self.prefix[0][0].shape[3]
         self.n_layers = len(self.twin.model.layers)
 
-    def cache(self, rows: int, slots: int) -> RowCache:
-        return RowCache(self.n_layers, rows, self.kv_heads, self.d_head, slots, like=self.prefix[0][0])
+    def cache(self, rows: int, slots: int, zeroed: int = 0) -> RowCache:
+        """An empty :class:`RowCache` of ``rows`` × ``slots`` (the first ``zeroed`` slots zeros)."""
+        return RowCache(self.n_layers, rows, self.kv_heads, self.d_head, slots, like=self.prefix[0][0], zeroed=zeroed)
 
     @torch.no_grad()
     def forward(self, tokens: Int[Tensor, "rows t"], mask: Int[Tensor, "rows t"], positions: Int[Tensor, "rows t"],

@@ -4,6 +4,7 @@ window is shorter than the prefix here), rows leaving the batch."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -104,3 +105,25 @@ def test_prompts_written_in_chunks_equal_one_padded_pass(tiny):
     b = decoder.forward(step, torch.ones_like(step), p, chunked)
     assert torch.isfinite(b).all()
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_delta_reaches_the_decoder_and_comes_off_with_it(tiny):
+    """Table 1 scores each tuned row with its delta applied (``evaluate_benchmarks``): the decoder's twin
+    shares the model's tensors, so the delta shows in its scores — prefix included — and is gone after."""
+    from pathlib import Path
+
+    from arithlens.core import deltas
+    from arithlens.core.deltas import Delta, Slice
+    from arithlens.tasks.benchmarks.reader import load_benchmark
+    from arithlens.tasks.benchmarks.scoring import evaluate_benchmarks
+
+    suite = load_benchmark(Path(__file__).parent / "data" / "benchmarks" / "gsm8k_style.jsonl", tiny.tokenizer, shots=2)
+    s = Slice("model.layers.0.self_attn.o_proj.weight", 0, 0, 8)
+    base = deltas.slice_view(deltas.named_weights(tiny), s)
+    delta = Delta({s: base + base.std() * torch.randn(base.shape, generator=torch.Generator().manual_seed(3))})
+    before = evaluate_benchmarks(tiny, None, [suite], mode="cot")
+    changed = evaluate_benchmarks(tiny, delta, [suite], mode="cot")
+    after = evaluate_benchmarks(tiny, None, [suite], mode="cot")
+    assert not np.allclose(before["p_answer"], changed["p_answer"])
+    np.testing.assert_array_equal(before["p_answer"].to_numpy(), after["p_answer"].to_numpy())

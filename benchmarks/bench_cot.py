@@ -1,6 +1,6 @@
 """Chain-of-thought throughput on the shipped GSM8K, per model: what chapter 4's Table 1 pays for it.
 
-    python benchmarks/bench_cot.py [--models smollm2-135m,qwen2.5-0.5b] [--n 32] [--batch 16] [--threads 0] [--rounds 1]
+    python benchmarks/bench_cot.py [--models smollm2-135m,qwen2.5-0.5b] [--n 32] [--batch 16] [--threads 0]
 
 For each model: ``--n`` GSM8K test items (the seeded sample chapter 4 asks), 4 worked demonstrations, greedy
 decoding of at most 256 new tokens (:mod:`arithlens.tasks.benchmarks.cot`), batched with the shared prefix
@@ -8,10 +8,8 @@ cached. Prints items/s, new tokens per item, the share that ran out of the budge
 the time of a decoding step (8 steps on the first batch) through the TransformerLens bridge and through the
 shared-prefix decoder, each over one through the plain HF twin.
 
-The scorer decodes with the shared-prefix decoder (:mod:`arithlens.core.shared_prefix`: the prefix's keys
-and values held once, each row's in a buffer allocated once). ``--rounds R`` also times the same items
-with HF's cache (the prefix repeated per row, the cache grown by concatenation), R rounds interleaved,
-the fastest of each kept, and prints the ratio shared ÷ HF and how many generations are identical.
+The scorer decodes with the shared-prefix decoder (:mod:`arithlens.core.shared_prefix`); ``bench_table1.py``
+times it against HF's cache on every Table 1 benchmark.
 Wall-clock on this machine, model load excluded; ``--threads 0`` keeps torch's default.
 """
 
@@ -49,32 +47,12 @@ def step_times(model, scorer, steps: int = 8) -> dict[str, float]:
     return times
 
 
-def engine_times(scorer, rounds: int, reference) -> tuple[float, float, int]:
-    """Fastest seconds of ``scorer.score()`` with the shared-prefix decoder and with HF's cache (rounds
-    interleaved), and how many items' generations the two engines write identically."""
-    best = {"shared": float("inf"), "hf": float("inf")}
-    decoder = scorer._shared_decoder
-    for _ in range(rounds):
-        for engine in best:
-            scorer._shared_decoder = decoder if engine == "shared" else (lambda fwd_hooks: None)
-            start = time.perf_counter()
-            frame = scorer.score()
-            best[engine] = min(best[engine], time.perf_counter() - start)
-            if engine == "hf":
-                hf_frame = frame
-    scorer._shared_decoder = decoder
-    same = int((hf_frame["generated"] == reference["generated"]).sum())
-    return best["shared"], best["hf"], same
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=0,
-                        help="also time HF's cache against the shared-prefix decoder, R interleaved rounds")
     args = parser.parse_args()
 
     import torch
@@ -99,10 +77,6 @@ def main() -> None:
               f"{frame['n_new_tokens'].mean():.0f} new tokens an item, {frame['hit_budget'].mean():.0%} ran out of "
               f"the budget, accuracy {frame['correct'].mean():.1%}; a decoding step through the bridge ÷ the twin "
               f"{steps['bridge'] / steps['twin']:.2f}, the shared-prefix decoder ÷ the twin {steps['shared'] / steps['twin']:.2f}")
-        if args.rounds:
-            shared, hf, same = engine_times(scorer, args.rounds, frame)
-            print(f"{name}: shared-prefix decoder {shared:.0f} s, HF's cache {hf:.0f} s (fastest of {args.rounds}): "
-                  f"ratio {shared / hf:.2f}; identical generations {same} of {len(frame)}")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,6 @@ class PrefixDecoder:
         if not fits(model):
             raise ValueError(f"shared-prefix decoding is not checked for {layout.architecture(model)}")
         self.twin = decoding_twin(model)
-        self.n_prefix = prefix.shape[1]
         with torch.no_grad():
             kv = twin_of(model)(input_ids=prefix, past_key_values=DynamicCache(), use_cache=True,
                                 logits_to_keep=1).past_key_values

@@ -3,6 +3,8 @@ its layer loop on every tiny family, and a fused-projection model (Phi-3)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -175,6 +177,26 @@ def test_prefix_cached_step_equals_uncached(tiny, batches):
     runs = [ft.train_slices(tiny, slices, batches, ft.TrainConfig(steps=3, lr=1e-2, prefix_cache=c)) for c in (False, True)]
     for s in slices:
         assert torch.allclose(runs[0].delta.values[s], runs[1].delta.values[s], atol=1e-6)
+
+
+def test_the_prefix_cache_is_shared_between_rows_and_made_anew_when_a_lower_weight_changes(tiny, batches):
+    ft._PREFIXES.clear()
+    config = ft.TrainConfig(steps=3, lr=1e-2)
+    first = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig((Head(1, 0),)), config)
+    assert len(ft._PREFIXES) == 1 and first.prefix_seconds > 0
+    again = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig((Head(1, 0),)), config)  # the next seed or draw
+    assert len(ft._PREFIXES) == 1
+    assert all(torch.equal(again.delta.values[s], v) for s, v in first.delta.values.items())
+    ft.lora_sft(tiny, batches, rank=2, train=config, layers=[1])  # LoRA from the same layer reads the same cache
+    assert len(ft._PREFIXES) == 1
+    below = deltas.Delta({deltas.Slice("model.layers.0.self_attn.o_proj.weight", 0, 0, 4):
+                          deltas.slice_view(deltas.named_weights(tiny), deltas.Slice("model.layers.0.self_attn.o_proj.weight", 0, 0, 4)) + 1.0})
+    with deltas.applied(tiny, below):  # a weight below the tuned layer written in place: a new cache
+        moved = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig((Head(1, 0),)), config)
+        plain = ft.precise_sft(tiny, batches, ft.PreciseSFTConfig((Head(1, 0),)), replace(config, prefix_cache=False))
+    assert len(ft._PREFIXES) == 2
+    assert all(torch.allclose(moved.delta.values[s], v, atol=1e-6) for s, v in plain.delta.values.items())
+    assert not all(torch.allclose(moved.delta.values[s], v, atol=1e-6) for s, v in first.delta.values.items())
 
 
 def test_twin_forward_matches_the_bridge(tiny, batches):
@@ -392,4 +414,6 @@ def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny
     kept = cmp.kept_deltas(grid.methods)
     assert list(kept.values()) == ["delta", "delta_random", "delta_lora"]
     assert list(kept) == [grid.methods[2], draws[0], grid.methods[8]]
+    # the draws past the training seeds are scored on the math sets only; every other row on every set
+    assert [cmp.scored_kinds(m, config) for m in grid.methods] == [None] * 6 + [("math",)] + [None] * 7
     assert naming.method_family("base") == naming.BASE and naming.lora_name(9) == "LoRA r=9"

@@ -72,3 +72,47 @@ def test_a_delta_changes_the_scores_and_is_taken_off_afterwards(setup):
     assert not np.allclose(before["p_answer"], changed["p_answer"])  # the delta reached the twin's layers
     after = evaluator.evaluate(None)
     np.testing.assert_array_equal(before["p_answer"].to_numpy(), after["p_answer"].to_numpy())
+
+
+def test_items_sharing_a_beginning_run_packed_and_score_as_unpacked(setup, monkeypatch):
+    """A batch whose items share their demonstrations runs packed; split over several packed rows (the last
+    filled with a repeat) it scores as the plain batches do."""
+    from arithlens.analyses.sft import from_layer
+
+    model, data, suites = setup
+    plain = FromLayerEvaluator.__new__(FromLayerEvaluator)
+    monkeypatch.setattr(from_layer, "_pack", lambda *a: None)
+    plain.__init__(model, data, suites, start=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(from_layer, "PACKED_ROW", 48)  # at most two items a row here: three items make two rows
+    packed = FromLayerEvaluator(model, data, suites, start=1)
+    shapes = [(len(b.index), tuple(b.packing.tokens.shape)) for bs in packed.suite_batches for b in bs if b.packing]
+    assert any(rows > 1 for _, (rows, _) in shapes), shapes
+    assert not any(b.packing for bs in plain.suite_batches for b in bs)
+    for delta in (None, _perturbed(model, 1, seed=7), _perturbed(model, None, seed=7)):
+        fast, slow = packed.evaluate(delta), plain.evaluate(delta)
+        np.testing.assert_allclose(fast["p_answer"].to_numpy(float), slow["p_answer"].to_numpy(float), atol=2e-6)
+        assert (fast["correct"] == slow["correct"]).mean() >= 0.99
+
+
+def test_pack_declines_where_it_would_not_pay_or_could_change_a_result():
+    from arithlens.analyses.sft.from_layer import _pack
+
+    shared = torch.tensor([[5, 6, 7, 8, 1, 2], [5, 6, 7, 8, 3, 4], [5, 6, 7, 8, 3, 9]])
+    head, own, per = _pack(shared, read_from=4, window=None)
+    assert head.tolist() == [5, 6, 7, 8] and own == 2 and per >= 3
+    assert _pack(shared, read_from=3, window=None)[0].tolist() == [5, 6, 7]  # the last prompt token stays the item's own
+    assert _pack(shared[:1], read_from=4, window=None) is None  # one item
+    assert _pack(shared, read_from=4, window=6) is None  # a sliding window no longer than the items
+    assert _pack(shared, read_from=4, window=7) is not None
+    assert _pack(torch.tensor([[5, 1, 2, 3], [5, 4, 2, 3]]), read_from=3, window=None) is None  # shares less than the rest
+
+
+def test_evaluate_can_score_some_kinds_only(setup):
+    model, data, suites = setup
+    evaluator = FromLayerEvaluator(model, data, suites, start=1)
+    delta = _perturbed(model, 1, seed=11)
+    full, math = evaluator.evaluate(delta), evaluator.evaluate(delta, kinds=("math",))
+    assert set(math["kind"]) == {"math"} and set(math["set"]) == set(full.loc[full["kind"] == "math", "set"])
+    same_rows = full[full["kind"] == "math"].reset_index(drop=True)
+    np.testing.assert_array_equal(math["p_answer"].to_numpy(), same_rows["p_answer"].to_numpy())

@@ -209,6 +209,16 @@ def anti_key_heads(ranking: Sequence[Head], key: Sequence[Head], band: int, k: i
     return pool[-k:]
 
 
+def scored_kinds(method: Method, config: GridConfig) -> tuple[str, ...] | None:
+    """The kinds of set a row is scored on: the layer-matched random draws past the first
+    ``config.training_seeds`` only on the math sets (0-shot arithmetic and the math suites: what R6 places
+    the key heads among), so that the random heads' controls and 3-shot sets rest on as many draws as
+    the other families have seeds; every other row on every set (None)."""
+    if method_family(method.name) == RANDOM and method.group == "main" and method.seed >= config.training_seeds:
+        return ("math",)
+    return None
+
+
 def table1_methods(methods: Sequence[Method]) -> list[Method]:
     """The rows chapter 4 also asks the shipped public benchmarks (the paper's Table 1): the first
     main-group row of full SFT, Precise SFT, random heads and LoRA — one training seed or draw each,
@@ -298,14 +308,15 @@ class RowRun:
 
 
 def train_and_evaluate(model: LoadedModel, batches, method: Method, config: TrainConfig, evaluator: FromLayerEvaluator,
-                       table1_suites=(), keep: bool = False, twin=None) -> RowRun:
-    """Train ``method``, score every evaluation set and suite of ``evaluator`` with its delta, and ask ``table1_suites`` (the
-    shipped benchmarks, :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row)."""
+                       table1_suites=(), keep: bool = False, twin=None, kinds: tuple[str, ...] | None = None) -> RowRun:
+    """Train ``method``, score the evaluation sets and suites of ``evaluator`` with its delta (those of ``kinds``
+    only where given, :func:`scored_kinds`), and ask ``table1_suites`` (the shipped benchmarks,
+    :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row)."""
     tick = time.perf_counter()
     result = train_method(model, batches, method, config, twin=twin)
     seconds = {"training": time.perf_counter() - tick}
     tick = time.perf_counter()
-    scores = evaluator.evaluate(result.delta).assign(method=method.name, seed=method.seed, group=method.group)
+    scores = evaluator.evaluate(result.delta, kinds).assign(method=method.name, seed=method.seed, group=method.group)
     seconds["evaluation"] = time.perf_counter() - tick
     bench = None
     if table1_suites:

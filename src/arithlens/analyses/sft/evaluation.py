@@ -152,14 +152,14 @@ def compare_to_base(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     then items are resampled (the same resample for the method and the base: a paired CI).
     """
     per_item = scores.groupby(["method", "kind", "set", "item"], sort=False)["correct"].mean().reset_index()
-    seeds = scores.groupby("method", sort=False)["seed"].nunique()
+    seeds = scores.groupby(["method", "set"], sort=False)["seed"].nunique()  # a set may be scored on fewer seeds
     base = per_item[per_item.method == BASE].set_index(["set", "item"])["correct"]
     rows = []
     for (method, kind, name), frame in per_item.groupby(["method", "kind", "set"], sort=False):
         acc = frame["correct"].to_numpy(dtype=float)
         diff = acc - base.loc[name].reindex(frame["item"]).to_numpy(dtype=float)
         mean, lo, hi, _ = bootstrap_means(np.stack([acc, diff], axis=1), n_boot, seed)
-        rows.append({"method": method, "kind": kind, "set": name, "n": len(acc), "seeds": int(seeds[method]),
+        rows.append({"method": method, "kind": kind, "set": name, "n": len(acc), "seeds": int(seeds[(method, name)]),
                      "accuracy": mean[0], "acc_low": lo[0], "acc_high": hi[0],
                      "change": mean[1], "change_low": lo[1], "change_high": hi[1]})
     return pd.DataFrame(rows)

@@ -15,8 +15,18 @@ an exact tie between two tokens can differ; ``tests/test_from_layer.py`` checks 
 architecture). A suite is scored teacher-forced on whole sequences — prompt and answer tokens, one
 length per batch, no shared-prefix cache — and judged by the suite's own rule
 (:func:`arithlens.tasks.suites.judge`). The base model (no delta) runs from ``start`` too, so every row
-and the base share one pass. Written by hand: the batching and the cache (transformers has no forward
-pass that starts at a given layer).
+and the base share one pass.
+
+A batch whose items begin with the same tokens — a suite's demonstrations, the same for every item —
+runs *packed* (:class:`_Packing`): that shared beginning once, then each item's own tokens after it in
+the same row, each attending to the shared beginning and to itself only, at the positions it has
+unpacked. The control suites are some 26–35 tokens an item, 24–32 of them shared, so a packed pass
+reads a fraction of the tokens. :meth:`FromLayerEvaluator.evaluate` can also be asked for some kinds
+of set only (chapter 4 asks the layer-matched random draws past its training seeds for the math sets
+R6 ranks them by).
+
+Written by hand: the batching, the cache and the packing (transformers has no forward pass that starts
+at a given layer, and packs sequences only to keep them apart, never to share a beginning).
 """
 
 from __future__ import annotations
@@ -38,15 +48,70 @@ from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, run_layers, twin_of
 from arithlens.tasks.suites import Suite, forced_answer, judge
 
 
+#: The longest packed row, in tokens: a batch's items go into as many packed rows as this allows.
+PACKED_ROW = 1024
+
+
+@dataclass(frozen=True)
+class _Packing:
+    """A batch packed: rows of the shared beginning (``shared`` tokens) followed by the ``per`` items'
+    own tokens, each ``own`` long; ``where`` (``[items, own]``) indexes each item's own positions in the
+    flattened rows, and ``context`` is every layer's keyword arguments (positions as unpacked; a mask
+    that lets each token see the shared beginning and its own item's earlier tokens)."""
+
+    tokens: Tensor
+    shared: int
+    where: Tensor
+    context: dict
+
+
+def _pack(tokens: Tensor, read_from: int, window: int | None) -> tuple[Tensor, int, int] | None:
+    """How to pack ``tokens`` (``[items, length]``, one length): the shared beginning's length, the own
+    length and the items per packed row; None where packing would not pay (one item; a shared beginning
+    shorter than the rest) or could change a result (a sliding window shorter than the items)."""
+    items, length = tokens.shape
+    same = (tokens == tokens[:1]).all(0)
+    shared = min(int(same.long().cumprod(0).sum()), read_from)  # the item's last prompt token stays its own
+    own = length - shared
+    if items < 2 or shared < own or (window is not None and window <= length):
+        return None
+    return tokens[0, :shared], own, max(1, (PACKED_ROW - shared) // own)
+
+
+def _packing(twin, tokens: Tensor, read_from: int) -> _Packing | None:
+    plan = _pack(tokens, read_from, getattr(twin.config, "sliding_window", None))
+    if plan is None:
+        return None
+    head, own, per = plan
+    items, shared = tokens.shape[0], len(head)
+    per = min(per, items)
+    rows = -(-items // per)
+    order = torch.cat([torch.arange(items), torch.full((rows * per - items,), items - 1)])  # the last item fills the last row
+    tails = tokens[order, shared:].reshape(rows, per * own)
+    packed = torch.cat([head.expand(rows, shared), tails], 1)
+    pos = torch.cat([torch.arange(shared), shared + torch.arange(own).repeat(per)]).to(tokens.device)
+    seg = torch.cat([torch.full((shared,), -1), torch.arange(per).repeat_interleave(own)]).to(tokens.device)
+    mask = (pos[None, :] <= pos[:, None]) & ((seg[None, :] == -1) | (seg[None, :] == seg[:, None]))
+    # item i's own positions in the flattened rows: row i // per, slot i % per
+    slot = torch.arange(items) % per * own + shared + (torch.arange(items) // per * packed.shape[1])
+    where = (slot[:, None] + torch.arange(own)[None]).to(tokens.device)
+    hidden = embed(twin, packed[:1])
+    context = {"attention_mask": mask[None, None], "position_ids": pos[None],
+               "position_embeddings": twin.model.rotary_emb(hidden, pos[None])}
+    return _Packing(packed, shared, where, context)
+
+
 @dataclass(frozen=True)
 class _Batch:
     """Items of one token length: their indices, their tokens, the first position whose logits are read,
-    and the base model's residual stream entering the evaluator's ``start`` layer."""
+    the base model's residual stream entering the evaluator's ``start`` layer, and (where the items share
+    a beginning) how they are packed — ``hidden`` is then the packed rows' stream."""
 
     index: np.ndarray
     tokens: Tensor
     read_from: int
     hidden: Tensor
+    packing: _Packing | None = None
 
 
 class FromLayerEvaluator:
@@ -76,8 +141,17 @@ class FromLayerEvaluator:
 
     def _cached(self, index, tokens: Tensor, read_from: int) -> _Batch:
         tokens = tokens.to(self.model.device)
-        hidden = run_layers(self.twin, embed(self.twin, tokens), 0, self.start)
-        return _Batch(np.asarray(index), tokens, read_from, hidden)
+        packing = _packing(self.twin, tokens, read_from)
+        if packing is None:
+            hidden = run_layers(self.twin, embed(self.twin, tokens), 0, self.start)
+        else:
+            hidden = self._run_packed(embed(self.twin, packing.tokens), 0, self.start, packing)
+        return _Batch(np.asarray(index), tokens, read_from, hidden, packing)
+
+    def _run_packed(self, hidden: Tensor, begin: int, stop: int, packing: _Packing) -> Tensor:
+        for i in range(begin, stop):
+            hidden = self.twin.model.layers[i](hidden, **packing.context)
+        return hidden
 
     def _prompt_batches(self, items, batch_size: int) -> list[_Batch]:
         out = []
@@ -104,12 +178,17 @@ class FromLayerEvaluator:
 
     def _logits(self, batch: _Batch, first: int) -> Tensor:
         """Logits from ``batch.read_from`` on (``[batch, read, d_vocab]``, fp32) with the weights as they are now."""
+        packing = batch.packing
         if first >= self.start:
             hidden, begin = batch.hidden, self.start
         else:
-            hidden, begin = embed(self.twin, batch.tokens), 0
-        hidden = run_layers(self.twin, hidden, begin, self.n_layers)
-        return self.twin.lm_head(self.twin.model.norm(hidden[:, batch.read_from:])).float()
+            hidden, begin = embed(self.twin, batch.tokens if packing is None else packing.tokens), 0
+        if packing is None:
+            hidden = run_layers(self.twin, hidden, begin, self.n_layers)[:, batch.read_from:]
+        else:  # each item's own positions, from read_from on
+            hidden = self._run_packed(hidden, begin, self.n_layers, packing)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[packing.where[:, batch.read_from - packing.shared:]]
+        return self.twin.lm_head(self.twin.model.norm(hidden)).float()
 
     def _is_digit(self, token: int) -> bool:
         if token not in self._words:
@@ -131,15 +210,22 @@ class FromLayerEvaluator:
     # --- what chapter 4 asks --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, delta: Delta | None) -> pd.DataFrame:
-        """:func:`arithlens.analyses.sft.evaluation.evaluate`'s rows for ``delta`` (None: the base model)."""
+    def evaluate(self, delta: Delta | None, kinds: tuple[str, ...] | None = None) -> pd.DataFrame:
+        """:func:`arithlens.analyses.sft.evaluation.evaluate`'s rows for ``delta`` (None: the base model), of
+        the sets and suites of ``kinds`` only where given (e.g. ``("math",)``: the 0-shot arithmetic sets
+        and the math suites)."""
         first, frames = self.first_layer(delta), []
+        wanted = lambda kind: kinds is None or kind in kinds
         with (applied(self.model, delta) if delta is not None else nullcontext()):
             for name, batches in self.sets.items():
+                if not wanted(self.data.kind(name)):
+                    continue
                 scores = self._answers(self.data.evals[name].items, batches, first)
                 frames.append(scores.assign(set=name, kind=self.data.kind(name), item=np.arange(len(scores)))[
                     ["set", "kind", "item", "correct", "p_answer", "digit"]])
             for suite, batches in zip(self.suites, self.suite_batches):
+                if not wanted(suite.kind):
+                    continue
                 n = len(suite.items)
                 cols = {"correct": np.zeros(n, bool), "first_correct": np.zeros(n, bool), "p_answer": np.zeros(n),
                         "score": np.zeros(n)}

@@ -229,6 +229,27 @@ def step_loss(twin: torch.nn.Module, batch: Batch, start: int, eff: dict[str, Te
     return F.cross_entropy(end_logits(twin, hidden, start, eff).float(), answers)
 
 
+#: Prefix caches kept for the next rows that train from the same layer on the same batches (every Precise SFT
+#: seed on its batches, each random draw, LoRA from the key heads' layer): the most recent few.
+PREFIXES_KEPT = 4
+_PREFIXES: dict[tuple, tuple[list[Tensor], dict[int, Tensor]]] = {}
+
+
+def _prefixes(net: torch.nn.Module, batches: list[Batch], start: int, dev) -> dict[int, Tensor]:
+    """The residual stream entering ``start`` for each of ``batches``, computed once and kept
+    (:data:`PREFIXES_KEPT`). Nothing below ``start`` is trained, and the key holds the storage and version
+    counter of every weight below it: a weight written in place in between (a delta applied) makes a new cache."""
+    below = [net.model.embed_tokens.weight, *(p for layer in net.model.layers[:start] for p in layer.parameters())]
+    key = (start, tuple(id(tokens) for tokens, _ in batches), tuple((p.data_ptr(), p._version) for p in below))
+    if key not in _PREFIXES:
+        with torch.no_grad():
+            cache = {i: run_layers(net, embed(net, tokens.to(dev)), 0, start) for i, (tokens, _) in enumerate(batches)}
+        while len(_PREFIXES) >= PREFIXES_KEPT:
+            _PREFIXES.pop(next(iter(_PREFIXES)))
+        _PREFIXES[key] = ([tokens for tokens, _ in batches], cache)  # the tokens held: their ids stay theirs
+    return _PREFIXES[key][1]
+
+
 def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], train: TrainConfig, start: int,
               lr: float, desc: str, effective: Callable[[], dict[str, Tensor]] = dict,
               after_backward: Callable[[], None] | None = None,
@@ -241,9 +262,7 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
     t0 = time.perf_counter()
     prefixes: dict[int, Tensor] = {}
     if train.prefix_cache and start > 0:
-        with torch.no_grad():
-            for i, (tokens, _) in enumerate(batches[: train.steps]):
-                prefixes[i] = run_layers(net, embed(net, tokens.to(dev)), 0, start)
+        prefixes = _prefixes(net, batches[: train.steps], start, dev)
     prefix_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     losses, times = [], []

@@ -11,7 +11,10 @@ and runs each row on the twin from there, or from the embedding when the row's d
 Three rows, each timed both ways in one process, interleaved round by round (so load from other
 processes hits both alike; the fastest round is reported, the median beside it): the base model; a
 delta on the key heads' layer (``--start``: Precise SFT, layer-matched random heads, LoRA); and a delta
-on the embedding (full SFT: the whole pass). The evaluator's one-off cache is timed on its own. Lines
+on the embedding (full SFT: the whole pass). The evaluator's one-off cache is timed on its own. Then the
+evaluator itself with and without packing (items that share their demonstrations run as one shared
+beginning and each item's own tokens; without: the evaluator's ``_pack`` answering None, every item its
+own row), and on the math sets only (what chapter 4 scores the random draws past its seeds on). Lines
 starting with ``ratio`` are new ÷ old time (below 1 is faster). Agreement of the two (correct answers,
 same items) is printed too. Times are wall-clock on this machine; compare only the ratios.
 """
@@ -82,6 +85,30 @@ def main() -> None:
         print(f"{row:28s} bridge {min(old):6.1f} s (median {statistics.median(old):.1f})   from layer {min(new):6.1f} s "
               f"(median {statistics.median(new):.1f})   same answers {agree[row]:.1%}")
         print(f"ratio {row}: {min(new) / min(old):.2f}")
+
+    from arithlens.analyses.sft import from_layer
+
+    packing = from_layer._pack
+    from_layer._pack = lambda *a: None
+    try:
+        unpacked = FromLayerEvaluator(lm, data, suites, start=args.start)
+    finally:
+        from_layer._pack = packing
+    d = rows[f"delta in layer {args.start}"]
+    ways = {"unpacked": lambda: unpacked.evaluate(d), "packed": lambda: evaluator.evaluate(d),
+            "packed, math sets only": lambda: evaluator.evaluate(d, kinds=("math",))}
+    spent = {w: [] for w in ways}
+    for _ in range(args.rounds):
+        for way, run in ways.items():
+            tick = time.perf_counter()
+            run()
+            spent[way].append(time.perf_counter() - tick)
+    packed_batches = sum(b.packing is not None for bs in evaluator.suite_batches for b in bs)
+    print(f"packing: {packed_batches} of {sum(map(len, evaluator.suite_batches))} suite batches share a beginning; "
+          + ", ".join(f"{w} {min(t):.1f} s" for w, t in spent.items())
+          + f"; same answers {float((unpacked.evaluate(d)['correct'] == evaluator.evaluate(d)['correct']).mean()):.1%}")
+    print(f"ratio packed: {min(spent['packed']) / min(spent['unpacked']):.2f}")
+    print(f"ratio math sets only: {min(spent['packed, math sets only']) / min(spent['unpacked']):.2f}")
 
 
 if __name__ == "__main__":

@@ -244,6 +244,25 @@ def test_full_sft_and_lora(tiny, batches):
     assert torch.equal(_logits(tiny, tokens), base)
 
 
+def test_untrained_losses_are_the_untrained_weights_on_the_last_quarters_batches(tiny, batches):
+    """What *trained* is read against (chapter 4, C6): the untrained weights' loss on the batches of the last
+    quarter of steps — the steps' own losses when nothing moves (lr 0), above them once training helps — for
+    every way of training (slices from a layer with its prefix cached, the whole model, LoRA)."""
+    steps = 8  # cycling over the 3 batches: the last quarter is steps 6 and 7, batches 0 and 1
+    assert list(ft.last_quarter(steps)) == [6, 7] and list(ft.last_quarter(3)) == [2]
+    still = ft.TrainConfig(steps=steps, lr=0.0, weight_decay=0.0)
+    for run in (lambda c: ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS), c),
+                lambda c: ft.full_sft(tiny, batches, c), lambda c: ft.lora_sft(tiny, batches, 2, c)):
+        frozen = run(still)
+        assert len(frozen.untrained_losses) == 2
+        torch.testing.assert_close(torch.tensor(frozen.untrained_losses), torch.tensor(frozen.losses[6:]),
+                                   rtol=1e-5, atol=1e-6)
+        assert frozen.untrained_losses[0] == pytest.approx(frozen.losses[0], rel=1e-5)  # step 6 is batch 0 again
+        trained = run(ft.TrainConfig(steps=steps, lr=1e-2))
+        assert trained.untrained_losses == pytest.approx(frozen.untrained_losses, rel=1e-6)
+        assert sum(trained.losses[6:]) < sum(trained.untrained_losses)
+
+
 def test_lora_on_a_fused_qkv_projection(tiny_phi3, batches):
     rank = 2
     lora = ft.lora_sft(tiny_phi3, batches, rank, ft.TrainConfig(steps=2, lr=1e-2))

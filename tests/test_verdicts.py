@@ -192,9 +192,11 @@ def sft_run(precise: tuple[float, float, float, float, float, float], full: tupl
             {"method": "full SFT", **dict(zip(cols, full))},
             {"method": "random 10 heads", **dict(zip(cols, precise))}]
     tables = {"math_vs_control": pd.DataFrame(rows)}
-    if full_loss:  # (first, last) of full SFT's training; the slice methods' losses fell
-        tables["training"] = pd.DataFrame([{"method": "full SFT", "first loss": full_loss[0], "last loss": full_loss[1]},
-                                           {"method": "Precise SFT (10 key heads)", "first loss": 2.0, "last loss": 1.5}])
+    if full_loss:  # (untrained, trained) loss on full SFT's last batches; the slice methods' losses fell
+        tables["training"] = pd.DataFrame([{"method": "full SFT", "first loss": 0.01, "last loss": full_loss[1],
+                                            "untrained loss": full_loss[0]},
+                                           {"method": "Precise SFT (10 key heads)", "first loss": 2.0, "last loss": 1.5,
+                                            "untrained loss": 2.0}])
     return FakeRun(tables)
 
 
@@ -215,20 +217,25 @@ def test_c6_does_not_count_matching_a_full_sft_that_diverged():
     assert trained.verdict == HOLDS and "diverged" not in trained.numbers
     diverged = verdicts.claim_c6({"04_precise_sft": sft_run(better + kept, hurt + hurt, full_loss=(0.08, 3.57))})
     assert diverged.verdict == PARTLY  # improves and keeps; *matches* a diverged baseline is not counted
-    assert diverged.numbers.endswith("; full SFT diverged at its chosen rate (mean loss 0.08 → 3.57): *matches* not counted")
+    assert diverged.numbers.endswith("; full SFT diverged at its chosen rate (mean loss on its last batches 0.08 "
+                                     "untrained → 3.57 trained): *matches* not counted")
 
 
-def test_c6_reads_full_sfts_training_over_its_seeds():
-    """Each seed starts on its own first batch: one seed's last losses above its (easy) first batch is not a
-    divergence; the mean over seeds decides (SmolLM2 at lr 1e-5: 2.96 → 1.45, 1.92 → 0.78, 1.65 → 2.05)."""
+def test_c6_reads_full_sfts_training_over_its_seeds_on_the_same_batches():
+    """The last quarter's losses are read against the untrained weights' on those same batches, over the seeds:
+    a first batch easier than the last ones is not a divergence (Qwen 0.5B at lr 1e-6: first-step loss 0.09 over
+    the seeds, last quarter 0.15, and held-out math +11 points)."""
     better, kept = (0.2, 0.15, 0.25), (0.0, -0.02, 0.02)
     run = sft_run(better + kept, (0.05, 0.0, 0.1) + kept)
-    run.tables["training"] = pd.DataFrame({"method": ["full SFT"] * 3, "first loss": [2.96, 1.92, 1.65],
-                                           "last loss": [1.45, 0.78, 2.05]})
+    run.tables["training"] = pd.DataFrame({"method": ["full SFT"] * 3, "first loss": [0.08, 0.09, 0.10],
+                                           "last loss": [0.16, 0.12, 0.17], "untrained loss": [0.17, 0.13, 0.18]})
     v = verdicts.claim_c6({"04_precise_sft": run})
     assert v.verdict == HOLDS and "diverged" not in v.numbers
-    run.tables["training"]["last loss"] = [3.1, 2.5, 2.2]
-    assert "mean loss 2.18 → 2.60" in verdicts.claim_c6({"04_precise_sft": run}).numbers
+    run.tables["training"]["last loss"] = [0.2, 0.1, 0.3]  # one seed below its untrained loss; the mean is above
+    assert "mean loss on its last batches 0.16 untrained → 0.20 trained" in verdicts.claim_c6({"04_precise_sft": run}).numbers
+    older = run.tables["training"].drop(columns="untrained loss")  # a run saved before the column: its first loss
+    run.tables["training"] = older.assign(**{"last loss": [0.16, 0.12, 0.17]})
+    assert "mean loss on its last batches 0.09 untrained → 0.15 trained" in verdicts.claim_c6({"04_precise_sft": run}).numbers
 
 
 def test_r6_places_the_key_heads_among_the_random_draws():

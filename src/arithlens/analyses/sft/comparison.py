@@ -35,8 +35,8 @@ from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, R
                                             method_family, mlp_name, precise_name, random_all_name, random_name)
 from arithlens.analyses.sft.evaluation import make_batches
 from arithlens.analyses.sft.from_layer import FromLayerEvaluator
-from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, lora_rank_for,
-                                            precise_slices, train_method)
+from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, last_quarter,
+                                            lora_rank_for, precise_slices, train_method)
 from arithlens.core.items import ItemSet
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
@@ -272,8 +272,15 @@ def convergence_check(model: LoadedModel, train: ItemSet, evaluator: FromLayerEv
 # --- units of work (each can be kept and resumed) ---------------------------------------------------
 
 def _last_loss(losses: Sequence[float], steps: int) -> float:
-    """The mean loss over the last quarter of the steps (at least one)."""
-    return float(pd.Series(list(losses)[-max(1, steps // 4):]).mean())
+    """The mean loss over the last quarter of the steps (:func:`~arithlens.analyses.sft.trainer.last_quarter`)."""
+    return float(pd.Series([losses[s] for s in last_quarter(steps)]).mean())
+
+
+def _losses(result, steps: int) -> dict[str, float]:
+    """A row's loss columns: its first step's, its last quarter's, and the untrained weights' on those same
+    batches (what *trained* is read against: the batches differ from step to step)."""
+    return {"first loss": result.losses[0], "last loss": _last_loss(result.losses, steps),
+            "untrained loss": float(np.mean(result.untrained_losses))}
 
 
 @dataclass(frozen=True)
@@ -281,7 +288,7 @@ class Trial:
     """One learning rate tried on validation (:func:`try_rate`)."""
 
     correct: np.ndarray  # per validation prompt
-    row: dict  # method, family, lr, accuracy, first loss, last loss
+    row: dict  # method, family, lr, accuracy, first loss, last loss, untrained loss
     seconds: float
 
 
@@ -292,7 +299,7 @@ def try_rate(model: LoadedModel, batches, method: Method, config: TrainConfig, e
     result = train_method(model, batches, method, config, twin=twin)
     correct = evaluator.validation(result.delta)
     row = {"method": method.name, "family": method_family(method.name), "lr": method.lr, "accuracy": correct.mean(),
-           "first loss": result.losses[0], "last loss": _last_loss(result.losses, config.steps)}
+           **_losses(result, config.steps)}
     return Trial(correct, row, time.perf_counter() - tick)
 
 
@@ -325,6 +332,5 @@ def train_and_evaluate(model: LoadedModel, batches, method: Method, config: Trai
     trained = {"method": method.name, "group": method.group, "seed": method.seed, "lr": method.lr,
                "heads": ", ".join(map(str, method.precise.heads)) if method.precise else "—",
                "trainable (M)": result.n_trainable / 1e6, "step (s)": pd.Series(result.step_seconds).median(),
-               "prefix (s)": result.prefix_seconds, "first loss": result.losses[0],
-               "last loss": _last_loss(result.losses, config.steps)}
+               "prefix (s)": result.prefix_seconds, **_losses(result, config.steps)}
     return RowRun(scores, trained, result.delta if keep else None, bench, seconds)

@@ -108,6 +108,7 @@ class TrainResult:
     losses: list[float]
     step_seconds: list[float]
     prefix_seconds: float
+    untrained_losses: list[float]  # the untrained weights' loss on the batches of the last quarter of steps
 
 
 # --- names and slices ----------------------------------------------------------------------------
@@ -253,17 +254,23 @@ def _prefixes(net: torch.nn.Module, batches: list[Batch], start: int, dev) -> di
 def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], train: TrainConfig, start: int,
               lr: float, desc: str, effective: Callable[[], dict[str, Tensor]] = dict,
               after_backward: Callable[[], None] | None = None,
-              progress=None) -> tuple[list[float], list[float], float]:
+              progress=None) -> tuple[list[float], list[float], float, list[float]]:
     """The training loop every method shares: AdamW on ``params``, one step per batch (``train.steps``,
     cycling), the answer's cross-entropy at the last position (:func:`step_loss`) with the weights
     ``effective()`` returns, the residual stream entering layer ``start`` cached per batch beforehand
-    (``train.prefix_cache``). Returns (losses, seconds per step, seconds spent on the prefix cache)."""
+    (``train.prefix_cache``). Returns (losses, seconds per step, seconds spent on the prefix cache, the
+    untrained weights' loss on the batches of the last quarter of steps: what the last quarter's losses are
+    read against to tell whether the run trained, on the same batches, :func:`last_quarter`)."""
     dev = next(net.parameters()).device
     t0 = time.perf_counter()
     prefixes: dict[int, Tensor] = {}
     if train.prefix_cache and start > 0:
         prefixes = _prefixes(net, batches[: train.steps], start, dev)
     prefix_s = time.perf_counter() - t0
+    with torch.no_grad():
+        untrained = [float(step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(), prefixes.get(i)))
+                     for i, (tokens, answers) in ((s % len(batches), batches[s % len(batches)])
+                                                  for s in last_quarter(train.steps))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     losses, times = [], []
     steps = range(train.steps)
@@ -278,7 +285,12 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
         opt.step()
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
-    return losses, times, prefix_s
+    return losses, times, prefix_s, untrained
+
+
+def last_quarter(steps: int) -> range:
+    """The steps whose losses tell whether a run trained: the last quarter (at least one)."""
+    return range(steps - max(1, steps // 4), steps)
 
 
 def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], train: TrainConfig,
@@ -296,13 +308,13 @@ def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], 
         for s, tensor in trainable.items():
             tensor.grad.mul_(grad_scale.get(s, 1.0))
 
-    losses, times, prefix_s = _optimize(
+    losses, times, prefix_s, untrained = _optimize(
         twin, list(trainable.values()), batches, train, start_layer(slices, len(twin.model.layers)), train.lr,
         f"training {len(slices)} slices", lambda: effective_weights(weights, trainable),
         rescale if grad_scale else None, progress)
     base = {s: slice_view(weights, s) for s in slices}
     delta = Delta({s: t.detach().clone() for s, t in trainable.items()}, {s: tensor_digest(base[s]) for s in slices})
-    return TrainResult(delta, sum(t.numel() for t in trainable.values()), losses, times, prefix_s)
+    return TrainResult(delta, sum(t.numel() for t in trainable.values()), losses, times, prefix_s, untrained)
 
 
 def precise_sft(model: LoadedModel, batches: list[Batch], config: PreciseSFTConfig, train: TrainConfig = TrainConfig(),
@@ -340,7 +352,7 @@ def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainCo
         peft_model = get_peft_model(twin, cfg)
     inner = peft_model.base_model.model
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    losses, times, prefix_s = _optimize(inner, params, batches, train, min(layers), lr or train.lr,
+    losses, times, prefix_s, untrained = _optimize(inner, params, batches, train, min(layers), lr or train.lr,
                                         f"LoRA r={rank}", progress=progress)
     weights = named_weights(model)
     values, digest = {}, {}
@@ -352,7 +364,7 @@ def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainCo
                 values[s] = (weights[pname] + module.get_delta_weight("default")).detach().clone()
             digest[s] = tensor_digest(weights[pname])
     delta = Delta(values, digest, {"method": "lora", "rank": rank, "layers": layers})
-    return TrainResult(delta, sum(p.numel() for p in params), losses, times, prefix_s)
+    return TrainResult(delta, sum(p.numel() for p in params), losses, times, prefix_s, untrained)
 
 
 def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:

@@ -267,10 +267,12 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
     if train.prefix_cache and start > 0:
         prefixes = _prefixes(net, batches[: train.steps], start, dev)
     prefix_s = time.perf_counter() - t0
-    with torch.no_grad():
-        untrained = [float(step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(), prefixes.get(i)))
-                     for i, (tokens, answers) in ((s % len(batches), batches[s % len(batches)])
-                                                  for s in last_quarter(train.steps))]
+    untrained = []
+    with torch.no_grad():  # the untrained weights on the last quarter's batches: what *trained* is read against
+        for step in last_quarter(train.steps):
+            tokens, answers = batches[step % len(batches)]
+            untrained.append(float(step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(),
+                                             prefixes.get(step % len(batches)))))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     losses, times = [], []
     steps = range(train.steps)

@@ -233,9 +233,6 @@ def test_c6_reads_full_sfts_training_over_its_seeds_on_the_same_batches():
     assert v.verdict == HOLDS and "diverged" not in v.numbers
     run.tables["training"]["last loss"] = [0.2, 0.1, 0.3]  # one seed below its untrained loss; the mean is above
     assert "mean loss on its last batches 0.16 untrained → 0.20 trained" in verdicts.claim_c6({"04_precise_sft": run}).numbers
-    older = run.tables["training"].drop(columns="untrained loss")  # a run saved before the column: its first loss
-    run.tables["training"] = older.assign(**{"last loss": [0.16, 0.12, 0.17]})
-    assert "mean loss on its last batches 0.09 untrained → 0.15 trained" in verdicts.claim_c6({"04_precise_sft": run}).numbers
 
 
 def test_r6_places_the_key_heads_among_the_random_draws():

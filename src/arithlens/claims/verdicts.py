@@ -218,10 +218,8 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     training = table_or_none(runs["04_precise_sft"], "training")  # older runs lack it: nothing to check
     full = pd.DataFrame(columns=["last loss", "untrained loss"]) if training is None else training[training["method"] == FULL]
     # over its seeds: the mean loss of the last quarter of steps against the untrained weights' on the same batches
-    # (runs made before that column was saved: against the first step's loss, on another batch)
-    against = "untrained loss" if "untrained loss" in full.columns else "first loss"
-    first, last = full[against].astype(float).mean(), full["last loss"].astype(float).mean()
-    diverged = bool(len(full)) and last > first
+    untrained, last = full["untrained loss"].astype(float).mean(), full["last loss"].astype(float).mean()
+    diverged = bool(len(full)) and last > untrained
     improves = p["math low"] > 0
     matches = p["math high"] >= f["math change"] and p["control high"] >= f["control change"] and not diverged
     keeps = p["control low"] > -SFT_CONTROL_MARGIN
@@ -229,7 +227,7 @@ def claim_c6(runs: Mapping[str, Run]) -> Verdict:
     seeds = f" ({int(p['seeds'])} seeds × items resampled)" if "seeds" in table.columns and not pd.isna(p["seeds"]) else ""
     extra = ""
     if diverged:
-        extra = (f"; full SFT diverged at its chosen rate (mean loss on its last batches {first:.2f} untrained → "
+        extra = (f"; full SFT diverged at its chosen rate (mean loss on its last batches {untrained:.2f} untrained → "
                  f"{last:.2f} trained): *matches* not counted")
     return Verdict("C6", _grade(improves, matches, keeps),
                    f"math: Precise {fmt(p, 'math')} vs full {fmt(f, 'math')}; controls: Precise {fmt(p, 'control')} vs "

@@ -117,7 +117,7 @@ def test_transfer_chapter_end_to_end(shared_runs):
 
 MLP_AS_INPUT = [f"02_mlp.{p}" for p in MLP_TINY]
 SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "training_seeds=2", "random_draws=10",
-            "all_layer_draws=1", "lr_grid=[0.001, 0.01]", "lora_lr_grid=[0.01]", "head_counts=[1]", "mlp_counts=[1]",
+            "all_layer_draws=1", "lr_grid=[0.001, 0.01]", "full_lr_grid=[0.001, 0.01]", "lora_lr_grid=[0.01]", "head_counts=[1]", "mlp_counts=[1]",
             "suites=[power, capitals]", "n_suite=4", "n_control=4", "n_boot=20", "benchmarks=[gsm8k, svamp, mmlu]",
             "n_benchmark=3", "n_cot=2"]
 
@@ -138,7 +138,7 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
         lrs = selection[selection.family == family]["lr"]
         grid = [0.01] if family == "LoRA" else [0.001, 0.01]
         assert ((lrs < min(grid)) if side == "low" else (lrs > max(grid))).sum() == EDGE_TRIES, family
-    convergence = run.table("convergence")  # each family's chosen run trained twice as long
+    convergence = run.table("convergence")  # each family's chosen run trained on to twice the steps
     assert set(convergence["family"]) == set(chosen.index) and (convergence.set_index("family")["lr"] == chosen).all()
     assert convergence["converged"].dtype == bool and convergence["gain low"].le(convergence["gain high"]).all()
     arms = run.manifest["timings"]["arms_s"]  # the time split by arm

@@ -263,6 +263,25 @@ def test_untrained_losses_are_the_untrained_weights_on_the_last_quarters_batches
         assert sum(trained.losses[6:]) < sum(trained.untrained_losses)
 
 
+def test_a_run_trained_on_to_more_steps_passes_through_the_shorter_run_exactly(tiny, batches):
+    """Chapter 4's convergence check trains each family's chosen run on to twice the steps: the delta it
+    returns at ``steps`` is the shorter run's, and its ``longer`` delta is a run that long (every way of
+    training; the same code path, so equal bit for bit at any thread count)."""
+    steps, cfg = 3, ft.TrainConfig(steps=3, lr=1e-2)
+    runs = (lambda c, **k: ft.precise_sft(tiny, batches, ft.PreciseSFTConfig(HEADS), c, **k),
+            lambda c, **k: ft.full_sft(tiny, batches, c, **k), lambda c, **k: ft.lora_sft(tiny, batches, 2, c, **k))
+    for run in runs:
+        short, both, long = run(cfg), run(cfg, longer=2 * steps), run(replace(cfg, steps=2 * steps))
+        assert short.longer is None and both.losses == short.losses and len(both.losses) == steps
+        assert both.untrained_losses == short.untrained_losses and both.delta.meta == short.delta.meta
+        for a, b in ((both.delta, short.delta), (both.longer, long.delta)):
+            assert a.values.keys() == b.values.keys() and all(torch.equal(a.values[k], b.values[k]) for k in a.values)
+        assert both.longer.meta == long.delta.meta
+        assert not all(torch.equal(both.delta.values[k], both.longer.values[k]) for k in both.delta.values)
+    with pytest.raises(ValueError, match="snapshot"):
+        ft._optimize(tiny.bridge, [], batches, cfg, 0, 1e-2, "x", longer=2 * steps)
+
+
 def test_lora_on_a_fused_qkv_projection(tiny_phi3, batches):
     rank = 2
     lora = ft.lora_sft(tiny_phi3, batches, rank, ft.TrainConfig(steps=2, lr=1e-2))
@@ -364,7 +383,8 @@ def test_a_family_whose_best_rate_sits_at_an_edge_of_its_grid_tries_rates_beyond
     from arithlens.analyses.sft import naming
 
     ranking = [Head(1, 2), Head(1, 0), Head(0, 3), Head(1, 3), Head(0, 1), Head(0, 0), Head(0, 2), Head(1, 1)]
-    config = cmp.GridConfig(key_heads=2, lr_grid=(1e-3, 1e-2), lora_lr_grid=(3e-2,), training_seeds=1, random_draws=1)
+    config = cmp.GridConfig(key_heads=2, lr_grid=(1e-3, 1e-2), full_lr_grid=(1e-3, 1e-2), lora_lr_grid=(3e-2,),
+                            training_seeds=1, random_draws=1)
     tried = cmp.selection_methods(tiny, ranking, config)
     # a made-up validation curve per family: full SFT best ever lower; Precise SFT peaks at its grid's lower end,
     # so one rate below shows the peak is inside; random heads best ever higher; LoRA (one rate in its grid)
@@ -399,16 +419,17 @@ def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny
 
     # the full ranking, strongest first: the key heads are the first two, the anti-key heads the last of layer ≥ 1
     ranking = [Head(1, 2), Head(1, 0), Head(0, 3), Head(1, 3), Head(0, 1), Head(0, 0), Head(0, 2), Head(1, 1)]
-    config = cmp.GridConfig(key_heads=2, lr_grid=(1e-3, 1e-2), lora_lr_grid=(3e-2,), training_seeds=2, random_draws=3,
-                            all_layer_draws=1, head_counts=(1, 3), mlp_counts=(1,))
-    selection = cmp.selection_methods(tiny, ranking, config)
+    config = cmp.GridConfig(key_heads=2, lr_grid=(1e-3, 1e-2), full_lr_grid=(1e-4, 1e-3), lora_lr_grid=(3e-2,),
+                            training_seeds=2, random_draws=3, all_layer_draws=1, head_counts=(1, 3), mlp_counts=(1,))
+    selection = cmp.selection_methods(tiny, ranking, config)  # full SFT on its own grid
     assert [(naming.method_family(m.name), m.lr) for m in selection] == [
-        (naming.FULL, 1e-3), (naming.PRECISE, 1e-3), (naming.RANDOM, 1e-3), (naming.FULL, 1e-2), (naming.PRECISE, 1e-2),
+        (naming.FULL, 1e-4), (naming.FULL, 1e-3), (naming.PRECISE, 1e-3), (naming.RANDOM, 1e-3), (naming.PRECISE, 1e-2),
         (naming.RANDOM, 1e-2), (naming.LORA, 3e-2)]
+    assert cmp.grid_of(config, naming.FULL) == (1e-4, 1e-3) and cmp.grid_of(config, naming.RANDOM) == (1e-3, 1e-2)
     val = pd.DataFrame({"method": [m.name for m in selection], "lr": [m.lr for m in selection],
-                        "accuracy": [0.5, 0.6, 0.4, 0.5, 0.7, 0.4, 0.3]})
+                        "accuracy": [0.5, 0.5, 0.6, 0.4, 0.7, 0.4, 0.3]})
     rates = cmp.choose_rates(val)  # best validation accuracy; a tie goes to the smaller rate
-    assert rates == {naming.FULL: 1e-3, naming.PRECISE: 1e-2, naming.RANDOM: 1e-3, naming.LORA: 3e-2}
+    assert rates == {naming.FULL: 1e-4, naming.PRECISE: 1e-2, naming.RANDOM: 1e-3, naming.LORA: 3e-2}
     grid = cmp.method_grid(tiny, ranking, mlp_order=[1, 0], config=config, rates=rates)
     names = [m.name for m in grid.methods]
     r = grid.lora_rank
@@ -418,7 +439,7 @@ def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny
     families = [naming.method_family(n) for n in names]
     assert families[:4] == [naming.FULL] * 2 + [naming.PRECISE] * 2 and families[4:7] == [naming.RANDOM] * 3
     assert families[7] == "random 2 heads (all layers)" and families[10] == naming.ANTI
-    assert [m.lr for m in grid.methods] == [1e-3] * 2 + [1e-2] * 2 + [1e-3] * 4 + [3e-2] * 2 + [1e-2] * 4
+    assert [m.lr for m in grid.methods] == [1e-4] * 2 + [1e-2] * 2 + [1e-3] * 4 + [3e-2] * 2 + [1e-2] * 4
     assert [m.batch_seed for m in grid.methods[:4]] == [0, 1, 0, 1]  # each training seed its own batch order
     assert grid.precise is grid.methods[2] and grid.precise.precise.heads == (Head(1, 2), Head(1, 0)) and grid.band == 1
     draws = [m for m in grid.methods if naming.method_family(m.name) == naming.RANDOM]
@@ -433,6 +454,9 @@ def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny
     kept = cmp.kept_deltas(grid.methods)
     assert list(kept.values()) == ["delta", "delta_random", "delta_lora"]
     assert list(kept) == [grid.methods[2], draws[0], grid.methods[8]]
+    # each family's chosen run (its first seed, the first draw): Table 1's rows and the convergence check's
+    assert cmp.first_rows(grid.methods) == cmp.table1_methods(grid.methods) == [grid.methods[0], grid.methods[2], draws[0],
+                                                                               grid.methods[8]]
     # the draws past the training seeds are scored on the math sets only; every other row on every set
     assert [cmp.scored_kinds(m, config) for m in grid.methods] == [None] * 6 + [("math",)] + [None] * 7
     assert naming.method_family("base") == naming.BASE and naming.lora_name(9) == "LoRA r=9"

@@ -211,6 +211,7 @@ RULES: dict[str, Rule] = {
     "steps": COUNT,
     "batch_size": COUNT,
     "lr_grid": each(number(0, open_low=True)),
+    "full_lr_grid": each(number(0, open_low=True)),
     "lora_lr_grid": each(number(0, open_low=True)),
     "weight_decay": number(0),
     "training_seeds": COUNT,

@@ -13,7 +13,7 @@ plus MLP layers). Its tables name each row (``"Precise SFT (10 key heads)"``, ``
 ``"LoRA r=9"``, ``"full SFT"``), and later readers of those stored tables — the C6 and R6 rules
 (:mod:`arithlens.claims.verdicts`), chapter 5's summaries, chapter 6 — tell the rows apart by
 :func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of their own. Each family's chosen run is
-then trained twice as long (:func:`convergence_check`) to say whether its training had converged. Chapter 4
+then trained on to twice the steps (:func:`convergence_table`) to say whether its training had converged. Chapter 4
 keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
 :func:`kept_deltas`) for chapter 6 to compare the neurons each moves.
 
@@ -33,11 +33,9 @@ import pandas as pd
 
 from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, RANDOM, anti_name, lora_name,
                                             method_family, mlp_name, precise_name, random_all_name, random_name)
-from arithlens.analyses.sft.evaluation import make_batches
 from arithlens.analyses.sft.from_layer import FromLayerEvaluator
 from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, last_quarter,
                                             lora_rank_for, precise_slices, train_method)
-from arithlens.core.items import ItemSet
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
 from arithlens.core.deltas import Delta
@@ -49,8 +47,9 @@ from arithlens.tasks.benchmarks import shipped
 class GridConfig:
     """Chapter 4's choices of rows (its parameters of the same names).
 
-    ``lr_grid`` is tried for full SFT, Precise SFT and the random heads, ``lora_lr_grid`` for LoRA
-    (whose update starts at zero). ``training_seeds`` seeds of full SFT, Precise SFT and LoRA (each
+    ``lr_grid`` is tried for Precise SFT and the random heads, ``full_lr_grid`` for full SFT (every
+    weight moves: the usual full fine-tuning rates are lower) and ``lora_lr_grid`` for LoRA (whose update
+    starts at zero). ``training_seeds`` seeds of full SFT, Precise SFT and LoRA (each
     its own order of the training batches); ``random_draws`` layer-matched random sets (as many heads
     in each layer as the key heads, never a key head, :func:`arithlens.core.hooks.layer_matched_random_sets`
     seeded ``seed + 1``) and ``all_layer_draws`` from every layer; LoRA on the key heads' lowest layer
@@ -60,6 +59,7 @@ class GridConfig:
     kv: KVPolicy = "shared"
     rescale: bool = False
     lr_grid: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3)
+    full_lr_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
     lora_lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
     training_seeds: int = 3
     random_draws: int = 10
@@ -115,10 +115,9 @@ def selection_methods(model: LoadedModel, ranking: Sequence[Head], config: GridC
     size = sizing(model, ranking, config)
     k = len(size.key)
     draw = _random_draws(model, size.key, config)[0]
-    rows = []
+    rows = [Method(FULL, "full", lr=lr, group="lr selection") for lr in config.full_lr_grid]
     for lr in config.lr_grid:
-        rows += [Method(FULL, "full", lr=lr, group="lr selection"),
-                 Method(precise_name(k), "precise", _tuned(config, size.key), lr=lr, group="lr selection"),
+        rows += [Method(precise_name(k), "precise", _tuned(config, size.key), lr=lr, group="lr selection"),
                  Method(random_name(k), "precise", _tuned(config, draw), lr=lr, group="lr selection")]
     rows += [Method(lora_name(size.lora_rank), "lora", lora_rank=size.lora_rank, lora_layers=size.lora_layers, lr=lr,
                     group="lr selection") for lr in config.lora_lr_grid]
@@ -151,15 +150,15 @@ def at_edge(validation: pd.DataFrame) -> dict[str, str]:
 
 
 def grid_of(config: GridConfig, family: str) -> tuple[float, ...]:
-    """The rates a family's selection starts from: LoRA's own grid (its update starts at zero), the shared
-    grid for every other family."""
-    return config.lora_lr_grid if family == LORA else config.lr_grid
+    """The rates a family's selection starts from: LoRA's and full SFT's own grids, the shared grid for
+    the families that tune heads."""
+    return {LORA: config.lora_lr_grid, FULL: config.full_lr_grid}.get(family, config.lr_grid)
 
 
 def beyond_edges(tried: Sequence[Method], validation: pd.DataFrame, config: GridConfig) -> list[Method]:
     """The rates to try next: for each family :func:`at_edge`, its chosen selection row (one of ``tried``,
     the rows ``validation`` scored) again at the rate :data:`EDGE_STEP` beyond — unless it has already gone
-    :data:`EDGE_TRIES` rates past its grid (``config.lr_grid``; LoRA's ``config.lora_lr_grid``) that way."""
+    :data:`EDGE_TRIES` rates past its grid (:func:`grid_of`) that way."""
     rates, out = choose_rates(validation), []
     for family, side in at_edge(validation).items():
         grid = grid_of(config, family)
@@ -219,16 +218,22 @@ def scored_kinds(method: Method, config: GridConfig) -> tuple[str, ...] | None:
     return None
 
 
-def table1_methods(methods: Sequence[Method]) -> list[Method]:
-    """The rows chapter 4 also asks the shipped public benchmarks (the paper's Table 1): the first
-    main-group row of full SFT, Precise SFT, random heads and LoRA — one training seed or draw each,
-    as those benchmarks are the costliest evaluation (a chain of thought is up to 256 tokens an item)."""
+def first_rows(methods: Sequence[Method]) -> list[Method]:
+    """The first main-group row of full SFT, Precise SFT, random heads and LoRA: each family's first training
+    seed (the random heads' first draw), trained as its rate was chosen — on the first seed's batches."""
     rows: dict[str, Method] = {}
     for method in methods:
         family = method_family(method.name)
         if method.group == "main" and family in (FULL, PRECISE, RANDOM, LORA):
             rows.setdefault(family, method)
     return list(rows.values())
+
+
+def table1_methods(methods: Sequence[Method]) -> list[Method]:
+    """The rows chapter 4 also asks the shipped public benchmarks (the paper's Table 1): :func:`first_rows`,
+    one training seed or draw each, as those benchmarks are the costliest evaluation (a chain of thought is
+    up to 256 tokens an item)."""
+    return first_rows(methods)
 
 
 def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
@@ -245,28 +250,26 @@ def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
 
 
 #: When chapter 4 says a family's chosen training has not converged.
-CONVERGENCE_RULE = ("the family's chosen run trained for twice the steps, on the same batches and then the next "
+CONVERGENCE_RULE = ("the family's chosen run trained on to twice the steps, on the same batches and then the next "
                     "ones: not converged when the paired 95 % interval of its validation accuracy gain lies above zero")
 
 
-def convergence_check(model: LoadedModel, train: ItemSet, evaluator: FromLayerEvaluator, chosen: Sequence[Method], config: TrainConfig,
-                      at_steps: Mapping[str, np.ndarray], twin=None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Each of ``chosen`` (a family's row at its chosen rate, first training seed) trained for ``2 × config.steps``
-    steps — the selection run's batches first (:func:`arithlens.analyses.sft.evaluation.make_batches` is a prefix
-    of itself), then the next ones — against the selection run itself (``at_steps``: its per-prompt validation
-    correctness). One row per family: accuracy at both lengths, the paired gain with a bootstrap CI over the
-    validation prompts, and ``converged`` (:data:`CONVERGENCE_RULE`)."""
-    longer = replace(config, steps=2 * config.steps)
-    batches = make_batches(train, config.batch_size, longer.steps, seed=seed)
-    rows = []
-    for method in chosen:
-        before = np.asarray(at_steps[method.name], dtype=float)
-        after = evaluator.validation(train_method(model, batches, method, longer, twin=twin).delta).astype(float)
+def convergence_table(rows: Sequence[Method], at_steps: Mapping[str, np.ndarray], longer: Mapping[str, np.ndarray],
+                      steps: int, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Each family's chosen run (``rows``: :func:`first_rows`, trained on to ``2 × steps`` steps — the selection
+    run's batches first, :func:`arithlens.analyses.sft.evaluation.make_batches` being a prefix of itself, then the
+    next ones; :func:`train_and_evaluate`'s ``longer``) against itself at ``steps`` (``at_steps``: the selection
+    run's per-prompt validation correctness, ``longer``: the longer run's, by row name). One row per family:
+    accuracy at both lengths, the paired gain with a bootstrap CI over the validation prompts, and
+    ``converged`` (:data:`CONVERGENCE_RULE`)."""
+    out = []
+    for method in rows:
+        before, after = (np.asarray(c[method.name], dtype=float) for c in (at_steps, longer))
         mean, low, high, _ = bootstrap_means(np.stack([before, after, after - before], axis=1), n_boot, seed)
-        rows.append({"family": method_family(method.name), "method": method.name, "lr": method.lr,
-                     "steps": config.steps, "accuracy": mean[0], f"accuracy at {longer.steps}": mean[1],
-                     "gain": mean[2], "gain low": low[2], "gain high": high[2], "converged": not low[2] > 0})
-    return pd.DataFrame(rows)
+        out.append({"family": method_family(method.name), "method": method.name, "lr": method.lr,
+                    "steps": steps, "accuracy": mean[0], f"accuracy at {2 * steps}": mean[1],
+                    "gain": mean[2], "gain low": low[2], "gain high": high[2], "converged": not low[2] > 0})
+    return pd.DataFrame(out)
 
 
 # --- units of work (each can be kept and resumed) ---------------------------------------------------
@@ -312,15 +315,20 @@ class RowRun:
     delta: Delta | None  # the trained delta where the row's is kept (:func:`kept_deltas`), else None
     bench: pd.DataFrame | None  # Table 1's benchmarks asked of the row, where it is a Table 1 row
     seconds: dict[str, float]  # training, evaluation and (Table 1 rows) Table 1
+    longer: np.ndarray | None = None  # where asked, per validation prompt: the run trained on to ``longer`` steps
 
 
 def train_and_evaluate(model: LoadedModel, batches, method: Method, config: TrainConfig, evaluator: FromLayerEvaluator,
-                       table1_suites=(), keep: bool = False, twin=None, kinds: tuple[str, ...] | None = None) -> RowRun:
+                       table1_suites=(), keep: bool = False, twin=None, kinds: tuple[str, ...] | None = None,
+                       longer: int = 0) -> RowRun:
     """Train ``method``, score the evaluation sets and suites of ``evaluator`` with its delta (those of ``kinds``
     only where given, :func:`scored_kinds`), and ask ``table1_suites`` (the shipped benchmarks,
-    :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row)."""
+    :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row). With ``longer`` (more steps than
+    ``config.steps``; ``batches`` at least that many) the run goes on to that many steps, and the validation
+    prompts are scored with that longer run too (:func:`convergence_table`; counted as training)."""
     tick = time.perf_counter()
-    result = train_method(model, batches, method, config, twin=twin)
+    result = train_method(model, batches, method, config, twin=twin, longer=longer)
+    longer_correct = None if result.longer is None else evaluator.validation(result.longer)
     seconds = {"training": time.perf_counter() - tick}
     tick = time.perf_counter()
     scores = evaluator.evaluate(result.delta, kinds).assign(method=method.name, seed=method.seed, group=method.group)
@@ -333,4 +341,4 @@ def train_and_evaluate(model: LoadedModel, batches, method: Method, config: Trai
                "heads": ", ".join(map(str, method.precise.heads)) if method.precise else "—",
                "trainable (M)": result.n_trainable / 1e6, "step (s)": pd.Series(result.step_seconds).median(),
                "prefix (s)": result.prefix_seconds, **_losses(result, config.steps)}
-    return RowRun(scores, trained, result.delta if keep else None, bench, seconds)
+    return RowRun(scores, trained, result.delta if keep else None, bench, seconds, longer_correct)

@@ -109,6 +109,7 @@ class TrainResult:
     step_seconds: list[float]
     prefix_seconds: float
     untrained_losses: list[float]  # the untrained weights' loss on the batches of the last quarter of steps
+    longer: Delta | None = None  # where asked (``longer`` steps), the same run trained on to that many steps
 
 
 # --- names and slices ----------------------------------------------------------------------------
@@ -253,19 +254,27 @@ def _prefixes(net: torch.nn.Module, batches: list[Batch], start: int, dev) -> di
 
 def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], train: TrainConfig, start: int,
               lr: float, desc: str, effective: Callable[[], dict[str, Tensor]] = dict,
-              after_backward: Callable[[], None] | None = None,
-              progress=None) -> tuple[list[float], list[float], float, list[float]]:
+              after_backward: Callable[[], None] | None = None, progress=None,
+              snapshot: Callable[[], Delta] | None = None,
+              longer: int = 0) -> tuple[list[float], list[float], float, list[float], Delta | None]:
     """The training loop every method shares: AdamW on ``params``, one step per batch (``train.steps``,
     cycling), the answer's cross-entropy at the last position (:func:`step_loss`) with the weights
     ``effective()`` returns, the residual stream entering layer ``start`` cached per batch beforehand
     (``train.prefix_cache``). Returns (losses, seconds per step, seconds spent on the prefix cache, the
     untrained weights' loss on the batches of the last quarter of steps: what the last quarter's losses are
-    read against to tell whether the run trained, on the same batches, :func:`last_quarter`)."""
+    read against to tell whether the run trained, on the same batches, :func:`last_quarter`; None).
+
+    With ``longer`` > ``train.steps`` the loop goes on to ``longer`` steps, and the last item is ``snapshot()``
+    after step ``train.steps``: exactly the shorter run (constant rate, same batches). Losses and times are
+    the first ``train.steps`` steps'."""
     dev = next(net.parameters()).device
+    total = max(train.steps, longer)
+    if longer > train.steps and snapshot is None:
+        raise ValueError("training on past train.steps needs a snapshot of the shorter run")
     t0 = time.perf_counter()
     prefixes: dict[int, Tensor] = {}
     if train.prefix_cache and start > 0:
-        prefixes = _prefixes(net, batches[: train.steps], start, dev)
+        prefixes = _prefixes(net, batches[: total], start, dev)
     prefix_s = time.perf_counter() - t0
     untrained = []
     with torch.no_grad():  # the untrained weights on the last quarter's batches: what *trained* is read against
@@ -274,8 +283,8 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
             untrained.append(float(step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(),
                                              prefixes.get(step % len(batches)))))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
-    losses, times = [], []
-    steps = range(train.steps)
+    losses, times, shorter = [], [], None
+    steps = range(total)
     for step in (progress(steps, desc=desc) if progress else steps):
         tokens, answers = batches[step % len(batches)]
         t = time.perf_counter()
@@ -287,7 +296,9 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
         opt.step()
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
-    return losses, times, prefix_s, untrained
+        if step + 1 == train.steps and total > train.steps:
+            shorter = snapshot()
+    return losses[: train.steps], times[: train.steps], prefix_s, untrained, shorter
 
 
 def last_quarter(steps: int) -> range:
@@ -295,10 +306,16 @@ def last_quarter(steps: int) -> range:
     return range(steps - max(1, steps // 4), steps)
 
 
+def _longer(result: TrainResult, shorter: Delta | None) -> TrainResult:
+    """``result`` as the shorter run it passed through, its own delta as ``longer`` (unchanged if none)."""
+    return result if shorter is None else replace(result, delta=shorter, longer=result.delta)
+
+
 def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], train: TrainConfig,
                  grad_scale: dict[Slice, float] | None = None, progress=None,
-                 twin: torch.nn.Module | None = None) -> TrainResult:
-    """AdamW on exactly ``slices`` over ``batches`` (one step each, ``train.steps`` of them, cycling)."""
+                 twin: torch.nn.Module | None = None, longer: int = 0) -> TrainResult:
+    """AdamW on exactly ``slices`` over ``batches`` (one step each, ``train.steps`` of them, cycling); with
+    ``longer`` (more steps than ``train.steps``), trained on to that many and returned with it as ``longer``."""
     if not slices:
         raise ValueError("nothing to train: no slices")
     check_trainable(model)
@@ -310,34 +327,38 @@ def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], 
         for s, tensor in trainable.items():
             tensor.grad.mul_(grad_scale.get(s, 1.0))
 
-    losses, times, prefix_s, untrained = _optimize(
+    digest = {s: tensor_digest(slice_view(weights, s)) for s in slices}
+    trained = lambda: Delta({s: t.detach().clone() for s, t in trainable.items()}, dict(digest))
+    losses, times, prefix_s, untrained, shorter = _optimize(
         twin, list(trainable.values()), batches, train, start_layer(slices, len(twin.model.layers)), train.lr,
         f"training {len(slices)} slices", lambda: effective_weights(weights, trainable),
-        rescale if grad_scale else None, progress)
-    base = {s: slice_view(weights, s) for s in slices}
-    delta = Delta({s: t.detach().clone() for s, t in trainable.items()}, {s: tensor_digest(base[s]) for s in slices})
-    return TrainResult(delta, sum(t.numel() for t in trainable.values()), losses, times, prefix_s, untrained)
+        rescale if grad_scale else None, progress, trained, longer)
+    result = TrainResult(trained(), sum(t.numel() for t in trainable.values()), losses, times, prefix_s, untrained)
+    return _longer(result, shorter)
+
+
+def _with_meta(result: TrainResult, meta: dict) -> TrainResult:
+    longer = None if result.longer is None else replace(result.longer, meta=meta)
+    return replace(result, delta=replace(result.delta, meta=meta), longer=longer)
 
 
 def precise_sft(model: LoadedModel, batches: list[Batch], config: PreciseSFTConfig, train: TrainConfig = TrainConfig(),
-                progress=None, twin: torch.nn.Module | None = None) -> TrainResult:
+                progress=None, twin: torch.nn.Module | None = None, longer: int = 0) -> TrainResult:
     """Paper § "Precise SFT": tune only ``config``'s head slices (and MLP layers)."""
     slices = precise_slices(model, config)
     scale = rescale_factors(model.cfg, config, slices) if config.rescale else None
-    result = train_slices(model, slices, batches, train, scale, progress, twin)
-    meta = {"method": "precise", "heads": [str(h) for h in config.heads], "config": jsonable(asdict(config))}
-    return replace(result, delta=replace(result.delta, meta=meta))
+    result = train_slices(model, slices, batches, train, scale, progress, twin, longer)
+    return _with_meta(result, {"method": "precise", "heads": [str(h) for h in config.heads], "config": jsonable(asdict(config))})
 
 
 def full_sft(model: LoadedModel, batches: list[Batch], train: TrainConfig = TrainConfig(), progress=None,
-             twin: torch.nn.Module | None = None) -> TrainResult:
+             twin: torch.nn.Module | None = None, longer: int = 0) -> TrainResult:
     """The paper's baseline: every parameter trainable, same optimizer, same last-position loss."""
-    result = train_slices(model, whole_slices(model), batches, train, None, progress, twin)
-    return replace(result, delta=replace(result.delta, meta={"method": "full"}))
+    return _with_meta(train_slices(model, whole_slices(model), batches, train, None, progress, twin, longer), {"method": "full"})
 
 
 def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainConfig = TrainConfig(), layers=None,
-             alpha: float | None = None, lr: float | None = None, progress=None) -> TrainResult:
+             alpha: float | None = None, lr: float | None = None, progress=None, longer: int = 0) -> TrainResult:
     """peft LoRA on q/k/v/o of ``layers`` (default all; a fused ``qkv_proj`` and ``o_proj`` where Q, K and
     V are one projection); its merged update becomes a whole-matrix delta."""
     from peft import LoraConfig, get_peft_model
@@ -354,19 +375,23 @@ def lora_sft(model: LoadedModel, batches: list[Batch], rank: int, train: TrainCo
         peft_model = get_peft_model(twin, cfg)
     inner = peft_model.base_model.model
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    losses, times, prefix_s, untrained = _optimize(inner, params, batches, train, min(layers), lr or train.lr,
-                                        f"LoRA r={rank}", progress=progress)
     weights = named_weights(model)
-    values, digest = {}, {}
-    for name, module in inner.named_modules():
-        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-            pname = name + ".weight"
-            s = Slice(pname, 0, 0, weights[pname].shape[0])
-            with torch.no_grad():
-                values[s] = (weights[pname] + module.get_delta_weight("default")).detach().clone()
-            digest[s] = tensor_digest(weights[pname])
-    delta = Delta(values, digest, {"method": "lora", "rank": rank, "layers": layers})
-    return TrainResult(delta, sum(p.numel() for p in params), losses, times, prefix_s, untrained)
+
+    def merged() -> Delta:  # each adapted matrix with its update B·A·scale merged in, as it stands
+        values, digest = {}, {}
+        for name, module in inner.named_modules():
+            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+                pname = name + ".weight"
+                s = Slice(pname, 0, 0, weights[pname].shape[0])
+                with torch.no_grad():
+                    values[s] = (weights[pname] + module.get_delta_weight("default")).detach().clone()
+                digest[s] = tensor_digest(weights[pname])
+        return Delta(values, digest, {"method": "lora", "rank": rank, "layers": layers})
+
+    losses, times, prefix_s, untrained, shorter = _optimize(inner, params, batches, train, min(layers), lr or train.lr,
+                                                            f"LoRA r={rank}", progress=progress, snapshot=merged,
+                                                            longer=longer)
+    return _longer(TrainResult(merged(), sum(p.numel() for p in params), losses, times, prefix_s, untrained), shorter)
 
 
 def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:
@@ -382,13 +407,14 @@ def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:
 
 
 def train_method(model: LoadedModel, batches: list[Batch], method: Method, train: TrainConfig = TrainConfig(),
-                 progress=None, twin: torch.nn.Module | None = None) -> TrainResult:
-    """Dispatch one :class:`Method` to :func:`precise_sft`, :func:`full_sft` or :func:`lora_sft`."""
+                 progress=None, twin: torch.nn.Module | None = None, longer: int = 0) -> TrainResult:
+    """Dispatch one :class:`Method` to :func:`precise_sft`, :func:`full_sft` or :func:`lora_sft` (``longer``:
+    also the same run trained on to that many steps, :func:`_optimize`)."""
     train = replace(train, lr=method.lr or train.lr, seed=method.seed)
     if method.kind == "precise":
-        return precise_sft(model, batches, method.precise, train, progress, twin)
+        return precise_sft(model, batches, method.precise, train, progress, twin, longer)
     if method.kind == "full":
-        return full_sft(model, batches, train, progress, twin)
+        return full_sft(model, batches, train, progress, twin, longer)
     if method.kind == "lora":
-        return lora_sft(model, batches, method.lora_rank, train, method.lora_layers, progress=progress)
+        return lora_sft(model, batches, method.lora_rank, train, method.lora_layers, progress=progress, longer=longer)
     raise ValueError(f"unknown method kind {method.kind!r}")

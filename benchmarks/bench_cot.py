@@ -1,4 +1,4 @@
-"""Chain-of-thought throughput on the shipped GSM8K, per model: what chapter 4's Table 1 pays for it.
+"""Chain-of-thought throughput on the shipped GSM8K, per model: what chapter 8's Table 1 pays for it.
 
     python benchmarks/bench_cot.py [--models smollm2-135m,qwen2.5-0.5b] [--n 32] [--batch 16] [--threads 0]
 

@@ -1,4 +1,4 @@
-"""Chapter 4's Table 1 benchmarks on the base model: the shared-prefix decoder against HF's cache.
+"""Chapter 8's Table 1 benchmarks on the base model: the shared-prefix decoder against HF's cache.
 
     python benchmarks/bench_table1.py [--model smollm2-135m] [--n-cot 40] [--n 64] [--rounds 1] [--threads 0]
 

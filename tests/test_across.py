@@ -19,14 +19,15 @@ from arithlens.record import RunResult
 from arithlens.runner.chapters import RunError
 from arithlens.runner.runs import gather_overrides, plan_run
 
-from test_chapters import NUMBERS_TINY, ROBUST_TINY
+from test_chapters import BENCH_TINY, NUMBERS_TINY, ROBUST_TINY
 from test_graph import BOOK, _tiny_given
 
 ACROSS = "05_across_models"
-BEYOND = ["06_numbers", "07_robustness"]
+BEYOND = ["06_numbers", "07_robustness", "08_benchmarks"]
 INPUTS = BOOK + BEYOND  # what the comparison reads of each model
 #: the tiny parameters of chapters 6 and 7 (test_chapters' own: the runs are shared)
-TINY_BEYOND = [f"06_numbers.{p}" for p in NUMBERS_TINY] + [f"07_robustness.{p}" for p in ROBUST_TINY]
+TINY_BEYOND = ([f"06_numbers.{p}" for p in NUMBERS_TINY] + [f"07_robustness.{p}" for p in ROBUST_TINY]
+               + [f"08_benchmarks.{p}" for p in BENCH_TINY])
 TWO = ["tiny", "tiny:1"]  # two tiny models: the same architecture, different initialisation seeds
 
 
@@ -56,7 +57,7 @@ def test_the_across_chapter_takes_every_chapter_of_every_model_as_inputs():
     assert other.key != plan.key
     assert {p.key for p in other.inputs if p.model == "tiny"} == {p.key for p in plan.inputs if p.model == "tiny"}
     # a model may skip chapters: the comparison takes the rest of its runs
-    skip = f"{ACROSS}.skip_chapters={{'tiny:1': [02_mlp, 04_precise_sft, 06_numbers, 07_robustness]}}"
+    skip = f"{ACROSS}.skip_chapters={{'tiny:1': [02_mlp, 04_precise_sft, 06_numbers, 07_robustness, 08_benchmarks]}}"
     partial = plan_run(ACROSS, "tiny", _tiny_given([f"{ACROSS}.models=[tiny, 'tiny:1']", skip]))
     assert [p.chapter for p in partial.inputs if p.model == "tiny:1"] == ["00_task", "01_heads", "03_transfer"]
     chains, _ = schedule.model_chains(schedule.plan_models(INPUTS + [ACROSS], TWO, _tiny_given([skip])))
@@ -97,7 +98,10 @@ def test_the_table_of_contents_gets_a_part_per_further_model(tmp_path, monkeypat
     toc = book.yaml.safe_load(book.book_toc(shown, "tiny").read_text())
     captions = [p["caption"] for p in toc["parts"]]
     assert captions[:4] == ["Chapters", "Beyond the paper", "Chapters on tiny:1", "Exercises"]
-    assert [e["file"] for e in toc["parts"][2]["chapters"]] == [f"models/tiny_1/{c}" for c in INPUTS]
+    # in the table of contents' order: chapter 8 (the paper's Table 1) right after chapter 4
+    assert [e["file"] for e in toc["parts"][2]["chapters"]] == [f"models/tiny_1/{c}" for c in
+                                                                ["00_task", "01_heads", "02_mlp", "03_transfer",
+                                                                 "04_precise_sft", "08_benchmarks", "06_numbers", "07_robustness"]]
     assert {"file": f"chapters/{ACROSS}"} in toc["parts"][0]["chapters"]
     assert book.page("tiny:1", "01_heads", "tiny") == "models/tiny_1/01_heads"
 
@@ -114,8 +118,8 @@ def test_bad_model_lists_are_one_line_errors(isolated_runs, capsys):
 @pytest.mark.slow
 def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its_verdicts(shared_runs, tmp_path,
                                                                                           monkeypatch, capsys):
-    # a model may skip chapters (chapter 6 reads chapter 4's delta, so it goes too)
-    given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft, 06_numbers]}}"] + TINY_BEYOND)
+    # a model may skip chapters (chapters 6 and 8 read chapter 4's deltas, so they go too)
+    given = _tiny_given([f"{ACROSS}.skip_chapters={{'tiny:1': [04_precise_sft, 06_numbers, 08_benchmarks]}}"] + TINY_BEYOND)
     plans = schedule.plan_models(INPUTS + [ACROSS], TWO, given)
     results = schedule.execute_plans(plans, jobs=2, log=lambda m: None)  # runs side by side as the graph allows
     across = results[("tiny", ACROSS)]
@@ -132,8 +136,8 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     assert dict(zip(tested["model"] + "/" + tested["chapter"], tested["run_key"])) == {
         f"{m}/{c}": keys[(m, c)] for m, c in zip(tested["model"], tested["chapter"])}
     assert across.manifest["inputs"]["tiny:1/01_heads"]["run_key"] == keys[("tiny:1", "01_heads")]
-    bench = across.table("benchmarks")  # the shipped benchmarks: Table 1 where chapter 4 ran, else chapter 3's base run
-    assert set(bench[bench.model == "tiny"]["source"]) == {"chapter 4 (Table 1)"}
+    bench = across.table("benchmarks")  # the shipped benchmarks: Table 1 where chapter 8 ran, else chapter 3's base run
+    assert set(bench[bench.model == "tiny"]["source"]) == {"chapter 8 (Table 1)"}
     assert set(bench[bench.model == "tiny"]["benchmark"]) == {"gsm8k", "svamp", "mmlu"}
     assert set(bench[bench.model == "tiny:1"]["source"]) == {"chapter 3 (unablated)"}
     assert set(bench[bench.model == "tiny:1"]["benchmark"]) == {"svamp"}

@@ -118,8 +118,7 @@ def test_transfer_chapter_end_to_end(shared_runs):
 MLP_AS_INPUT = [f"02_mlp.{p}" for p in MLP_TINY]
 SFT_TINY = ["max_eval_per_set=12", "key_heads_top_k=2", "steps=2", "batch_size=8", "training_seeds=2", "random_draws=10",
             "all_layer_draws=1", "lr_grid=[0.001, 0.01]", "full_lr_grid=[0.001, 0.01]", "lora_lr_grid=[0.01]", "head_counts=[1]", "mlp_counts=[1]",
-            "suites=[power, capitals]", "n_suite=4", "n_control=4", "n_boot=20", "benchmarks=[gsm8k, svamp, mmlu]",
-            "n_benchmark=3", "n_cot=2"]
+            "suites=[power, capitals]", "n_suite=4", "n_control=4", "n_boot=20"]
 
 
 @pytest.mark.slow
@@ -153,15 +152,43 @@ def test_precise_sft_chapter_end_to_end(shared_runs):
     methods = set(run.table("training")["method"])
     assert {"full SFT", "LoRA"} & {m.split(" r=")[0] for m in methods} and any(m.startswith("random") for m in methods)
     from arithlens.core.deltas import load_delta
-    for folder, method in (("delta", "precise"), ("delta_random", "precise"), ("delta_lora", "lora")):
-        delta = load_delta(Path(run.path) / folder)  # chapter 6 reads all three
+    for folder, method in (("delta", "precise"), ("delta_random", "precise"), ("delta_lora", "lora"), ("delta_full", "full")):
+        delta = load_delta(Path(run.path) / folder)  # chapter 6 reads the first three, chapter 8 all four
         assert delta.values and delta.meta.get("method") == method, folder
     assert load_delta(Path(run.path) / "delta_random").meta["method_name"].startswith("random")
-    table1 = run.table("table1")  # the paper's Table 1: the base model and one row of each tuned family
+    assert "table1.parquet" not in tables  # the paper's Table 1 is chapter 8's
+
+
+BENCH_TINY = ["benchmarks=[gsm8k, svamp, mmlu]", "n_benchmark=3", "n_cot=2", "n_boot=20"]
+
+
+@pytest.mark.slow
+def test_table1_chapter_asks_the_public_benchmarks_of_chapter_4s_kept_rows(shared_runs):
+    sft = run_chapter("04_precise_sft", "tiny", SFT_TINY + HEADS_AS_INPUT + MLP_AS_INPUT, log=lambda m: None)
+    run = run_chapter("08_benchmarks", "tiny", BENCH_TINY + SFT_AS_INPUT + [f"01_heads.{p}" for p in HEADS_TINY]
+                      + [f"02_mlp.{p}" for p in MLP_TINY], log=lambda m: None)
+    assert run.manifest["inputs"]["04_precise_sft"]["run_key"] == sft.key
+    table1 = run.table("table1")  # the paper's Table 1: the base model and the first row of each tuned family
     assert set(table1["set"]) == {"gsm8k", "svamp", "mmlu"} and table1.groupby("set")["method"].nunique().eq(5).all()
-    assert {"full SFT", "base"} <= set(table1["method"]) and table1[table1.set == "gsm8k"]["n"].eq(2).all()
+    assert table1[table1.set == "gsm8k"]["n"].eq(2).all() and table1[table1.set == "mmlu"]["n"].eq(3).all()
+    training = sft.table("training")
+    first = training[training.group == "main"].drop_duplicates("method")  # full SFT, Precise SFT, random draw 0, LoRA
+    expected = ["base"] + [m for m in first["method"] if m.startswith(("full", "Precise", "random", "LoRA"))
+                           and "all layers" not in m]
+    assert list(run.table("rows")["row"]) == expected[1:] and set(table1["method"]) == set(expected)
     chains = run.table("table1_scores")
     assert set(chains[chains.set == "gsm8k"]["mode"]) == {"cot"} and set(chains[chains.set == "mmlu"]["mode"]) == {"choice"}
+    # the same row asked again by hand: the delta chapter 4 kept gives the scores this chapter stored
+    from arithlens.analyses.sft.comparison import load_kept
+    from arithlens.core.models import load_model
+    from arithlens.tasks.benchmarks import shipped
+    lm = load_model("tiny")
+    name, delta = next(iter(load_kept(sft.path).items()))
+    assert name == "full SFT"
+    svamp = shipped.load_shipped("svamp", lm.tokenizer, n=3, seed=0)
+    again, _ = shipped.ask(lm, delta, [svamp])
+    stored = chains[(chains.method == name) & (chains.set == "svamp")]
+    assert list(again["correct"]) == list(stored["correct"]) and list(again["generated"]) == list(stored["generated"])
 
 
 BENCH = "tests/data/benchmarks"

@@ -450,13 +450,11 @@ def test_method_grid_names_every_row_and_each_name_reads_back_as_its_family(tiny
     assert grid.methods[10].precise.heads == (Head(1, 3), Head(1, 1))  # anti-key: the last of layer ≥ 1 in the ranking
     assert grid.lora_layers == (1,) and grid.n_precise == ft.count_params(tiny, ft.precise_slices(tiny, grid.precise.precise))
     assert grid.methods[-1].precise.mlp_layers == (1,) and grid.methods[-1].group == "MLP ablation"
-    # the deltas kept: the main Precise SFT row, the first random draw, the first LoRA row
+    # the deltas kept: the first full SFT row, the main Precise SFT row, the first random draw, the first LoRA row
     kept = cmp.kept_deltas(grid.methods)
-    assert list(kept.values()) == ["delta", "delta_random", "delta_lora"]
-    assert list(kept) == [grid.methods[2], draws[0], grid.methods[8]]
-    # each family's chosen run (its first seed, the first draw): Table 1's rows and the convergence check's
-    assert cmp.first_rows(grid.methods) == cmp.table1_methods(grid.methods) == [grid.methods[0], grid.methods[2], draws[0],
-                                                                               grid.methods[8]]
+    assert list(kept.values()) == ["delta_full", "delta", "delta_random", "delta_lora"]
+    # each family's chosen run (its first seed, the first draw): kept, and trained on for the convergence check
+    assert list(kept) == cmp.first_rows(grid.methods) == [grid.methods[0], grid.methods[2], draws[0], grid.methods[8]]
     # the draws past the training seeds are scored on the math sets only; every other row on every set
     assert [cmp.scored_kinds(m, config) for m in grid.methods] == [None] * 6 + [("math",)] + [None] * 7
     assert naming.method_family("base") == naming.BASE and naming.lora_name(9) == "LoRA r=9"

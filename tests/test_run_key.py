@@ -88,23 +88,25 @@ def test_code_hash_covers_exactly_the_modules_a_chapter_reaches():
 
 def test_editing_a_module_rekeys_exactly_the_chapters_that_reach_it(package_copy):
     before = _hashes()
-    # Precise SFT's trainer is imported by chapter 4's notebook and by no module another chapter reaches
+    # Precise SFT's trainer is imported by chapter 4's notebook, and reached by chapter 8's through the rows'
+    # module (whose reader of chapter 4's kept deltas it uses); no chapter that states the paper's claims reaches it
     _edit(package_copy / "analyses" / "sft" / "trainer.py")
-    assert _rekeyed(before) == {"04_precise_sft"}
+    assert _rekeyed(before) == {"04_precise_sft", "08_benchmarks"}
     _edit(package_copy / "analyses" / "knockout.py")  # chapter 1's knockout, chapter 3's and 7's ablations
-    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness"}
+    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness", "08_benchmarks"}
     for path in ("runner/runs.py", "runner/book.py", "cli.py", "classroom/grade.py"):  # no chapter's code
         _edit(package_copy / path)
-    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness"}
+    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness", "08_benchmarks"}
 
 
 def test_editing_a_module_in_a_subpackage_rekeys_only_the_chapters_reaching_that_module(package_copy):
     before = _hashes()
     _edit(package_copy / "charts" / "numbers.py")  # every chapter reaches its sibling charts/figures.py
     assert _rekeyed(before) == {"06_numbers"}
-    # the shipped benchmarks are asked through the scorer (shipped.ask): chapters 3, 4 and 7 reach it
+    # the shipped benchmarks are asked through the scorer (shipped.ask): chapters 3, 7 and 8 reach it, and
+    # chapter 4, which trains and scores its own sets, does not (asking Table 1 again never retrains)
     _edit(package_copy / "tasks" / "benchmarks" / "scoring.py")
-    assert _rekeyed(before) == {"06_numbers", "03_transfer", "04_precise_sft", "07_robustness"}
+    assert _rekeyed(before) == {"06_numbers", "03_transfer", "07_robustness", "08_benchmarks"}
     _edit(package_copy / "charts" / "__init__.py")  # a package's __init__ runs whenever any of its modules is imported
     assert _rekeyed(before) == set(CHAPTERS)
 
@@ -145,13 +147,14 @@ def test_editing_shipped_data_rekeys_exactly_the_chapters_that_read_it(package_c
     plans_before = {p.chapter: p.key for p in runs.plan_book(CHAPTERS, "tiny")}
     _edit(package_copy / "data" / "controls.json", '["France", "Paris"]', '["France", "Lyon"]')
     # tasks/generators.py reads controls.json; the transfer suites reach it in chapter 3, chapter 4
-    # (it scores the non-math controls after tuning) and chapter 7 (the suite null). Pinned on
-    # purpose: a module that starts importing the suites re-keys more chapters, and should be seen to.
-    assert _rekeyed(before) == {"03_transfer", "04_precise_sft", "07_robustness"}
+    # (it scores the non-math controls after tuning), chapter 7 (the suite null) and chapter 8 (the shipped
+    # benchmarks are suites). Pinned on purpose: a module that starts importing the suites re-keys more
+    # chapters, and should be seen to.
+    assert _rekeyed(before) == {"03_transfer", "04_precise_sft", "07_robustness", "08_benchmarks"}
     plans_after = {p.chapter: p.key for p in runs.plan_book(CHAPTERS, "tiny")}
     # their dependants follow through their inputs' keys; chapters 0-2 keep their runs
     assert {c for c in CHAPTERS if plans_after[c] != plans_before[c]} == {
-        "03_transfer", "04_precise_sft", "05_across_models", "06_numbers", "07_robustness"}
+        "03_transfer", "04_precise_sft", "05_across_models", "06_numbers", "07_robustness", "08_benchmarks"}
 
 
 def test_every_shipped_data_file_is_named_by_a_literal_data_file_call():

@@ -240,18 +240,18 @@ def sft_summary(runs: Runs) -> pd.DataFrame:
 
 def benchmark_summary(runs: Runs) -> pd.DataFrame:
     """The shipped public benchmarks per model, long form: each model's base accuracy (95 % Wilson interval)
-    — from chapter 4's Table 1 (GSM8K with a chain of thought, SVAMP, MMLU) where the model ran it, else
+    — from chapter 8's Table 1 (GSM8K with a chain of thought, SVAMP, MMLU) where the model ran it, else
     from chapter 3's unablated run (SVAMP and MMLU, whole answer teacher-forced) — and, for the tuned rows of
     Table 1, their change from the base model in points. ``source`` says which chapter gave each row."""
     rows = []
     for model, chapters in runs.items():
-        if "04_precise_sft" in chapters and table_or_none(chapters["04_precise_sft"], "table1") is not None:
-            for r in chapters["04_precise_sft"].table("table1").to_dict("records"):
+        if "08_benchmarks" in chapters:
+            for r in chapters["08_benchmarks"].table("table1").to_dict("records"):
                 low, high = wilson(round(r["accuracy"] * r["n"]), r["n"])
                 rows.append({"model": model, "benchmark": r["set"], "method": r["method"],
                              "family": method_family(r["method"]), "items": r["n"], "accuracy": r["accuracy"],
                              "low": low, "high": high, "change (points)": 100 * r["change"] if r["method"] != "base" else np.nan,
-                             "source": "chapter 4 (Table 1)"})
+                             "source": "chapter 8 (Table 1)"})
         elif "03_transfer" in chapters:
             scores = chapters["03_transfer"].table("transfer_scores")
             base = scores[(scores["condition"] == "none") & scores["suite"].isin(["gsm8k", "svamp", "mmlu"])]

@@ -276,6 +276,7 @@ RELATIONS: dict[str, tuple[Relation, ...]] = {
     "04_precise_sft": (Relation(("heldout_templates",),
                                 lambda p: len(set(p["heldout_templates"])) < len(_templates()),
                                 "heldout_templates must leave at least one template to train on"),),
+    "08_benchmarks": (Relation(("benchmarks",), lambda p: bool(p["benchmarks"]), "benchmarks cannot be empty"),),
 }
 
 #: Parameters whose type is the whole rule, and why.

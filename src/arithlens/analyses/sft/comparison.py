@@ -14,11 +14,11 @@ plus MLP layers). Its tables name each row (``"Precise SFT (10 key heads)"``, ``
 (:mod:`arithlens.claims.verdicts`), chapter 5's summaries, chapter 6 — tell the rows apart by
 :func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of their own. Each family's chosen run is
 then trained on to twice the steps (:func:`convergence_table`) to say whether its training had converged. Chapter 4
-keeps the trained deltas of three rows (:data:`arithlens.analyses.sft.naming.DELTA_FOLDERS`,
-:func:`kept_deltas`) for chapter 6 to compare the neurons each moves.
+keeps the trained deltas of those four runs (:func:`kept_deltas`, :data:`KEPT_FOLDERS`): chapter 6 compares the neurons three of them move, chapter 8 asks each the paper's
+public benchmarks (its Table 1).
 
-Each rate tried (:func:`try_rate`) and each trained row (:func:`train_and_evaluate`: trained, evaluated,
-asked Table 1's benchmarks) is one unit of work with a result that can be stored, so that a long
+Each rate tried (:func:`try_rate`) and each trained row (:func:`train_and_evaluate`: trained and
+evaluated) is one unit of work with a result that can be stored, so that a long
 chapter killed part-way resumes from the units it finished (:func:`arithlens.record.resumed`).
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,9 +39,8 @@ from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, 
                                             lora_rank_for, precise_slices, train_method)
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
-from arithlens.core.deltas import Delta
+from arithlens.core.deltas import Delta, load_delta
 from arithlens.core.models import LoadedModel
-from arithlens.tasks.benchmarks import shipped
 
 
 @dataclass(frozen=True)
@@ -229,23 +229,26 @@ def first_rows(methods: Sequence[Method]) -> list[Method]:
     return list(rows.values())
 
 
-def table1_methods(methods: Sequence[Method]) -> list[Method]:
-    """The rows chapter 4 also asks the shipped public benchmarks (the paper's Table 1): :func:`first_rows`,
-    one training seed or draw each, as those benchmarks are the costliest evaluation (a chain of thought is
-    up to 256 tokens an item)."""
-    return first_rows(methods)
+#: Every delta chapter 4 keeps, by family, in the order of the tuned rows of chapter 8's Table 1: full SFT's
+#: first seed (every weight), then :data:`arithlens.analyses.sft.naming.DELTA_FOLDERS` (those chapter 6 compares).
+KEPT_FOLDERS = {FULL: "delta_full", **DELTA_FOLDERS}
+
+
+def load_kept(run_dir) -> dict[str, Delta]:
+    """Every delta a chapter-4 run in ``run_dir`` kept (:data:`KEPT_FOLDERS` order), by the name of the row
+    that trained it, loaded exactly: the tuned rows chapter 8 asks the public benchmarks."""
+    out = {}
+    for folder in KEPT_FOLDERS.values():
+        if (Path(run_dir) / folder / "manifest.json").exists():
+            delta = load_delta(Path(run_dir) / folder)
+            out[delta.meta["method_name"]] = delta
+    return out
 
 
 def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
-    """The rows whose trained delta chapter 4 keeps, each with its folder (:data:`DELTA_FOLDERS`): the
-    first main-group row of each family there — the main Precise SFT row, the first random draw, the
-    first LoRA row."""
-    kept: dict[Method, str] = {}
-    for method in methods:
-        folder = DELTA_FOLDERS.get(method_family(method.name)) if method.group == "main" else None
-        if folder and folder not in kept.values():
-            kept[method] = folder
-    return kept
+    """The rows whose trained delta chapter 4 keeps, each with its folder (:data:`KEPT_FOLDERS`): each
+    family's :func:`first_rows` row — the first full SFT, Precise SFT and LoRA seeds, the first random draw."""
+    return {method: KEPT_FOLDERS[method_family(method.name)] for method in first_rows(methods)}
 
 
 
@@ -313,17 +316,14 @@ class RowRun:
     scores: pd.DataFrame  # evaluation.evaluate's rows, with method, seed and group
     trained: dict  # the training table's row
     delta: Delta | None  # the trained delta where the row's is kept (:func:`kept_deltas`), else None
-    bench: pd.DataFrame | None  # Table 1's benchmarks asked of the row, where it is a Table 1 row
-    seconds: dict[str, float]  # training, evaluation and (Table 1 rows) Table 1
+    seconds: dict[str, float]  # training and evaluation
     longer: np.ndarray | None = None  # where asked, per validation prompt: the run trained on to ``longer`` steps
 
 
 def train_and_evaluate(model: LoadedModel, batches, method: Method, config: TrainConfig, evaluator: FromLayerEvaluator,
-                       table1_suites=(), keep: bool = False, twin=None, kinds: tuple[str, ...] | None = None,
-                       longer: int = 0) -> RowRun:
-    """Train ``method``, score the evaluation sets and suites of ``evaluator`` with its delta (those of ``kinds``
-    only where given, :func:`scored_kinds`), and ask ``table1_suites`` (the shipped benchmarks,
-    :func:`arithlens.tasks.benchmarks.shipped.ask`; none: not a Table 1 row). With ``longer`` (more steps than
+                       keep: bool = False, twin=None, kinds: tuple[str, ...] | None = None, longer: int = 0) -> RowRun:
+    """Train ``method`` and score the evaluation sets and suites of ``evaluator`` with its delta (those of ``kinds``
+    only where given, :func:`scored_kinds`); ``keep``: return the delta too. With ``longer`` (more steps than
     ``config.steps``; ``batches`` at least that many) the run goes on to that many steps, and the validation
     prompts are scored with that longer run too (:func:`convergence_table`; counted as training)."""
     tick = time.perf_counter()
@@ -333,12 +333,8 @@ def train_and_evaluate(model: LoadedModel, batches, method: Method, config: Trai
     tick = time.perf_counter()
     scores = evaluator.evaluate(result.delta, kinds).assign(method=method.name, seed=method.seed, group=method.group)
     seconds["evaluation"] = time.perf_counter() - tick
-    bench = None
-    if table1_suites:
-        frame, seconds["Table 1"] = shipped.ask(model, result.delta, table1_suites)
-        bench = frame.assign(method=method.name, seed=method.seed, group="main")
     trained = {"method": method.name, "group": method.group, "seed": method.seed, "lr": method.lr,
                "heads": ", ".join(map(str, method.precise.heads)) if method.precise else "—",
                "trainable (M)": result.n_trainable / 1e6, "step (s)": pd.Series(result.step_seconds).median(),
                "prefix (s)": result.prefix_seconds, **_losses(result, config.steps)}
-    return RowRun(scores, trained, result.delta if keep else None, bench, seconds, longer_correct)
+    return RowRun(scores, trained, result.delta if keep else None, seconds, longer_correct)

@@ -188,7 +188,7 @@ def test_table1_chapter_asks_the_public_benchmarks_of_chapter_4s_kept_rows(share
     svamp = shipped.load_shipped("svamp", lm.tokenizer, n=3, seed=0)
     again, _ = shipped.ask(lm, delta, [svamp])
     stored = chains[(chains.method == name) & (chains.set == "svamp")]
-    assert list(again["correct"]) == list(stored["correct"]) and list(again["generated"]) == list(stored["generated"])
+    assert list(again["correct"]) == list(stored["correct"]) and list(again["prediction"]) == list(stored["prediction"])
 
 
 BENCH = "tests/data/benchmarks"

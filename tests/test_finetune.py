@@ -350,6 +350,28 @@ def test_format_split_separates_answering_with_a_digit_from_computing(tiny):
     assert all(it.clean.count("\n") == 2 for it in data.evals["held-out pairs (2-shot)"].items)
 
 
+def test_the_shot_sets_ask_the_same_questions_after_demonstrations_fixed_per_cell_from_facts_never_asked(tiny):
+    """Each question of a k-shot set is the 0-shot set's question, in order, after k demonstrations that every
+    question of its template and operator shares, all of them facts of the localization half: none is a
+    question asked in evaluation or gives its answer away."""
+    from arithlens.tasks.facts import fact_half
+    from arithlens.tasks.prompts import PromptConfig, make_prompts
+
+    data = fd.make_sft_data(tiny.tokenizer, operators=("+", "*"), seed=1, max_eval_per_set=40, eval_shots=(0, 2))
+    every = make_prompts(tiny.tokenizer, PromptConfig(operators=("+", "*"), n_per_cell=10_000, seed=1)).items
+    localization = {it.clean + f"{it.answer}" for it in every if fact_half(it.operator, it.a, it.b) == "localization"}
+    for name in ("held-out pairs", "held-out templates"):
+        zero, shot = data.evals[name].items, data.evals[f"{name} (2-shot)"].items
+        assert [(it.template, it.operator, it.a, it.b) for it in shot] == [(it.template, it.operator, it.a, it.b) for it in zero]
+        prefixes = {}
+        for question, asked in zip(zero, shot):
+            assert asked.clean.endswith(question.clean) and asked.answer_token == question.answer_token
+            prefix = asked.clean[: -len(question.clean)]
+            assert prefixes.setdefault((asked.template, asked.operator), prefix) == prefix  # one prefix per cell
+            assert len(prefix.splitlines()) == 2 and set(prefix.splitlines()) <= localization
+        assert len(prefixes) > 1 and len(set(prefixes.values())) == len(prefixes)  # each cell its own demonstrations
+
+
 def test_math_vs_control_resamples_seeds_with_items():
     """Two methods with the same mean change on the same items: one whose seeds agree, one whose seeds
     disagree. Resampling seeds and items together gives the second a wider interval; per_seed_changes

@@ -57,6 +57,7 @@ def test_evaluation_from_the_cached_layer_matches_the_bridge(setup, layer):
     evaluator = FromLayerEvaluator(model, data, suites, start=1)
     delta = None if layer is None else _perturbed(model, 1 if layer == "above" else None, seed=3)
     assert evaluator.first_layer(delta) == {None: model.n_layers, "above": 1, "below": 0}[layer]
+    assert any(b.packing is not None for b in evaluator.sets["held-out pairs (2-shot)"])  # demonstrations read once
     fast = evaluator.evaluate(delta)
     _agree(fast, evaluation.evaluate(model, delta, data, suites))
     assert set(fast["set"]) == set(data.evals) | {s.name for s in suites} and len(suites) == len(SUITES) + len(FILES)

@@ -11,7 +11,9 @@ evaluation sets are
 * ``held-out pairs`` — training templates, facts never trained on (in distribution);
 * ``held-out templates`` — templates never trained on, facts never trained on (out of distribution);
 
-plus, in the chapter, the chapter-3 transfer suites and non-math controls (:mod:`arithlens.tasks.suites`).
+plus, in the chapter, the chapter-3 transfer suites and non-math controls (:mod:`arithlens.tasks.suites`),
+and each arithmetic set asked again after a few demonstrations (:func:`with_demonstrations`: the same
+questions, each template and operator with its own fixed demonstrations from the facts evaluation never asks).
 Batches hold prompts of one token length (no padding, so the last position is the answer position).
 Written by hand: the split, the batching and the paired bootstrap over items (numpy does the sums).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -31,7 +33,7 @@ from arithlens.analyses.sft.naming import BASE
 from arithlens.core.items import ItemSet, length_batches, to_tokens
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.models import LoadedModel
-from arithlens.tasks.facts import fact_part
+from arithlens.tasks.facts import OPERATORS, fact_part
 from arithlens.tasks.prompts import TEMPLATES, PromptConfig, PromptSet, make_prompts, score_prompts
 
 #: Templates held out from training by default: one per style, never seen in training.
@@ -63,8 +65,8 @@ def make_sft_data(tokenizer, operators=("+", "-", "*", "/"), heldout_templates=H
                   eval_shots: tuple[int, ...] = ()) -> SFTData:
     """Every single-token-answer item of ``operators`` × templates, split by fact and by template; for each
     of ``eval_shots`` (other than ``shots``) a copy of the evaluation sets with that many demonstrations
-    (of the same half of the facts), of kind ``math (k-shot)``: the same questions asked in a format
-    that shows the model how to answer."""
+    (:func:`with_demonstrations`), of kind ``math (k-shot)``: the same questions, after ``max_eval_per_set``
+    has sampled them, asked in a format that shows the model how to answer."""
     config = PromptConfig(operators=tuple(operators), templates=tuple(TEMPLATES), n_per_cell=10_000,
                           shots=shots, seed=seed)
     every = make_prompts(tokenizer, config)
@@ -75,16 +77,46 @@ def make_sft_data(tokenizer, operators=("+", "-", "*", "/"), heldout_templates=H
     evals = {"held-out pairs": every.subset([p == "evaluation" and not t for p, t in zip(part, held_tpl)]),
              "held-out templates": every.subset([p == "evaluation" and t for p, t in zip(part, held_tpl)])}
     kinds = {name: "math" for name in evals}
-    for k in [k for k in eval_shots if k != shots]:
-        more = make_prompts(tokenizer, PromptConfig(operators=tuple(operators), templates=tuple(TEMPLATES), n_per_cell=10_000,
-                                                    shots=k, seed=seed, facts="evaluation"))
-        tpl = [it.template in heldout_templates for it in more.items]
-        for name, keep in (("held-out pairs", [not t for t in tpl]), ("held-out templates", tpl)):
-            evals[f"{name} ({k}-shot)"], kinds[f"{name} ({k}-shot)"] = more.subset(keep), f"math ({k}-shot)"
     if max_eval_per_set:
         evals = {k: _sample(v, max_eval_per_set, seed) for k, v in evals.items()}
         validation = _sample(validation, max_eval_per_set, seed)
+    demonstrations = [it for it, p in zip(every.items, part) if p != "evaluation"]  # the localization half's facts
+    for k in [k for k in eval_shots if k != shots]:
+        for name in ("held-out pairs", "held-out templates"):
+            evals[f"{name} ({k}-shot)"] = with_demonstrations(tokenizer, evals[name], demonstrations, k, seed)
+            kinds[f"{name} ({k}-shot)"] = f"math ({k}-shot)"
     return SFTData(train, evals, validation, kinds)
+
+
+def with_demonstrations(tokenizer, questions: PromptSet, pool, shots: int, seed: int = 0) -> PromptSet:
+    """``questions`` asked again, in order, each after ``shots`` demonstrations: question and answer in its own
+    template and operator, one line each, as :func:`arithlens.tasks.prompts.make_prompts` writes them.
+
+    The demonstrations are fixed per template and operator (a seeded draw from ``pool``'s 0-shot items of that
+    cell: chapter 4 passes the localization half's facts, so no demonstration is a question asked here or
+    shows its answer). The questions of one cell therefore begin alike, and the fast evaluation reads that
+    beginning once (:mod:`arithlens.analyses.sft.from_layer`). A question whose prompt cannot be built after
+    its demonstrations is left out and counted in ``dropped``."""
+    from arithlens.tasks.prompts import _build_item  # the builder make_prompts uses, given the demonstrations
+
+    cells: dict[tuple[str, str], list] = {}
+    for it in pool:
+        cells.setdefault((it.template, it.operator), []).append(it)
+    prefixes, items, dropped = {}, [], {}
+    for it in questions.items:
+        cell = (it.template, it.operator)
+        if cell not in prefixes:
+            demos = random.Random(f"{seed}|{it.operator}|{it.template}|demonstrations").sample(
+                cells.get(cell, []), min(shots, len(cells.get(cell, []))))
+            prefixes[cell] = "".join(d.clean + f"{d.answer}\n" for d in demos)
+        built, reason = _build_item(tokenizer, TEMPLATES[it.template], OPERATORS[it.operator], it.a, it.b, it.answer,
+                                    prefixes[cell], random.Random(f"{seed}|{it.operator}|{it.template}|{it.a}|{it.b}"),
+                                    questions.config.counterfactual)
+        if built is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            items.append(built)
+    return PromptSet(replace(questions.config, shots=shots), tuple(items), dropped)
 
 
 def _sample(prompts: PromptSet, n: int, seed: int) -> PromptSet:

@@ -17,8 +17,9 @@ length per batch, no shared-prefix cache — and judged by the suite's own rule
 (:func:`arithlens.tasks.suites.judge`). The base model (no delta) runs from ``start`` too, so every row
 and the base share one pass.
 
-A batch whose items begin with the same tokens — a suite's demonstrations, the same for every item —
-runs *packed* (:class:`_Packing`): that shared beginning once, then each item's own tokens after it in
+A batch whose items begin with the same tokens — a suite's demonstrations, the same for every item, or
+those of one template and operator in the arithmetic sets asked with demonstrations — runs *packed*
+(:class:`_Packing`): that shared beginning once, then each item's own tokens after it in
 the same row, each attending to the shared beginning and to itself only, at the positions it has
 unpacked. The control suites are some 26–35 tokens an item, 24–32 of them shared, so a packed pass
 reads a fraction of the tokens. :meth:`FromLayerEvaluator.evaluate` can also be asked for some kinds
@@ -42,7 +43,7 @@ from torch import Tensor
 from arithlens.analyses.sft.evaluation import SFTData, is_digit_answer
 from arithlens.analyses.sft.trainer import start_layer
 from arithlens.core.deltas import Delta, applied
-from arithlens.core.items import length_batches, to_tokens
+from arithlens.core.items import clean_length, length_batches, to_tokens
 from arithlens.core.models import LoadedModel
 from arithlens.core.twin import LAYER_LOOP_CHECKED, embed, run_layers, twin_of
 from arithlens.tasks.suites import Suite, forced_answer, judge
@@ -133,8 +134,8 @@ class FromLayerEvaluator:
         self.start = max(0, min(start, self.n_layers))
         self._words: dict[int, bool] = {}
         with torch.no_grad():
-            self.sets = {name: self._prompt_batches(prompts.items, batch_size) for name, prompts in data.evals.items()}
-            self.held = self._prompt_batches(data.validation.items, batch_size) if data.validation is not None else []
+            self.sets = {name: self._prompt_batches(prompts, batch_size) for name, prompts in data.evals.items()}
+            self.held = self._prompt_batches(data.validation, batch_size) if data.validation is not None else []
             self.suite_batches = [self._suite_batches(suite, batch_size) for suite in self.suites]
 
     # --- the cache ---------------------------------------------------------------------------------
@@ -153,9 +154,14 @@ class FromLayerEvaluator:
             hidden = self.twin.model.layers[i](hidden, **packing.context)
         return hidden
 
-    def _prompt_batches(self, items, batch_size: int) -> list[_Batch]:
+    def _prompt_batches(self, prompts, batch_size: int) -> list[_Batch]:
+        """One token length per batch; with demonstrations (``shots``), one template and operator too — the
+        questions that begin with the same demonstrations (:func:`arithlens.analyses.sft.evaluation.with_demonstrations`),
+        so that the batch runs packed."""
+        items = prompts.items
+        cell = (lambda it: (len(it.clean_tokens), it.template, it.operator)) if prompts.config.shots else clean_length
         out = []
-        for index in length_batches(items, batch_size):
+        for index in length_batches(items, batch_size, key=cell):
             tokens = to_tokens([items[i] for i in index])
             out.append(self._cached(index, tokens, tokens.shape[1] - 1))
         return out

@@ -103,8 +103,9 @@ def main() -> None:
             tick = time.perf_counter()
             run()
             spent[way].append(time.perf_counter() - tick)
-    packed_batches = sum(b.packing is not None for bs in evaluator.suite_batches for b in bs)
-    print(f"packing: {packed_batches} of {sum(map(len, evaluator.suite_batches))} suite batches share a beginning; "
+    packed = lambda groups: f"{sum(b.packing is not None for bs in groups for b in bs)} of {sum(map(len, groups))}"
+    print(f"packing: {packed(evaluator.suite_batches)} suite batches and {packed(list(evaluator.sets.values()))} arithmetic-set "
+          "batches (the sets asked after demonstrations) share a beginning; "
           + ", ".join(f"{w} {min(t):.1f} s" for w, t in spent.items())
           + f"; same answers {float((unpacked.evaluate(d)['correct'] == evaluator.evaluate(d)['correct']).mean()):.1%}")
     print(f"ratio packed: {min(spent['packed']) / min(spent['unpacked']):.2f}")

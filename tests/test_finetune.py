@@ -370,6 +370,10 @@ def test_the_shot_sets_ask_the_same_questions_after_demonstrations_fixed_per_cel
             assert prefixes.setdefault((asked.template, asked.operator), prefix) == prefix  # one prefix per cell
             assert len(prefix.splitlines()) == 2 and set(prefix.splitlines()) <= localization
         assert len(prefixes) > 1 and len(set(prefixes.values())) == len(prefixes)  # each cell its own demonstrations
+    # trained with demonstrations of its own (shots=1): the 2-shot copies still carry two lines before the question
+    trained_with_one = fd.make_sft_data(tiny.tokenizer, operators=("+",), seed=1, shots=1, max_eval_per_set=20, eval_shots=(0, 2))
+    for zero, asked in zip(trained_with_one.evals["held-out pairs (0-shot)"].items, trained_with_one.evals["held-out pairs (2-shot)"].items):
+        assert zero.clean.count("\n") == 0 and asked.clean.count("\n") == 2 and asked.clean.endswith(zero.clean)
 
 
 def test_math_vs_control_resamples_seeds_with_items():

@@ -92,8 +92,8 @@ def with_demonstrations(tokenizer, questions: PromptSet, pool, shots: int, seed:
     """``questions`` asked again, in order, each after ``shots`` demonstrations: question and answer in its own
     template and operator, one line each, as :func:`arithlens.tasks.prompts.make_prompts` writes them.
 
-    The demonstrations are fixed per template and operator (a seeded draw from ``pool``'s 0-shot items of that
-    cell: chapter 4 passes the localization half's facts, so no demonstration is a question asked here or
+    The demonstrations are fixed per template and operator (a seeded draw of ``pool``'s facts of that cell,
+    written without any demonstrations of their own: chapter 4 passes the localization half's facts, so no demonstration is a question asked here or
     shows its answer). The questions of one cell therefore begin alike, and the fast evaluation reads that
     beginning once (:mod:`arithlens.analyses.sft.from_layer`). A question whose prompt cannot be built after
     its demonstrations is left out and counted in ``dropped``."""
@@ -108,7 +108,8 @@ def with_demonstrations(tokenizer, questions: PromptSet, pool, shots: int, seed:
         if cell not in prefixes:
             demos = random.Random(f"{seed}|{it.operator}|{it.template}|demonstrations").sample(
                 cells.get(cell, []), min(shots, len(cells.get(cell, []))))
-            prefixes[cell] = "".join(d.clean + f"{d.answer}\n" for d in demos)
+            template, operator = TEMPLATES[it.template], OPERATORS[it.operator]
+            prefixes[cell] = "".join(template.render(d.a, operator.render(template.form), d.b) + f"{d.answer}\n" for d in demos)
         built, reason = _build_item(tokenizer, TEMPLATES[it.template], OPERATORS[it.operator], it.a, it.b, it.answer,
                                     prefixes[cell], random.Random(f"{seed}|{it.operator}|{it.template}|{it.a}|{it.b}"),
                                     questions.config.counterfactual)

@@ -179,11 +179,11 @@ def test_table1_chapter_asks_the_public_benchmarks_of_chapter_4s_kept_rows(share
     chains = run.table("table1_scores")
     assert set(chains[chains.set == "gsm8k"]["mode"]) == {"cot"} and set(chains[chains.set == "mmlu"]["mode"]) == {"choice"}
     # the same row asked again by hand: the delta chapter 4 kept gives the scores this chapter stored
-    from arithlens.analyses.sft.comparison import load_kept
+    from arithlens.claims.findings import tuned_deltas
     from arithlens.core.models import load_model
     from arithlens.tasks.benchmarks import shipped
     lm = load_model("tiny")
-    name, delta = next(iter(load_kept(sft.path).items()))
+    name, delta = next(iter(tuned_deltas(sft, with_full=True).items()))
     assert name == "full SFT"
     svamp = shipped.load_shipped("svamp", lm.tokenizer, n=3, seed=0)
     again, _ = shipped.ask(lm, delta, [svamp])

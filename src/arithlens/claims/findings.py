@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import pandas as pd
 
-from arithlens.analyses.sft.naming import DELTA_FOLDERS
+from arithlens.analyses.sft.naming import DELTA_FOLDERS, KEPT_FOLDERS
 from arithlens.core.deltas import Delta, load_delta
 from arithlens.core.hooks import Head, heads_from_frame
 from arithlens.core.metrics import select_key_heads
@@ -124,12 +124,14 @@ def transfer_items(transfer_run: Run) -> pd.DataFrame:
 
 # --- chapter 4: the deltas it kept ---------------------------------------------------------------------
 
-def tuned_deltas(sft_run: RunResult) -> dict[str, Delta]:
-    """The deltas chapter 4 kept, by the name of the row that trained them, in
+def tuned_deltas(sft_run: RunResult, with_full: bool = False) -> dict[str, Delta]:
+    """The deltas chapter 4 kept, by the name of the row that trained them, loaded exactly, in
     :data:`arithlens.analyses.sft.naming.DELTA_FOLDERS` order (Precise SFT first, then the first
-    random-head draw and the first LoRA row where the run kept them), loaded exactly."""
+    random-head draw and the first LoRA row where the run kept them): the three chapter 6 compares.
+    ``with_full``: full SFT's first seed first (:data:`~arithlens.analyses.sft.naming.KEPT_FOLDERS`), the
+    rows chapter 8 asks the public benchmarks."""
     out = {}
-    for folder in DELTA_FOLDERS.values():
+    for folder in (KEPT_FOLDERS if with_full else DELTA_FOLDERS).values():
         path = Path(sft_run.path) / folder
         if (path / "manifest.json").exists():
             delta = load_delta(path)

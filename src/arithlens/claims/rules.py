@@ -17,7 +17,8 @@ CLAIMS = {
     "C3": ("Knocking out the top-k heads hurts far more than k random heads", "01_heads"),
     "C4": ("MLPs after the heads write the answer", "02_mlp"),
     "C5": ("The key heads serve other math, but not non-math tasks", "03_transfer"),
-    "C6": ("Precise SFT improves math, beats full SFT there, and keeps non-math skills", "04_precise_sft"),
+    "C6": ("Precise SFT improves math, matches or beats tuned full SFT there with no more forgetting, and keeps "
+           "non-math skills", "04_precise_sft"),
     # harder tests of C1, C3 and C5 from chapter 7 (beyond the paper)
     "R1": ("C1's *few* under the other reading of the threshold (−1 %)", "07_robustness"),
     "R3": ("The key heads beat 100 random sets drawn from their own layers", "07_robustness"),

@@ -163,7 +163,9 @@ def _single_token_answer(tokenizer, prompt: str, answer: int) -> bool:
     return _answer_token(tokenizer, prompt, answer) is not None
 
 
-def _few_shot_prefix(template: Template, op: Operator, pool, shots: int, rng: random.Random) -> str:
+def few_shot_prefix(template: Template, op: Operator, pool, shots: int, rng: random.Random) -> str:
+    """``shots`` demonstrations drawn from ``pool`` (``(a, b, answer)`` facts) with ``rng``, one line each:
+    the question in ``template`` with ``op``, then its answer."""
     demos = rng.sample(pool, min(shots, len(pool)))
     return "".join(template.render(a, op.render(template.form), b) + f"{c}\n" for a, b, c in demos)
 
@@ -191,8 +193,8 @@ def make_prompts(tokenizer, config: PromptConfig = PromptConfig()) -> PromptSet:
             chosen = cell_rng.sample(eligible, min(config.n_per_cell, len(eligible)))
             for a, b, c in chosen:
                 others = [p for p in eligible if p != (a, b, c)]
-                prefix = _few_shot_prefix(tpl, op, others, config.shots, cell_rng) if config.shots else ""
-                item, reason = _build_item(tokenizer, tpl, op, a, b, c, prefix,
+                prefix = few_shot_prefix(tpl, op, others, config.shots, cell_rng) if config.shots else ""
+                item, reason = build_item(tokenizer, tpl, op, a, b, c, prefix,
                                            random.Random(f"{config.seed}|{op_key}|{t_name}|{a}|{b}"), config.counterfactual)
                 if item is None:
                     dropped[reason] += 1
@@ -201,8 +203,10 @@ def make_prompts(tokenizer, config: PromptConfig = PromptConfig()) -> PromptSet:
     return PromptSet(config, tuple(items), dict(dropped))
 
 
-def _build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, prefix: str,
-                rng: random.Random, counterfactual: Counterfactual = "null") -> tuple[PromptItem | None, str]:
+def build_item(tokenizer, tpl: Template, op: Operator, a: int, b: int, c: int, prefix: str,
+               rng: random.Random, counterfactual: Counterfactual = "null") -> tuple[PromptItem | None, str]:
+    """The item asking ``a op b`` in ``tpl`` after ``prefix`` (its demonstrations), with its counterfactual and
+    token positions; or ``(None, reason)`` where it cannot be built (the answer is not one token after it)."""
     op_text = op.render(tpl.form)
     clean = prefix + tpl.render(a, op_text, b)
     ids, offsets = encode(tokenizer, clean)
@@ -327,8 +331,8 @@ def make_item(tokenizer, template: str, operator: str, a: int, b: int, shots: in
     rng = random.Random(f"{seed}|{operator}|{template}|{a}|{b}")
     pool = [p for p in operand_pairs(op, 1, 9) if p != (a, b, c)
             and _single_token_answer(tokenizer, tpl.render(p[0], op.render(tpl.form), p[1]), p[2])]
-    prefix = _few_shot_prefix(tpl, op, pool, shots, rng) if shots else ""
-    item, reason = _build_item(tokenizer, tpl, op, a, b, c, prefix, rng)
+    prefix = few_shot_prefix(tpl, op, pool, shots, rng) if shots else ""
+    item, reason = build_item(tokenizer, tpl, op, a, b, c, prefix, rng)
     if item is None:
         raise ValueError(f"cannot build {a} {operator} {b} in {template}: {reason}")
     return item

@@ -14,7 +14,7 @@ plus MLP layers). Its tables name each row (``"Precise SFT (10 key heads)"``, ``
 (:mod:`arithlens.claims.verdicts`), chapter 5's summaries, chapter 6 — tell the rows apart by
 :func:`arithlens.analyses.sft.naming.method_family`, never by matching strings of their own. Each family's chosen run is
 then trained on to twice the steps (:func:`convergence_table`) to say whether its training had converged. Chapter 4
-keeps the trained deltas of those four runs (:func:`kept_deltas`, :data:`KEPT_FOLDERS`): chapter 6 compares the neurons three of them move, chapter 8 asks each the paper's
+keeps the trained deltas of those four runs (:func:`kept_deltas`, :data:`~arithlens.analyses.sft.naming.KEPT_FOLDERS`): chapter 6 compares the neurons three of them move, chapter 8 asks each the paper's
 public benchmarks (its Table 1).
 
 Each rate tried (:func:`try_rate`) and each trained row (:func:`train_and_evaluate`: trained and
@@ -27,19 +27,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from arithlens.analyses.sft.naming import (DELTA_FOLDERS, FULL, LORA, PRECISE, RANDOM, anti_name, lora_name,
+from arithlens.analyses.sft.naming import (FULL, KEPT_FOLDERS, LORA, PRECISE, RANDOM, anti_name, lora_name,
                                             method_family, mlp_name, precise_name, random_all_name, random_name)
 from arithlens.analyses.sft.from_layer import FromLayerEvaluator
 from arithlens.analyses.sft.trainer import (KVPolicy, Method, PreciseSFTConfig, TrainConfig, count_params, last_quarter,
                                             lora_rank_for, precise_slices, train_method)
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.hooks import Head, layer_matched_random_sets, random_heads
-from arithlens.core.deltas import Delta, load_delta
+from arithlens.core.deltas import Delta
 from arithlens.core.models import LoadedModel
 
 
@@ -229,27 +228,10 @@ def first_rows(methods: Sequence[Method]) -> list[Method]:
     return list(rows.values())
 
 
-#: Every delta chapter 4 keeps, by family, in the order of the tuned rows of chapter 8's Table 1: full SFT's
-#: first seed (every weight), then :data:`arithlens.analyses.sft.naming.DELTA_FOLDERS` (those chapter 6 compares).
-KEPT_FOLDERS = {FULL: "delta_full", **DELTA_FOLDERS}
-
-
-def load_kept(run_dir) -> dict[str, Delta]:
-    """Every delta a chapter-4 run in ``run_dir`` kept (:data:`KEPT_FOLDERS` order), by the name of the row
-    that trained it, loaded exactly: the tuned rows chapter 8 asks the public benchmarks."""
-    out = {}
-    for folder in KEPT_FOLDERS.values():
-        if (Path(run_dir) / folder / "manifest.json").exists():
-            delta = load_delta(Path(run_dir) / folder)
-            out[delta.meta["method_name"]] = delta
-    return out
-
-
 def kept_deltas(methods: Sequence[Method]) -> dict[Method, str]:
-    """The rows whose trained delta chapter 4 keeps, each with its folder (:data:`KEPT_FOLDERS`): each
+    """The rows whose trained delta chapter 4 keeps, each with its folder (:data:`~arithlens.analyses.sft.naming.KEPT_FOLDERS`): each
     family's :func:`first_rows` row — the first full SFT, Precise SFT and LoRA seeds, the first random draw."""
     return {method: KEPT_FOLDERS[method_family(method.name)] for method in first_rows(methods)}
-
 
 
 #: When chapter 4 says a family's chosen training has not converged.

@@ -34,7 +34,8 @@ from arithlens.core.items import ItemSet, length_batches, to_tokens
 from arithlens.core.metrics import bootstrap_means
 from arithlens.core.models import LoadedModel
 from arithlens.tasks.facts import OPERATORS, fact_part
-from arithlens.tasks.prompts import TEMPLATES, PromptConfig, PromptSet, make_prompts, score_prompts
+from arithlens.tasks.prompts import (TEMPLATES, PromptConfig, PromptSet, build_item, few_shot_prefix, make_prompts,
+                                     score_prompts)
 
 #: Templates held out from training by default: one per style, never seen in training.
 HELDOUT_TEMPLATES = ("eq_calculate", "st_noun", "qa_howmuch")
@@ -97,22 +98,19 @@ def with_demonstrations(tokenizer, questions: PromptSet, pool, shots: int, seed:
     shows its answer). The questions of one cell therefore begin alike, and the fast evaluation reads that
     beginning once (:mod:`arithlens.analyses.sft.from_layer`). A question whose prompt cannot be built after
     its demonstrations is left out and counted in ``dropped``."""
-    from arithlens.tasks.prompts import _build_item  # the builder make_prompts uses, given the demonstrations
-
-    cells: dict[tuple[str, str], list] = {}
+    cells: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
     for it in pool:
-        cells.setdefault((it.template, it.operator), []).append(it)
+        cells.setdefault((it.template, it.operator), []).append((it.a, it.b, it.answer))
     prefixes, items, dropped = {}, [], {}
     for it in questions.items:
         cell = (it.template, it.operator)
+        template, operator = TEMPLATES[it.template], OPERATORS[it.operator]
         if cell not in prefixes:
-            demos = random.Random(f"{seed}|{it.operator}|{it.template}|demonstrations").sample(
-                cells.get(cell, []), min(shots, len(cells.get(cell, []))))
-            template, operator = TEMPLATES[it.template], OPERATORS[it.operator]
-            prefixes[cell] = "".join(template.render(d.a, operator.render(template.form), d.b) + f"{d.answer}\n" for d in demos)
-        built, reason = _build_item(tokenizer, TEMPLATES[it.template], OPERATORS[it.operator], it.a, it.b, it.answer,
-                                    prefixes[cell], random.Random(f"{seed}|{it.operator}|{it.template}|{it.a}|{it.b}"),
-                                    questions.config.counterfactual)
+            prefixes[cell] = few_shot_prefix(template, operator, cells.get(cell, []), shots,
+                                             random.Random(f"{seed}|{it.operator}|{it.template}|demonstrations"))
+        built, reason = build_item(tokenizer, template, operator, it.a, it.b, it.answer, prefixes[cell],
+                                   random.Random(f"{seed}|{it.operator}|{it.template}|{it.a}|{it.b}"),
+                                   questions.config.counterfactual)
         if built is None:
             dropped[reason] = dropped.get(reason, 0) + 1
         else:

@@ -21,9 +21,11 @@ BASELINES = (RANDOM, LORA, ANTI)
 TUNED = (FULL, PRECISE, RANDOM, LORA)
 #: Where chapter 4 keeps a trained delta (only the tuned slices; see :func:`arithlens.core.deltas.save_delta`),
 #: by family: the main Precise SFT row's, the first random-head draw's, the first LoRA row's. Chapter 6
-#: loads them in this order (:func:`arithlens.claims.findings.tuned_deltas`). Full SFT's delta — every
-#: weight — is not kept.
+#: compares the neurons these three move (:func:`arithlens.claims.findings.tuned_deltas`).
 DELTA_FOLDERS = {PRECISE: "delta", RANDOM: "delta_random", LORA: "delta_lora"}
+#: Every delta chapter 4 keeps: full SFT's first seed (every weight), then :data:`DELTA_FOLDERS`. Chapter 8
+#: asks each of them the public benchmarks (``tuned_deltas(run, with_full=True)``).
+KEPT_FOLDERS = {FULL: "delta_full", **DELTA_FOLDERS}
 
 
 

@@ -18,7 +18,7 @@ FUNCTIONS = ("build_pair",)
 #: exercise asks for, and what would do the work instead.
 REFERENCES = ("arithlens.tasks.prompts.make_item",
               "arithlens.tasks.prompts.make_prompts",
-              "arithlens.tasks.prompts._build_item",
+              "arithlens.tasks.prompts.build_item",
               "arithlens.core.items.align_counterfactual")
 KEYS = ("clean", "counterfactual", "clean_tokens", "cf_tokens", "answer_token", "a_pos", "b_pos", "op_pos", "end_pos")
 

@@ -88,15 +88,15 @@ def test_code_hash_covers_exactly_the_modules_a_chapter_reaches():
 
 def test_editing_a_module_rekeys_exactly_the_chapters_that_reach_it(package_copy):
     before = _hashes()
-    # Precise SFT's trainer is imported by chapter 4's notebook, and reached by chapter 8's through the rows'
-    # module (whose reader of chapter 4's kept deltas it uses); no chapter that states the paper's claims reaches it
+    # Precise SFT's trainer is imported by chapter 4's notebook only: chapter 8 reads chapter 4's kept deltas
+    # through claims.findings, and no chapter that states the paper's claims reaches it
     _edit(package_copy / "analyses" / "sft" / "trainer.py")
-    assert _rekeyed(before) == {"04_precise_sft", "08_benchmarks"}
+    assert _rekeyed(before) == {"04_precise_sft"}
     _edit(package_copy / "analyses" / "knockout.py")  # chapter 1's knockout, chapter 3's and 7's ablations
-    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness", "08_benchmarks"}
+    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness"}
     for path in ("runner/runs.py", "runner/book.py", "cli.py", "classroom/grade.py"):  # no chapter's code
         _edit(package_copy / path)
-    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness", "08_benchmarks"}
+    assert _rekeyed(before) == {"01_heads", "03_transfer", "04_precise_sft", "07_robustness"}
 
 
 def test_editing_a_module_in_a_subpackage_rekeys_only_the_chapters_reaching_that_module(package_copy):

@@ -195,7 +195,7 @@ def make_prompts(tokenizer, config: PromptConfig = PromptConfig()) -> PromptSet:
                 others = [p for p in eligible if p != (a, b, c)]
                 prefix = few_shot_prefix(tpl, op, others, config.shots, cell_rng) if config.shots else ""
                 item, reason = build_item(tokenizer, tpl, op, a, b, c, prefix,
-                                           random.Random(f"{config.seed}|{op_key}|{t_name}|{a}|{b}"), config.counterfactual)
+                                          random.Random(f"{config.seed}|{op_key}|{t_name}|{a}|{b}"), config.counterfactual)
                 if item is None:
                     dropped[reason] += 1
                 else:

@@ -94,8 +94,9 @@ def with_demonstrations(tokenizer, questions: PromptSet, pool, shots: int, seed:
     template and operator, one line each, as :func:`arithlens.tasks.prompts.make_prompts` writes them.
 
     The demonstrations are fixed per template and operator (a seeded draw of ``pool``'s facts of that cell,
-    written without any demonstrations of their own: chapter 4 passes the localization half's facts, so no demonstration is a question asked here or
-    shows its answer). The questions of one cell therefore begin alike, and the fast evaluation reads that
+    :func:`arithlens.tasks.prompts.few_shot_prefix`, each written from its fact, never with demonstrations of its
+    own: chapter 4 passes the localization half's facts, so no demonstration is a question asked here or shows
+    its answer). The questions of one cell therefore begin alike, and the fast evaluation reads that
     beginning once (:mod:`arithlens.analyses.sft.from_layer`). A question whose prompt cannot be built after
     its demonstrations is left out and counted in ``dropped``."""
     cells: dict[tuple[str, str], list[tuple[int, int, int]]] = {}

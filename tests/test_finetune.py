@@ -228,6 +228,22 @@ def test_rescale_is_nearly_a_noop_under_adamw(tiny, batches):
         assert (plain.values[s] - scaled.values[s]).norm() < 0.05 * update.norm()
 
 
+def test_the_fused_adamw_kernel_gives_the_per_tensor_update(tiny, batches, monkeypatch):
+    """Every method trains with AdamW's fused kernel (one pass over each tensor's state): the same update
+    as torch's per-tensor loop, up to float rounding."""
+    train = ft.TrainConfig(steps=3, lr=1e-3)
+    assert ft.fused_adamw([p for p in deltas.named_weights(tiny).values()])
+    assert not ft.fused_adamw([]) and not ft.fused_adamw([torch.zeros(2, dtype=torch.long)])
+    fused = ft.full_sft(tiny, batches, train).delta
+    monkeypatch.setattr(ft, "fused_adamw", lambda params: False)
+    loop = ft.full_sft(tiny, batches, train).delta
+    base = deltas.named_weights(tiny)
+    for s in fused.values:
+        update = loop.values[s] - deltas.slice_view(base, s)
+        assert update.norm() > 0
+        torch.testing.assert_close(fused.values[s], loop.values[s], rtol=1e-5, atol=1e-6)
+
+
 def test_full_sft_and_lora(tiny, batches):
     full = ft.full_sft(tiny, batches, ft.TrainConfig(steps=2, lr=1e-3))
     assert full.n_trainable == sum(p.numel() for p in deltas.named_weights(tiny).values())

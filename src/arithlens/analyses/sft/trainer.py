@@ -17,10 +17,8 @@ a :class:`arithlens.core.deltas.Delta`, which :mod:`arithlens.core.deltas` write
   KV heads) K and V belong to a *group* of query heads, so the policy is a parameter
   (:data:`KVPolicy`): ``"shared"`` tunes the K/V rows of the head's KV group (which the group's other
   query heads also read), ``"frozen"`` tunes only Q and O (strictly head-local).
-* The paper's gradient rescale by H/h (heads per layer ÷ heads tuned in that layer) is an option.
-  Under Adam(W) it is almost a no-op: Adam divides each gradient by a running estimate of its own
-  scale, so multiplying a tensor's gradient by a constant changes the update only through ε. (Under
-  plain SGD it would be a per-layer learning-rate boost.)
+* The paper's gradient rescale by H/h (heads per layer ÷ heads tuned there) is an option, almost a no-op
+  under Adam(W): Adam divides each gradient by its own running scale (under SGD it would boost the rate).
 * Cost scales with what is tuned: the loss uses the logits at the answer (last) position only, and
   the residual stream entering the lowest tuned layer is computed once per batch before training
   (nothing below it can change), so each step runs only the layers above.
@@ -33,8 +31,8 @@ train in one loop (:func:`_optimize`): same batches, prefix cache, last-position
 loop runs the model's decoder layers itself (:func:`arithlens.core.twin.run_layers`), so it trains only
 the architectures whose forward pass that loop is checked to reproduce (:data:`arithlens.core.twin.LAYER_LOOP_CHECKED`); any
 other is refused in one line before anything is built (:func:`check_trainable`).
-Written by hand: slice bookkeeping and the prefix-cached layer loop; the
-optimizer is torch's AdamW, LoRA is peft, the layers are the model's own.
+Written by hand: slice bookkeeping and the prefix-cached layer loop; the optimizer is torch's AdamW (its
+fused kernel, :func:`fused_adamw`), LoRA is peft, the layers are the model's own.
 """
 
 from __future__ import annotations
@@ -252,6 +250,12 @@ def _prefixes(net: torch.nn.Module, batches: list[Batch], start: int, dev) -> di
     return _PREFIXES[key][1]
 
 
+def fused_adamw(params: list[Tensor]) -> bool:
+    """AdamW's fused kernel where every parameter is a float on a CPU or CUDA device: the same update in one
+    pass over each tensor's state (full SFT of Qwen 0.5B on 2 cores: ~0.3 s a step instead of ~3.5)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], train: TrainConfig, start: int,
               lr: float, desc: str, effective: Callable[[], dict[str, Tensor]] = dict,
               after_backward: Callable[[], None] | None = None, progress=None,
@@ -264,9 +268,8 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
     untrained weights' loss on the batches of the last quarter of steps: what the last quarter's losses are
     read against to tell whether the run trained, on the same batches, :func:`last_quarter`; None).
 
-    With ``longer`` > ``train.steps`` the loop goes on to ``longer`` steps, and the last item is ``snapshot()``
-    after step ``train.steps``: exactly the shorter run (constant rate, same batches). Losses and times are
-    the first ``train.steps`` steps'."""
+    With ``longer`` > ``train.steps`` the loop goes on to ``longer`` steps, and the last item is ``snapshot()`` after
+    step ``train.steps``: exactly the shorter run (constant rate, same batches). Losses and times: the first steps'."""
     dev = next(net.parameters()).device
     total = max(train.steps, longer)
     if longer > train.steps and snapshot is None:
@@ -282,7 +285,7 @@ def _optimize(net: torch.nn.Module, params: list[Tensor], batches: list[Batch], 
             tokens, answers = batches[step % len(batches)]
             untrained.append(float(step_loss(net, (tokens.to(dev), answers.to(dev)), start, effective(),
                                              prefixes.get(step % len(batches)))))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay, fused=fused_adamw(params))
     losses, times, shorter = [], [], None
     steps = range(total)
     for step in (progress(steps, desc=desc) if progress else steps):
@@ -326,7 +329,6 @@ def train_slices(model: LoadedModel, slices: list[Slice], batches: list[Batch], 
     def rescale() -> None:
         for s, tensor in trainable.items():
             tensor.grad.mul_(grad_scale.get(s, 1.0))
-
     digest = {s: tensor_digest(slice_view(weights, s)) for s in slices}
     trained = lambda: Delta({s: t.detach().clone() for s, t in trainable.items()}, dict(digest))
     losses, times, prefix_s, untrained, shorter = _optimize(
@@ -398,10 +400,8 @@ def lora_rank_for(model: LoadedModel, n_params: int, layers=None) -> int:
     """The LoRA rank on q/k/v/o of ``layers`` whose trainable-parameter count is closest to ``n_params``."""
     cfg = model.cfg
     d, kv = int(cfg.d_model), int(cfg.d_head) * int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
-    if fused_qkv(model):
-        per_rank = (d + d + 2 * kv) + (d + d)  # qkv: d→d+2kv; o: d→d; A and B of each
-    else:
-        per_rank = (d + d) * 2 + (d + kv) * 2  # q and o: d→d; k and v: d→kv; A and B of each
+    # A and B of each adapted matrix: fused qkv d→d+2kv and o d→d; or q and o d→d, k and v d→kv
+    per_rank = (d + d + 2 * kv) + (d + d) if fused_qkv(model) else (d + d) * 2 + (d + kv) * 2
     n_layers = model.n_layers if layers is None else len(layers)
     return max(1, round(n_params / (per_rank * n_layers)))
 

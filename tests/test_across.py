@@ -128,6 +128,10 @@ def test_the_across_chapter_compares_two_tiny_models_and_the_book_opens_with_its
     harder = table[table.claim.isin(["R1", "R3", "R5"])]  # chapter 7's harder tests, from each model's run
     assert len(harder) == 6 and set(harder["chapter"]) == {"07_robustness"} and harder["run_key"].notna().all()
     assert list(across.table("robustness")["model"]) == TWO and list(across.table("numbers")["model"]) == ["tiny"]
+    robust = across.table("robustness")  # what a screen by EAP-IG would cut, and each sweep's cost in forward pairs
+    assert (robust["exact ÷ two forwards"] > 0).all() and (robust["EAP-IG ÷ two forwards"] > 0).all()
+    screened = robust["EAP-IG top N holding exact's top 10 (N)"]
+    assert (screened.isna() | screened.between(1, 8)).all()  # 8 heads: a top 10 is every head
     assert set(table["verdict"]) <= {"holds", "partly", "does not hold", "not testable"}
     c6 = table[(table.claim == "C6") & (table.model == "tiny:1")].iloc[0]
     assert (c6.verdict, c6.numbers) == ("not testable", "no run of 04_precise_sft")

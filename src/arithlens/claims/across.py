@@ -274,8 +274,10 @@ PAPER_MARKS = {
 
 def robustness_summary(runs: Runs, metric: str = "d_prob") -> pd.DataFrame:
     """Chapter 7 per model: does the localization survive other methods, rules and controls? Spearman ρ
-    and top-10 overlap of attribution / EAP-IG with exact patching, the faithfulness-curve areas, the
-    key heads' place in the layer-matched null, the −5 % / −1 % rule sizes and the same-answer survivors."""
+    and top-10 overlap of attribution / EAP-IG with exact patching, how many of EAP-IG's top heads an exact
+    sweep screened by it must measure to hold exact's top 10, what exact patching and EAP-IG cost in plain
+    forward pairs (the run's own clock), the faithfulness-curve areas, the key heads' place in the
+    layer-matched null, the −5 % / −1 % rule sizes and the same-answer survivors."""
     rows = []
     for model, chapters in having(runs, "07_robustness"):
         run = chapters["07_robustness"]
@@ -287,6 +289,12 @@ def robustness_summary(runs: Runs, metric: str = "d_prob") -> pd.DataFrame:
             row[f"ρ {method}"] = float(part[part["measure"] == "spearman"]["value"].iloc[0]) if len(part) else np.nan
             top = part[(part["measure"] == "jaccard")].sort_values("k")
             row[f"top-10 overlap {method}"] = float(top[top["k"] <= 10]["value"].iloc[-1]) if len(top) else np.nan
+        screen = agree[(agree["method"] == "eap_ig") & (agree["measure"] == "screen") & (agree["k"] == 10)]["value"]
+        row["EAP-IG top N holding exact's top 10 (N)"] = float(screen.iloc[0]) if len(screen) else np.nan
+        info = (getattr(run, "manifest", {}) or {}).get("notebook_info") or {}
+        seconds, two = info.get("method_seconds") or {}, info.get("two_forwards_s")
+        for method, label in (("exact (fast sweep)", "exact"), ("eap_ig", "EAP-IG")):
+            row[f"{label} ÷ two forwards"] = seconds[method] / two if two and method in seconds else np.nan
         area = run.table("faithfulness_area").set_index("ranking")
         for ranking in ("exact", "eap_ig", "random"):
             row[f"CPR area {ranking}"] = float(area.loc[ranking, "area"]) if ranking in area.index else np.nan
